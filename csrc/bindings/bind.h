@@ -1,0 +1,8 @@
+// One bind_<family> function per op family, each in its own bind_<family>.cpp.
+#pragma once
+
+#include <pybind11/pybind11.h>
+
+namespace kindred {
+void bind_quant(pybind11::module_& m);
+}

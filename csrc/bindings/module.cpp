@@ -1,0 +1,58 @@
+// kindred._core: the thin, torch-free binding layer. Python builds TensorViews from tensors (kindred/_ops.py);
+// this module converts them, releases the GIL and calls the core. Errors become kindred.errors classes.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "bind.h"
+#include "kindred/common.h"
+
+namespace py = pybind11;
+
+namespace {
+
+kindred::DType parse_dtype(const std::string& name) {
+  static const std::pair<const char*, kindred::DType> names[] = {
+      {"uint8", kindred::DType::u8},     {"int32", kindred::DType::i32},   {"float16", kindred::DType::f16},
+      {"bfloat16", kindred::DType::bf16}, {"float32", kindred::DType::f32}, {"float64", kindred::DType::f64}};
+  for (auto [n, d] : names)
+    if (name == n) return d;
+  throw kindred::Error(kindred::cat("unsupported dtype '", name, "'"), true);
+}
+
+kindred::TensorView make_view(uintptr_t data, const std::string& dtype, std::vector<int64_t> shape,
+                              std::vector<int64_t> strides, const std::string& device, int device_index) {
+  KINDRED_CHECK(shape.size() == strides.size(), "shape and strides must have the same length");
+  KINDRED_CHECK(device == "cpu" || device == "cuda", "device must be 'cpu' or 'cuda', got '", device, "'");
+  kindred::TensorView v;
+  v.data = reinterpret_cast<void*>(data);
+  v.dtype = parse_dtype(dtype);
+  v.shape = std::move(shape);
+  v.strides = std::move(strides);
+  v.device = device == "cpu" ? kindred::Device::cpu : kindred::Device::cuda;
+  v.device_index = device_index;
+  return v;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "kindred's C++/CUDA core (torch-free); use kindred.ops, not this module";
+  static py::object value_error = py::module_::import("kindred.errors").attr("KindredValueError");
+  static py::object kindred_error = py::module_::import("kindred.errors").attr("KindredError");
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const kindred::Error& e) {
+      PyErr_SetString((e.input() ? value_error : kindred_error).ptr(), e.what());
+    }
+  });
+
+  py::class_<kindred::TensorView>(m, "TensorView")
+      .def(py::init(&make_view), py::arg("data"), py::arg("dtype"), py::arg("shape"), py::arg("strides"),
+           py::arg("device"), py::arg("device_index"))
+      .def_property_readonly("shape", [](const kindred::TensorView& v) { return v.shape; })
+      .def("__repr__", [](const kindred::TensorView& v) { return "TensorView(" + v.describe() + ")"; });
+  m.def("cuda_compiled", &kindred::cuda_compiled, "whether the CUDA kernels were compiled in");
+
+  kindred::bind_quant(m);
+}

@@ -1,0 +1,176 @@
+// CPU implementations of the quant family: the reference the CUDA kernels are checked against.
+// Arguments were validated by the dispatchers in csrc/quant.cpp.
+#include <Eigen/Core>
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "kindred/formats.h"
+#include "kindred/quant.h"
+
+namespace kindred {
+namespace {
+
+using namespace formats;
+
+template <typename T>
+float to_f32(T v) {
+  return static_cast<float>(v);
+}
+
+// Calls fn(T*) with the view's data pointer typed by its float dtype.
+template <typename Fn>
+void with_float_type(const TensorView& t, Fn&& fn) {
+  switch (t.dtype) {
+    case DType::f32: return fn(t.ptr<float>());
+    case DType::f16: return fn(t.ptr<Eigen::half>());
+    case DType::bf16: return fn(t.ptr<Eigen::bfloat16>());
+    default: KINDRED_CHECK(false, "unsupported dtype ", dtype_name(t.dtype));
+  }
+}
+
+// Throws naming the first non-finite element; quantizing NaN/Inf would silently poison a whole block.
+template <typename T>
+void check_finite(const T* w, int64_t n, const char* name) {
+  int64_t first = n;
+#pragma omp parallel for reduction(min : first)
+  for (int64_t i = 0; i < n; ++i)
+    if (!std::isfinite(to_f32(w[i])) && i < first) first = i;
+  KINDRED_CHECK(first == n, name, " holds a non-finite value (", to_f32(w[first]), ") at flat index ", first);
+}
+
+// Mean of the absmax values in the fixed summation order of kOffsetLanes (shared with the CUDA path).
+float absmax_mean(const float* a, int64_t blocks) {
+  std::vector<double> lanes(kOffsetLanes, 0.0);
+  for (int t = 0; t < kOffsetLanes; ++t)
+    for (int64_t i = t; i < blocks; i += kOffsetLanes) lanes[t] += a[i];
+  for (int s = kOffsetLanes / 2; s > 0; s >>= 1)
+    for (int t = 0; t < s; ++t) lanes[t] += lanes[t + s];
+  return static_cast<float>(lanes[0] / static_cast<double>(blocks));
+}
+
+}  // namespace
+
+void quantize_nf4_cpu(const TensorView& weight, const Nf4Tensors& out, const std::optional<TensorView>& workspace) {
+  const int64_t n = weight.numel(), bs = out.blocksize, blocks = n / bs;
+  float* absmax = out.nested() ? workspace->ptr<float>() : out.absmax.ptr<float>();
+  uint8_t* packed = out.packed.ptr<uint8_t>();
+  with_float_type(weight, [&](auto* w) {
+    check_finite(w, n, "weight");
+#pragma omp parallel for
+    for (int64_t b = 0; b < blocks; ++b) {
+      const auto* wb = w + b * bs;
+      float m = 0.0f;
+      for (int64_t i = 0; i < bs; ++i) m = std::max(m, std::fabs(to_f32(wb[i])));
+      absmax[b] = m;
+      const float inv = m > 0.0f ? 1.0f / m : 0.0f;  // bitsandbytes scales by the reciprocal
+      for (int64_t j = 0; j < bs / 2; ++j) {
+        const uint8_t hi = nf4_encode(to_f32(wb[2 * j]) * inv);
+        const uint8_t lo = nf4_encode(to_f32(wb[2 * j + 1]) * inv);
+        packed[b * bs / 2 + j] = static_cast<uint8_t>(hi << 4 | lo);
+      }
+    }
+  });
+  if (!out.nested()) return;
+  const float offset = absmax_mean(absmax, blocks);
+  out.offset->ptr<float>()[0] = offset;
+  const float* code = out.nested_code->ptr<float>();
+  float* nested_absmax = out.nested_absmax->ptr<float>();
+  uint8_t* q = out.absmax.ptr<uint8_t>();
+  const int64_t nested_blocks = (blocks + kNestedBlocksize - 1) / kNestedBlocksize;
+#pragma omp parallel for
+  for (int64_t nb = 0; nb < nested_blocks; ++nb) {
+    const int64_t lo = nb * kNestedBlocksize, hi = std::min(blocks, lo + kNestedBlocksize);
+    float m = 0.0f;
+    for (int64_t i = lo; i < hi; ++i) m = std::max(m, std::fabs(absmax[i] - offset));
+    nested_absmax[nb] = m;
+    const float inv = m > 0.0f ? 1.0f / m : 0.0f;
+    for (int64_t i = lo; i < hi; ++i) q[i] = dynamic_encode(code, (absmax[i] - offset) * inv);
+  }
+}
+
+void dequantize_nf4_cpu(const Nf4Tensors& in, const TensorView& out) {
+  const int64_t n = out.numel(), bs = in.blocksize, blocks = n / bs;
+  std::vector<float> nested_decoded;
+  const float* absmax = nullptr;
+  if (in.nested()) {
+    nested_decoded.resize(blocks);
+    const uint8_t* q = in.absmax.ptr<uint8_t>();
+    const float* code = in.nested_code->ptr<float>();
+    const float* nested_absmax = in.nested_absmax->ptr<float>();
+    const float offset = in.offset->ptr<float>()[0];
+    for (int64_t b = 0; b < blocks; ++b) {
+      const float scaled = code[q[b]] * nested_absmax[b / kNestedBlocksize];  // rounded, then offset added
+      nested_decoded[b] = scaled + offset;
+    }
+    absmax = nested_decoded.data();
+  } else {
+    absmax = in.absmax.ptr<float>();
+  }
+  const uint8_t* packed = in.packed.ptr<uint8_t>();
+  with_float_type(out, [&](auto* o) {
+    using T = std::remove_pointer_t<decltype(o)>;
+#pragma omp parallel for
+    for (int64_t b = 0; b < blocks; ++b) {
+      const float m = absmax[b];
+      for (int64_t j = b * bs / 2; j < (b + 1) * bs / 2; ++j) {
+        o[2 * j] = static_cast<T>(kNf4Codebook[packed[j] >> 4] * m);
+        o[2 * j + 1] = static_cast<T>(kNf4Codebook[packed[j] & 0xF] * m);
+      }
+    }
+  });
+}
+
+void quantize_int4g_cpu(const TensorView& weight, const Int4gTensors& out) {
+  const int64_t n = weight.shape[0], k = weight.shape[1], g = out.group_size, groups = k / g;
+  uint8_t* packed = out.packed.ptr<uint8_t>();
+  Eigen::half* scales = out.scales.ptr<Eigen::half>();
+  uint8_t* zeros = out.zeros.ptr<uint8_t>();
+  with_float_type(weight, [&](auto* w) {
+    check_finite(w, n * k, "weight");
+    int64_t overflow = n * groups;
+#pragma omp parallel for reduction(min : overflow)
+    for (int64_t rg = 0; rg < n * groups; ++rg) {
+      const auto* wg = w + rg * g;  // row r = rg / groups, group rg % groups: contiguous in [N, K]
+      float lo = to_f32(wg[0]), hi = lo;
+      for (int64_t i = 1; i < g; ++i) {
+        lo = std::min(lo, to_f32(wg[i]));
+        hi = std::max(hi, to_f32(wg[i]));
+      }
+      const Eigen::half s16(int4g_scale(lo, hi));
+      const float s = static_cast<float>(s16);
+      if (!std::isfinite(s) && rg < overflow) overflow = rg;
+      const uint8_t z = int4g_zero(lo, s);
+      scales[rg] = s16;
+      zeros[rg] = z;
+      for (int64_t i = 0; i < g; i += 2) {
+        const uint8_t q0 = int4g_encode(to_f32(wg[i]), s, z), q1 = int4g_encode(to_f32(wg[i + 1]), s, z);
+        packed[rg * g / 2 + i / 2] = static_cast<uint8_t>(q0 | q1 << 4);
+      }
+    }
+    KINDRED_CHECK(overflow == n * groups, "weight row ", overflow / std::max<int64_t>(groups, 1), " group ",
+                  overflow % std::max<int64_t>(groups, 1), " spans a range too large for an fp16 scale (max 65504 * 15)");
+  });
+}
+
+void dequantize_int4g_cpu(const Int4gTensors& in, const TensorView& out) {
+  const int64_t n = out.shape[0], k = out.shape[1], g = in.group_size, groups = k / g;
+  const uint8_t* packed = in.packed.ptr<uint8_t>();
+  const Eigen::half* scales = in.scales.ptr<Eigen::half>();
+  const uint8_t* zeros = in.zeros.ptr<uint8_t>();
+  with_float_type(out, [&](auto* o) {
+    using T = std::remove_pointer_t<decltype(o)>;
+#pragma omp parallel for
+    for (int64_t rg = 0; rg < n * groups; ++rg) {
+      const float s = static_cast<float>(scales[rg]);
+      const uint8_t z = zeros[rg];
+      for (int64_t i = 0; i < g; i += 2) {
+        const uint8_t byte = packed[rg * g / 2 + i / 2];
+        o[rg * g + i] = static_cast<T>(int4g_decode(byte & 0xF, z, s));
+        o[rg * g + i + 1] = static_cast<T>(int4g_decode(byte >> 4, z, s));
+      }
+    }
+  });
+}
+
+}  // namespace kindred

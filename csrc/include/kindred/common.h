@@ -1,0 +1,75 @@
+// Shared vocabulary of the kindred core: the one exception type, dtypes, devices and the tensor view
+// that crosses the Python boundary. Torch-free by design (design.md §2).
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#if defined(__CUDACC__)
+#define KINDRED_HD __host__ __device__ __forceinline__
+#else
+#define KINDRED_HD inline
+#endif
+
+namespace kindred {
+
+// The only exception the core throws. `input` errors (bad shapes, dtypes, values, files) become
+// kindred.KindredValueError in Python; the others (CUDA failures) kindred.KindredError.
+class Error : public std::runtime_error {
+ public:
+  Error(const std::string& msg, bool input) : std::runtime_error(msg), input_(input) {}
+  bool input() const { return input_; }
+
+ private:
+  bool input_;
+};
+
+template <typename... Args>
+std::string cat(const Args&... args) {
+  std::ostringstream os;
+  (os << ... << args);
+  return os.str();
+}
+
+#define KINDRED_CHECK(cond, ...)                                   \
+  do {                                                             \
+    if (!(cond)) throw ::kindred::Error(::kindred::cat(__VA_ARGS__), true); \
+  } while (0)
+
+enum class DType : int { u8, i32, f16, bf16, f32, f64 };
+enum class Device : int { cpu, cuda };
+
+const char* dtype_name(DType t);
+int dtype_size(DType t);
+
+// A strided view of memory owned by the caller (strides in elements).
+struct TensorView {
+  void* data = nullptr;
+  DType dtype = DType::f32;
+  std::vector<int64_t> shape;
+  std::vector<int64_t> strides;
+  Device device = Device::cpu;
+  int device_index = 0;
+
+  int64_t numel() const;
+  int64_t dim() const { return static_cast<int64_t>(shape.size()); }
+  bool contiguous() const;
+  std::string describe() const;  // e.g. "bf16[4096, 14336] on cuda:0"
+  template <typename T>
+  T* ptr() const { return static_cast<T*>(data); }
+};
+
+// Named checks: each throws an input Error that names the argument and what was expected.
+void check_dtype(const TensorView& t, const char* name, std::initializer_list<DType> allowed);
+void check_contiguous(const TensorView& t, const char* name);
+void check_shape(const TensorView& t, const char* name, const std::vector<int64_t>& expected);
+void check_same_device(const TensorView& a, const char* name_a, const TensorView& b, const char* name_b);
+
+// Set by the build: whether the CUDA implementations were compiled in.
+bool cuda_compiled();
+
+}  // namespace kindred

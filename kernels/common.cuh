@@ -1,0 +1,79 @@
+// CUDA helpers shared by kindred's kernels: error checks that throw kindred::Error, a device guard,
+// dtype dispatch and warp reductions.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "kindred/common.h"
+
+namespace kindred::cuda {
+
+inline void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) throw Error(cat(what, ": ", cudaGetErrorString(err)), false);
+}
+
+// Checks the launch that just happened (configuration errors surface here, not at the next sync).
+inline void check_launch(const char* kernel) { check(cudaGetLastError(), kernel); }
+
+// Makes the view's device current for the guard's lifetime.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(const TensorView& t) {
+    check(cudaGetDevice(&previous_), "cudaGetDevice");
+    if (previous_ != t.device_index) check(cudaSetDevice(t.device_index), "cudaSetDevice");
+  }
+  ~DeviceGuard() { cudaSetDevice(previous_); }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = 0;
+};
+
+inline cudaStream_t as_stream(int64_t s) { return reinterpret_cast<cudaStream_t>(s); }
+
+inline void check_aligned(const TensorView& t, const char* name, int bytes) {
+  KINDRED_CHECK(reinterpret_cast<uintptr_t>(t.data) % bytes == 0, name, " must be ", bytes,
+                "-byte aligned for the CUDA kernel (pass a fresh contiguous tensor), got ", t.describe());
+}
+
+// Calls fn(T{}) with T the CUDA type of a float dtype.
+template <typename Fn>
+void with_float_type(DType t, Fn&& fn) {
+  switch (t) {
+    case DType::f32: return fn(float{});
+    case DType::f16: return fn(__half{});
+    case DType::bf16: return fn(__nv_bfloat16{});
+    default: KINDRED_CHECK(false, "unsupported dtype ", dtype_name(t));
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ float to_f32(T v) {
+  return static_cast<float>(v);
+}
+
+template <typename T>
+__device__ __forceinline__ T from_f32(float v);
+template <>
+__device__ __forceinline__ float from_f32<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+__device__ __forceinline__ float warp_min(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fminf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+}  // namespace kindred::cuda

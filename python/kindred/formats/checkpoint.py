@@ -1,0 +1,56 @@
+"""Reading quantized linear layers out of safetensors checkpoints (single file or a sharded folder)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from ..errors import KindredFormatError
+from .bnb import has_bnb_state, nf4_from_bnb
+
+
+def _shards(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise KindredFormatError(f"{index}: not a safetensors index ({e})") from None
+        return sorted({path / f for f in weight_map.values()})
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise KindredFormatError(f"{path}: no .safetensors file here")
+    return files
+
+
+def read_prefix(path: str | Path, prefix: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Every tensor whose name starts with ``prefix + '.'``, read lazily through safetensors, prefix stripped."""
+    out: dict[str, torch.Tensor] = {}
+    for shard in _shards(Path(path)):
+        try:
+            with safe_open(str(shard), framework="pt", device=str(device)) as f:
+                for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    if key.startswith(prefix + "."):
+                        out[key[len(prefix) + 1:]] = f.get_tensor(key)
+        except (SafetensorError, OSError) as e:
+            raise KindredFormatError(f"{shard}: not a readable safetensors file ({e})") from None
+    return out
+
+
+def load_linear4bit(path: str | Path, prefix: str, device: str | torch.device = "cpu"):
+    """The Linear4bit stored under ``prefix`` (e.g. "model.layers.0.mlp.up_proj") in a bitsandbytes 4-bit
+    checkpoint written by transformers, loaded as stored (no re-quantization)."""
+    from ..nn.linear4bit import Linear4bit
+
+    tensors = read_prefix(path, prefix, device)
+    if not tensors:
+        raise KindredFormatError(f"{path}: no tensors under '{prefix}'")
+    if not has_bnb_state(tensors, "weight"):
+        raise KindredFormatError(f"{path}: '{prefix}.weight' has no bitsandbytes quant_state: not a 4-bit layer")
+    q = nf4_from_bnb(tensors, "weight", source=f"{path}")
+    return Linear4bit(q, tensors.get("bias"))

@@ -1,0 +1,5 @@
+"""kindred's modules: thin layers that validate and call kindred.ops."""
+
+from .linear4bit import Linear4bit
+
+__all__ = ["Linear4bit"]

@@ -1,0 +1,148 @@
+"""Linear4bit: a frozen linear layer whose weight is stored as NF4 or INT4g.
+
+State dicts use the formats other tools read: NF4 weights are saved in bitsandbytes' layout (the keys
+transformers writes for ``*-bnb-4bit`` checkpoints), INT4g weights as AutoAWQ GEMM tensors
+(``qweight``, ``qzeros``, ``scales``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import KindredValueError
+from ..formats.bnb import has_bnb_state, nf4_from_bnb, nf4_to_bnb
+from ..ops.quant import (
+    INT4G_DEFAULT_GROUP,
+    NF4_DEFAULT_BLOCKSIZE,
+    Int4gWeight,
+    NF4Weight,
+    int4g_from_awq,
+    int4g_to_awq,
+    quantize_int4g,
+    quantize_nf4,
+)
+
+QUANT_TYPES = ("nf4", "int4g")
+_AWQ_KEYS = ("qweight", "qzeros", "scales")
+
+
+class Linear4bit(nn.Module):
+    """y = x · dequant(W)ᵀ + b with a frozen 4-bit W (forward through dequantize + matmul)."""
+
+    def __init__(self, quantized: NF4Weight | Int4gWeight, bias: torch.Tensor | None = None):
+        super().__init__()
+        if not isinstance(quantized, (NF4Weight, Int4gWeight)):
+            raise KindredValueError(f"quantized must be an NF4Weight or Int4gWeight, got {type(quantized).__name__}")
+        if len(quantized.shape) != 2:
+            raise KindredValueError(f"a linear weight must be 2-D, got shape {quantized.shape}")
+        self.out_features, self.in_features = quantized.shape
+        if bias is not None and tuple(bias.shape) != (self.out_features,):
+            raise KindredValueError(f"bias must have shape ({self.out_features},), got {tuple(bias.shape)}")
+        self._set_weight(quantized)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        quant: str = "nf4",
+        blocksize: int = NF4_DEFAULT_BLOCKSIZE,
+        double_quant: bool = True,
+        group_size: int = INT4G_DEFAULT_GROUP,
+    ) -> Linear4bit:
+        """Quantize ``linear``'s weight (on its device) to ``quant`` ("nf4" or "int4g")."""
+        if not isinstance(linear, nn.Linear):
+            raise KindredValueError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
+        w = linear.weight.detach().contiguous()
+        if quant == "nf4":
+            q = quantize_nf4(w, blocksize, double_quant)
+        elif quant == "int4g":
+            q = quantize_int4g(w, group_size)
+        else:
+            raise KindredValueError(f"quant must be one of {QUANT_TYPES}, got {quant!r}")
+        return cls(q, linear.bias)
+
+    @property
+    def quant_type(self) -> str:
+        return "nf4" if isinstance(self.quantized, NF4Weight) else "int4g"
+
+    @property
+    def quantized(self) -> NF4Weight | Int4gWeight:
+        """The weight's quantized tensors, on the module's current device."""
+        meta = self._meta
+        tensors = {k: getattr(self, f"_q_{k}") for k in meta["fields"]}
+        if meta["type"] == "nf4":
+            optional = {k: tensors.get(k) for k in ("nested_absmax", "nested_code", "offset")}
+            return NF4Weight(tensors["packed"], tensors["absmax"], **optional, blocksize=meta["blocksize"],
+                             shape=meta["shape"], dtype=meta["dtype"])
+        return Int4gWeight(tensors["packed"], tensors["scales"], tensors["zeros"], meta["group_size"], meta["dtype"])
+
+    def _set_weight(self, q: NF4Weight | Int4gWeight) -> None:
+        for name in [n for n, _ in self.named_buffers(recurse=False) if n.startswith("_q_")]:
+            delattr(self, name)
+        fields = tuple(q.tensors())
+        for k, t in q.tensors().items():
+            self.register_buffer(f"_q_{k}", t, persistent=False)
+        if isinstance(q, NF4Weight):
+            self._meta = {"type": "nf4", "fields": fields, "blocksize": q.blocksize, "shape": q.shape, "dtype": q.dtype}
+        else:
+            self._meta = {"type": "int4g", "fields": fields, "group_size": q.group_size, "dtype": q.dtype}
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.quantized.dequantize(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise KindredValueError(f"input must end in in_features={self.in_features}, got shape {tuple(x.shape)}")
+        if x.device != self._q_packed.device:
+            raise KindredValueError(f"input is on {x.device} but the weight is on {self._q_packed.device}")
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantize(x.dtype), bias)
+
+    def extra_repr(self) -> str:
+        q = self.quantized
+        detail = f"blocksize={q.blocksize}, double_quant={q.double_quant}" if isinstance(q, NF4Weight) else (
+            f"group_size={q.group_size}"
+        )
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"quant={self.quant_type}, {detail}, {q.bits_per_weight:.3f} bits/weight")
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        q = self.quantized
+        if isinstance(q, NF4Weight):
+            destination.update(nf4_to_bnb(q, prefix + "weight"))
+        else:
+            destination.update({prefix + k: v for k, v in int4g_to_awq(q).items()})
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        mine = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        device = self._q_packed.device
+        if has_bnb_state(mine, "weight"):
+            q = nf4_from_bnb(mine, "weight", source=f"state dict '{prefix}'")
+            consumed = [k for k in mine if k == "weight" or k.startswith("weight.")]
+        elif all(k in mine for k in _AWQ_KEYS):
+            k_rows, groups = mine["qweight"].shape[0], max(mine["qzeros"].shape[0], 1)
+            q = int4g_from_awq(*(mine[k] for k in _AWQ_KEYS), group_size=k_rows // groups, dtype=self._meta["dtype"])
+            consumed = list(_AWQ_KEYS)
+        else:
+            missing_keys.append(prefix + "weight")
+            return
+        if tuple(q.shape) != (self.out_features, self.in_features):
+            error_msgs.append(f"{prefix}weight: checkpoint shape {tuple(q.shape)} != module shape "
+                              f"{(self.out_features, self.in_features)}")
+            return
+        self._set_weight(q.to(device))
+        if "bias" in mine and self.bias is None:
+            unexpected_keys.append(prefix + "bias")
+        elif self.bias is not None:
+            if "bias" not in mine:
+                missing_keys.append(prefix + "bias")
+            else:
+                self.bias.data.copy_(mine["bias"])
+        for k in mine:
+            if k not in consumed and k != "bias":
+                unexpected_keys.append(prefix + k)

@@ -1,0 +1,220 @@
+"""Functional API of the quant family: NF4 (bitsandbytes layout) and INT4g (AWQ-compatible) weights.
+
+The formats themselves are defined once in ``csrc/include/kindred/formats.h``; this module holds the
+containers that keep a quantized tensor's pieces together, validates arguments by name and calls the
+``kindred::*`` custom ops.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from .. import _core, _ops
+from ..errors import KindredValueError
+
+NF4_CODEBOOK: tuple[float, ...] = tuple(_core.NF4_CODEBOOK)
+DYNAMIC_MAP: tuple[float, ...] = tuple(_core.DYNAMIC_MAP)
+NF4_DEFAULT_BLOCKSIZE: int = _core.NF4_DEFAULT_BLOCKSIZE
+INT4G_DEFAULT_GROUP: int = _core.INT4G_DEFAULT_GROUP
+INT4G_GROUPS: tuple[int, ...] = tuple(_core.INT4G_GROUPS)
+AWQ_ORDER: tuple[int, ...] = tuple(_core.AWQ_ORDER)
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclasses.dataclass(frozen=True)
+class NF4Weight:
+    """An NF4-quantized tensor in bitsandbytes' layout (see formats.h).
+
+    ``absmax`` is f32 [blocks] or, with double quantization, u8 codes into ``nested_code`` scaled by
+    ``nested_absmax`` per 256 blocks plus ``offset``.
+    """
+
+    packed: torch.Tensor
+    absmax: torch.Tensor
+    nested_absmax: torch.Tensor | None
+    nested_code: torch.Tensor | None
+    offset: torch.Tensor | None
+    blocksize: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def double_quant(self) -> bool:
+        return self.nested_absmax is not None
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        fields = ("packed", "absmax", "nested_absmax", "nested_code", "offset")
+        return {f: getattr(self, f) for f in fields if getattr(self, f) is not None}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.nbytes / math.prod(self.shape)
+
+    def to(self, device: torch.device | str) -> NF4Weight:
+        moved = {k: v.to(device) for k, v in self.tensors().items()}
+        return dataclasses.replace(self, **moved)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return dequantize_nf4(self, dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class Int4gWeight:
+    """An INT4g-quantized [N, K] weight in kindred's layout: w ≈ (q − zero) · scale per group of K."""
+
+    packed: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    group_size: int
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.packed.shape[0], self.packed.shape[1] * 2)
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"packed": self.packed, "scales": self.scales, "zeros": self.zeros}
+
+    @property
+    def nbytes(self) -> int:
+        # The zero point is a 4-bit value stored in a byte here; count it as 4 bits, as AWQ packs it.
+        return self.packed.numel() + 2 * self.scales.numel() + self.zeros.numel() // 2
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.nbytes / math.prod(self.shape)
+
+    def to(self, device: torch.device | str) -> Int4gWeight:
+        return dataclasses.replace(self, **{k: v.to(device) for k, v in self.tensors().items()})
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return dequantize_int4g(self, dtype)
+
+
+def _check_weight(weight: torch.Tensor, name: str = "weight") -> None:
+    if not isinstance(weight, torch.Tensor):
+        raise KindredValueError(f"{name} must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dtype not in _FLOAT_DTYPES:
+        raise KindredValueError(f"{name} must be float32, float16 or bfloat16, got {weight.dtype}")
+    if not weight.is_contiguous():
+        raise KindredValueError(f"{name} must be contiguous (call .contiguous() first), got strides {weight.stride()}")
+    if weight.is_cuda and not bool(torch.isfinite(weight).all()):
+        bad = int(torch.nonzero(~torch.isfinite(weight.reshape(-1)))[0])
+        raise KindredValueError(f"{name} holds a non-finite value at flat index {bad}")
+
+
+def _out_dtype(dtype: torch.dtype | None, default: torch.dtype) -> torch.dtype:
+    dtype = default if dtype is None else dtype
+    if dtype not in _FLOAT_DTYPES:
+        raise KindredValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    return dtype
+
+
+def quantize_nf4(weight: torch.Tensor, blocksize: int = NF4_DEFAULT_BLOCKSIZE, double_quant: bool = True) -> NF4Weight:
+    """Quantize ``weight`` (any shape, numel a multiple of ``blocksize``) to NF4 exactly as bitsandbytes does."""
+    _check_weight(weight)
+    packed, absmax, nested_absmax, offset = _ops.quantize_nf4(weight, blocksize, double_quant)
+    nested_code = _ops.dynamic_map(weight.device) if double_quant else None
+    return NF4Weight(
+        packed,
+        absmax,
+        nested_absmax if double_quant else None,
+        nested_code,
+        offset if double_quant else None,
+        blocksize,
+        tuple(weight.shape),
+        weight.dtype,
+    )
+
+
+def dequantize_nf4(q: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The dense tensor ``q`` stands for, in ``dtype`` (default: the dtype it was quantized from)."""
+    if not isinstance(q, NF4Weight):
+        raise KindredValueError(f"q must be an NF4Weight, got {type(q).__name__}")
+    return _ops.dequantize_nf4(
+        q.packed,
+        q.absmax,
+        q.nested_absmax,
+        q.nested_code,
+        q.offset,
+        q.blocksize,
+        list(q.shape),
+        _out_dtype(dtype, q.dtype),
+    )
+
+
+def quantize_int4g(weight: torch.Tensor, group_size: int = INT4G_DEFAULT_GROUP) -> Int4gWeight:
+    """Quantize an [N, K] weight to INT4 group-wise asymmetric (AWQ's rounding rule, fp16 scales)."""
+    _check_weight(weight)
+    if weight.is_cuda:
+        lo, hi = torch.aminmax(weight.float().reshape(weight.shape[0], -1), dim=1)
+        if bool(((hi - lo) > 65504.0 * 15).any()):
+            raise KindredValueError("weight spans a range too large for an fp16 scale (max 65504 * 15)")
+    packed, scales, zeros = _ops.quantize_int4g(weight, group_size)
+    return Int4gWeight(packed, scales, zeros, group_size, weight.dtype)
+
+
+def dequantize_int4g(q: Int4gWeight, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The dense [N, K] weight ``q`` stands for, in ``dtype`` (default: the dtype it was quantized from)."""
+    if not isinstance(q, Int4gWeight):
+        raise KindredValueError(f"q must be an Int4gWeight, got {type(q).__name__}")
+    if q.packed.dim() != 2:
+        raise KindredValueError(f"packed must be 2-D [N, K/2], got shape {tuple(q.packed.shape)}")
+    return _ops.dequantize_int4g(q.packed, q.scales, q.zeros, q.group_size, _out_dtype(dtype, q.dtype))
+
+
+def int4g_to_awq(q: Int4gWeight) -> dict[str, torch.Tensor]:
+    """AutoAWQ GEMM tensors of ``q``: qweight int32 [K, N/8], qzeros int32 [K/g, N/8], scales fp16 [K/g, N]."""
+    n, k = q.shape
+    g = q.group_size
+    if n % 8 or k % g:
+        raise KindredValueError(f"AWQ needs out_features % 8 == 0 and in_features % {g} == 0, got [{n}, {k}]")
+    src = q.to("cpu")
+    qweight = torch.empty(k, n // 8, dtype=torch.int32)
+    qzeros = torch.empty(k // g, n // 8, dtype=torch.int32)
+    scales = torch.empty(k // g, n, dtype=torch.float16)
+    _core.awq_pack(
+        _ops.view(src.packed, "packed"), _ops.view(src.scales, "scales"), _ops.view(src.zeros, "zeros"), g,
+        _ops.view(qweight), _ops.view(qzeros), _ops.view(scales),
+    )
+    return {"qweight": qweight, "qzeros": qzeros, "scales": scales}
+
+
+def int4g_from_awq(
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    group_size: int = INT4G_DEFAULT_GROUP,
+    dtype: torch.dtype = torch.float16,
+) -> Int4gWeight:
+    """The Int4gWeight of AutoAWQ GEMM tensors (lossless); ``dtype`` is what it dequantizes to by default."""
+    for name, t in (("qweight", qweight), ("qzeros", qzeros), ("scales", scales)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2:
+            raise KindredValueError(f"{name} must be a 2-D tensor, got {getattr(t, 'shape', type(t).__name__)}")
+    k, n = qweight.shape[0], qweight.shape[1] * 8
+    if k % group_size:
+        raise KindredValueError(f"qweight has {k} input rows, not a multiple of group_size {group_size}")
+    packed = torch.empty(n, k // 2, dtype=torch.uint8)
+    out_scales = torch.empty(n, k // group_size, dtype=torch.float16)
+    zeros = torch.empty(n, k // group_size, dtype=torch.uint8)
+    _core.awq_unpack(
+        _ops.view(qweight.cpu().contiguous(), "qweight"), _ops.view(qzeros.cpu().contiguous(), "qzeros"),
+        _ops.view(scales.cpu().contiguous(), "scales"), group_size,
+        _ops.view(packed), _ops.view(out_scales), _ops.view(zeros),
+    )
+    return Int4gWeight(packed, out_scales, zeros, group_size, dtype).to(qweight.device)

@@ -1,0 +1,11 @@
+"""Relative-error bounds ‖out − ref‖ / ‖ref‖ against a float64 reference, by compute dtype (design.md §5)."""
+
+import torch
+
+REL_ERR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out64, ref64 = out.double().cpu(), ref.double().cpu()
+    assert not torch.isnan(out64).any(), "NaN in output"
+    return float((out64 - ref64).norm() / ref64.norm())
