@@ -6,7 +6,8 @@ MODELS = {
     "gemma3-12b": (3840, 15360, 262208),
     "phi-4": (5120, 17920, 100352),
 }
-# Linear layers as (K in_features, N out_features): attention square, Llama-3-8B-style MLP up and down, Phi-4 MLP.
+# Linear layers as (K in_features, N out_features): attention square, Llama-3-8B-style MLP up and down,
+# Phi-4 MLP.
 LINEARS = [(4096, 4096), (4096, 14336), (14336, 4096), (5120, 17920)]
 DECODE_BATCHES = [1, 4, 16]
 TRAIN_TOKENS = 8192

@@ -5,24 +5,34 @@ namespace kindred {
 
 const char* dtype_name(DType t) {
   switch (t) {
-    case DType::u8: return "uint8";
-    case DType::i32: return "int32";
-    case DType::f16: return "float16";
-    case DType::bf16: return "bfloat16";
-    case DType::f32: return "float32";
-    case DType::f64: return "float64";
+    case DType::u8:
+      return "uint8";
+    case DType::i32:
+      return "int32";
+    case DType::f16:
+      return "float16";
+    case DType::bf16:
+      return "bfloat16";
+    case DType::f32:
+      return "float32";
+    case DType::f64:
+      return "float64";
   }
   return "?";
 }
 
 int dtype_size(DType t) {
   switch (t) {
-    case DType::u8: return 1;
+    case DType::u8:
+      return 1;
     case DType::f16:
-    case DType::bf16: return 2;
+    case DType::bf16:
+      return 2;
     case DType::i32:
-    case DType::f32: return 4;
-    case DType::f64: return 8;
+    case DType::f32:
+      return 4;
+    case DType::f64:
+      return 8;
   }
   return 0;
 }
@@ -43,11 +53,9 @@ bool TensorView::contiguous() const {
 }
 
 std::string TensorView::describe() const {
-  std::ostringstream os;
-  os << dtype_name(dtype) << "[";
-  for (size_t i = 0; i < shape.size(); ++i) os << (i ? ", " : "") << shape[i];
-  os << "] on " << (device == Device::cpu ? "cpu" : "cuda:" + std::to_string(device_index));
-  return os.str();
+  std::string s = cat(dtype_name(dtype), "[");
+  for (size_t i = 0; i < shape.size(); ++i) s += cat(i ? ", " : "", shape[i]);
+  return s + "] on " + (device == Device::cpu ? "cpu" : cat("cuda:", device_index));
 }
 
 void check_dtype(const TensorView& t, const char* name, std::initializer_list<DType> allowed) {
@@ -65,11 +73,9 @@ void check_contiguous(const TensorView& t, const char* name) {
 void check_shape(const TensorView& t, const char* name, const std::vector<int64_t>& expected) {
   bool ok = t.shape == expected;
   if (!ok) {
-    std::ostringstream os;
-    os << "[";
-    for (size_t i = 0; i < expected.size(); ++i) os << (i ? ", " : "") << expected[i];
-    os << "]";
-    KINDRED_CHECK(false, name, " must have shape ", os.str(), ", got ", t.describe());
+    std::string want = "[";
+    for (size_t i = 0; i < expected.size(); ++i) want += cat(i ? ", " : "", expected[i]);
+    KINDRED_CHECK(false, name, " must have shape ", want, "], got ", t.describe());
   }
 }
 

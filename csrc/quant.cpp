@@ -20,8 +20,8 @@ void check_float_io(const TensorView& t, const char* name) {
 
 // Checks `q` against a tensor of n elements and returns the number of blocks.
 int64_t check_nf4(const Nf4Tensors& q, int64_t n, const TensorView& dense, const char* dense_name) {
-  KINDRED_CHECK(formats::nf4_blocksize_ok(q.blocksize),
-                "blocksize must be a power of two in [32, 4096], got ", q.blocksize);
+  KINDRED_CHECK(formats::nf4_blocksize_ok(q.blocksize), "blocksize must be a power of two in [32, 4096], got ",
+                q.blocksize);
   KINDRED_CHECK(n > 0 && n % q.blocksize == 0, dense_name, " must have a number of elements that is a positive ",
                 "multiple of blocksize ", q.blocksize, ", got ", dense.describe());
   const int64_t blocks = n / q.blocksize;
@@ -153,8 +153,7 @@ TensorView dense_like(const Int4gTensors& q) {
 
 }  // namespace
 
-void awq_pack(const Int4gTensors& in, const TensorView& qweight, const TensorView& qzeros,
-              const TensorView& scales) {
+void awq_pack(const Int4gTensors& in, const TensorView& qweight, const TensorView& qzeros, const TensorView& scales) {
   KINDRED_CHECK(in.packed.dim() == 2, "packed must be 2-D [N, K/2], got ", in.packed.describe());
   const TensorView dense = dense_like(in);
   KINDRED_CHECK(dense.device == Device::cpu, "the AWQ repack runs on the CPU, got packed ", in.packed.describe());

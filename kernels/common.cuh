@@ -15,7 +15,9 @@ inline void check(cudaError_t err, const char* what) {
 }
 
 // Checks the launch that just happened (configuration errors surface here, not at the next sync).
-inline void check_launch(const char* kernel) { check(cudaGetLastError(), kernel); }
+inline void check_launch(const char* kernel) {
+  check(cudaGetLastError(), kernel);
+}
 
 // Makes the view's device current for the guard's lifetime.
 class DeviceGuard {
@@ -32,7 +34,9 @@ class DeviceGuard {
   int previous_ = 0;
 };
 
-inline cudaStream_t as_stream(int64_t s) { return reinterpret_cast<cudaStream_t>(s); }
+inline cudaStream_t as_stream(int64_t s) {
+  return reinterpret_cast<cudaStream_t>(s);
+}
 
 inline void check_aligned(const TensorView& t, const char* name, int bytes) {
   KINDRED_CHECK(reinterpret_cast<uintptr_t>(t.data) % bytes == 0, name, " must be ", bytes,
@@ -43,10 +47,14 @@ inline void check_aligned(const TensorView& t, const char* name, int bytes) {
 template <typename Fn>
 void with_float_type(DType t, Fn&& fn) {
   switch (t) {
-    case DType::f32: return fn(float{});
-    case DType::f16: return fn(__half{});
-    case DType::bf16: return fn(__nv_bfloat16{});
-    default: KINDRED_CHECK(false, "unsupported dtype ", dtype_name(t));
+    case DType::f32:
+      return fn(float{});
+    case DType::f16:
+      return fn(__half{});
+    case DType::bf16:
+      return fn(__nv_bfloat16{});
+    default:
+      KINDRED_CHECK(false, "unsupported dtype ", dtype_name(t));
   }
 }
 
@@ -58,11 +66,17 @@ __device__ __forceinline__ float to_f32(T v) {
 template <typename T>
 __device__ __forceinline__ T from_f32(float v);
 template <>
-__device__ __forceinline__ float from_f32<float>(float v) { return v; }
+__device__ __forceinline__ float from_f32<float>(float v) {
+  return v;
+}
 template <>
-__device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
+__device__ __forceinline__ __half from_f32<__half>(float v) {
+  return __float2half_rn(v);
+}
 template <>
-__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
 
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll

@@ -6,10 +6,24 @@ import torch
 
 # bitsandbytes get_4bit_type("nf4"), copied from its documentation as the test's own oracle.
 NF4 = np.array(
-    [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-     -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-     0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-     0.7229568362236023, 1.0],
+    [
+        -1.0,
+        -0.6961928009986877,
+        -0.5250730514526367,
+        -0.39491748809814453,
+        -0.28444138169288635,
+        -0.18477343022823334,
+        -0.09105003625154495,
+        0.0,
+        0.07958029955625534,
+        0.16093020141124725,
+        0.24611230194568634,
+        0.33791524171829224,
+        0.44070982933044434,
+        0.5626170039176941,
+        0.7229568362236023,
+        1.0,
+    ],
     dtype=np.float32,
 )
 # bitsandbytes' decision tree compares x > threshold, thresholds being the float32 codebook midpoints.
@@ -34,7 +48,11 @@ def nf4_quantize(w: torch.Tensor, blocksize: int) -> tuple[np.ndarray, np.ndarra
 
 def nf4_dequantize(packed: np.ndarray, absmax: np.ndarray, blocksize: int) -> np.ndarray:
     codes = np.stack([packed >> 4, packed & 0xF], axis=1).reshape(-1)
-    return (NF4[codes].reshape(-1, blocksize) * absmax[:, None].astype(np.float32)).astype(np.float32).reshape(-1)
+    return (
+        (NF4[codes].reshape(-1, blocksize) * absmax[:, None].astype(np.float32))
+        .astype(np.float32)
+        .reshape(-1)
+    )
 
 
 def int4g_quantize(w: torch.Tensor, g: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -59,9 +77,11 @@ def int4g_dequantize(packed: np.ndarray, scales: np.ndarray, zeros: np.ndarray, 
 def awq_dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g: int) -> torch.Tensor:
     """W [N, K] from AutoAWQ GEMM tensors, unpacked the way AutoAWQ's dequantize_gemm does."""
     shifts = torch.arange(0, 32, 4)
+
     def unpack(t):  # [R, C] int32 -> [R, 8C] in logical column order
         nib = (t.unsqueeze(-1) >> shifts) & 0xF
         return nib[..., AWQ_REVERSE_ORDER].reshape(t.shape[0], -1)
+
     q, z = unpack(qweight).float(), unpack(qzeros).float()
     z = z.repeat_interleave(g, dim=0)
     s = scales.float().repeat_interleave(g, dim=0)

@@ -50,8 +50,15 @@ def test_quantization_error_is_what_4_bits_give():
 def test_nf4_state_dict_round_trip_uses_bitsandbytes_keys(tmp_path):
     layer = Linear4bit.from_linear(make_linear(), quant="nf4")
     sd = layer.state_dict()
-    assert set(sd) == {"bias", "weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax",
-                       "weight.nested_quant_map", "weight.quant_state.bitsandbytes__nf4"}
+    assert set(sd) == {
+        "bias",
+        "weight",
+        "weight.absmax",
+        "weight.quant_map",
+        "weight.nested_absmax",
+        "weight.nested_quant_map",
+        "weight.quant_state.bitsandbytes__nf4",
+    }
     assert sd["weight"].shape == (96 * 256 // 2, 1) and sd["weight"].dtype == torch.uint8
     state = json.loads(bytes(sd["weight.quant_state.bitsandbytes__nf4"].tolist()))
     assert state["quant_type"] == "nf4" and state["shape"] == [96, 256] and state["blocksize"] == 64
@@ -59,7 +66,9 @@ def test_nf4_state_dict_round_trip_uses_bitsandbytes_keys(tmp_path):
     fresh.load_state_dict(sd)
     x = randn((5, 256), seed=4, scale=1.0)
     assert torch.equal(fresh(x), layer(x))
-    save_file({f"model.layers.0.mlp.up_proj.{k}": v.contiguous() for k, v in sd.items()}, tmp_path / "m.safetensors")
+    save_file(
+        {f"model.layers.0.mlp.up_proj.{k}": v.contiguous() for k, v in sd.items()}, tmp_path / "m.safetensors"
+    )
     loaded = load_linear4bit(tmp_path / "m.safetensors", "model.layers.0.mlp.up_proj")
     assert torch.equal(loaded(x), layer(x))
 
@@ -78,7 +87,9 @@ def test_int4g_state_dict_round_trip_uses_awq_keys():
 def test_loads_a_checkpoint_written_by_bitsandbytes(tmp_path):
     F = pytest.importorskip("bitsandbytes.functional")
     lin = make_linear(512, 64).to(torch.bfloat16)
-    packed, state = F.quantize_4bit(lin.weight.detach(), blocksize=64, compress_statistics=True, quant_type="nf4")
+    packed, state = F.quantize_4bit(
+        lin.weight.detach(), blocksize=64, compress_statistics=True, quant_type="nf4"
+    )
     # transformers writes the layer's state dict: the packed weight, its quant state, then the bias.
     tensors = {"lm.q_proj.weight": packed, "lm.q_proj.bias": lin.bias.detach()}
     tensors.update({f"lm.q_proj.weight.{k}": v for k, v in state.as_dict(packed=True).items()})
@@ -95,7 +106,7 @@ def test_bitsandbytes_reads_what_kindred_writes():
     F = pytest.importorskip("bitsandbytes.functional")
     layer = Linear4bit.from_linear(make_linear(), quant="nf4")
     sd = layer.state_dict()
-    qs = {k[len("weight."):]: v for k, v in sd.items() if k.startswith("weight.")}
+    qs = {k[len("weight.") :]: v for k, v in sd.items() if k.startswith("weight.")}
     state = F.QuantState.from_dict(qs, device=torch.device("cpu"))
     assert torch.equal(F.dequantize_4bit(sd["weight"], state), layer.dequantize())
 
@@ -112,7 +123,7 @@ def test_malformed_bnb_state_is_named():
     broken = dict(sd, **{key: torch.tensor(list(blob), dtype=torch.uint8)})
     with pytest.raises(KindredFormatError, match=r"malformed JSON at byte \d+"):
         nf4_from_bnb(broken, source="ckpt.safetensors")
-    with pytest.raises(KindredFormatError, match="missing tensor 'weight.nested_absmax'"):
+    with pytest.raises(KindredFormatError, match=r"missing tensor 'weight\.nested_absmax'"):
         nf4_from_bnb({k: v for k, v in sd.items() if k != "weight.nested_absmax"})
     with pytest.raises(KindredFormatError, match="has 2047 bytes, expected 2048"):
         nf4_from_bnb(dict(sd, weight=sd["weight"][:-1]))
@@ -130,7 +141,7 @@ def test_malformed_bnb_state_is_named():
 def test_bad_files_and_shapes(tmp_path):
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
-    with pytest.raises(KindredFormatError, match="junk.safetensors: not a readable safetensors file"):
+    with pytest.raises(KindredFormatError, match=r"junk\.safetensors: not a readable safetensors file"):
         load_linear4bit(junk, "x")
     plain = tmp_path / "plain.safetensors"
     save_file({"x.weight": torch.ones(4, 4)}, plain)

@@ -65,8 +65,8 @@ void bind_quant(py::module_& m) {
          const TensorView& out, int64_t stream) {
         dequantize_int4g(Int4gTensors{packed, scales, zeros, group_size}, out, stream);
       },
-      py::arg("packed"), py::arg("scales"), py::arg("zeros"), py::arg("group_size"), py::arg("out"),
-      py::arg("stream"), release);
+      py::arg("packed"), py::arg("scales"), py::arg("zeros"), py::arg("group_size"), py::arg("out"), py::arg("stream"),
+      release);
   m.def(
       "awq_pack",
       [](const TensorView& packed, const TensorView& scales, const TensorView& zeros, int64_t group_size,

@@ -12,7 +12,7 @@ namespace {
 
 kindred::DType parse_dtype(const std::string& name) {
   static const std::pair<const char*, kindred::DType> names[] = {
-      {"uint8", kindred::DType::u8},     {"int32", kindred::DType::i32},   {"float16", kindred::DType::f16},
+      {"uint8", kindred::DType::u8},      {"int32", kindred::DType::i32},   {"float16", kindred::DType::f16},
       {"bfloat16", kindred::DType::bf16}, {"float32", kindred::DType::f32}, {"float64", kindred::DType::f64}};
   for (auto [n, d] : names)
     if (name == n) return d;

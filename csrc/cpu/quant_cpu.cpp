@@ -22,10 +22,14 @@ float to_f32(T v) {
 template <typename Fn>
 void with_float_type(const TensorView& t, Fn&& fn) {
   switch (t.dtype) {
-    case DType::f32: return fn(t.ptr<float>());
-    case DType::f16: return fn(t.ptr<Eigen::half>());
-    case DType::bf16: return fn(t.ptr<Eigen::bfloat16>());
-    default: KINDRED_CHECK(false, "unsupported dtype ", dtype_name(t.dtype));
+    case DType::f32:
+      return fn(t.ptr<float>());
+    case DType::f16:
+      return fn(t.ptr<Eigen::half>());
+    case DType::bf16:
+      return fn(t.ptr<Eigen::bfloat16>());
+    default:
+      KINDRED_CHECK(false, "unsupported dtype ", dtype_name(t.dtype));
   }
 }
 
@@ -149,7 +153,8 @@ void quantize_int4g_cpu(const TensorView& weight, const Int4gTensors& out) {
       }
     }
     KINDRED_CHECK(overflow == n * groups, "weight row ", overflow / std::max<int64_t>(groups, 1), " group ",
-                  overflow % std::max<int64_t>(groups, 1), " spans a range too large for an fp16 scale (max 65504 * 15)");
+                  overflow % std::max<int64_t>(groups, 1),
+                  " spans a range too large for an fp16 scale (max 65504 * 15)");
   });
 }
 

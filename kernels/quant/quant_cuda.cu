@@ -43,8 +43,8 @@ __global__ void quantize_nf4_kernel(const T* __restrict__ w, uint8_t* __restrict
 }
 
 // Mean of absmax in the fixed order of the CPU path: strided partial sums in double, then a pairwise tree.
-__global__ void __launch_bounds__(kOffsetLanes) absmax_mean_kernel(const float* __restrict__ absmax, int64_t blocks,
-                                                                   float* __restrict__ offset) {
+__global__ void __launch_bounds__(kOffsetLanes)
+    absmax_mean_kernel(const float* __restrict__ absmax, int64_t blocks, float* __restrict__ offset) {
   __shared__ double lanes[kOffsetLanes];
   double s = 0.0;
   for (int64_t i = threadIdx.x; i < blocks; i += kOffsetLanes) s += absmax[i];
@@ -74,16 +74,18 @@ __global__ void quantize_nested_kernel(const float* __restrict__ absmax, const f
   m = cuda::warp_max(m);
   if (lane == 0) nested_absmax[nb] = m;
   const float inv = m > 0.0f ? 1.0f / m : 0.0f;
-  for (int64_t i = lo + lane; i < hi; i += 32) q[i] = dynamic_encode(smem_code, __fmul_rn(__fsub_rn(absmax[i], off), inv));
+  for (int64_t i = lo + lane; i < hi; i += 32)
+    q[i] = dynamic_encode(smem_code, __fmul_rn(__fsub_rn(absmax[i], off), inv));
 }
 
 // Each item is 4 packed bytes = 8 codes of one block (blocksize >= 32); each thread handles
 // kItemsPerThread items strided by the block width so loads and 16-byte stores coalesce.
 template <typename T, bool kNested>
-__global__ void __launch_bounds__(kThreads) dequantize_nf4_kernel(
-    const uint32_t* __restrict__ packed, const float* __restrict__ absmax_f32, const uint8_t* __restrict__ absmax_q,
-    const float* __restrict__ nested_absmax, const float* __restrict__ nested_code, const float* __restrict__ offset,
-    T* __restrict__ out, int64_t items, int log2_bs) {
+__global__ void __launch_bounds__(kThreads)
+    dequantize_nf4_kernel(const uint32_t* __restrict__ packed, const float* __restrict__ absmax_f32,
+                          const uint8_t* __restrict__ absmax_q, const float* __restrict__ nested_absmax,
+                          const float* __restrict__ nested_code, const float* __restrict__ offset, T* __restrict__ out,
+                          int64_t items, int log2_bs) {
   __shared__ float lut[16];
   __shared__ float code2[kNested ? 256 : 1];
   if (threadIdx.x < 16) lut[threadIdx.x] = kNf4Lut[threadIdx.x];
@@ -100,8 +102,8 @@ __global__ void __launch_bounds__(kThreads) dequantize_nf4_kernel(
     if (item >= items) break;
     words[it] = __ldg(packed + item);
     const int64_t b = (item * 8) >> log2_bs;
-    scale[it] = kNested ? __fadd_rn(__fmul_rn(code2[absmax_q[b]], nested_absmax[b / kNestedBlocksize]), off)
-                        : absmax_f32[b];
+    scale[it] =
+        kNested ? __fadd_rn(__fmul_rn(code2[absmax_q[b]], nested_absmax[b / kNestedBlocksize]), off) : absmax_f32[b];
   }
 #pragma unroll
   for (int it = 0; it < kItemsPerThread; ++it) {
@@ -150,10 +152,9 @@ __global__ void quantize_int4g_kernel(const T* __restrict__ w, uint8_t* __restri
 
 // Items of 4 packed bytes = 8 codes of one group (low nibble first), as in dequantize_nf4_kernel.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) dequantize_int4g_kernel(const uint32_t* __restrict__ packed,
-                                                                   const __half* __restrict__ scales,
-                                                                   const uint8_t* __restrict__ zeros,
-                                                                   T* __restrict__ out, int64_t items, int log2_g) {
+__global__ void __launch_bounds__(kThreads)
+    dequantize_int4g_kernel(const uint32_t* __restrict__ packed, const __half* __restrict__ scales,
+                            const uint8_t* __restrict__ zeros, T* __restrict__ out, int64_t items, int log2_g) {
   const int64_t base = static_cast<int64_t>(blockIdx.x) * kThreads * kItemsPerThread + threadIdx.x;
   uint32_t words[kItemsPerThread];
   float s[kItemsPerThread];
@@ -184,7 +185,9 @@ int log2_exact(int64_t v) {
   return l;
 }
 
-unsigned grid_for(int64_t units, int64_t per_block) { return static_cast<unsigned>((units + per_block - 1) / per_block); }
+unsigned grid_for(int64_t units, int64_t per_block) {
+  return static_cast<unsigned>((units + per_block - 1) / per_block);
+}
 
 }  // namespace
 

@@ -31,7 +31,12 @@ def view(t: torch.Tensor, name: str = "tensor") -> _core.TensorView:
     if t.dtype not in _DTYPE_NAMES:
         raise KindredValueError(f"{name} has unsupported dtype {t.dtype}")
     return _core.TensorView(
-        t.data_ptr(), _DTYPE_NAMES[t.dtype], list(t.shape), list(t.stride()), t.device.type, t.device.index or 0
+        t.data_ptr(),
+        _DTYPE_NAMES[t.dtype],
+        list(t.shape),
+        list(t.stride()),
+        t.device.type,
+        t.device.index or 0,
     )
 
 
@@ -43,7 +48,7 @@ def stream(t: torch.Tensor) -> int:
     return torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def dynamic_map(device: torch.device) -> torch.Tensor:
     """bitsandbytes' signed 8-bit dynamic map (formats.h) on ``device``."""
     return torch.tensor(_core.DYNAMIC_MAP, dtype=torch.float32, device=device)
@@ -68,7 +73,15 @@ def quantize_nf4(
     if not double_quant:
         absmax = torch.empty(blocks, dtype=torch.float32, device=dev)
         _core.quantize_nf4(
-            view(weight, "weight"), view(packed), view(absmax), None, None, None, None, blocksize, stream(weight)
+            view(weight, "weight"),
+            view(packed),
+            view(absmax),
+            None,
+            None,
+            None,
+            None,
+            blocksize,
+            stream(weight),
         )
         return packed, absmax, absmax.new_empty(0), absmax.new_empty(0)
     absmax = torch.empty(blocks, dtype=torch.uint8, device=dev)
@@ -94,7 +107,11 @@ def _(weight, blocksize, double_quant):
     blocks = _nf4_blocks(weight, blocksize)
     packed = weight.new_empty(weight.numel() // 2, dtype=torch.uint8)
     if not double_quant:
-        return packed, weight.new_empty(blocks, dtype=torch.float32), *(weight.new_empty(0, dtype=torch.float32),) * 2
+        return (
+            packed,
+            weight.new_empty(blocks, dtype=torch.float32),
+            *(weight.new_empty(0, dtype=torch.float32),) * 2,
+        )
     nested = math.ceil(blocks / _core.NESTED_BLOCKSIZE)
     return (
         packed,
@@ -144,13 +161,17 @@ def quantize_int4g(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor,
     groups = k // group_size if group_size > 0 else 0
     scales = torch.empty(n, groups, dtype=torch.float16, device=dev)
     zeros = torch.empty(n, groups, dtype=torch.uint8, device=dev)
-    _core.quantize_int4g(view(weight, "weight"), view(packed), view(scales), view(zeros), group_size, stream(weight))
+    _core.quantize_int4g(
+        view(weight, "weight"), view(packed), view(scales), view(zeros), group_size, stream(weight)
+    )
     return packed, scales, zeros
 
 
 def _int4g_dims(weight: torch.Tensor, group_size: int) -> tuple[int, int]:
     if weight.dim() != 2:
-        raise KindredValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
+        raise KindredValueError(
+            f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}"
+        )
     return weight.shape[0], weight.shape[1]
 
 
@@ -172,7 +193,11 @@ def dequantize_int4g(
     """The dense [N, K] weight that INT4g codes stand for."""
     out = torch.empty(packed.shape[0], packed.shape[1] * 2, dtype=dtype, device=packed.device)
     _core.dequantize_int4g(
-        view(packed, "packed"), view(scales, "scales"), view(zeros, "zeros"), group_size, view(out, "dtype"),
+        view(packed, "packed"),
+        view(scales, "scales"),
+        view(zeros, "zeros"),
+        group_size,
+        view(out, "dtype"),
         stream(packed),
     )
     return out

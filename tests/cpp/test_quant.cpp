@@ -79,7 +79,8 @@ TEST(Nf4, CodesAreNearestAndDequantizeWithinHalfGap) {
       // Independent nearest-code search in double.
       int best = 0;
       for (int c = 1; c < 16; ++c)
-        if (std::fabs(w[i] / m - formats::kNf4Codebook[c]) < std::fabs(w[i] / m - formats::kNf4Codebook[best])) best = c;
+        if (std::fabs(w[i] / m - formats::kNf4Codebook[c]) < std::fabs(w[i] / m - formats::kNf4Codebook[best]))
+          best = c;
       ASSERT_EQ(code, best) << "element " << i;
       ASSERT_NEAR(out[i], formats::kNf4Codebook[code] * m, 1e-7 * m);
       ASSERT_LE(std::fabs(out[i] - w[i]), 0.5 * (1.0 - 0.6961928009986877) * m + 1e-7);
@@ -162,11 +163,13 @@ TEST(Int4g, AwqNibbleOrderOnAHandBuiltCase) {
         ASSERT_EQ((static_cast<uint32_t>(qweight[kk * n / 8 + c]) >> (4 * i)) & 0xF, code(8 * c + order[i], kk));
   for (int64_t gi = 0; gi < k / g; ++gi)
     for (int64_t r = 0; r < n; ++r) {
-      ASSERT_EQ((static_cast<uint32_t>(qzeros[gi * n / 8 + r / 8]) >> (4 * [&] {
-                   int i = 0;
-                   while (order[i] != r % 8) ++i;
-                   return i;
-                 }())) & 0xF,
+      ASSERT_EQ((static_cast<uint32_t>(qzeros[gi * n / 8 + r / 8]) >> (4 *
+                                                                       [&] {
+                                                                         int i = 0;
+                                                                         while (order[i] != r % 8) ++i;
+                                                                         return i;
+                                                                       }())) &
+                    0xF,
                 static_cast<uint32_t>((r + gi) % 16));
       ASSERT_EQ(awq_scales[gi * n + r], scales[r * (k / g) + gi]);
     }
@@ -194,8 +197,11 @@ TEST(Checks, BadArgumentsAreNamed) {
   auto w = randn(256, 1);
   Nf4Buffers buf;
   Nf4Tensors q = buf.tensors(256, 64, false);
-  expect_error([&] { quantize_nf4(view(w, DType::f32, {256}), Nf4Tensors{q.packed, q.absmax, {}, {}, {}, 48}, {}, 0); },
-               "blocksize");
+  expect_error(
+      [&] {
+        quantize_nf4(view(w, DType::f32, {256}), Nf4Tensors{q.packed, q.absmax, {}, {}, {}, 48}, {}, 0);
+      },
+      "blocksize");
   expect_error([&] { quantize_nf4(view(w, DType::f32, {200}), q, {}, 0); }, "multiple of blocksize");
   expect_error([&] { quantize_nf4(view(w, DType::i32, {256}), q, {}, 0); }, "weight must be");
   TensorView strided = view(w, DType::f32, {16, 16});

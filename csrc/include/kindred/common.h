@@ -3,10 +3,11 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdio>
 #include <optional>
-#include <sstream>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #if defined(__CUDACC__)
@@ -28,15 +29,37 @@ class Error : public std::runtime_error {
   bool input_;
 };
 
-template <typename... Args>
-std::string cat(const Args&... args) {
-  std::ostringstream os;
-  (os << ... << args);
-  return os.str();
+// Message building without iostreams: the core must not depend on the process's locale/iostream state
+// (a Python process may have loaded another libstdc++ first).
+inline void append(std::string& s, const std::string& v) {
+  s += v;
+}
+inline void append(std::string& s, const char* v) {
+  s += v;
+}
+inline void append(std::string& s, char v) {
+  s += v;
+}
+template <typename T>
+void append(std::string& s, T v) {
+  if constexpr (std::is_floating_point_v<T>) {
+    char buf[32];
+    std::snprintf(buf, sizeof(buf), "%g", static_cast<double>(v));
+    s += buf;
+  } else {
+    s += std::to_string(v);
+  }
 }
 
-#define KINDRED_CHECK(cond, ...)                                   \
-  do {                                                             \
+template <typename... Args>
+std::string cat(const Args&... args) {
+  std::string s;
+  (append(s, args), ...);
+  return s;
+}
+
+#define KINDRED_CHECK(cond, ...)                                            \
+  do {                                                                      \
     if (!(cond)) throw ::kindred::Error(::kindred::cat(__VA_ARGS__), true); \
   } while (0)
 
@@ -60,7 +83,9 @@ struct TensorView {
   bool contiguous() const;
   std::string describe() const;  // e.g. "bf16[4096, 14336] on cuda:0"
   template <typename T>
-  T* ptr() const { return static_cast<T*>(data); }
+  T* ptr() const {
+    return static_cast<T*>(data);
+  }
 };
 
 // Named checks: each throws an input Error that names the argument and what was expected.

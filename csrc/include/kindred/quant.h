@@ -40,8 +40,7 @@ void dequantize_int4g(const Int4gTensors& in, const TensorView& out, int64_t str
 
 // Lossless conversion between kindred's INT4g layout and AutoAWQ's GEMM tensors (CPU only).
 void awq_pack(const Int4gTensors& in, const TensorView& qweight, const TensorView& qzeros, const TensorView& scales);
-void awq_unpack(const TensorView& qweight, const TensorView& qzeros, const TensorView& scales,
-                const Int4gTensors& out);
+void awq_unpack(const TensorView& qweight, const TensorView& qzeros, const TensorView& scales, const Int4gTensors& out);
 
 void quantize_nf4_cpu(const TensorView& weight, const Nf4Tensors& out, const std::optional<TensorView>& workspace);
 void dequantize_nf4_cpu(const Nf4Tensors& in, const TensorView& out);

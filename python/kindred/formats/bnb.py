@@ -26,7 +26,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def nf4_to_bnb(q: NF4Weight, prefix: str = "weight") -> dict[str, torch.Tensor]:
-    """The bitsandbytes state-dict entries of ``q`` under ``prefix`` (e.g. "model.layers.0.mlp.up_proj.weight")."""
+    """The bitsandbytes state-dict entries of ``q`` under ``prefix`` (e.g. "model.layers.0.q_proj.weight")."""
     state = {
         "quant_type": "nf4",
         "blocksize": q.blocksize,
@@ -39,9 +39,7 @@ def nf4_to_bnb(q: NF4Weight, prefix: str = "weight") -> dict[str, torch.Tensor]:
         f"{prefix}.quant_map": torch.tensor(NF4_CODEBOOK, dtype=torch.float32, device=q.device),
     }
     if q.double_quant:
-        state.update(
-            nested_blocksize=256, nested_dtype="float32", nested_offset=float(q.offset.cpu()[0])
-        )
+        state.update(nested_blocksize=256, nested_dtype="float32", nested_offset=float(q.offset.cpu()[0]))
         out[f"{prefix}.nested_absmax"] = q.nested_absmax
         out[f"{prefix}.nested_quant_map"] = q.nested_code
     blob = json.dumps(state).encode("utf-8")
@@ -53,7 +51,9 @@ def has_bnb_state(tensors: dict[str, torch.Tensor], prefix: str = "weight") -> b
     return any(k.startswith(f"{prefix}.{_STATE_KEY}") for k in tensors)
 
 
-def nf4_from_bnb(tensors: dict[str, torch.Tensor], prefix: str = "weight", source: str = "state dict") -> NF4Weight:
+def nf4_from_bnb(
+    tensors: dict[str, torch.Tensor], prefix: str = "weight", source: str = "state dict"
+) -> NF4Weight:
     """The NF4Weight stored under ``prefix`` in bitsandbytes' layout, without re-quantizing.
 
     ``source`` (a file name) goes into every error, which names the offending key.
@@ -61,12 +61,16 @@ def nf4_from_bnb(tensors: dict[str, torch.Tensor], prefix: str = "weight", sourc
 
     def need(key: str) -> torch.Tensor:
         if key not in tensors:
-            raise KindredFormatError(f"{source}: missing tensor '{key}' of the bitsandbytes 4-bit weight '{prefix}'")
+            raise KindredFormatError(
+                f"{source}: missing tensor '{key}' of the bitsandbytes 4-bit weight '{prefix}'"
+            )
         return tensors[key]
 
     state_keys = [k for k in tensors if k.startswith(f"{prefix}.{_STATE_KEY}")]
     if not state_keys:
-        raise KindredFormatError(f"{source}: no '{prefix}.{_STATE_KEY}nf4' tensor: '{prefix}' is not a bnb 4-bit weight")
+        raise KindredFormatError(
+            f"{source}: no '{prefix}.{_STATE_KEY}nf4' tensor: '{prefix}' is not a bnb 4-bit weight"
+        )
     key = state_keys[0]
     quant_type = key.rsplit("__", 1)[1]
     if quant_type != "nf4":
@@ -82,7 +86,8 @@ def nf4_from_bnb(tensors: dict[str, torch.Tensor], prefix: str = "weight", sourc
     n = math.prod(shape)
     if packed.numel() != (n + 1) // 2:
         raise KindredFormatError(
-            f"{source}: '{prefix}' has {packed.numel()} bytes, expected {(n + 1) // 2} for shape {list(shape)}"
+            f"{source}: '{prefix}' has {packed.numel()} bytes, expected {(n + 1) // 2} "
+            f"for shape {list(shape)}"
             " (truncated?)"
         )
     quant_map = need(f"{prefix}.quant_map").float().cpu()
@@ -92,9 +97,13 @@ def nf4_from_bnb(tensors: dict[str, torch.Tensor], prefix: str = "weight", sourc
     nested_absmax = need(f"{prefix}.nested_absmax").float() if nested else None
     nested_code = need(f"{prefix}.nested_quant_map").float() if nested else None
     if nested and nested_code.numel() != 256:
-        raise KindredFormatError(f"{source}: '{prefix}.nested_quant_map' has {nested_code.numel()} entries, not 256")
+        raise KindredFormatError(
+            f"{source}: '{prefix}.nested_quant_map' has {nested_code.numel()} entries, not 256"
+        )
     if nested and state.get("nested_blocksize", 256) != 256:
-        raise KindredFormatError(f"{source}: '{key}' has nested_blocksize {state['nested_blocksize']}, kindred reads 256")
+        raise KindredFormatError(
+            f"{source}: '{key}' has nested_blocksize {state['nested_blocksize']}, kindred reads 256"
+        )
     absmax = need(f"{prefix}.absmax")
     expected_absmax = torch.uint8 if nested else torch.float32
     if absmax.dtype != expected_absmax:
@@ -126,9 +135,13 @@ def _parse_state(blob: torch.Tensor, key: str, source: str) -> dict:
         raise KindredFormatError(f"{source}: '{key}' must hold a JSON object")
     for field, kind in (("blocksize", int), ("shape", list), ("dtype", str), ("quant_type", str)):
         if not isinstance(state.get(field), kind):
-            raise KindredFormatError(f"{source}: '{key}' lacks a valid '{field}' ({kind.__name__}): {state.get(field)!r}")
+            raise KindredFormatError(
+                f"{source}: '{key}' lacks a valid '{field}' ({kind.__name__}): {state.get(field)!r}"
+            )
     if state["dtype"] not in _DTYPES:
-        raise KindredFormatError(f"{source}: '{key}' has dtype {state['dtype']!r}; expected one of {sorted(_DTYPES)}")
+        raise KindredFormatError(
+            f"{source}: '{key}' has dtype {state['dtype']!r}; expected one of {sorted(_DTYPES)}"
+        )
     if not all(isinstance(d, int) and d > 0 for d in state["shape"]):
         raise KindredFormatError(f"{source}: '{key}' has an invalid shape {state['shape']!r}")
     if "nested_offset" in state and not isinstance(state["nested_offset"], (int, float)):

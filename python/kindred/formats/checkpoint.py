@@ -29,14 +29,14 @@ def _shards(path: Path) -> list[Path]:
 
 
 def read_prefix(path: str | Path, prefix: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Every tensor whose name starts with ``prefix + '.'``, read lazily through safetensors, prefix stripped."""
+    """Every tensor named ``prefix + '.' + rest``, read lazily through safetensors, keyed by ``rest``."""
     out: dict[str, torch.Tensor] = {}
     for shard in _shards(Path(path)):
         try:
             with safe_open(str(shard), framework="pt", device=str(device)) as f:
                 for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
                     if key.startswith(prefix + "."):
-                        out[key[len(prefix) + 1:]] = f.get_tensor(key)
+                        out[key[len(prefix) + 1 :]] = f.get_tensor(key)
         except (SafetensorError, OSError) as e:
             raise KindredFormatError(f"{shard}: not a readable safetensors file ({e})") from None
     return out
@@ -51,6 +51,8 @@ def load_linear4bit(path: str | Path, prefix: str, device: str | torch.device = 
     if not tensors:
         raise KindredFormatError(f"{path}: no tensors under '{prefix}'")
     if not has_bnb_state(tensors, "weight"):
-        raise KindredFormatError(f"{path}: '{prefix}.weight' has no bitsandbytes quant_state: not a 4-bit layer")
+        raise KindredFormatError(
+            f"{path}: '{prefix}.weight' has no bitsandbytes quant_state: not a 4-bit layer"
+        )
     q = nf4_from_bnb(tensors, "weight", source=f"{path}")
     return Linear4bit(q, tensors.get("bias"))

@@ -34,7 +34,9 @@ class Linear4bit(nn.Module):
     def __init__(self, quantized: NF4Weight | Int4gWeight, bias: torch.Tensor | None = None):
         super().__init__()
         if not isinstance(quantized, (NF4Weight, Int4gWeight)):
-            raise KindredValueError(f"quantized must be an NF4Weight or Int4gWeight, got {type(quantized).__name__}")
+            raise KindredValueError(
+                f"quantized must be an NF4Weight or Int4gWeight, got {type(quantized).__name__}"
+            )
         if len(quantized.shape) != 2:
             raise KindredValueError(f"a linear weight must be 2-D, got shape {quantized.shape}")
         self.out_features, self.in_features = quantized.shape
@@ -75,9 +77,17 @@ class Linear4bit(nn.Module):
         tensors = {k: getattr(self, f"_q_{k}") for k in meta["fields"]}
         if meta["type"] == "nf4":
             optional = {k: tensors.get(k) for k in ("nested_absmax", "nested_code", "offset")}
-            return NF4Weight(tensors["packed"], tensors["absmax"], **optional, blocksize=meta["blocksize"],
-                             shape=meta["shape"], dtype=meta["dtype"])
-        return Int4gWeight(tensors["packed"], tensors["scales"], tensors["zeros"], meta["group_size"], meta["dtype"])
+            return NF4Weight(
+                tensors["packed"],
+                tensors["absmax"],
+                **optional,
+                blocksize=meta["blocksize"],
+                shape=meta["shape"],
+                dtype=meta["dtype"],
+            )
+        return Int4gWeight(
+            tensors["packed"], tensors["scales"], tensors["zeros"], meta["group_size"], meta["dtype"]
+        )
 
     def _set_weight(self, q: NF4Weight | Int4gWeight) -> None:
         for name in [n for n, _ in self.named_buffers(recurse=False) if n.startswith("_q_")]:
@@ -86,7 +96,13 @@ class Linear4bit(nn.Module):
         for k, t in q.tensors().items():
             self.register_buffer(f"_q_{k}", t, persistent=False)
         if isinstance(q, NF4Weight):
-            self._meta = {"type": "nf4", "fields": fields, "blocksize": q.blocksize, "shape": q.shape, "dtype": q.dtype}
+            self._meta = {
+                "type": "nf4",
+                "fields": fields,
+                "blocksize": q.blocksize,
+                "shape": q.shape,
+                "dtype": q.dtype,
+            }
         else:
             self._meta = {"type": "int4g", "fields": fields, "group_size": q.group_size, "dtype": q.dtype}
 
@@ -95,7 +111,9 @@ class Linear4bit(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
-            raise KindredValueError(f"input must end in in_features={self.in_features}, got shape {tuple(x.shape)}")
+            raise KindredValueError(
+                f"input must end in in_features={self.in_features}, got shape {tuple(x.shape)}"
+            )
         if x.device != self._q_packed.device:
             raise KindredValueError(f"input is on {x.device} but the weight is on {self._q_packed.device}")
         bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -103,11 +121,16 @@ class Linear4bit(nn.Module):
 
     def extra_repr(self) -> str:
         q = self.quantized
-        detail = f"blocksize={q.blocksize}, double_quant={q.double_quant}" if isinstance(q, NF4Weight) else (
-            f"group_size={q.group_size}"
+        detail = (
+            f"blocksize={q.blocksize}, double_quant={q.double_quant}"
+            if isinstance(q, NF4Weight)
+            else (f"group_size={q.group_size}")
         )
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"quant={self.quant_type}, {detail}, {q.bits_per_weight:.3f} bits/weight")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, "
+            f"quant={self.quant_type}, {detail}, {q.bits_per_weight:.3f} bits/weight"
+        )
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -117,23 +140,28 @@ class Linear4bit(nn.Module):
         else:
             destination.update({prefix + k: v for k, v in int4g_to_awq(q).items()})
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        mine = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        mine = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
         device = self._q_packed.device
         if has_bnb_state(mine, "weight"):
             q = nf4_from_bnb(mine, "weight", source=f"state dict '{prefix}'")
             consumed = [k for k in mine if k == "weight" or k.startswith("weight.")]
         elif all(k in mine for k in _AWQ_KEYS):
             k_rows, groups = mine["qweight"].shape[0], max(mine["qzeros"].shape[0], 1)
-            q = int4g_from_awq(*(mine[k] for k in _AWQ_KEYS), group_size=k_rows // groups, dtype=self._meta["dtype"])
+            q = int4g_from_awq(
+                *(mine[k] for k in _AWQ_KEYS), group_size=k_rows // groups, dtype=self._meta["dtype"]
+            )
             consumed = list(_AWQ_KEYS)
         else:
             missing_keys.append(prefix + "weight")
             return
         if tuple(q.shape) != (self.out_features, self.in_features):
-            error_msgs.append(f"{prefix}weight: checkpoint shape {tuple(q.shape)} != module shape "
-                              f"{(self.out_features, self.in_features)}")
+            error_msgs.append(
+                f"{prefix}weight: checkpoint shape {tuple(q.shape)} != module shape "
+                f"{(self.out_features, self.in_features)}"
+            )
             return
         self._set_weight(q.to(device))
         if "bias" in mine and self.bias is None:

@@ -112,7 +112,9 @@ def _check_weight(weight: torch.Tensor, name: str = "weight") -> None:
     if weight.dtype not in _FLOAT_DTYPES:
         raise KindredValueError(f"{name} must be float32, float16 or bfloat16, got {weight.dtype}")
     if not weight.is_contiguous():
-        raise KindredValueError(f"{name} must be contiguous (call .contiguous() first), got strides {weight.stride()}")
+        raise KindredValueError(
+            f"{name} must be contiguous (call .contiguous() first), got strides {weight.stride()}"
+        )
     if weight.is_cuda and not bool(torch.isfinite(weight).all()):
         bad = int(torch.nonzero(~torch.isfinite(weight.reshape(-1)))[0])
         raise KindredValueError(f"{name} holds a non-finite value at flat index {bad}")
@@ -125,8 +127,10 @@ def _out_dtype(dtype: torch.dtype | None, default: torch.dtype) -> torch.dtype:
     return dtype
 
 
-def quantize_nf4(weight: torch.Tensor, blocksize: int = NF4_DEFAULT_BLOCKSIZE, double_quant: bool = True) -> NF4Weight:
-    """Quantize ``weight`` (any shape, numel a multiple of ``blocksize``) to NF4 exactly as bitsandbytes does."""
+def quantize_nf4(
+    weight: torch.Tensor, blocksize: int = NF4_DEFAULT_BLOCKSIZE, double_quant: bool = True
+) -> NF4Weight:
+    """Quantize ``weight`` (any shape, numel a multiple of ``blocksize``) to NF4 as bitsandbytes does."""
     _check_weight(weight)
     packed, absmax, nested_absmax, offset = _ops.quantize_nf4(weight, blocksize, double_quant)
     nested_code = _ops.dynamic_map(weight.device) if double_quant else None
@@ -179,7 +183,7 @@ def dequantize_int4g(q: Int4gWeight, dtype: torch.dtype | None = None) -> torch.
 
 
 def int4g_to_awq(q: Int4gWeight) -> dict[str, torch.Tensor]:
-    """AutoAWQ GEMM tensors of ``q``: qweight int32 [K, N/8], qzeros int32 [K/g, N/8], scales fp16 [K/g, N]."""
+    """AutoAWQ GEMM tensors of ``q``: qweight i32 [K, N/8], qzeros i32 [K/g, N/8], scales f16 [K/g, N]."""
     n, k = q.shape
     g = q.group_size
     if n % 8 or k % g:
@@ -189,8 +193,13 @@ def int4g_to_awq(q: Int4gWeight) -> dict[str, torch.Tensor]:
     qzeros = torch.empty(k // g, n // 8, dtype=torch.int32)
     scales = torch.empty(k // g, n, dtype=torch.float16)
     _core.awq_pack(
-        _ops.view(src.packed, "packed"), _ops.view(src.scales, "scales"), _ops.view(src.zeros, "zeros"), g,
-        _ops.view(qweight), _ops.view(qzeros), _ops.view(scales),
+        _ops.view(src.packed, "packed"),
+        _ops.view(src.scales, "scales"),
+        _ops.view(src.zeros, "zeros"),
+        g,
+        _ops.view(qweight),
+        _ops.view(qzeros),
+        _ops.view(scales),
     )
     return {"qweight": qweight, "qzeros": qzeros, "scales": scales}
 
@@ -205,16 +214,25 @@ def int4g_from_awq(
     """The Int4gWeight of AutoAWQ GEMM tensors (lossless); ``dtype`` is what it dequantizes to by default."""
     for name, t in (("qweight", qweight), ("qzeros", qzeros), ("scales", scales)):
         if not isinstance(t, torch.Tensor) or t.dim() != 2:
-            raise KindredValueError(f"{name} must be a 2-D tensor, got {getattr(t, 'shape', type(t).__name__)}")
+            raise KindredValueError(
+                f"{name} must be a 2-D tensor, got {getattr(t, 'shape', type(t).__name__)}"
+            )
     k, n = qweight.shape[0], qweight.shape[1] * 8
     if k % group_size:
         raise KindredValueError(f"qweight has {k} input rows, not a multiple of group_size {group_size}")
     packed = torch.empty(n, k // 2, dtype=torch.uint8)
     out_scales = torch.empty(n, k // group_size, dtype=torch.float16)
     zeros = torch.empty(n, k // group_size, dtype=torch.uint8)
+    # Keep the CPU copies referenced for the duration of the call: views hold raw pointers.
+    src = {
+        name: t.cpu().contiguous()
+        for name, t in (("qweight", qweight), ("qzeros", qzeros), ("scales", scales))
+    }
     _core.awq_unpack(
-        _ops.view(qweight.cpu().contiguous(), "qweight"), _ops.view(qzeros.cpu().contiguous(), "qzeros"),
-        _ops.view(scales.cpu().contiguous(), "scales"), group_size,
-        _ops.view(packed), _ops.view(out_scales), _ops.view(zeros),
+        *(_ops.view(t, name) for name, t in src.items()),
+        group_size,
+        _ops.view(packed),
+        _ops.view(out_scales),
+        _ops.view(zeros),
     )
     return Int4gWeight(packed, out_scales, zeros, group_size, dtype).to(qweight.device)

@@ -1,0 +1,185 @@
+"""`kindred plan`: which models fit a GPU, their memory and time estimates, weighted comparison, checklist."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..errors import KindredValueError
+from .catalogue import default_catalogue
+from .gpus import custom_gpu, get_gpu
+from .memory import FORMATS, METHODS, inference_memory, training_memory
+from .report import breakdown_table, checklist_table, plot_breakdown, summary_table
+from .score import CRITERIA, PlanSettings, plan
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the `plan` subcommand to an argparse subparsers object."""
+    p = subparsers.add_parser(
+        "plan",
+        help="which models fit a GPU; memory, time, weighted comparison",
+        description="Estimate training and inference memory, training time and decode speed of catalogue "
+        "models "
+        "on a GPU, rank them by weighted criteria and evaluate the decision checklist.",
+    )
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--gpu", help="GPU name, e.g. rtx-4090, l40s, h100-sxm, 'NVIDIA H100 80GB HBM3'")
+    where.add_argument("--vram", type=float, metavar="GB", help="GPU memory only (no time estimates)")
+    p.add_argument("--method", choices=METHODS, default="qlora", help="training method (default qlora)")
+    p.add_argument("--seq", type=int, default=2048, help="training sequence length in tokens (default 2048)")
+    p.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
+    p.add_argument("--no-grad-checkpointing", action="store_true", help="keep every layer's activations")
+    p.add_argument(
+        "--unfused-loss", action="store_true", help="materialize the logits (no fused cross-entropy)"
+    )
+    p.add_argument("--format", default="Q4_K_M", help=f"inference weight format: {', '.join(FORMATS)}")
+    p.add_argument("--context", type=int, help="inference context in tokens (default: --seq)")
+    p.add_argument(
+        "--model",
+        action="append",
+        metavar="ID|config.json",
+        help="plan only this model (repeatable) and show its full breakdown",
+    )
+    p.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="config.json",
+        help="add a model from its Hugging Face config.json to the candidates",
+    )
+    p.add_argument("--data", help="chat JSONL to count tokens of (needs kindred.data's token report)")
+    p.add_argument("--tokenizer", help="tokenizer for --data")
+    p.add_argument("--template", help="chat template family for --data")
+    p.add_argument("--tokens-p95", type=int, metavar="N", help="95th-percentile example length in tokens")
+    p.add_argument("--dataset-tokens", type=int, metavar="N", help="total trained tokens of the dataset")
+    p.add_argument(
+        "--epochs", type=float, default=1.0, help="epochs for the training-time estimate (default 1)"
+    )
+    p.add_argument(
+        "--weights",
+        default="",
+        metavar="K=W,...",
+        help=f"criterion weights, e.g. capability=3,context=2 (criteria: {', '.join(CRITERIA)})",
+    )
+    p.add_argument(
+        "--pass-rate",
+        action="append",
+        default=[],
+        metavar="MODEL=RATE",
+        help="your rubric pass rate (0-1) of a model, used as its base capability",
+    )
+    p.add_argument(
+        "--results",
+        default="benchmarks/results",
+        metavar="DIR",
+        help="benchmark CSVs used to calibrate training efficiency",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.add_argument("--plot", metavar="PNG", help="write a bar chart of the memory breakdown")
+    p.set_defaults(func=run)
+    return p
+
+
+def _pairs(text: str, what: str) -> dict[str, float]:
+    out = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        key, sep, value = item.partition("=")
+        try:
+            out[key.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise KindredValueError(f"{what}: expected NAME=NUMBER, got {item!r}")
+    return out
+
+
+def _token_report(args) -> tuple[int | None, int | None]:
+    """(p95, total) tokens: from kindred.data's token report for --data, else the explicit options."""
+    if not args.data:
+        return args.tokens_p95, args.dataset_tokens
+    try:
+        from .. import data
+    except ImportError:
+        data = None
+    if data is None or not hasattr(data, "token_report"):
+        raise KindredValueError(
+            "--data needs kindred.data's token report, which this build does not have; "
+            "pass --tokens-p95 N and --dataset-tokens N instead"
+        )
+    report = data.token_report(args.data, tokenizer=args.tokenizer, template=args.template)
+    return report.p95, report.total
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run `kindred plan` on parsed arguments; prints tables or JSON and returns the exit code."""
+    catalogue = default_catalogue()
+    p95, total = _token_report(args)
+    for path in args.config:
+        catalogue.add_config(path)
+    specs = []
+    for name in args.model or []:
+        is_config = name.endswith(".json") and Path(name).is_file()
+        specs.append(catalogue.add_config(name) if is_config else catalogue.get(name))
+    explicit = bool(specs)
+    specs = specs or list(catalogue)
+    gpu = custom_gpu(args.vram) if args.vram is not None else get_gpu(args.gpu)
+    weights = dict.fromkeys(CRITERIA, 1.0)
+    weights.update(_pairs(args.weights, "--weights"))
+    rates = {catalogue.get(k).id: v for k, v in _pairs(",".join(args.pass_rate), "--pass-rate").items()}
+    settings = PlanSettings(
+        method=args.method,
+        seq=args.seq,
+        batch=args.batch,
+        rank=args.rank,
+        grad_checkpointing=not args.no_grad_checkpointing,
+        fused_loss=not args.unfused_loss,
+        infer_format=args.format,
+        infer_context=args.context,
+        epochs=args.epochs,
+        tokens_p95=p95,
+        dataset_tokens=total,
+        weights=weights,
+        pass_rates=rates,
+        results_dir=args.results,
+    )
+    if explicit:  # a model asked for by name: impossible settings are errors, not table notes
+        for spec in specs:
+            training_memory(spec, settings.method, settings.seq, settings.batch, settings.rank)
+            inference_memory(spec, settings.infer_format, settings.infer_context or settings.seq)
+    records = plan(specs, gpu, settings, catalogue.get)
+    if args.plot:
+        bars = {}
+        for r in records:
+            bars[f"{r['model']} train"] = r["breakdown"]["training"]
+            if explicit:
+                bars[f"{r['model']} infer"] = r["breakdown"]["inference"]
+        plot_breakdown(
+            bars, args.plot, f"{settings.method} seq {settings.seq}×{settings.batch} on {gpu.name}"
+        )
+    if args.json:
+        print(json.dumps({"gpu": gpu.to_dict(), "settings": vars(settings), "models": records}, indent=1))
+        return 0
+    print(
+        summary_table(
+            records,
+            f"{settings.method} · seq {settings.seq} × batch {settings.batch} · r={settings.rank}"
+            f" · {gpu.name} ({gpu.memory_gb:g} GB) · inference {settings.infer_format}",
+        )
+    )
+    print(
+        f"training efficiency {records[0]['efficiency']:.3f} of dense bf16 peak: "
+        f"{records[0]['efficiency_source']}"
+    )
+    for r in records if explicit else []:
+        for kind in ("training", "inference"):
+            if r["breakdown"][kind]:
+                print(breakdown_table(r["breakdown"][kind], f"{r['name']}: {kind} memory"))
+        print(checklist_table(r["checklist"], f"{r['name']}: decision checklist"))
+        print(
+            "scores: "
+            + ", ".join(f"{k} {'-' if v is None else f'{v:.2f}'}" for k, v in r["scores"].items())
+            + f" -> {r['score']:.2f} (capability: {r['capability_source']})"
+        )
+    return 0

@@ -1,0 +1,349 @@
+"""Memory estimators for inference and training, each returning a breakdown by part (bytes).
+
+Conventions (python/kindred/plan/README.md has the derivations and the checks against published figures):
+- weights per tensor at its format's bits per weight; GGUF mixes follow llama.cpp's per-tensor rules;
+- KV cache per layer, sliding-window layers holding only `min(tokens, window)` entries;
+- training = frozen base + trainable state + gradient-checkpoint inputs + one layer's working set + logits
+  (unless the loss is fused) + runtime; the parts are summed (no overlap assumed): errs on the safe side.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..errors import KindredValueError
+from .catalogue import Linear, ModelSpec
+
+GIB = 1 << 30
+
+# Bits per weight of each block format: block bytes × 8 / block elements (ggml-org/ggml src/ggml-common.h
+# static_asserts; pipeline-formats.md §3.4): Q4_0 18 B/32, Q4_1 20/32, Q5_0 22/32, Q5_1 24/32, Q8_0 34/32,
+# Q4_K 144 B/256, Q5_K 176/256, Q6_K 210/256.
+BLOCK_BPW = {
+    "F32": 32.0,
+    "BF16": 16.0,
+    "F16": 16.0,
+    "Q8_0": 8.5,
+    "Q6_K": 6.5625,
+    "Q5_1": 6.0,
+    "Q5_K": 5.5,
+    "Q5_0": 5.5,
+    "Q4_1": 5.0,
+    "Q4_K": 4.5,
+    "Q4_0": 4.5,
+}
+# bitsandbytes NF4 with double quantization: 4 bits + an 8-bit absmax per 64 weights + an fp32 constant per
+# 256
+# absmax blocks (QLoRA paper arXiv 2305.14314 §3; bitsandbytes functional.quantize_4bit): 4.127 bits.
+NF4_BPW = 4 + 8 / 64 + 32 / (64 * 256)
+# AWQ W4A16 group 128 with zero points (AutoAWQ GEMM layout, pipeline-formats.md §2.3): 4 bits + fp16 scale
+# and a
+# 4-bit zero per 128 weights = 4.156 bits; embeddings and lm_head stay fp16.
+AWQ_BPW = 4 + 16 / 128 + 4 / 128
+# K-quants need rows (ne[0] = in_features) divisible by 256; llama.cpp falls back (src/llama-quant.cpp,
+# tensor_type_fallback): Q4_K→Q5_0, Q5_K→Q5_1, Q6_K→Q8_0, and to F16 when even 32 does not divide.
+_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+# Default tensor type of each llama.cpp file type (llama_ftype_get_default_type).
+_GGUF_BASE = {"Q8_0": "Q8_0", "Q6_K": "Q6_K", "Q5_K_M": "Q5_K", "Q4_K_M": "Q4_K"}
+FORMATS = ("BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "AWQ-INT4", "NF4")
+_FORMAT_ALIASES = {
+    "AWQ": "AWQ-INT4",
+    "INT4": "AWQ-INT4",
+    "AWQ_INT4": "AWQ-INT4",
+    "FP16": "BF16",
+    "F16": "BF16",
+}
+METHODS = ("qlora", "lora", "full")
+# Bytes per KV-cache element: bf16, or llama.cpp's quantized caches (block bits / 8).
+KV_BYTES = {"bf16": 2.0, "q8_0": 8.5 / 8, "q4_0": 4.5 / 8}
+# Unfused loss, bytes per (token, vocab) element: bf16 logits (2) + the fp32 upcast transformers'
+# ForCausalLMLoss
+# makes (4) + fp32 log-softmax / its gradient (4). Pipeline-formats.md §7.2 counts "fp32 logits plus the same
+# again".
+LOGITS_BYTES_UNFUSED = 2 + 4 + 4
+# Runtime not owned by tensors: CUDA context, cuBLAS workspaces, allocator slack. Estimates inside the 0.3-2
+# GiB
+# range cited in pipeline-formats.md §7.1 (vram.asmirnov.xyz): llama.cpp/vLLM decode 0.5 GiB, torch training 1
+# GiB.
+INFERENCE_OVERHEAD_GIB = 0.5
+TRAINING_OVERHEAD_GIB = 1.0
+# LoRA targets: all seven projections (the anchors' setting); MoE experts are not targeted (PEFT adapts
+# nn.Linear,
+# fused expert weights are 3-D parameters), so MoE models get attention-only adapters.
+LORA_TARGETS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+@dataclass
+class Breakdown:
+    """Bytes by part, in a stable order, with notes on how each part was counted."""
+
+    parts: dict[str, int]
+    notes: dict[str, str] = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+    @property
+    def total_gib(self) -> float:
+        return self.total / GIB
+
+    def to_dict(self) -> dict:
+        return {
+            "parts_gib": {k: v / GIB for k, v in self.parts.items()},
+            "total_gib": self.total_gib,
+            "total_gb": self.total / 1e9,
+            "notes": dict(self.notes),
+            **self.info,
+        }
+
+
+def normalize_format(fmt: str) -> str:
+    key = fmt.strip().upper().replace("-", "_") if fmt else ""
+    key = _FORMAT_ALIASES.get(key, key).replace("AWQ_INT4", "AWQ-INT4")
+    if key not in FORMATS:
+        raise KindredValueError(f"unknown weight format {fmt!r}; known: {', '.join(FORMATS)}")
+    return key
+
+
+def _check_positive(**values: float) -> None:
+    for name, value in values.items():
+        if value is None or value <= 0:
+            raise KindredValueError(f"{name} must be positive, got {value}")
+
+
+def _use_more_bits(i: int, n: int) -> bool:
+    """llama.cpp's layers that get Q6_K for attn_v / ffn_down in *_K_M mixes (integer division as in C)."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def gguf_tensor_type(fmt: str, role: str, layer: int, n_layers: int, k_in: int) -> str:
+    """ggml type llama-quantize picks for one tensor of a Q8_0/Q6_K/Q5_K_M/Q4_K_M file (llama-quant.cpp)."""
+    base = _GGUF_BASE[fmt]
+    if role == "router":
+        return "F32"  # ffn_gate_inp is never quantized (tensor_allows_quantization)
+    if role == "output":  # lm_head, or the tied token embedding
+        qtype = "Q8_0" if base == "Q8_0" else "Q6_K"
+    elif fmt.endswith("_K_M") and role in ("attn_v", "ffn_down") and _use_more_bits(layer, n_layers):
+        qtype = "Q6_K"
+    else:
+        qtype = base
+    if k_in % 256 and qtype in _FALLBACK:
+        qtype = _FALLBACK[qtype]
+    if k_in % 32:
+        qtype = "F16"
+    return qtype
+
+
+def weight_bits(spec: ModelSpec, fmt: str) -> dict[str, float]:
+    """Bits of the stored weights by group: embedding, lm_head, layers (non-expert), experts, norms."""
+    fmt = normalize_format(fmt)
+    h, v = spec.hidden, spec.vocab
+    linears = spec.layer_linears()
+    small = spec.layers * spec.layer_small_params() + h
+    out = {"embedding": 0.0, "lm_head": 0.0, "layers": 0.0, "experts": 0.0, "norms": 0.0}
+    if fmt in _GGUF_BASE:
+        embd_role = "output" if spec.tied_embeddings else "token_embd"
+        out["embedding"] = v * h * BLOCK_BPW[gguf_tensor_type(fmt, embd_role, 0, 1, h)]
+        if not spec.tied_embeddings:
+            out["lm_head"] = v * h * BLOCK_BPW[gguf_tensor_type(fmt, "output", 0, 1, h)]
+        for i in range(spec.layers):
+            for t in linears:
+                bits = t.params * BLOCK_BPW[gguf_tensor_type(fmt, t.name, i, spec.layers, t.k_in)]
+                out["experts" if t.expert else "layers"] += bits
+        out["norms"] = small * 32.0  # llama.cpp keeps norms (and biases) in F32
+        return out
+    linear_bpw = {"BF16": 16.0, "AWQ-INT4": AWQ_BPW, "NF4": NF4_BPW}[fmt]
+    out["embedding"] = v * h * 16.0  # embeddings and lm_head stay 16-bit in AWQ and bitsandbytes checkpoints
+    out["lm_head"] = 0.0 if spec.tied_embeddings else v * h * 16.0
+    for t in linears:
+        out["experts" if t.expert else "layers"] += spec.layers * t.params * linear_bpw
+    out["norms"] = small * 16.0
+    return out
+
+
+def weight_bytes(spec: ModelSpec, fmt: str) -> int:
+    return round(sum(weight_bits(spec, fmt).values()) / 8)
+
+
+def bits_per_weight(spec: ModelSpec, fmt: str) -> float:
+    """Effective bits per parameter of a whole checkpoint, embeddings and lm_head included."""
+    return sum(weight_bits(spec, fmt).values()) / spec.param_counts()["total"]
+
+
+def kv_cache_bytes(spec: ModelSpec, tokens: int, batch: int = 1, kv_dtype: str = "bf16") -> int:
+    """K and V for `tokens` positions; sliding-window layers keep only `min(tokens, window)` of them."""
+    _check_positive(tokens=tokens, batch=batch)
+    if kv_dtype not in KV_BYTES:
+        raise KindredValueError(f"unknown KV-cache dtype {kv_dtype!r}; known: {', '.join(KV_BYTES)}")
+    per_entry = 2 * spec.kv_dim * KV_BYTES[kv_dtype]  # K and V of one layer, one position
+    full_layers = spec.layers - spec.sliding_layers
+    swa_tokens = min(tokens, spec.sliding_window) if spec.sliding_window else 0
+    return round(batch * per_entry * (full_layers * tokens + spec.sliding_layers * swa_tokens))
+
+
+def logits_bytes(tokens: int, vocab: int, bytes_per_element: float = 4) -> int:
+    """Memory of a [tokens, vocab] logits tensor (4 bytes: fp32)."""
+    _check_positive(tokens=tokens, vocab=vocab, bytes_per_element=bytes_per_element)
+    return round(tokens * vocab * bytes_per_element)
+
+
+def check_sequence(spec: ModelSpec, seq: int) -> None:
+    _check_positive(seq=seq)
+    if seq > spec.context:
+        raise KindredValueError(
+            f"sequence length {seq} is longer than {spec.name}'s context of {spec.context} tokens"
+        )
+
+
+def inference_memory(
+    spec: ModelSpec,
+    fmt: str = "Q4_K_M",
+    context: int = 4096,
+    batch: int = 1,
+    kv_dtype: str = "bf16",
+    overhead_gib: float = INFERENCE_OVERHEAD_GIB,
+) -> Breakdown:
+    """Weights at `fmt` + KV cache for `context` tokens × `batch` + runtime."""
+    fmt = normalize_format(fmt)
+    check_sequence(spec, context)
+    parts = {
+        "weights": weight_bytes(spec, fmt),
+        "kv_cache": kv_cache_bytes(spec, context, batch, kv_dtype),
+        "runtime": round(overhead_gib * GIB),
+    }
+    notes = {
+        "weights": f"{fmt} at {bits_per_weight(spec, fmt):.2f} bits/weight overall",
+        "kv_cache": f"{kv_dtype}, {context} tokens × {batch}"
+        + (
+            f", {spec.sliding_layers} of {spec.layers} layers windowed at {spec.sliding_window}"
+            if spec.sliding_window
+            else ""
+        ),
+        "runtime": "CUDA context and compute buffers (estimate)",
+    }
+    return Breakdown(parts, notes, {"format": fmt, "context": context, "batch": batch})
+
+
+def lora_targets(spec: ModelSpec) -> list[Linear]:
+    return [t for t in spec.layer_linears() if t.name in LORA_TARGETS and not t.expert]
+
+
+def lora_params(spec: ModelSpec, rank: int) -> int:
+    """Σ over adapted projections of r·(in + out), all layers."""
+    return spec.layers * sum(rank * (t.k_in + t.n_out) for t in lora_targets(spec))
+
+
+def layer_activation_bytes(spec: ModelSpec, method: str, fp32_adapter_inputs: bool = True) -> tuple[int, int]:
+    """(bytes saved for backward, bytes of backward transients) per token for one decoder layer.
+
+    Saved, counting what autograd keeps in a transformers + PEFT decoder layer (bf16 = 2 B, fp32 = 4 B):
+    each RMSNorm's fp32 input (HF norms compute in fp32) and the two bf16 normed inputs of attention and MLP;
+    fp32 q/k-norm inputs; attention q, k, v and output (flash/SDPA kernels keep no s×s scores); the gated
+    MLP's gate, up, act(gate) and product (4 × ff per routed expert); PEFT's fp32 copy of every adapted
+    projection's input (`_cast_input_dtype` outside autocast). Transients: gradients of the residual stream
+    and of the MLP's two widest tensors while that layer's backward runs (estimate).
+    """
+    h, q, kv = spec.hidden, spec.q_dim, spec.kv_dim
+    ff = spec.intermediate * (spec.experts_per_token if spec.is_moe else 1)
+    saved = spec.norms_per_layer * 4 * h + 2 * 2 * h
+    saved += 4 * (q + kv) if spec.qk_norm else 0
+    saved += 2 * (q + 2 * kv) + 2 * q
+    saved += 4 * 2 * ff + (4 * spec.experts if spec.is_moe else 0)  # + fp32 router logits
+    if method != "full" and fp32_adapter_inputs:
+        saved += 4 * sum(t.k_in for t in lora_targets(spec))
+    transient = 2 * (2 * h + 2 * ff)
+    return saved, transient
+
+
+def training_memory(
+    spec: ModelSpec,
+    method: str = "qlora",
+    seq: int = 2048,
+    batch: int = 1,
+    rank: int = 16,
+    grad_checkpointing: bool = True,
+    fused_loss: bool = True,
+    optimizer: str = "adamw",
+    fp32_adapter_inputs: bool = True,
+    overhead_gib: float = TRAINING_OVERHEAD_GIB,
+) -> Breakdown:
+    """Peak memory of one training step (forward + backward + AdamW) by part."""
+    if method not in METHODS:
+        raise KindredValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    if optimizer not in ("adamw", "adamw8bit"):
+        raise KindredValueError(f"unknown optimizer {optimizer!r}; known: adamw, adamw8bit")
+    check_sequence(spec, seq)
+    _check_positive(batch=batch, rank=rank)
+    if method != "full" and rank > spec.hidden:
+        raise KindredValueError(f"LoRA rank {rank} is larger than {spec.name}'s hidden size {spec.hidden}")
+    tokens = seq * batch
+    counts = spec.param_counts()
+    moments = 8 if optimizer == "adamw" else 2  # fp32 m and v, or bitsandbytes 8-bit states
+    parts: dict[str, int] = {}
+    notes: dict[str, str] = {}
+    if method == "qlora":
+        parts["base_weights"] = weight_bytes(spec, "NF4")
+        notes["base_weights"] = "NF4 linears (4.127 bits), bf16 embeddings, lm_head and norms"
+    else:
+        parts["base_weights"] = 2 * counts["total"]
+        notes["base_weights"] = "bf16"
+    if method == "full":
+        trainable = counts["total"]
+        parts["gradients"] = 2 * trainable
+        parts["optimizer"] = (moments + 4) * trainable
+        notes["optimizer"] = "AdamW moments + fp32 master weights (Transformer Math 101: 16 B/param in all)"
+    else:
+        trainable = lora_params(spec, rank)
+        parts["adapters"] = 4 * trainable + 4 * trainable  # fp32 weights and gradients
+        parts["optimizer"] = moments * trainable
+        notes["adapters"] = f"{trainable / 1e6:.1f} M fp32 LoRA params r={rank} + gradients"
+        notes["optimizer"] = f"AdamW states, {moments} B/param"
+    saved, transient = layer_activation_bytes(spec, method, fp32_adapter_inputs)
+    if grad_checkpointing:
+        parts["checkpoints"] = 2 * tokens * spec.hidden * spec.layers
+        parts["activations"] = tokens * (saved + transient)
+        notes["checkpoints"] = "bf16 input of every layer"
+        notes["activations"] = "one recomputed layer's saved tensors + backward transients"
+    else:
+        parts["activations"] = tokens * (spec.layers * saved + transient)
+        notes["activations"] = "every layer's saved tensors + backward transients"
+    parts["logits"] = 0 if fused_loss else logits_bytes(tokens, spec.vocab, LOGITS_BYTES_UNFUSED)
+    notes["logits"] = (
+        "fused linear cross-entropy: logits never materialized"
+        if fused_loss
+        else f"{tokens} tokens × {spec.vocab} vocab × {LOGITS_BYTES_UNFUSED} B (bf16 + fp32 + fp32 grad)"
+    )
+    parts["runtime"] = round(overhead_gib * GIB)
+    notes["runtime"] = "CUDA context, cuBLAS workspace, allocator slack (estimate)"
+    info = {
+        "method": method,
+        "seq": seq,
+        "batch": batch,
+        "rank": rank,
+        "trainable_params": trainable,
+        "grad_checkpointing": grad_checkpointing,
+        "fused_loss": fused_loss,
+    }
+    return Breakdown(parts, notes, info)
+
+
+def compare_with_measured(runs: list[dict], spec_lookup) -> list[dict]:
+    """Estimate vs measured peak for runs {model, method, seq, batch, rank, fused_loss, grad_checkpointing,
+    measured_gib}; `spec_lookup` maps a model name to its ModelSpec. Returns records with the relative
+    error."""
+    out = []
+    for run in runs:
+        spec = spec_lookup(run["model"])
+        est = training_memory(
+            spec,
+            run.get("method", "qlora"),
+            run["seq"],
+            run.get("batch", 1),
+            run.get("rank", 16),
+            run.get("grad_checkpointing", True),
+            run.get("fused_loss", False),
+        ).total_gib
+        out.append({**run, "estimate_gib": est, "error": est / run["measured_gib"] - 1})
+    return out
