@@ -18,6 +18,17 @@ void check_float_io(const TensorView& t, const char* name) {
   check_contiguous(t, name);
 }
 
+// A dequantize output: contiguous, or 2-D with strided rows (see quant.h).
+void check_float_out(const TensorView& t, int64_t blocksize) {
+  check_dtype(t, "out", {DType::f32, DType::f16, DType::bf16});
+  if (t.contiguous()) return;
+  KINDRED_CHECK(t.dim() == 2 && t.strides[1] == 1 && t.strides[0] >= t.shape[1] && t.strides[0] % 8 == 0,
+                "out must be contiguous or 2-D with unit column stride and a row stride >= its width and a ",
+                "multiple of 8, got ", t.describe(), " with strides [", t.strides[0], ", ", t.strides[1], "]");
+  KINDRED_CHECK(t.shape[1] % blocksize == 0, "a row-strided out needs rows that are whole blocks of ", blocksize,
+                ", got ", t.describe());
+}
+
 // Checks `q` against a tensor of n elements and returns the number of blocks.
 int64_t check_nf4(const Nf4Tensors& q, int64_t n, const TensorView& dense, const char* dense_name) {
   KINDRED_CHECK(formats::nf4_blocksize_ok(q.blocksize), "blocksize must be a power of two in [32, 4096], got ",
@@ -102,7 +113,7 @@ void quantize_nf4(const TensorView& weight, const Nf4Tensors& out, const std::op
 }
 
 void dequantize_nf4(const Nf4Tensors& in, const TensorView& out, [[maybe_unused]] int64_t stream) {
-  check_float_io(out, "out");
+  check_float_out(out, in.blocksize);
   check_nf4(in, out.numel(), out, "out");
   if (out.device == Device::cpu) return dequantize_nf4_cpu(in, out);
   KINDRED_CALL_CUDA(dequantize_nf4, in, out, stream);
@@ -116,7 +127,7 @@ void quantize_int4g(const TensorView& weight, const Int4gTensors& out, [[maybe_u
 }
 
 void dequantize_int4g(const Int4gTensors& in, const TensorView& out, [[maybe_unused]] int64_t stream) {
-  check_float_io(out, "out");
+  check_float_out(out, in.group_size);
   check_int4g(in, out, "out");
   if (out.device == Device::cpu) return dequantize_int4g_cpu(in, out);
   KINDRED_CALL_CUDA(dequantize_int4g, in, out, stream);

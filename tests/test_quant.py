@@ -304,3 +304,24 @@ def test_cuda_bad_inputs():
         _core.quantize_nf4(
             _ops.view(w), _ops.view(packed_on_cpu), _ops.view(q.absmax), None, None, None, None, 64, 0
         )
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fmt", ["nf4", "int4g"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dequantize_into_a_strided_workspace(fmt, dtype, device):
+    w = randn((24, 256), seed=4, device=device)
+    q = ops.quantize_nf4(w, 64, True) if fmt == "nf4" else ops.quantize_int4g(w, 64)
+    # Poisoned; the last 16 columns must stay untouched.
+    workspace = torch.full((24, 256 + 16), float("nan"), dtype=dtype, device=device)
+    out = q.dequantize(dtype, out=workspace[:, :256])
+    assert out.data_ptr() == workspace.data_ptr()
+    assert torch.equal(workspace[:, :256], q.dequantize(dtype))
+    assert bool(workspace[:, 256:].isnan().all())
+    with pytest.raises(KindredValueError, match="row stride"):
+        q.dequantize(dtype, out=torch.empty(24, 260, dtype=dtype, device=device)[:, :256])
+    with pytest.raises(KindredValueError, match=r"out must have shape \(24, 256\)"):
+        q.dequantize(dtype, out=torch.empty(24, 128, dtype=dtype, device=device))

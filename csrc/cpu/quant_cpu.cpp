@@ -43,6 +43,14 @@ void check_finite(const T* w, int64_t n, const char* name) {
   KINDRED_CHECK(first == n, name, " holds a non-finite value (", to_f32(w[first]), ") at flat index ", first);
 }
 
+// Maps a flat element index of the dense tensor to its offset in `out` (rows may be strided, see quant.h).
+struct OutIndex {
+  int64_t width, ld;
+  explicit OutIndex(const TensorView& out)
+      : width(out.contiguous() ? out.numel() : out.shape[1]), ld(out.contiguous() ? out.numel() : out.strides[0]) {}
+  int64_t operator()(int64_t e) const { return ld == width ? e : (e / width) * ld + e % width; }
+};
+
 // Mean of the absmax values in the fixed summation order of kOffsetLanes (shared with the CUDA path).
 float absmax_mean(const float* a, int64_t blocks) {
   std::vector<double> lanes(kOffsetLanes, 0.0);
@@ -112,14 +120,17 @@ void dequantize_nf4_cpu(const Nf4Tensors& in, const TensorView& out) {
     absmax = in.absmax.ptr<float>();
   }
   const uint8_t* packed = in.packed.ptr<uint8_t>();
+  const OutIndex at(out);
   with_float_type(out, [&](auto* o) {
     using T = std::remove_pointer_t<decltype(o)>;
 #pragma omp parallel for
     for (int64_t b = 0; b < blocks; ++b) {
       const float m = absmax[b];
-      for (int64_t j = b * bs / 2; j < (b + 1) * bs / 2; ++j) {
-        o[2 * j] = static_cast<T>(kNf4Codebook[packed[j] >> 4] * m);
-        o[2 * j + 1] = static_cast<T>(kNf4Codebook[packed[j] & 0xF] * m);
+      T* ob = o + at(b * bs);  // a block never straddles a row (rows are whole blocks)
+      for (int64_t j = 0; j < bs / 2; ++j) {
+        const uint8_t byte = packed[b * bs / 2 + j];
+        ob[2 * j] = static_cast<T>(kNf4Codebook[byte >> 4] * m);
+        ob[2 * j + 1] = static_cast<T>(kNf4Codebook[byte & 0xF] * m);
       }
     }
   });
@@ -163,16 +174,18 @@ void dequantize_int4g_cpu(const Int4gTensors& in, const TensorView& out) {
   const uint8_t* packed = in.packed.ptr<uint8_t>();
   const Eigen::half* scales = in.scales.ptr<Eigen::half>();
   const uint8_t* zeros = in.zeros.ptr<uint8_t>();
+  const OutIndex at(out);
   with_float_type(out, [&](auto* o) {
     using T = std::remove_pointer_t<decltype(o)>;
 #pragma omp parallel for
     for (int64_t rg = 0; rg < n * groups; ++rg) {
       const float s = static_cast<float>(scales[rg]);
       const uint8_t z = zeros[rg];
+      T* og = o + at(rg * g);
       for (int64_t i = 0; i < g; i += 2) {
         const uint8_t byte = packed[rg * g / 2 + i / 2];
-        o[rg * g + i] = static_cast<T>(int4g_decode(byte & 0xF, z, s));
-        o[rg * g + i + 1] = static_cast<T>(int4g_decode(byte >> 4, z, s));
+        og[i] = static_cast<T>(int4g_decode(byte & 0xF, z, s));
+        og[i + 1] = static_cast<T>(int4g_decode(byte >> 4, z, s));
       }
     }
   });

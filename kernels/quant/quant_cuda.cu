@@ -22,6 +22,19 @@ struct alignas(sizeof(T) * 8) Vec8 {
   T v[8];
 };
 
+// Where the 8 values of flat element e land in `out`: rows of `width` elements `ld` apart (see quant.h).
+struct OutRows {
+  int64_t width, ld;
+  __device__ __forceinline__ int64_t operator()(int64_t e) const {
+    return ld == width ? e : (e / width) * ld + e % width;
+  }
+};
+
+OutRows out_rows(const TensorView& out) {
+  const bool flat = out.contiguous();
+  return {flat ? out.numel() : out.shape[1], flat ? out.numel() : out.strides[0]};
+}
+
 // One warp per block of `bs` weights: absmax, then two codes per byte.
 template <typename T>
 __global__ void quantize_nf4_kernel(const T* __restrict__ w, uint8_t* __restrict__ packed, float* __restrict__ absmax,
@@ -85,7 +98,7 @@ __global__ void __launch_bounds__(kThreads)
     dequantize_nf4_kernel(const uint32_t* __restrict__ packed, const float* __restrict__ absmax_f32,
                           const uint8_t* __restrict__ absmax_q, const float* __restrict__ nested_absmax,
                           const float* __restrict__ nested_code, const float* __restrict__ offset, T* __restrict__ out,
-                          int64_t items, int log2_bs) {
+                          OutRows at, int64_t items, int log2_bs) {
   __shared__ float lut[16];
   __shared__ float code2[kNested ? 256 : 1];
   if (threadIdx.x < 16) lut[threadIdx.x] = kNf4Lut[threadIdx.x];
@@ -116,7 +129,7 @@ __global__ void __launch_bounds__(kThreads)
       v.v[2 * j] = from_f32<T>(__fmul_rn(lut[byte >> 4], scale[it]));
       v.v[2 * j + 1] = from_f32<T>(__fmul_rn(lut[byte & 0xF], scale[it]));
     }
-    *reinterpret_cast<Vec8<T>*>(out + item * 8) = v;
+    *reinterpret_cast<Vec8<T>*>(out + at(item * 8)) = v;
   }
 }
 
@@ -154,7 +167,8 @@ __global__ void quantize_int4g_kernel(const T* __restrict__ w, uint8_t* __restri
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     dequantize_int4g_kernel(const uint32_t* __restrict__ packed, const __half* __restrict__ scales,
-                            const uint8_t* __restrict__ zeros, T* __restrict__ out, int64_t items, int log2_g) {
+                            const uint8_t* __restrict__ zeros, T* __restrict__ out, OutRows at, int64_t items,
+                            int log2_g) {
   const int64_t base = static_cast<int64_t>(blockIdx.x) * kThreads * kItemsPerThread + threadIdx.x;
   uint32_t words[kItemsPerThread];
   float s[kItemsPerThread];
@@ -175,7 +189,7 @@ __global__ void __launch_bounds__(kThreads)
     Vec8<T> v;
 #pragma unroll
     for (int j = 0; j < 8; ++j) v.v[j] = from_f32<T>(int4g_decode((words[it] >> (4 * j)) & 0xF, z[it], s[it]));
-    *reinterpret_cast<Vec8<T>*>(out + item * 8) = v;
+    *reinterpret_cast<Vec8<T>*>(out + at(item * 8)) = v;
   }
 }
 
@@ -226,10 +240,11 @@ void dequantize_nf4_cuda(const Nf4Tensors& in, const TensorView& out, int64_t st
     if (in.nested()) {
       dequantize_nf4_kernel<T, true><<<grid, kThreads, 0, cuda::as_stream(stream)>>>(
           packed, nullptr, in.absmax.ptr<uint8_t>(), in.nested_absmax->ptr<float>(), in.nested_code->ptr<float>(),
-          in.offset->ptr<float>(), out.ptr<T>(), items, log2_bs);
+          in.offset->ptr<float>(), out.ptr<T>(), out_rows(out), items, log2_bs);
     } else {
-      dequantize_nf4_kernel<T, false><<<grid, kThreads, 0, cuda::as_stream(stream)>>>(
-          packed, in.absmax.ptr<float>(), nullptr, nullptr, nullptr, nullptr, out.ptr<T>(), items, log2_bs);
+      dequantize_nf4_kernel<T, false>
+          <<<grid, kThreads, 0, cuda::as_stream(stream)>>>(packed, in.absmax.ptr<float>(), nullptr, nullptr, nullptr,
+                                                           nullptr, out.ptr<T>(), out_rows(out), items, log2_bs);
     }
   });
   cuda::check_launch("dequantize_nf4_kernel");
@@ -255,7 +270,7 @@ void dequantize_int4g_cuda(const Int4gTensors& in, const TensorView& out, int64_
   cuda::with_float_type(out.dtype, [&](auto tag) {
     using T = decltype(tag);
     dequantize_int4g_kernel<T><<<grid_for(items, kThreads * kItemsPerThread), kThreads, 0, cuda::as_stream(stream)>>>(
-        in.packed.ptr<uint32_t>(), in.scales.ptr<__half>(), in.zeros.ptr<uint8_t>(), out.ptr<T>(), items,
+        in.packed.ptr<uint32_t>(), in.scales.ptr<__half>(), in.zeros.ptr<uint8_t>(), out.ptr<T>(), out_rows(out), items,
         log2_exact(in.group_size));
   });
   cuda::check_launch("dequantize_int4g_kernel");

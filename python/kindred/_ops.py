@@ -152,6 +152,29 @@ def _(packed, absmax, nested_absmax, nested_code, offset, blocksize, shape, dtyp
     return packed.new_empty(shape, dtype=dtype)
 
 
+@torch.library.custom_op("kindred::dequantize_nf4_out", mutates_args=("out",))
+def dequantize_nf4_out(
+    out: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    nested_absmax: torch.Tensor | None,
+    nested_code: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    blocksize: int,
+) -> None:
+    """dequantize_nf4 into ``out``: contiguous, or a 2-D view with strided rows (a slice of a workspace)."""
+    _core.dequantize_nf4(
+        view(packed, "packed"),
+        view(absmax, "absmax"),
+        opt_view(nested_absmax, "nested_absmax"),
+        opt_view(nested_code, "nested_code"),
+        opt_view(offset, "offset"),
+        blocksize,
+        view(out, "out"),
+        stream(packed),
+    )
+
+
 @torch.library.custom_op("kindred::quantize_int4g", mutates_args=())
 def quantize_int4g(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """INT4g codes of an [N, K] weight: (packed u8 [N, K/2], scales f16 [N, K/g], zeros u8 [N, K/g])."""
@@ -206,3 +229,18 @@ def dequantize_int4g(
 @dequantize_int4g.register_fake
 def _(packed, scales, zeros, group_size, dtype):
     return packed.new_empty(packed.shape[0], packed.shape[1] * 2, dtype=dtype)
+
+
+@torch.library.custom_op("kindred::dequantize_int4g_out", mutates_args=("out",))
+def dequantize_int4g_out(
+    out: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int
+) -> None:
+    """dequantize_int4g into ``out`` ([N, K], contiguous or with strided rows)."""
+    _core.dequantize_int4g(
+        view(packed, "packed"),
+        view(scales, "scales"),
+        view(zeros, "zeros"),
+        group_size,
+        view(out, "out"),
+        stream(packed),
+    )

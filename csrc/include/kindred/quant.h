@@ -32,6 +32,8 @@ struct Int4gTensors {
 // required when `out` is nested (holds the unquantized absmax).
 void quantize_nf4(const TensorView& weight, const Nf4Tensors& out, const std::optional<TensorView>& workspace,
                   int64_t stream);
+// `out` of a dequantize: contiguous (any shape), or a 2-D [rows, K] view whose rows are strided
+// (row stride >= K, a multiple of 8, unit column stride), e.g. the first K columns of a wider workspace.
 void dequantize_nf4(const Nf4Tensors& in, const TensorView& out, int64_t stream);
 
 // weight: f32/f16/bf16 [N, K], contiguous, K a multiple of group_size, finite.

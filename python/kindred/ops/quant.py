@@ -65,8 +65,8 @@ class NF4Weight:
         moved = {k: v.to(device) for k, v in self.tensors().items()}
         return dataclasses.replace(self, **moved)
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return dequantize_nf4(self, dtype)
+    def dequantize(self, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        return dequantize_nf4(self, dtype, out)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,8 +102,8 @@ class Int4gWeight:
     def to(self, device: torch.device | str) -> Int4gWeight:
         return dataclasses.replace(self, **{k: v.to(device) for k, v in self.tensors().items()})
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return dequantize_int4g(self, dtype)
+    def dequantize(self, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        return dequantize_int4g(self, dtype, out)
 
 
 def _check_weight(weight: torch.Tensor, name: str = "weight") -> None:
@@ -146,10 +146,30 @@ def quantize_nf4(
     )
 
 
-def dequantize_nf4(q: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The dense tensor ``q`` stands for, in ``dtype`` (default: the dtype it was quantized from)."""
+def _check_out(out: torch.Tensor, shape: tuple[int, ...], device: torch.device) -> None:
+    if not isinstance(out, torch.Tensor):
+        raise KindredValueError(f"out must be a torch.Tensor, got {type(out).__name__}")
+    if tuple(out.shape) != tuple(shape) and not (out.is_contiguous() and out.numel() == math.prod(shape)):
+        raise KindredValueError(f"out must have shape {tuple(shape)}, got {tuple(out.shape)}")
+    if out.device != device:
+        raise KindredValueError(f"out is on {out.device} but the quantized weight is on {device}")
+
+
+def dequantize_nf4(
+    q: NF4Weight, dtype: torch.dtype | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The dense tensor ``q`` stands for, in ``dtype`` (default: the dtype it was quantized from).
+
+    With ``out`` (contiguous, or [N, K] with strided rows, e.g. ``workspace[:, :K]``) it is written there.
+    """
     if not isinstance(q, NF4Weight):
         raise KindredValueError(f"q must be an NF4Weight, got {type(q).__name__}")
+    if out is not None:
+        _check_out(out, q.shape, q.device)
+        _ops.dequantize_nf4_out(
+            out, q.packed, q.absmax, q.nested_absmax, q.nested_code, q.offset, q.blocksize
+        )
+        return out
     return _ops.dequantize_nf4(
         q.packed,
         q.absmax,
@@ -173,12 +193,21 @@ def quantize_int4g(weight: torch.Tensor, group_size: int = INT4G_DEFAULT_GROUP) 
     return Int4gWeight(packed, scales, zeros, group_size, weight.dtype)
 
 
-def dequantize_int4g(q: Int4gWeight, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The dense [N, K] weight ``q`` stands for, in ``dtype`` (default: the dtype it was quantized from)."""
+def dequantize_int4g(
+    q: Int4gWeight, dtype: torch.dtype | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The dense [N, K] weight ``q`` stands for, in ``dtype`` (default: the dtype it was quantized from).
+
+    With ``out`` (contiguous, or [N, K] with strided rows) it is written there.
+    """
     if not isinstance(q, Int4gWeight):
         raise KindredValueError(f"q must be an Int4gWeight, got {type(q).__name__}")
     if q.packed.dim() != 2:
         raise KindredValueError(f"packed must be 2-D [N, K/2], got shape {tuple(q.packed.shape)}")
+    if out is not None:
+        _check_out(out, q.shape, q.device)
+        _ops.dequantize_int4g_out(out, q.packed, q.scales, q.zeros, q.group_size)
+        return out
     return _ops.dequantize_int4g(q.packed, q.scales, q.zeros, q.group_size, _out_dtype(dtype, q.dtype))
 
 
