@@ -232,3 +232,53 @@ void awq_unpack(const TensorView& qweight, const TensorView& qzeros, const Tenso
 }
 
 }  // namespace kindred
+
+namespace kindred {
+namespace {
+
+// Checks x [M, K] and out [M, N] of matmul_4bit; returns a view standing for the [N, K] weight on x's device.
+TensorView check_matmul_io(const TensorView& x, int64_t n, const TensorView& out) {
+  check_dtype(x, "x", {DType::f32, DType::f16, DType::bf16});
+  check_contiguous(x, "x");
+  KINDRED_CHECK(x.dim() == 2, "x must be 2-D [M, K], got ", x.describe());
+  check_dtype(out, "out", {x.dtype});
+  check_contiguous(out, "out");
+  check_shape(out, "out", {x.shape[0], n});
+  check_same_device(x, "x", out, "out");
+  TensorView dense = x;
+  dense.shape = {n, x.shape[1]};
+  dense.strides = {x.shape[1], 1};
+  return dense;
+}
+
+void check_decode(const TensorView& x) {
+  KINDRED_CHECK(x.shape[0] <= kDecodeMaxRows, "the CUDA matmul_4bit kernel takes at most ", kDecodeMaxRows,
+                " rows (decode); larger M goes through dequantize + GEMM, got x ", x.describe());
+  KINDRED_CHECK(x.dtype != DType::f32, "the CUDA matmul_4bit kernel takes bf16 or f16 activations, got x ",
+                x.describe());
+  KINDRED_CHECK(x.shape[1] % 128 == 0, "the CUDA matmul_4bit kernel needs in_features % 128 == 0, got x ",
+                x.describe());
+}
+
+}  // namespace
+
+void matmul_4bit(const TensorView& x, const Nf4Tensors& w, int64_t n, const TensorView& out,
+                 [[maybe_unused]] int64_t stream) {
+  KINDRED_CHECK(n > 0, "the weight's out_features must be positive, got ", n);
+  const TensorView dense = check_matmul_io(x, n, out);
+  check_nf4(w, dense.numel(), dense, "x");
+  if (x.device == Device::cpu) return matmul_4bit_cpu(x, w, n, out);
+  check_decode(x);
+  KINDRED_CALL_CUDA(matmul_4bit, x, w, n, out, stream);
+}
+
+void matmul_4bit(const TensorView& x, const Int4gTensors& w, const TensorView& out, [[maybe_unused]] int64_t stream) {
+  KINDRED_CHECK(w.packed.dim() == 2, "packed must be 2-D [N, K/2], got ", w.packed.describe());
+  const TensorView dense = check_matmul_io(x, w.packed.shape[0], out);
+  check_int4g(w, dense, "x");
+  if (x.device == Device::cpu) return matmul_4bit_cpu(x, w, out);
+  check_decode(x);
+  KINDRED_CALL_CUDA(matmul_4bit, x, w, out, stream);
+}
+
+}  // namespace kindred

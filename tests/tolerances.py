@@ -6,6 +6,6 @@ REL_ERR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out64, ref64 = out.double().cpu(), ref.double().cpu()
+    out64, ref64 = out.detach().double().cpu(), ref.detach().double().cpu()
     assert not torch.isnan(out64).any(), "NaN in output"
     return float((out64 - ref64).norm() / ref64.norm())

@@ -68,6 +68,24 @@ void bind_quant(py::module_& m) {
       py::arg("packed"), py::arg("scales"), py::arg("zeros"), py::arg("group_size"), py::arg("out"), py::arg("stream"),
       release);
   m.def(
+      "matmul_4bit_nf4",
+      [](const TensorView& x, const TensorView& packed, const TensorView& absmax, const OptView& nested_absmax,
+         const OptView& nested_code, const OptView& offset, int64_t blocksize, int64_t n, const TensorView& out,
+         int64_t stream) {
+        matmul_4bit(x, nf4(packed, absmax, nested_absmax, nested_code, offset, blocksize), n, out, stream);
+      },
+      py::arg("x"), py::arg("packed"), py::arg("absmax"), py::arg("nested_absmax"), py::arg("nested_code"),
+      py::arg("offset"), py::arg("blocksize"), py::arg("n"), py::arg("out"), py::arg("stream"), release);
+  m.def(
+      "matmul_4bit_int4g",
+      [](const TensorView& x, const TensorView& packed, const TensorView& scales, const TensorView& zeros,
+         int64_t group_size, const TensorView& out, int64_t stream) {
+        matmul_4bit(x, Int4gTensors{packed, scales, zeros, group_size}, out, stream);
+      },
+      py::arg("x"), py::arg("packed"), py::arg("scales"), py::arg("zeros"), py::arg("group_size"), py::arg("out"),
+      py::arg("stream"), release);
+  m.attr("DECODE_MAX_ROWS") = kDecodeMaxRows;
+  m.def(
       "awq_pack",
       [](const TensorView& packed, const TensorView& scales, const TensorView& zeros, int64_t group_size,
          const TensorView& qweight, const TensorView& qzeros, const TensorView& awq_scales) {

@@ -55,4 +55,18 @@ void dequantize_nf4_cuda(const Nf4Tensors& in, const TensorView& out, int64_t st
 void quantize_int4g_cuda(const TensorView& weight, const Int4gTensors& out, int64_t stream);
 void dequantize_int4g_cuda(const Int4gTensors& in, const TensorView& out, int64_t stream);
 
+
+// out[M, N] = x[M, K] · dequant(W)ᵀ with W a 4-bit [N, K] weight (`n` = N), fp32 accumulation.
+// x: f32/f16/bf16, contiguous 2-D; out: x's dtype, contiguous [M, N].
+// CPU: any M (the reference). CUDA: the decode path, M <= kDecodeMaxRows, bf16/f16, K a multiple of 128;
+// larger M on CUDA is dequantize + cuBLAS, composed in Python (kindred/_ops.py).
+inline constexpr int64_t kDecodeMaxRows = 16;
+void matmul_4bit(const TensorView& x, const Nf4Tensors& w, int64_t n, const TensorView& out, int64_t stream);
+void matmul_4bit(const TensorView& x, const Int4gTensors& w, const TensorView& out, int64_t stream);
+
+void matmul_4bit_cpu(const TensorView& x, const Nf4Tensors& w, int64_t n, const TensorView& out);
+void matmul_4bit_cpu(const TensorView& x, const Int4gTensors& w, const TensorView& out);
+void matmul_4bit_cuda(const TensorView& x, const Nf4Tensors& w, int64_t n, const TensorView& out, int64_t stream);
+void matmul_4bit_cuda(const TensorView& x, const Int4gTensors& w, const TensorView& out, int64_t stream);
+
 }  // namespace kindred

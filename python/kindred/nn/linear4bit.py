@@ -8,7 +8,6 @@ transformers writes for ``*-bnb-4bit`` checkpoints), INT4g weights as AutoAWQ GE
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import KindredValueError
@@ -20,6 +19,7 @@ from ..ops.quant import (
     NF4Weight,
     int4g_from_awq,
     int4g_to_awq,
+    matmul_4bit,
     quantize_int4g,
     quantize_nf4,
 )
@@ -29,7 +29,7 @@ _AWQ_KEYS = ("qweight", "qzeros", "scales")
 
 
 class Linear4bit(nn.Module):
-    """y = x · dequant(W)ᵀ + b with a frozen 4-bit W (forward through dequantize + matmul)."""
+    """y = x · dequant(W)ᵀ + b with a frozen 4-bit W (kindred.ops.matmul_4bit; differentiable in x)."""
 
     def __init__(self, quantized: NF4Weight | Int4gWeight, bias: torch.Tensor | None = None):
         super().__init__()
@@ -116,8 +116,7 @@ class Linear4bit(nn.Module):
             )
         if x.device != self._q_packed.device:
             raise KindredValueError(f"input is on {x.device} but the weight is on {self._q_packed.device}")
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dequantize(x.dtype), bias)
+        return matmul_4bit(x, self.quantized, self.bias)
 
     def extra_repr(self) -> str:
         q = self.quantized

@@ -13,6 +13,7 @@ from .quant import (
     dequantize_nf4,
     int4g_from_awq,
     int4g_to_awq,
+    matmul_4bit,
     quantize_int4g,
     quantize_nf4,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "dequantize_nf4",
     "int4g_from_awq",
     "int4g_to_awq",
+    "matmul_4bit",
     "quantize_int4g",
     "quantize_nf4",
 ]

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .. import _core, _ops
+from .. import _core, _ops, _ops_matmul
 from ..errors import KindredValueError
 
 NF4_CODEBOOK: tuple[float, ...] = tuple(_core.NF4_CODEBOOK)
@@ -265,3 +265,36 @@ def int4g_from_awq(
         _ops.view(zeros),
     )
     return Int4gWeight(packed, out_scales, zeros, group_size, dtype).to(qweight.device)
+
+
+def matmul_4bit(
+    x: torch.Tensor, w: NF4Weight | Int4gWeight, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x · dequant(w)ᵀ (+ bias) for x of any leading shape [..., K] and a frozen 4-bit [N, K] weight.
+
+    Differentiable in x (and bias); fp32 accumulation. On CUDA, up to 16 rows take the tensor-core decode
+    kernel, more rows dequantize + one cuBLAS GEMM; on the CPU the core's Eigen path runs.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise KindredValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not isinstance(w, (NF4Weight, Int4gWeight)) or len(w.shape) != 2:
+        raise KindredValueError(f"w must be a 2-D NF4Weight or Int4gWeight, got {type(w).__name__}")
+    n, k = w.shape
+    if x.dim() == 0 or x.shape[-1] != k:
+        raise KindredValueError(
+            f"x must have shape [..., {k}] (the weight's in_features), got {tuple(x.shape)}"
+        )
+    if x.dtype not in (*_FLOAT_DTYPES, torch.float64):
+        raise KindredValueError(f"x must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    if x.device != w.device:
+        raise KindredValueError(f"x is on {x.device} but the weight is on {w.device}")
+    x2 = x.reshape(-1, k).contiguous()
+    if isinstance(w, NF4Weight):
+        y = _ops_matmul.matmul_4bit_nf4(
+            x2, w.packed, w.absmax, w.nested_absmax, w.nested_code, w.offset, w.blocksize, n
+        )
+    else:
+        y = _ops_matmul.matmul_4bit_int4g(x2, w.packed, w.scales, w.zeros, w.group_size)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.reshape(*x.shape[:-1], n)

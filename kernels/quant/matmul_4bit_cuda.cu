@@ -1,0 +1,253 @@
+// matmul_4bit decode kernel: out[M, N] = x[M, K] · dequant(W)ᵀ for M <= 16 on the tensor cores
+// (mma.sync m16n8k16, fp32 accumulation), streaming the canonical 4-bit layouts once (no repack).
+//
+// Tiling: a block of 8 warps owns kTiles x 8 weight rows; its warps split K in chunks of 128 and their
+// partial 16x8 tiles are summed through shared memory. Within a chunk, lane (g = lane/4, c = lane%4)
+// loads 16 bytes = codes [32c, 32c+32) of weight row g and dequantizes them in registers. The mma's k
+// index is permuted consistently for x and W so those 32 codes are exactly what the lane's B fragments
+// need over the chunk's 8 k16 steps: step s, fragment k {2c, 2c+1, 2c+8, 2c+9} <- codes 32c+4s+{0,1,2,3}.
+// Rows of x at or beyond M are zeros in the A fragment. Test: pytest -m gpu tests/test_matmul_4bit.py
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "../common.cuh"
+#include "kindred/formats.h"
+#include "kindred/quant.h"
+
+namespace kindred {
+namespace {
+
+using namespace formats;
+
+constexpr int kWarps = 8;
+constexpr int kChunk = 128;  // K per warp step; lane segment = 32 codes = 16 bytes
+__constant__ float kNf4Values[16] = {KINDRED_NF4_CODEBOOK};
+
+enum class Fmt { nf4, nf4_nested, int4g };
+
+struct Params {
+  const void* x;
+  void* out;
+  const uint8_t* packed;
+  // NF4
+  const float* absmax;
+  const uint8_t* absmax_q;
+  const float* nested_absmax;
+  const float* nested_code;
+  const float* offset;
+  // INT4g
+  const __half* scales;
+  const uint8_t* zeros;
+  int m, n, k, log2_block;
+};
+
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  const __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+template <typename T>
+__device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+// Scale (and zero point) of the 32 codes a lane holds; `e` is the flat index of their first code.
+template <Fmt F>
+__device__ __forceinline__ void load_scale(const Params& p, int64_t e, int row, int col, float& s, float& z) {
+  if constexpr (F == Fmt::int4g) {
+    const int64_t gi = static_cast<int64_t>(row) * (p.k >> p.log2_block) + (col >> p.log2_block);
+    s = __half2float(p.scales[gi]);
+    z = static_cast<float>(p.zeros[gi]);
+  } else if constexpr (F == Fmt::nf4_nested) {
+    const int64_t b = e >> p.log2_block;
+    s = __fadd_rn(__fmul_rn(__ldg(p.nested_code + p.absmax_q[b]), p.nested_absmax[b / kNestedBlocksize]),
+                  __ldg(p.offset));
+    z = 0.0f;
+  } else {
+    s = __ldg(p.absmax + (e >> p.log2_block));
+    z = 0.0f;
+  }
+}
+
+// Value of code q with scale s (and zero z): the dequantized weight, rounded to T by pack2 later.
+template <Fmt F>
+__device__ __forceinline__ float decode(const float* lut, uint32_t q, float s, float z) {
+  if constexpr (F == Fmt::int4g) return (static_cast<float>(q) - z) * s;
+  return lut[q] * s;
+}
+
+template <typename T, Fmt F, int kTiles, bool kRows16>
+__global__ void __launch_bounds__(kWarps * 32) matmul_4bit_decode_kernel(const Params p) {
+  __shared__ float lut[16];
+  __shared__ float partial[kWarps][kTiles][32][4];
+  if (threadIdx.x < 16) lut[threadIdx.x] = kNf4Values[threadIdx.x];
+  __syncthreads();
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+  const int row0 = blockIdx.x * kTiles * 8;
+  const T* x = static_cast<const T*>(p.x);
+  float acc[kTiles][4] = {};
+  const int chunks = p.k / kChunk;
+  for (int ch = warp; ch < chunks; ch += kWarps) {
+    const int col = ch * kChunk + 32 * c;  // first k of this lane's segment
+    uint4 w[kTiles];
+    float s[kTiles], z[kTiles];
+#pragma unroll
+    for (int t = 0; t < kTiles; ++t) {
+      const int row = row0 + t * 8 + g;
+      if (row < p.n) {
+        const int64_t e = static_cast<int64_t>(row) * p.k + col;
+        w[t] = __ldg(reinterpret_cast<const uint4*>(p.packed + e / 2));
+        load_scale<F>(p, e, row, col, s[t], z[t]);
+      } else {
+        w[t] = make_uint4(0, 0, 0, 0);
+        s[t] = 0.0f;
+        z[t] = 0.0f;
+      }
+    }
+    uint32_t xa[16] = {}, xb[16] = {};  // x rows g and g + 8, codes [col, col + 32) as bf16/f16 pairs
+    if (g < p.m) {
+      const uint4* src = reinterpret_cast<const uint4*>(x + static_cast<int64_t>(g) * p.k + col);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) reinterpret_cast<uint4*>(xa)[i] = __ldg(src + i);
+    }
+    if (kRows16 && g + 8 < p.m) {
+      const uint4* src = reinterpret_cast<const uint4*>(x + static_cast<int64_t>(g + 8) * p.k + col);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) reinterpret_cast<uint4*>(xb)[i] = __ldg(src + i);
+    }
+#pragma unroll
+    for (int step = 0; step < 8; ++step) {
+      const uint32_t a[4] = {xa[2 * step], xb[2 * step], xa[2 * step + 1], xb[2 * step + 1]};
+#pragma unroll
+      for (int t = 0; t < kTiles; ++t) {
+        const uint32_t word = reinterpret_cast<const uint32_t*>(&w[t])[step / 2];
+        const uint32_t b0byte = (word >> (16 * (step % 2))) & 0xFF, b1byte = (word >> (16 * (step % 2) + 8)) & 0xFF;
+        // NF4 puts the even element in the high nibble, INT4g in the low one.
+        const uint32_t q0 = F == Fmt::int4g ? b0byte & 0xF : b0byte >> 4,
+                       q1 = F == Fmt::int4g ? b0byte >> 4 : b0byte & 0xF;
+        const uint32_t q2 = F == Fmt::int4g ? b1byte & 0xF : b1byte >> 4,
+                       q3 = F == Fmt::int4g ? b1byte >> 4 : b1byte & 0xF;
+        const uint32_t b0 = pack2<T>(decode<F>(lut, q0, s[t], z[t]), decode<F>(lut, q1, s[t], z[t]));
+        const uint32_t b1 = pack2<T>(decode<F>(lut, q2, s[t], z[t]), decode<F>(lut, q3, s[t], z[t]));
+        mma<T>(acc[t], a, b0, b1);
+      }
+    }
+  }
+#pragma unroll
+  for (int t = 0; t < kTiles; ++t)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) partial[warp][t][lane][i] = acc[t][i];
+  __syncthreads();
+  // Thread i of the block sums one (tile, lane, register) over the warps and stores it.
+  for (int i = threadIdx.x; i < kTiles * 32 * 4; i += kWarps * 32) {
+    const int t = i / 128, l = (i / 4) % 32, r = i % 4;
+    float sum = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) sum += partial[w][t][l][r];
+    const int m = l / 4 + (r >= 2 ? 8 : 0), col = row0 + t * 8 + 2 * (l % 4) + (r % 2);
+    if (m < p.m && col < p.n) static_cast<T*>(p.out)[static_cast<int64_t>(m) * p.n + col] = cuda::from_f32<T>(sum);
+  }
+}
+
+int log2_exact(int64_t v) {
+  int l = 0;
+  while ((int64_t{1} << l) < v) ++l;
+  return l;
+}
+
+// Picks the tile count (rows per block = 8 * tiles) that still gives every SM two blocks, then launches.
+template <typename T, Fmt F>
+void launch(const Params& p, cudaStream_t stream) {
+  int device = 0, sms = 0;
+  cuda::check(cudaGetDevice(&device), "cudaGetDevice");
+  cuda::check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
+  const auto blocks = [&](int tiles) { return (p.n + 8 * tiles - 1) / (8 * tiles); };
+  const bool rows16 = p.m > 8;
+  const dim3 threads(kWarps * 32);
+  if (blocks(4) >= 2 * sms) {
+    if (rows16)
+      matmul_4bit_decode_kernel<T, F, 4, true><<<blocks(4), threads, 0, stream>>>(p);
+    else
+      matmul_4bit_decode_kernel<T, F, 4, false><<<blocks(4), threads, 0, stream>>>(p);
+  } else if (blocks(2) >= 2 * sms) {
+    if (rows16)
+      matmul_4bit_decode_kernel<T, F, 2, true><<<blocks(2), threads, 0, stream>>>(p);
+    else
+      matmul_4bit_decode_kernel<T, F, 2, false><<<blocks(2), threads, 0, stream>>>(p);
+  } else {
+    if (rows16)
+      matmul_4bit_decode_kernel<T, F, 1, true><<<blocks(1), threads, 0, stream>>>(p);
+    else
+      matmul_4bit_decode_kernel<T, F, 1, false><<<blocks(1), threads, 0, stream>>>(p);
+  }
+  cuda::check_launch("matmul_4bit_decode_kernel");
+}
+
+template <Fmt F>
+void dispatch(const TensorView& x, const Params& p, cudaStream_t stream) {
+  if (x.dtype == DType::bf16) return launch<__nv_bfloat16, F>(p, stream);
+  launch<__half, F>(p, stream);
+}
+
+Params common(const TensorView& x, int64_t n, const TensorView& out, const TensorView& packed) {
+  Params p{};
+  p.x = x.data;
+  p.out = out.data;
+  p.packed = packed.ptr<uint8_t>();
+  p.m = static_cast<int>(x.shape[0]);
+  p.n = static_cast<int>(n);
+  p.k = static_cast<int>(x.shape[1]);
+  return p;
+}
+
+}  // namespace
+
+void matmul_4bit_cuda(const TensorView& x, const Nf4Tensors& w, int64_t n, const TensorView& out, int64_t stream) {
+  cuda::DeviceGuard guard(x);
+  cuda::check_aligned(w.packed, "packed", 16);
+  cuda::check_aligned(x, "x", 16);
+  Params p = common(x, n, out, w.packed);
+  p.log2_block = log2_exact(w.blocksize);
+  if (w.nested()) {
+    p.absmax_q = w.absmax.ptr<uint8_t>();
+    p.nested_absmax = w.nested_absmax->ptr<float>();
+    p.nested_code = w.nested_code->ptr<float>();
+    p.offset = w.offset->ptr<float>();
+    return dispatch<Fmt::nf4_nested>(x, p, cuda::as_stream(stream));
+  }
+  p.absmax = w.absmax.ptr<float>();
+  dispatch<Fmt::nf4>(x, p, cuda::as_stream(stream));
+}
+
+void matmul_4bit_cuda(const TensorView& x, const Int4gTensors& w, const TensorView& out, int64_t stream) {
+  cuda::DeviceGuard guard(x);
+  cuda::check_aligned(w.packed, "packed", 16);
+  cuda::check_aligned(x, "x", 16);
+  Params p = common(x, w.packed.shape[0], out, w.packed);
+  p.scales = w.scales.ptr<__half>();
+  p.zeros = w.zeros.ptr<uint8_t>();
+  p.log2_block = log2_exact(w.group_size);
+  dispatch<Fmt::int4g>(x, p, cuda::as_stream(stream));
+}
+
+}  // namespace kindred
