@@ -86,11 +86,15 @@ def test_decode(k, n):
                 }
             )
         candidates = [
-            (f"kindred-{name}", qs, lambda q: ops.matmul_4bit(x, q)) for name, qs in formats.items()
+            (f"kindred-{name}", qs, lambda q, x=x: ops.matmul_4bit(x, q)) for name, qs in formats.items()
         ]
         if bnb is not None:
             candidates.append(
-                ("bitsandbytes-nf4", bnb_states, lambda s: bnb.matmul_4bit(x, s[0].t(), quant_state=s[1]))
+                (
+                    "bitsandbytes-nf4",
+                    bnb_states,
+                    lambda s, x=x: bnb.matmul_4bit(x, s[0].t(), quant_state=s[1]),
+                )
             )
         for impl, weights, call in candidates:
             single = time_cuda(lambda c=call, w=weights[0]: c(w))
