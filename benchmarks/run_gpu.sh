@@ -13,8 +13,10 @@ python3 -m pip install -q --no-build-isolation --no-deps -e . -Ccmake.define.CMA
   -Cbuild-dir=build/gpu 2>&1 | tail -20 | tee "$OUT/build.log"
 python3 -c "import kindred; assert kindred.cuda_compiled(), 'CUDA kernels missing'; print('kindred built with CUDA')" \
   || exit 1
-python3 -m pytest tests -m gpu -q -p no:cacheprovider "$@" 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
-python3 -m pytest tests -q -p no:cacheprovider -x 2>&1 | tail -3 | tee "$OUT/all_tests.log"
-python3 -m pytest benchmarks -m benchmark -q -s -p no:cacheprovider 2>&1 | tee "$OUT/bench.log" | grep -vE '^\s*$' | tail -40
+# Usage: run_gpu.sh [pytest -k expression for the benchmarks, default: all]
+python3 -m pytest tests -m gpu -q -p no:cacheprovider --tb=short 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+python3 -m pytest tests -q -p no:cacheprovider --tb=short 2>&1 | tee "$OUT/all_tests.log" | tail -4
+python3 -m pytest benchmarks -m benchmark -q -s -p no:cacheprovider ${1:+-k "$1"} 2>&1 | tee "$OUT/bench.log" \
+  | grep -vE '^\s*$' | tail -60
 cp benchmarks/results/*.csv "$OUT/" 2>/dev/null
 exit 0
