@@ -211,9 +211,15 @@ def _check_against_bnb(device):
                 assert torch.equal(q.packed, packed.reshape(-1)), (dtype, blocksize, double_quant)
                 if not double_quant:
                     assert torch.equal(q.absmax, state.absmax)
-                # Dequantizing bitsandbytes' own state gives its bytes exactly.
-                loaded = kindred.formats.nf4_from_bnb(sd)
-                assert torch.equal(loaded.dequantize(), F.dequantize_4bit(packed, state))
+                # Dequantizing bitsandbytes' own state gives its bytes exactly; its CPU backend may compile
+                # its nested-absmax decode with torch.compile, which can fuse code * scale + offset into one
+                # rounding, so there the nested case is held to one rounding step instead.
+                ours, theirs = kindred.formats.nf4_from_bnb(sd).dequantize(), F.dequantize_4bit(packed, state)
+                if device == "cuda" or not double_quant:
+                    assert torch.equal(ours, theirs), (dtype, blocksize, double_quant)
+                else:
+                    ulp = torch.finfo(dtype).eps * theirs.abs().float()
+                    assert bool(((ours.float() - theirs.float()).abs() <= ulp + 1e-30).all())
                 if double_quant:
                     yield q, state
 

@@ -42,19 +42,6 @@ struct Params {
 };
 
 template <typename T>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi);
-template <>
-__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&v);
-}
-template <>
-__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
-  const __half2 v = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&v);
-}
-
-template <typename T>
 __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   if constexpr (std::is_same_v<T, __nv_bfloat16>) {
     asm volatile(
@@ -71,87 +58,130 @@ __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint3
   }
 }
 
-// Scale (and zero point) of the 32 codes a lane holds; `e` is the flat index of their first code.
-template <Fmt F>
-__device__ __forceinline__ void load_scale(const Params& p, int64_t e, int row, int col, float& s, float& z) {
-  if constexpr (F == Fmt::int4g) {
-    const int64_t gi = static_cast<int64_t>(row) * (p.k >> p.log2_block) + (col >> p.log2_block);
-    s = __half2float(p.scales[gi]);
-    z = static_cast<float>(p.zeros[gi]);
-  } else if constexpr (F == Fmt::nf4_nested) {
-    const int64_t b = e >> p.log2_block;
-    s = __fadd_rn(__fmul_rn(__ldg(p.nested_code + p.absmax_q[b]), p.nested_absmax[b / kNestedBlocksize]),
-                  __ldg(p.offset));
-    z = 0.0f;
+template <typename T>
+struct Pair;
+template <>
+struct Pair<__nv_bfloat16> {
+  using type = __nv_bfloat162;
+};
+template <>
+struct Pair<__half> {
+  using type = __half2;
+};
+
+template <typename T>
+__device__ __forceinline__ typename Pair<T>::type splat(float v) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return __float2bfloat162_rn(v);
   } else {
-    s = __ldg(p.absmax + (e >> p.log2_block));
-    z = 0.0f;
+    return __float2half2_rn(v);
   }
 }
 
-// Value of code q with scale s (and zero z): the dequantized weight, rounded to T by pack2 later.
-template <Fmt F>
-__device__ __forceinline__ float decode(const float* lut, uint32_t q, float s, float z) {
-  if constexpr (F == Fmt::int4g) return (static_cast<float>(q) - z) * s;
-  return lut[q] * s;
+template <typename T>
+__device__ __forceinline__ T from_bits(uint16_t b) {
+  return *reinterpret_cast<const T*>(&b);
+}
+
+// Scale (and zero point) of the 32 codes a lane holds, as T pairs; `e` is the flat index of the first code.
+template <typename T, Fmt F>
+__device__ __forceinline__ void load_scale(const Params& p, int64_t e, int row, int col, typename Pair<T>::type& s,
+                                           typename Pair<T>::type& z) {
+  if constexpr (F == Fmt::int4g) {
+    const int64_t gi = static_cast<int64_t>(row) * (p.k >> p.log2_block) + (col >> p.log2_block);
+    s = splat<T>(__half2float(p.scales[gi]));
+    z = splat<T>(static_cast<float>(p.zeros[gi]));
+  } else if constexpr (F == Fmt::nf4_nested) {
+    const int64_t b = e >> p.log2_block;
+    s = splat<T>(__fadd_rn(__fmul_rn(__ldg(p.nested_code + p.absmax_q[b]), p.nested_absmax[b / kNestedBlocksize]),
+                           __ldg(p.offset)));
+  } else {
+    s = splat<T>(__ldg(p.absmax + (e >> p.log2_block)));
+  }
+}
+
+// What a lane loads for one chunk: its 32 codes of each tile's row, their scales, and x rows g, g + 8.
+template <typename T, int kTiles>
+struct Chunk {
+  uint4 w[kTiles];
+  typename Pair<T>::type s[kTiles], z[kTiles];
+  uint32_t xa[16], xb[16];
+};
+
+template <typename T, Fmt F, int kTiles, bool kRows16>
+__device__ __forceinline__ void load_chunk(const Params& p, int ch, int row0, int g, int c, Chunk<T, kTiles>& d) {
+  const int col = ch * kChunk + 32 * c;  // first k of this lane's segment
+#pragma unroll
+  for (int t = 0; t < kTiles; ++t) {
+    const int row = row0 + t * 8 + g;
+    if (row < p.n) {
+      const int64_t e = static_cast<int64_t>(row) * p.k + col;
+      d.w[t] = __ldg(reinterpret_cast<const uint4*>(p.packed + e / 2));
+      load_scale<T, F>(p, e, row, col, d.s[t], d.z[t]);
+    } else {
+      d.w[t] = make_uint4(0, 0, 0, 0);
+      d.s[t] = splat<T>(0.0f);
+      d.z[t] = splat<T>(0.0f);
+    }
+  }
+  const T* x = static_cast<const T*>(p.x);
+#pragma unroll
+  for (int i = 0; i < 16; ++i) d.xa[i] = d.xb[i] = 0;
+  if (g < p.m) {
+    const uint4* src = reinterpret_cast<const uint4*>(x + static_cast<int64_t>(g) * p.k + col);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) reinterpret_cast<uint4*>(d.xa)[i] = __ldg(src + i);
+  }
+  if (kRows16 && g + 8 < p.m) {
+    const uint4* src = reinterpret_cast<const uint4*>(x + static_cast<int64_t>(g + 8) * p.k + col);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) reinterpret_cast<uint4*>(d.xb)[i] = __ldg(src + i);
+  }
+}
+
+// Dequantizes the chunk in registers (T arithmetic: code value from a 16-entry LUT, minus the zero point
+// for INT4g, times the scale) and runs its 8 k16 steps on the tensor cores.
+template <typename T, Fmt F, int kTiles>
+__device__ __forceinline__ void compute_chunk(const T* lut, const Chunk<T, kTiles>& d, float (&acc)[kTiles][4]) {
+  using T2 = typename Pair<T>::type;
+#pragma unroll
+  for (int step = 0; step < 8; ++step) {
+    const uint32_t a[4] = {d.xa[2 * step], d.xb[2 * step], d.xa[2 * step + 1], d.xb[2 * step + 1]};
+#pragma unroll
+    for (int t = 0; t < kTiles; ++t) {
+      const uint32_t bits = reinterpret_cast<const uint32_t*>(&d.w[t])[step / 2] >> (16 * (step % 2));
+      // Codes 4s..4s+3 of the segment: NF4 stores the even element in the high nibble, INT4g in the low one.
+      const uint32_t n0 = bits & 0xF, n1 = (bits >> 4) & 0xF, n2 = (bits >> 8) & 0xF, n3 = (bits >> 12) & 0xF;
+      T2 b0, b1;
+      if constexpr (F == Fmt::int4g) {
+        b0 = __hmul2(__hsub2(T2(lut[n0], lut[n1]), d.z[t]), d.s[t]);
+        b1 = __hmul2(__hsub2(T2(lut[n2], lut[n3]), d.z[t]), d.s[t]);
+      } else {
+        b0 = __hmul2(T2(lut[n1], lut[n0]), d.s[t]);
+        b1 = __hmul2(T2(lut[n3], lut[n2]), d.s[t]);
+      }
+      mma<T>(acc[t], a, *reinterpret_cast<const uint32_t*>(&b0), *reinterpret_cast<const uint32_t*>(&b1));
+    }
+  }
 }
 
 template <typename T, Fmt F, int kTiles, bool kRows16>
 __global__ void __launch_bounds__(kWarps * 32) matmul_4bit_decode_kernel(const Params p) {
-  __shared__ float lut[16];
+  __shared__ T lut[16];  // NF4: the codebook in T; INT4g: the integers 0..15
   __shared__ float partial[kWarps][kTiles][32][4];
-  if (threadIdx.x < 16) lut[threadIdx.x] = kNf4Values[threadIdx.x];
+  if (threadIdx.x < 16) lut[threadIdx.x] = cuda::from_f32<T>(F == Fmt::int4g ? threadIdx.x : kNf4Values[threadIdx.x]);
   __syncthreads();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
   const int row0 = blockIdx.x * kTiles * 8;
-  const T* x = static_cast<const T*>(p.x);
   float acc[kTiles][4] = {};
   const int chunks = p.k / kChunk;
+  // Software pipeline: the next chunk's loads are in flight while this one is dequantized and multiplied.
+  Chunk<T, kTiles> cur, next;
+  if (warp < chunks) load_chunk<T, F, kTiles, kRows16>(p, warp, row0, g, c, cur);
   for (int ch = warp; ch < chunks; ch += kWarps) {
-    const int col = ch * kChunk + 32 * c;  // first k of this lane's segment
-    uint4 w[kTiles];
-    float s[kTiles], z[kTiles];
-#pragma unroll
-    for (int t = 0; t < kTiles; ++t) {
-      const int row = row0 + t * 8 + g;
-      if (row < p.n) {
-        const int64_t e = static_cast<int64_t>(row) * p.k + col;
-        w[t] = __ldg(reinterpret_cast<const uint4*>(p.packed + e / 2));
-        load_scale<F>(p, e, row, col, s[t], z[t]);
-      } else {
-        w[t] = make_uint4(0, 0, 0, 0);
-        s[t] = 0.0f;
-        z[t] = 0.0f;
-      }
-    }
-    uint32_t xa[16] = {}, xb[16] = {};  // x rows g and g + 8, codes [col, col + 32) as bf16/f16 pairs
-    if (g < p.m) {
-      const uint4* src = reinterpret_cast<const uint4*>(x + static_cast<int64_t>(g) * p.k + col);
-#pragma unroll
-      for (int i = 0; i < 4; ++i) reinterpret_cast<uint4*>(xa)[i] = __ldg(src + i);
-    }
-    if (kRows16 && g + 8 < p.m) {
-      const uint4* src = reinterpret_cast<const uint4*>(x + static_cast<int64_t>(g + 8) * p.k + col);
-#pragma unroll
-      for (int i = 0; i < 4; ++i) reinterpret_cast<uint4*>(xb)[i] = __ldg(src + i);
-    }
-#pragma unroll
-    for (int step = 0; step < 8; ++step) {
-      const uint32_t a[4] = {xa[2 * step], xb[2 * step], xa[2 * step + 1], xb[2 * step + 1]};
-#pragma unroll
-      for (int t = 0; t < kTiles; ++t) {
-        const uint32_t word = reinterpret_cast<const uint32_t*>(&w[t])[step / 2];
-        const uint32_t b0byte = (word >> (16 * (step % 2))) & 0xFF, b1byte = (word >> (16 * (step % 2) + 8)) & 0xFF;
-        // NF4 puts the even element in the high nibble, INT4g in the low one.
-        const uint32_t q0 = F == Fmt::int4g ? b0byte & 0xF : b0byte >> 4,
-                       q1 = F == Fmt::int4g ? b0byte >> 4 : b0byte & 0xF;
-        const uint32_t q2 = F == Fmt::int4g ? b1byte & 0xF : b1byte >> 4,
-                       q3 = F == Fmt::int4g ? b1byte >> 4 : b1byte & 0xF;
-        const uint32_t b0 = pack2<T>(decode<F>(lut, q0, s[t], z[t]), decode<F>(lut, q1, s[t], z[t]));
-        const uint32_t b1 = pack2<T>(decode<F>(lut, q2, s[t], z[t]), decode<F>(lut, q3, s[t], z[t]));
-        mma<T>(acc[t], a, b0, b1);
-      }
-    }
+    if (ch + kWarps < chunks) load_chunk<T, F, kTiles, kRows16>(p, ch + kWarps, row0, g, c, next);
+    compute_chunk<T, F, kTiles>(lut, cur, acc);
+    cur = next;
   }
 #pragma unroll
   for (int t = 0; t < kTiles; ++t)
