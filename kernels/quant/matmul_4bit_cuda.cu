@@ -1,8 +1,10 @@
 // matmul_4bit decode kernel: out[M, N] = x[M, K] · dequant(W)ᵀ for M <= 16 on the tensor cores
 // (mma.sync m16n8k16, fp32 accumulation), streaming the canonical 4-bit layouts once (no repack).
 //
-// Tiling: a block of 8 warps owns kTiles x 8 weight rows; its warps split K in chunks of 128 and their
-// partial 16x8 tiles are summed through shared memory. Within a chunk, lane (g = lane/4, c = lane%4)
+// Tiling: a block of 8 warps owns kTiles x 8 weight rows. It first stages that whole slab of packed weights
+// in shared memory with cp.async (every load of the block in flight at once: a GEMV must keep a large share
+// of the matrix in flight to reach HBM bandwidth), then its warps split K in chunks of 128 and their partial
+// 16x8 tiles are summed through shared memory. Within a chunk, lane (g = lane/4, c = lane%4)
 // loads 16 bytes = codes [32c, 32c+32) of weight row g and dequantizes them in registers. The mma's k
 // index is permuted consistently for x and W so those 32 codes are exactly what the lane's B fragments
 // need over the chunk's 8 k16 steps: step s, fragment k {2c, 2c+1, 2c+8, 2c+9} <- codes 32c+4s+{0,1,2,3}.
@@ -108,15 +110,27 @@ struct Chunk {
   uint32_t xa[16], xb[16];
 };
 
+// Bytes between two weight rows of the staged slab: padded by 16 so the 8 rows a warp reads at once fall
+// in different banks.
+__host__ __device__ __forceinline__ int slab_stride(int k) {
+  return k / 2 + 16;
+}
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
+}
+
 template <typename T, Fmt F, int kTiles, bool kRows16>
-__device__ __forceinline__ void load_chunk(const Params& p, int ch, int row0, int g, int c, Chunk<T, kTiles>& d) {
+__device__ __forceinline__ void load_chunk(const Params& p, const uint8_t* slab, int ch, int row0, int g, int c,
+                                           Chunk<T, kTiles>& d) {
   const int col = ch * kChunk + 32 * c;  // first k of this lane's segment
 #pragma unroll
   for (int t = 0; t < kTiles; ++t) {
     const int row = row0 + t * 8 + g;
     if (row < p.n) {
       const int64_t e = static_cast<int64_t>(row) * p.k + col;
-      d.w[t] = __ldg(reinterpret_cast<const uint4*>(p.packed + e / 2));
+      d.w[t] = *reinterpret_cast<const uint4*>(slab + (t * 8 + g) * slab_stride(p.k) + col / 2);
       load_scale<T, F>(p, e, row, col, d.s[t], d.z[t]);
     } else {
       d.w[t] = make_uint4(0, 0, 0, 0);
@@ -169,17 +183,29 @@ template <typename T, Fmt F, int kTiles, bool kRows16>
 __global__ void __launch_bounds__(kWarps * 32) matmul_4bit_decode_kernel(const Params p) {
   __shared__ T lut[16];  // NF4: the codebook in T; INT4g: the integers 0..15
   __shared__ float partial[kWarps][kTiles][32][4];
+  extern __shared__ __align__(16) uint8_t slab[];  // kTiles * 8 rows of K / 2 bytes, rows slab_stride apart
+  const int row0 = blockIdx.x * kTiles * 8;
+  {
+    const int pieces = p.k / 32;  // 16-byte pieces per row
+    for (int i = threadIdx.x; i < kTiles * 8 * pieces; i += kWarps * 32) {
+      const int r = i / pieces, piece = i % pieces;
+      if (row0 + r < p.n)
+        cp_async16(slab + r * slab_stride(p.k) + piece * 16,
+                   p.packed + static_cast<int64_t>(row0 + r) * (p.k / 2) + piece * 16);
+    }
+    asm volatile("cp.async.commit_group;\n" ::);
+  }
   if (threadIdx.x < 16) lut[threadIdx.x] = cuda::from_f32<T>(F == Fmt::int4g ? threadIdx.x : kNf4Values[threadIdx.x]);
+  asm volatile("cp.async.wait_group 0;\n" ::);
   __syncthreads();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
-  const int row0 = blockIdx.x * kTiles * 8;
   float acc[kTiles][4] = {};
   const int chunks = p.k / kChunk;
   // Software pipeline: the next chunk's loads are in flight while this one is dequantized and multiplied.
   Chunk<T, kTiles> cur, next;
-  if (warp < chunks) load_chunk<T, F, kTiles, kRows16>(p, warp, row0, g, c, cur);
+  if (warp < chunks) load_chunk<T, F, kTiles, kRows16>(p, slab, warp, row0, g, c, cur);
   for (int ch = warp; ch < chunks; ch += kWarps) {
-    if (ch + kWarps < chunks) load_chunk<T, F, kTiles, kRows16>(p, ch + kWarps, row0, g, c, next);
+    if (ch + kWarps < chunks) load_chunk<T, F, kTiles, kRows16>(p, slab, ch + kWarps, row0, g, c, next);
     compute_chunk<T, F, kTiles>(lut, cur, acc);
     cur = next;
   }
@@ -205,32 +231,37 @@ int log2_exact(int64_t v) {
   return l;
 }
 
-// Picks the tile count (rows per block = 8 * tiles) that still gives every SM two blocks, then launches.
+template <typename T, Fmt F, int kTiles>
+void launch_tiles(const Params& p, cudaStream_t stream) {
+  const size_t smem = static_cast<size_t>(kTiles) * 8 * slab_stride(p.k);
+  int device = 0, limit = 0;
+  cuda::check(cudaGetDevice(&device), "cudaGetDevice");
+  cuda::check(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+              "cudaDeviceGetAttribute");
+  KINDRED_CHECK(smem + sizeof(float) * kWarps * kTiles * 128 + 64 <= static_cast<size_t>(limit),
+                "matmul_4bit: in_features ", p.k, " is too large for the decode kernel's shared-memory slab");
+  const dim3 grid((p.n + 8 * kTiles - 1) / (8 * kTiles)), threads(kWarps * 32);
+  const auto run = [&](auto kernel) {
+    cuda::check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
+                "cudaFuncSetAttribute");
+    kernel<<<grid, threads, smem, stream>>>(p);
+  };
+  if (p.m > 8) {
+    run(matmul_4bit_decode_kernel<T, F, kTiles, true>);
+  } else {
+    run(matmul_4bit_decode_kernel<T, F, kTiles, false>);
+  }
+  cuda::check_launch("matmul_4bit_decode_kernel");
+}
+
+// Two row tiles per block when that still gives every SM two blocks and the slab stays small; else one.
 template <typename T, Fmt F>
 void launch(const Params& p, cudaStream_t stream) {
   int device = 0, sms = 0;
   cuda::check(cudaGetDevice(&device), "cudaGetDevice");
   cuda::check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
-  const auto blocks = [&](int tiles) { return (p.n + 8 * tiles - 1) / (8 * tiles); };
-  const bool rows16 = p.m > 8;
-  const dim3 threads(kWarps * 32);
-  if (blocks(4) >= 2 * sms) {
-    if (rows16)
-      matmul_4bit_decode_kernel<T, F, 4, true><<<blocks(4), threads, 0, stream>>>(p);
-    else
-      matmul_4bit_decode_kernel<T, F, 4, false><<<blocks(4), threads, 0, stream>>>(p);
-  } else if (blocks(2) >= 2 * sms) {
-    if (rows16)
-      matmul_4bit_decode_kernel<T, F, 2, true><<<blocks(2), threads, 0, stream>>>(p);
-    else
-      matmul_4bit_decode_kernel<T, F, 2, false><<<blocks(2), threads, 0, stream>>>(p);
-  } else {
-    if (rows16)
-      matmul_4bit_decode_kernel<T, F, 1, true><<<blocks(1), threads, 0, stream>>>(p);
-    else
-      matmul_4bit_decode_kernel<T, F, 1, false><<<blocks(1), threads, 0, stream>>>(p);
-  }
-  cuda::check_launch("matmul_4bit_decode_kernel");
+  if ((p.n + 15) / 16 >= 2 * sms && 16 * slab_stride(p.k) <= 64 * 1024) return launch_tiles<T, F, 2>(p, stream);
+  launch_tiles<T, F, 1>(p, stream);
 }
 
 template <Fmt F>
