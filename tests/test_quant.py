@@ -215,7 +215,9 @@ def _check_against_bnb(device):
                 # its nested-absmax decode with torch.compile, which can fuse code * scale + offset into one
                 # rounding, so there the nested case is held to one rounding step instead.
                 ours, theirs = kindred.formats.nf4_from_bnb(sd).dequantize(), F.dequantize_4bit(packed, state)
-                if device == "cuda" or not double_quant:
+                # On a CUDA machine bitsandbytes routes its CPU ops through torch fallbacks that round
+                # differently, so its CPU results are held to one rounding step there as well.
+                if device == "cuda" or not (double_quant or torch.cuda.is_available()):
                     assert torch.equal(ours, theirs), (dtype, blocksize, double_quant)
                 else:
                     ulp = torch.finfo(dtype).eps * theirs.abs().float()
