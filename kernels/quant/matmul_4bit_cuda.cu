@@ -153,10 +153,12 @@ __device__ __forceinline__ void load_chunk(const Params& p, const uint8_t* slab,
   }
 }
 
-// Dequantizes the chunk in registers (T arithmetic: code value from a 16-entry LUT, minus the zero point
-// for INT4g, times the scale) and runs its 8 k16 steps on the tensor cores.
+// Dequantizes the chunk in registers and runs its 8 k16 steps on the tensor cores. A byte of two codes
+// is looked up whole in `lut` (both code values as a T pair; one copy per lane, so a warp's 32 lookups hit
+// 32 different banks), then shifted by the zero point (INT4g) and multiplied by the scale in T pairs.
 template <typename T, Fmt F, int kTiles>
-__device__ __forceinline__ void compute_chunk(const T* lut, const Chunk<T, kTiles>& d, float (&acc)[kTiles][4]) {
+__device__ __forceinline__ void compute_chunk(const uint32_t* lut_lane, const Chunk<T, kTiles>& d,
+                                              float (&acc)[kTiles][4]) {
   using T2 = typename Pair<T>::type;
 #pragma unroll
   for (int step = 0; step < 8; ++step) {
@@ -164,24 +166,34 @@ __device__ __forceinline__ void compute_chunk(const T* lut, const Chunk<T, kTile
 #pragma unroll
     for (int t = 0; t < kTiles; ++t) {
       const uint32_t bits = reinterpret_cast<const uint32_t*>(&d.w[t])[step / 2] >> (16 * (step % 2));
-      // Codes 4s..4s+3 of the segment: NF4 stores the even element in the high nibble, INT4g in the low one.
-      const uint32_t n0 = bits & 0xF, n1 = (bits >> 4) & 0xF, n2 = (bits >> 8) & 0xF, n3 = (bits >> 12) & 0xF;
-      T2 b0, b1;
+      const uint32_t u0 = lut_lane[(bits & 0xFF) * 32], u1 = lut_lane[((bits >> 8) & 0xFF) * 32];
+      T2 b0 = *reinterpret_cast<const T2*>(&u0), b1 = *reinterpret_cast<const T2*>(&u1);
       if constexpr (F == Fmt::int4g) {
-        b0 = __hmul2(__hsub2(T2(lut[n0], lut[n1]), d.z[t]), d.s[t]);
-        b1 = __hmul2(__hsub2(T2(lut[n2], lut[n3]), d.z[t]), d.s[t]);
-      } else {
-        b0 = __hmul2(T2(lut[n1], lut[n0]), d.s[t]);
-        b1 = __hmul2(T2(lut[n3], lut[n2]), d.s[t]);
+        b0 = __hsub2(b0, d.z[t]);
+        b1 = __hsub2(b1, d.z[t]);
       }
+      b0 = __hmul2(b0, d.s[t]);
+      b1 = __hmul2(b1, d.s[t]);
       mma<T>(acc[t], a, *reinterpret_cast<const uint32_t*>(&b0), *reinterpret_cast<const uint32_t*>(&b1));
     }
   }
 }
 
+// The pair of code values a packed byte stands for, element order (even, odd) in (low, high) halves.
+template <typename T, Fmt F>
+__device__ __forceinline__ uint32_t byte_pair(int byte) {
+  using T2 = typename Pair<T>::type;
+  // NF4 stores the even element in the high nibble, INT4g in the low one.
+  const int even = F == Fmt::int4g ? byte & 0xF : byte >> 4, odd = F == Fmt::int4g ? byte >> 4 : byte & 0xF;
+  const T2 v(cuda::from_f32<T>(F == Fmt::int4g ? static_cast<float>(even) : kNf4Values[even]),
+             cuda::from_f32<T>(F == Fmt::int4g ? static_cast<float>(odd) : kNf4Values[odd]));
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
 template <typename T, Fmt F, int kTiles, bool kRows16>
 __global__ void __launch_bounds__(kWarps * 32) matmul_4bit_decode_kernel(const Params p) {
-  __shared__ T lut[16];  // NF4: the codebook in T; INT4g: the integers 0..15
+  static_assert(kWarps * 32 == 256, "one thread per byte value builds the lookup table");
+  __shared__ uint32_t lut[256 * 32];  // lut[byte * 32 + lane]: byte_pair(byte), one copy per lane
   __shared__ float partial[kWarps][kTiles][32][4];
   extern __shared__ __align__(16) uint8_t slab[];  // kTiles * 8 rows of K / 2 bytes, rows slab_stride apart
   const int row0 = blockIdx.x * kTiles * 8;
@@ -195,7 +207,10 @@ __global__ void __launch_bounds__(kWarps * 32) matmul_4bit_decode_kernel(const P
     }
     asm volatile("cp.async.commit_group;\n" ::);
   }
-  if (threadIdx.x < 16) lut[threadIdx.x] = cuda::from_f32<T>(F == Fmt::int4g ? threadIdx.x : kNf4Values[threadIdx.x]);
+  {
+    const uint32_t v = byte_pair<T, F>(threadIdx.x);
+    for (int r = 0; r < 32; ++r) lut[threadIdx.x * 32 + (r + threadIdx.x) % 32] = v;  // rotated: no conflicts
+  }
   asm volatile("cp.async.wait_group 0;\n" ::);
   __syncthreads();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
@@ -206,7 +221,7 @@ __global__ void __launch_bounds__(kWarps * 32) matmul_4bit_decode_kernel(const P
   if (warp < chunks) load_chunk<T, F, kTiles, kRows16>(p, slab, warp, row0, g, c, cur);
   for (int ch = warp; ch < chunks; ch += kWarps) {
     if (ch + kWarps < chunks) load_chunk<T, F, kTiles, kRows16>(p, slab, ch + kWarps, row0, g, c, next);
-    compute_chunk<T, F, kTiles>(lut, cur, acc);
+    compute_chunk<T, F, kTiles>(lut + lane, cur, acc);
     cur = next;
   }
 #pragma unroll
@@ -238,8 +253,9 @@ void launch_tiles(const Params& p, cudaStream_t stream) {
   cuda::check(cudaGetDevice(&device), "cudaGetDevice");
   cuda::check(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
               "cudaDeviceGetAttribute");
-  KINDRED_CHECK(smem + sizeof(float) * kWarps * kTiles * 128 + 64 <= static_cast<size_t>(limit),
-                "matmul_4bit: in_features ", p.k, " is too large for the decode kernel's shared-memory slab");
+  KINDRED_CHECK(
+      smem + sizeof(float) * kWarps * kTiles * 128 + sizeof(uint32_t) * 256 * 32 <= static_cast<size_t>(limit),
+      "matmul_4bit: in_features ", p.k, " is too large for the decode kernel's shared-memory slab");
   const dim3 grid((p.n + 8 * kTiles - 1) / (8 * kTiles)), threads(kWarps * 32);
   const auto run = [&](auto kernel) {
     cuda::check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
