@@ -134,6 +134,11 @@ def dequantize_nf4(
 ) -> torch.Tensor:
     """The dense tensor of ``shape`` and ``dtype`` that NF4 codes and scales stand for."""
     out = torch.empty(shape, dtype=dtype, device=packed.device)
+    _dequantize_nf4_into(out, packed, absmax, nested_absmax, nested_code, offset, blocksize)
+    return out
+
+
+def _dequantize_nf4_into(out, packed, absmax, nested_absmax, nested_code, offset, blocksize) -> None:
     _core.dequantize_nf4(
         view(packed, "packed"),
         view(absmax, "absmax"),
@@ -141,10 +146,9 @@ def dequantize_nf4(
         opt_view(nested_code, "nested_code"),
         opt_view(offset, "offset"),
         blocksize,
-        view(out, "dtype"),
+        view(out, "out"),
         stream(packed),
     )
-    return out
 
 
 @dequantize_nf4.register_fake
@@ -163,16 +167,7 @@ def dequantize_nf4_out(
     blocksize: int,
 ) -> None:
     """dequantize_nf4 into ``out``: contiguous, or a 2-D view with strided rows (a slice of a workspace)."""
-    _core.dequantize_nf4(
-        view(packed, "packed"),
-        view(absmax, "absmax"),
-        opt_view(nested_absmax, "nested_absmax"),
-        opt_view(nested_code, "nested_code"),
-        opt_view(offset, "offset"),
-        blocksize,
-        view(out, "out"),
-        stream(packed),
-    )
+    _dequantize_nf4_into(out, packed, absmax, nested_absmax, nested_code, offset, blocksize)
 
 
 @torch.library.custom_op("kindred::quantize_int4g", mutates_args=())
@@ -215,14 +210,7 @@ def dequantize_int4g(
 ) -> torch.Tensor:
     """The dense [N, K] weight that INT4g codes stand for."""
     out = torch.empty(packed.shape[0], packed.shape[1] * 2, dtype=dtype, device=packed.device)
-    _core.dequantize_int4g(
-        view(packed, "packed"),
-        view(scales, "scales"),
-        view(zeros, "zeros"),
-        group_size,
-        view(out, "dtype"),
-        stream(packed),
-    )
+    dequantize_int4g_out(out, packed, scales, zeros, group_size)
     return out
 
 
