@@ -21,7 +21,7 @@ namespace {
 
 using namespace formats;
 
-constexpr int kWarps = 4;
+constexpr int kWarps = 8;
 constexpr int kChunk = 128;  // K per warp step; lane segment = 32 codes = 16 bytes
 __constant__ float kNf4Values[16] = {KINDRED_NF4_CODEBOOK};
 
@@ -192,26 +192,24 @@ __device__ __forceinline__ uint32_t byte_pair(int byte) {
 
 template <typename T, Fmt F, int kTiles, bool kRows16>
 __global__ void __launch_bounds__(kWarps * 32) matmul_4bit_decode_kernel(const Params p) {
-  constexpr int kThreads = kWarps * 32;
+  static_assert(kWarps * 32 == 256, "one thread per byte value builds the lookup table");
   __shared__ uint32_t lut[256 * 32];  // lut[byte * 32 + lane]: byte_pair(byte), one copy per lane
   __shared__ float partial[kWarps][kTiles][32][4];
   extern __shared__ __align__(16) uint8_t slab[];  // kTiles * 8 rows of K / 2 bytes, rows slab_stride apart
   const int row0 = blockIdx.x * kTiles * 8;
   {
-    const int rows = min(kTiles * 8, p.n - row0);
-    for (int r = 0; r < rows; ++r) {
-      const uint8_t* src = p.packed + static_cast<int64_t>(row0 + r) * (p.k / 2);
-      for (int off = threadIdx.x * 16; off < p.k / 2; off += kThreads * 16)
-        cp_async16(slab + r * slab_stride(p.k) + off, src + off);
+    const int pieces = p.k / 32;  // 16-byte pieces per row
+    for (int i = threadIdx.x; i < kTiles * 8 * pieces; i += kWarps * 32) {
+      const int r = i / pieces, piece = i % pieces;
+      if (row0 + r < p.n)
+        cp_async16(slab + r * slab_stride(p.k) + piece * 16,
+                   p.packed + static_cast<int64_t>(row0 + r) * (p.k / 2) + piece * 16);
     }
     asm volatile("cp.async.commit_group;\n" ::);
   }
   {
-    for (int byte = threadIdx.x; byte < 256; byte += kThreads) {
-      const uint32_t v = byte_pair<T, F>(byte);
-#pragma unroll
-      for (int r = 0; r < 32; ++r) lut[byte * 32 + ((r + byte) & 31)] = v;  // rotated: no bank conflicts
-    }
+    const uint32_t v = byte_pair<T, F>(threadIdx.x);
+    for (int r = 0; r < 32; ++r) lut[threadIdx.x * 32 + (r + threadIdx.x) % 32] = v;  // rotated: no conflicts
   }
   asm volatile("cp.async.wait_group 0;\n" ::);
   __syncthreads();
