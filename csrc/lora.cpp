@@ -69,6 +69,12 @@ void check_out(const TensorView& t, const char* name, const TensorView& x, int64
   check_contiguous(t, name);
 }
 
+// 2-D with unit column stride and rows at least a row apart (e.g. the first K columns of a wider buffer).
+void check_rows(const TensorView& t, const char* name) {
+  KINDRED_CHECK(t.dim() == 2 && t.strides[1] == 1 && t.strides[0] >= t.shape[1], name,
+                " must be 2-D with unit column stride and a row stride >= its width, got ", t.describe());
+}
+
 void check_cpu(const TensorView& x, const char* op) {
   KINDRED_CHECK(x.device == Device::cpu, op, " is the CPU reference; on CUDA kindred.ops.lora_linear composes ",
                 "cuBLAS GEMMs with lora_dropout (python/kindred/_ops_lora.py), got x ", x.describe());
@@ -79,10 +85,10 @@ void check_cpu(const TensorView& x, const char* op) {
 void lora_dropout(const TensorView& x, const LoraDropout& dropout, const TensorView& out, bool accumulate,
                   [[maybe_unused]] int64_t stream) {
   check_dtype(x, "x", {DType::f32, DType::f64, DType::f16, DType::bf16});
-  check_contiguous(x, "x");
+  check_rows(x, "x");
   check_like(out, "out", x);
   KINDRED_CHECK(out.shape == x.shape, "out must have x's shape, got ", out.describe(), " for x ", x.describe());
-  check_contiguous(out, "out");
+  check_rows(out, "out");
   check_dropout(dropout, x);
   if (x.device == Device::cpu) return lora_dropout_cpu(x, dropout, out, accumulate);
   KINDRED_CHECK(x.dtype != DType::f64, "lora_dropout on CUDA takes float32, float16 or bfloat16, got ", x.describe());

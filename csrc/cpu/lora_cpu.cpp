@@ -68,16 +68,19 @@ void lora_dropout_cpu(const TensorView& x, const LoraDropout& dropout, const Ten
   with_type(x.dtype, [&](auto tag) {
     using T = decltype(tag);
     using S = Acc<T>;
-    const int64_t n = x.numel();
-    const T* xp = x.ptr<const T>();
-    T* op = out.ptr<T>();
+    const int64_t rows = x.shape[0], cols = x.shape[1];
     const uint64_t seed = seed_of(dropout), threshold = lora_dropout_threshold(dropout.p);
     const S inv = static_cast<S>(1.0 / (1.0 - dropout.p));
 #pragma omp parallel for
-    for (int64_t i = 0; i < n; ++i) {
-      const bool keep = !dropout.active() || lora_keep(seed, static_cast<uint64_t>(i), threshold);
-      const S v = keep ? (dropout.active() ? static_cast<S>(xp[i]) * inv : static_cast<S>(xp[i])) : S(0);
-      op[i] = static_cast<T>(accumulate ? static_cast<S>(op[i]) + v : v);
+    for (int64_t row = 0; row < rows; ++row) {
+      const T* xp = x.ptr<const T>() + row * x.strides[0];
+      T* op = out.ptr<T>() + row * out.strides[0];
+      for (int64_t c = 0; c < cols; ++c) {
+        const uint64_t i = static_cast<uint64_t>(row * cols + c);
+        const bool keep = !dropout.active() || lora_keep(seed, i, threshold);
+        const S v = keep ? (dropout.active() ? static_cast<S>(xp[c]) * inv : static_cast<S>(xp[c])) : S(0);
+        op[c] = static_cast<T>(accumulate ? static_cast<S>(op[c]) + v : v);
+      }
     }
   });
 }

@@ -16,18 +16,20 @@ constexpr int kThreads = 256;
 
 // The seed is read on the device (no host sync): int32 [2], low word first.
 template <typename T>
-__global__ void lora_dropout_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t n,
-                                    const int32_t* __restrict__ seed_words, uint64_t threshold, float inv,
-                                    bool active, bool accumulate) {
+__global__ void lora_dropout_kernel(const T* __restrict__ x, int64_t ldx, T* __restrict__ out, int64_t ldo,
+                                    int64_t cols, int64_t n, const int32_t* __restrict__ seed_words,
+                                    uint64_t threshold, float inv, bool active, bool accumulate) {
   const uint64_t seed = active ? (static_cast<uint64_t>(static_cast<uint32_t>(seed_words[0])) |
                                   static_cast<uint64_t>(static_cast<uint32_t>(seed_words[1])) << 32)
                                : 0;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
-    const float xv = to_f32(x[i]);
+    const int64_t row = i / cols, col = i - row * cols;
+    const float xv = to_f32(x[row * ldx + col]);
     float v = xv;
     if (active) v = lora_keep(seed, static_cast<uint64_t>(i), threshold) ? __fmul_rn(xv, inv) : 0.0f;
-    out[i] = from_f32<T>(accumulate ? __fadd_rn(to_f32(out[i]), v) : v);
+    T& o = out[row * ldo + col];
+    o = from_f32<T>(accumulate ? __fadd_rn(to_f32(o), v) : v);
   }
 }
 
@@ -48,7 +50,8 @@ void lora_dropout_cuda(const TensorView& x, const LoraDropout& dropout, const Te
   cuda::with_float_type(x.dtype, [&](auto tag) {
     using T = decltype(tag);
     lora_dropout_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, cuda::as_stream(stream)>>>(
-        x.ptr<const T>(), out.ptr<T>(), n, seed, threshold, inv, dropout.active(), accumulate);
+        x.ptr<const T>(), x.strides[0], out.ptr<T>(), out.strides[0], x.shape[1], n, seed, threshold, inv,
+        dropout.active(), accumulate);
   });
   cuda::check_launch("lora_dropout_kernel");
 }

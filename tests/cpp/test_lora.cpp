@@ -224,7 +224,7 @@ TEST(Lora, DropoutMaskIsReproducibleAndHasTheRightRate) {
   }
   // accumulate adds drop(x) to what is there; p = 0 copies.
   std::vector<float> acc(n, 2.0f);
-  lora_dropout(view(x, DType::f32, {n}), LoraDropout{}, view(acc, DType::f32, {n}), true, 0);
+  lora_dropout(view(x, DType::f32, {1, n}), LoraDropout{}, view(acc, DType::f32, {1, n}), true, 0);
   for (float v : acc) ASSERT_EQ(v, 3.0f);
 }
 
@@ -242,6 +242,21 @@ TEST(Lora, StridedBaseRowsAreRead) {
                view(pr.b, DType::f64, {pr.n, pr.r}), view(pr.bias, DType::f64, {pr.n}), pr.s, LoraDropout{},
                view(y2, DType::f64, {pr.m, pr.n}), view(xs2, DType::f64, {pr.m, pr.r}));
   EXPECT_EQ(y, y2);
+}
+
+TEST(Lora, DropoutIntoStridedRowsUsesTheLogicalIndex) {
+  std::vector<float> x(6 * 10), dense(6 * 10, NAN), wide(6 * 13, NAN);
+  for (size_t i = 0; i < x.size(); ++i) x[i] = 0.5f + static_cast<float>(i);
+  std::vector<int32_t> seed{3, 4};
+  const LoraDropout d{0.5, view(seed, DType::i32, {2})};
+  lora_dropout(view(x, DType::f32, {6, 10}), d, view(dense, DType::f32, {6, 10}), false, 0);
+  TensorView out = view(wide, DType::f32, {6, 13});
+  out.shape = {6, 10};
+  lora_dropout(view(x, DType::f32, {6, 10}), d, out, false, 0);
+  for (int64_t r = 0; r < 6; ++r) {
+    for (int64_t c = 0; c < 10; ++c) EXPECT_EQ(wide[r * 13 + c], dense[r * 10 + c]);
+    for (int64_t c = 10; c < 13; ++c) EXPECT_TRUE(std::isnan(wide[r * 13 + c])) << "wrote past the row";
+  }
 }
 
 TEST(Lora, BadInputsNameTheArgument) {

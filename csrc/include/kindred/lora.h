@@ -40,7 +40,8 @@ KINDRED_HD bool lora_keep(uint64_t seed, uint64_t index, uint64_t threshold) {
   return lora_dropout_bits(seed, index) >= threshold;
 }
 
-// out = drop(x) (or out += drop(x) with `accumulate`); x, out: float [M, K], contiguous, same dtype.
+// out = drop(x) (or out += drop(x) with `accumulate`); x, out: float [M, K] of one dtype, unit column
+// stride, rows possibly strided. The mask index is the logical m·K + k whatever the strides.
 void lora_dropout(const TensorView& x, const LoraDropout& dropout, const TensorView& out, bool accumulate,
                   int64_t stream);
 
