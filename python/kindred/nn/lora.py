@@ -295,8 +295,6 @@ def apply_lora(
     names = target_names(model, targets if isinstance(targets, str) else list(targets))
     if not names:
         raise KindredValueError(f"no module of {type(model).__name__} matches targets {targets!r}")
-    for p in model.parameters():
-        p.requires_grad_(False)
     for name in names:
         module = model.get_submodule(name)
         if isinstance(module, LoraLinear):
@@ -310,7 +308,16 @@ def apply_lora(
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, LoraLinear(module, r, alpha, dropout, rslora, adapter_name, name=name))
+    freeze_base(model)
     return names
+
+
+def freeze_base(model: nn.Module) -> None:
+    """requires_grad = False for every parameter of ``model`` that is not a LoRA A or B."""
+    keep = {id(p) for m in lora_modules(model).values() for d in (m.lora_A, m.lora_B) for p in d.parameters()}
+    for p in model.parameters():
+        if id(p) not in keep:
+            p.requires_grad_(False)
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoraLinear]:
