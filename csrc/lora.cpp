@@ -14,8 +14,8 @@ namespace {
 #endif
 
 void check_2d(const TensorView& t, const char* name, int64_t rows, int64_t cols, const char* what) {
-  KINDRED_CHECK(t.dim() == 2 && t.shape[0] == rows && t.shape[1] == cols, name, " must have shape [", rows, ", ",
-                cols, "] (", what, "), got ", t.describe());
+  KINDRED_CHECK(t.dim() == 2 && t.shape[0] == rows && t.shape[1] == cols, name, " must have shape [", rows, ", ", cols,
+                "] (", what, "), got ", t.describe());
 }
 
 // Every tensor of one op shares x's dtype and device.
@@ -47,12 +47,12 @@ Dims check_operands(const TensorView& x, const TensorView& w, const TensorView& 
   KINDRED_CHECK(a.dim() == 2, "a (lora_A) must be 2-D [r, in_features], got ", a.describe());
   const Dims d{x.shape[0], x.shape[1], w.shape[0], a.shape[0]};
   check_like(w, "w", x);
-  KINDRED_CHECK(w.shape[1] == d.k && d.n > 0, "w must have shape [N, ", d.k, "] (x has in_features ", d.k,
-                "), got ", w.describe());
-  KINDRED_CHECK(w.strides[1] == 1 && w.strides[0] >= d.k, "w must have unit column stride and a row stride >= ",
-                d.k, ", got strides [", w.strides[0], ", ", w.strides[1], "]");
-  KINDRED_CHECK(d.r >= 1 && d.r <= std::min(d.k, d.n), "the LoRA rank r = a.shape[0] must be in [1, min(K, N) = ",
-                std::min(d.k, d.n), "], got ", d.r);
+  KINDRED_CHECK(w.shape[1] == d.k && d.n > 0, "w must have shape [N, ", d.k, "] (x has in_features ", d.k, "), got ",
+                w.describe());
+  KINDRED_CHECK(w.strides[1] == 1 && w.strides[0] >= d.k, "w must have unit column stride and a row stride >= ", d.k,
+                ", got strides [", w.strides[0], ", ", w.strides[1], "]");
+  KINDRED_CHECK(d.r >= 1 && d.r <= std::min(d.k, d.n),
+                "the LoRA rank r = a.shape[0] must be in [1, min(K, N) = ", std::min(d.k, d.n), "], got ", d.r);
   check_like(a, "a", x);
   check_2d(a, "a", d.r, d.k, "lora_A: [r, in_features]");
   check_contiguous(a, "a");
@@ -102,8 +102,8 @@ void lora_forward(const TensorView& x, const TensorView& w, const TensorView& a,
   KINDRED_CHECK(std::isfinite(scaling), "scaling must be finite, got ", scaling);
   if (bias) {
     check_like(*bias, "bias", x);
-    KINDRED_CHECK(bias->dim() == 1 && bias->shape[0] == d.n && bias->contiguous(), "bias must be a contiguous [",
-                  d.n, "], got ", bias->describe());
+    KINDRED_CHECK(bias->dim() == 1 && bias->shape[0] == d.n && bias->contiguous(), "bias must be a contiguous [", d.n,
+                  "], got ", bias->describe());
   }
   check_dropout(dropout, x);
   check_out(y, "y", x, d.m, d.n, "[tokens, out_features]");

@@ -62,7 +62,7 @@ def problem(m, k, n, r, seed=0):
 
 
 def run_both(m, k, n, r, dtype, kind, p, rslora, device="cpu", with_bias=True):
-    """kindred's y, dx, da, db on ``device`` in ``dtype`` and the float64 reference's, from the same inputs."""
+    """kindred's y, dx, da, db on ``device`` in ``dtype`` and the float64 reference's, same inputs."""
     x, w, a, b, bias = problem(m, k, n, r, seed=m + k)
     base, w64 = make_base(kind, w.to(dtype) if kind == "dense" else w)
     s = ops.lora_scaling(r, 16.0, rslora)
@@ -99,7 +99,7 @@ def bound(dtype):
 @pytest.mark.parametrize("m,k,n,r", DENSE_CASES)
 def test_dense_base_forward_and_gradients(m, k, n, r, dtype, p):
     got, want = run_both(m, k, n, r, dtype, "dense", p, rslora=False)
-    for name, g, w in zip(("y", "dx", "dA", "dB"), got, want):
+    for name, g, w in zip(("y", "dx", "dA", "dB"), got, want, strict=True):
         assert g.dtype == dtype
         assert rel_err(g, w) < bound(dtype), name
 
@@ -111,7 +111,7 @@ def test_dense_base_forward_and_gradients(m, k, n, r, dtype, p):
 @pytest.mark.parametrize("m,k,n,r", QUANT_CASES)
 def test_4bit_base_forward_and_gradients(m, k, n, r, dtype, kind, p, rslora):
     got, want = run_both(m, k, n, r, dtype, kind, p, rslora)
-    for name, g, w in zip(("y", "dx", "dA", "dB"), got, want):
+    for name, g, w in zip(("y", "dx", "dA", "dB"), got, want, strict=True):
         assert rel_err(g, w) < bound(dtype), name
 
 
@@ -183,7 +183,9 @@ def test_custom_ops_pass_opcheck_and_compile():
     q = ops.quantize_nf4(w.float(), 64, False)
     parts = [q.packed, q.absmax, *(q.absmax.new_empty(0) for _ in range(3))]
     xf, af, bf = (t.float() for t in (x, a, b))
-    torch.library.opcheck(torch.ops.kindred.lora_linear.default, (xf, parts, "nf4", 64, af, bf, None, 1.0, 0.0, None))
+    torch.library.opcheck(
+        torch.ops.kindred.lora_linear.default, (xf, parts, "nf4", 64, af, bf, None, 1.0, 0.0, None)
+    )
     xs, dy = torch.empty(7, 8, dtype=torch.float64), randn((7, 40), torch.float64, seed=8)
     torch.library.opcheck(
         torch.ops.kindred.lora_linear_backward.default, (dy, x, [w], "dense", 0, a, b, xs, 2.0, 0.2, seed)
@@ -204,7 +206,9 @@ def test_custom_ops_pass_opcheck_and_compile():
 
 def test_bad_inputs_name_the_argument():
     x, w, a, b, bias = problem(3, 24, 40, 8)
-    with pytest.raises(KindredValueError, match=r"rank r = A.shape\[0\] must be in \[1, min\(K, N\) = 24\], got 0"):
+    with pytest.raises(
+        KindredValueError, match=r"rank r = A.shape\[0\] must be in \[1, min\(K, N\) = 24\], got 0"
+    ):
         ops.lora_linear(x, w, a[:0], b[:, :0], 1.0)
     big_a, big_b = randn((25, 24), torch.float64), randn((40, 25), torch.float64)
     with pytest.raises(KindredValueError, match=r"must be in \[1, min\(K, N\) = 24\], got 25"):
@@ -215,9 +219,9 @@ def test_bad_inputs_name_the_argument():
         ops.lora_linear(x, w, randn((8, 23), torch.float64), b, 1.0)
     with pytest.raises(KindredValueError, match="x must end in in_features=24"):
         ops.lora_linear(x[:, :20], w, a, b, 1.0)
-    with pytest.raises(KindredValueError, match="A has dtype torch.float32 but x has torch.float64"):
+    with pytest.raises(KindredValueError, match=r"A has dtype torch.float32 but x has torch.float64"):
         ops.lora_linear(x, w, a.float(), b, 1.0)
-    with pytest.raises(KindredValueError, match="base has dtype torch.float32"):
+    with pytest.raises(KindredValueError, match=r"base has dtype torch.float32"):
         ops.lora_linear(x, w.float(), a, b, 1.0)
     with pytest.raises(KindredValueError, match=r"bias must have shape \[40\]"):
         ops.lora_linear(x, w, a, b, 1.0, bias=bias[:3])
@@ -234,7 +238,9 @@ def test_bad_inputs_name_the_argument():
     # The core's own checks, reached directly.
     y, xs = torch.empty(3, 40, dtype=torch.float64), torch.empty(3, 8, dtype=torch.float64)
     with pytest.raises(KindredValueError, match="needs a seed"):
-        _core.lora_forward(*(_ops.view(t) for t in (x, w, a, b)), None, 1.0, 0.5, None, _ops.view(y), _ops.view(xs))
+        _core.lora_forward(
+            *(_ops.view(t) for t in (x, w, a, b)), None, 1.0, 0.5, None, _ops.view(y), _ops.view(xs)
+        )
     with pytest.raises(KindredValueError, match=r"xs must have shape \[3, 8\]"):
         _core.lora_forward(
             *(_ops.view(t) for t in (x, w, a, b)), None, 1.0, 0.0, None, _ops.view(y), _ops.view(xs[:, :4])
@@ -259,7 +265,7 @@ def poison_scratch():
 def test_cuda_matches_the_float64_reference(m, k, n, r, dtype, kind, p):
     poison_scratch()
     got, want = run_both(m, k, n, r, dtype, kind, p, rslora=True, device="cuda")
-    for name, g, w in zip(("y", "dx", "dA", "dB"), got, want):
+    for name, g, w in zip(("y", "dx", "dA", "dB"), got, want, strict=True):
         assert g.is_cuda
         assert rel_err(g, w) < REL_ERR[torch.bfloat16 if dtype == torch.bfloat16 else torch.float16], name
 
@@ -268,7 +274,7 @@ def test_cuda_matches_the_float64_reference(m, k, n, r, dtype, kind, p):
 @pytest.mark.parametrize("m,k,n,r", [(3, 37, 29, 8), (117, 45, 61, 16)])
 def test_cuda_dense_awkward_widths(m, k, n, r):
     got, want = run_both(m, k, n, r, torch.bfloat16, "dense", 0.3, rslora=False, device="cuda")
-    for name, g, w in zip(("y", "dx", "dA", "dB"), got, want):
+    for name, g, w in zip(("y", "dx", "dA", "dB"), got, want, strict=True):
         assert rel_err(g, w) < REL_ERR[torch.bfloat16], name
 
 
@@ -286,7 +292,12 @@ def test_cuda_dropout_kernel_is_bit_exact_with_cpu(dtype):
                 gpu_out.copy_(start)
             for out, xx in ((cpu_out, x), (gpu_out, x.cuda())):
                 _core.lora_dropout(
-                    _ops.view(xx), p, _ops.view(seed.to(xx.device)), _ops.view(out), accumulate, _ops.stream(xx)
+                    _ops.view(xx),
+                    p,
+                    _ops.view(seed.to(xx.device)),
+                    _ops.view(out),
+                    accumulate,
+                    _ops.stream(xx),
                 )
             torch.cuda.synchronize()
             assert torch.equal(gpu_out.cpu(), cpu_out), (p, accumulate)

@@ -13,8 +13,9 @@ void bind_lora(py::module_& m) {
   const auto release = py::call_guard<py::gil_scoped_release>();
   m.def(
       "lora_dropout",
-      [](const TensorView& x, double p, const OptView& seed, const TensorView& out, bool accumulate,
-         int64_t stream) { lora_dropout(x, LoraDropout{p, seed}, out, accumulate, stream); },
+      [](const TensorView& x, double p, const OptView& seed, const TensorView& out, bool accumulate, int64_t stream) {
+        lora_dropout(x, LoraDropout{p, seed}, out, accumulate, stream);
+      },
       py::arg("x"), py::arg("p"), py::arg("seed"), py::arg("out"), py::arg("accumulate"), py::arg("stream"), release);
   m.def(
       "lora_forward",
@@ -28,7 +29,9 @@ void bind_lora(py::module_& m) {
       "lora_backward",
       [](const TensorView& dy, const TensorView& x, const TensorView& w, const TensorView& a, const TensorView& b,
          double scaling, double p, const OptView& seed, const TensorView& dx, const TensorView& da,
-         const TensorView& db) { lora_backward(dy, x, w, a, b, scaling, LoraDropout{p, seed}, dx, da, db); },
+         const TensorView& db) {
+        lora_backward(dy, x, w, a, b, scaling, LoraDropout{p, seed}, dx, da, db);
+      },
       py::arg("dy"), py::arg("x"), py::arg("w"), py::arg("a"), py::arg("b"), py::arg("scaling"), py::arg("p"),
       py::arg("seed"), py::arg("dx"), py::arg("da"), py::arg("db"), release);
 }

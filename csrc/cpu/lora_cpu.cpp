@@ -44,8 +44,7 @@ void with_type(DType t, Fn&& fn) {
 uint64_t seed_of(const LoraDropout& d) {
   if (!d.active()) return 0;
   const int32_t* s = d.seed->ptr<const int32_t>();
-  return static_cast<uint64_t>(static_cast<uint32_t>(s[0])) | static_cast<uint64_t>(static_cast<uint32_t>(s[1]))
-                                                                   << 32;
+  return static_cast<uint64_t>(static_cast<uint32_t>(s[0])) | static_cast<uint64_t>(static_cast<uint32_t>(s[1])) << 32;
 }
 
 // m ⊙ keep / (1 − p), with keep indexed by the flat row-major position (the same mask on CUDA).

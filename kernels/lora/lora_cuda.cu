@@ -17,8 +17,8 @@ constexpr int kThreads = 256;
 // The seed is read on the device (no host sync): int32 [2], low word first.
 template <typename T>
 __global__ void lora_dropout_kernel(const T* __restrict__ x, int64_t ldx, T* __restrict__ out, int64_t ldo,
-                                    int64_t cols, int64_t n, const int32_t* __restrict__ seed_words,
-                                    uint64_t threshold, float inv, bool active, bool accumulate) {
+                                    int64_t cols, int64_t n, const int32_t* __restrict__ seed_words, uint64_t threshold,
+                                    float inv, bool active, bool accumulate) {
   const uint64_t seed = active ? (static_cast<uint64_t>(static_cast<uint32_t>(seed_words[0])) |
                                   static_cast<uint64_t>(static_cast<uint32_t>(seed_words[1])) << 32)
                                : 0;

@@ -1,7 +1,8 @@
-"""The ``kindred::lora_*`` custom ops: y = x·Wᵀ + s·(drop(x)·Aᵀ)·Bᵀ (+ bias) over a frozen base W, and its backward.
+"""The ``kindred::lora_*`` custom ops: y = x·Wᵀ + s·(drop(x)·Aᵀ)·Bᵀ (+ bias) over a frozen W, and backward.
 
 CPU: the C++ reference (csrc/cpu/lora_cpu.cpp). CUDA: cuBLAS GEMMs through torch around a persistent
-workspace W' = [W | B] of shape [N, K + r] (row stride rounded up to 8 elements), plus kindred's dropout kernel:
+workspace W' = [W | B] of shape [N, K + r] (row stride rounded up to 8 elements), plus kindred's dropout
+kernel:
 
 - forward, K <= N: X' = [x | s·drop(x)·Aᵀ] (M × (K + r)) and y = X'·W'ᵀ (+ bias) in one GEMM. The extra cost
   is one copy of x (M·K read + written).
@@ -153,7 +154,7 @@ def lora_linear(
     dropout_p: float,
     seed: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y [M, N], xs [M, r]) for a 2-D x [M, K]; see the module docstring for the formats and the CUDA plan."""
+    """(y [M, N], xs [M, r]) for a 2-D x [M, K]; the module docstring has the formats and the CUDA plan."""
     m, k = x.shape
     n, r = b.shape
     if x.is_cuda:
@@ -238,7 +239,7 @@ def _(dy, x, base, base_format, base_param, a, b, xs, scaling, dropout_p, seed):
 
 
 def _setup_context(ctx, inputs, output):
-    x, base, base_format, base_param, a, b, bias, scaling, dropout_p, seed = inputs
+    x, base, base_format, base_param, a, b, _bias, scaling, dropout_p, seed = inputs
     ctx.mark_non_differentiable(output[1])
     ctx.meta = (base_format, base_param, scaling, dropout_p, len(base))
     ctx.save_for_backward(x, a, b, output[1], seed, *base)

@@ -265,7 +265,9 @@ TEST(Lora, BadInputsNameTheArgument) {
   std::vector<float> xf(3 * 16);
   std::vector<int32_t> seed{1, 2};
   auto call = [&](TensorView x, TensorView w, TensorView a, TensorView b, LoraDropout d, TensorView yv,
-                  double s = 1.0) { lora_forward(x, w, a, b, std::nullopt, s, d, yv, view(xs, DType::f64, {3, 4})); };
+                  double s = 1.0) {
+    lora_forward(x, w, a, b, std::nullopt, s, d, yv, view(xs, DType::f64, {3, 4}));
+  };
   const TensorView x = view(pr.x, DType::f64, {3, 16}), w = view(pr.w, DType::f64, {12, 16}),
                    a = view(pr.a, DType::f64, {4, 16}), b = view(pr.b, DType::f64, {12, 4}),
                    yv = view(y, DType::f64, {3, 12});
@@ -278,7 +280,11 @@ TEST(Lora, BadInputsNameTheArgument) {
       EXPECT_NE(std::string(e.what()).find(what), std::string::npos) << e.what();
     }
   };
-  expect([&] { call(x, w, view(none, DType::f64, {0, 16}), b, {}, yv); }, "rank r = a.shape[0] must be in [1, min(K, N) = 12], got 0");
+  expect(
+      [&] {
+        call(x, w, view(none, DType::f64, {0, 16}), b, {}, yv);
+      },
+      "rank r = a.shape[0] must be in [1, min(K, N) = 12], got 0");
   expect([&] { call(x, w, view(pr.a, DType::f64, {13, 16}), b, {}, yv); }, "must be in [1, min(K, N) = 12]");
   expect([&] { call(x, w, a, view(pr.b, DType::f64, {4, 12}), {}, yv); }, "b must have shape [12, 4]");
   expect([&] { call(x, view(pr.w, DType::f64, {16, 12}), a, b, {}, yv); }, "w must have shape [N, 16]");

@@ -15,8 +15,8 @@ namespace kindred {
 // Dropout on the LoRA input: keep(m, k) is a counter hash of (seed, m·K + k), so a mask is reproducible
 // from its 64-bit seed on any device and never stored; kept values are scaled by 1 / (1 − p).
 struct LoraDropout {
-  double p = 0.0;                   // drop probability in [0, 1)
-  std::optional<TensorView> seed;   // int32 [2] (low, high word) on the data's device; required when p > 0
+  double p = 0.0;                  // drop probability in [0, 1)
+  std::optional<TensorView> seed;  // int32 [2] (low, high word) on the data's device; required when p > 0
   bool active() const { return p > 0.0; }
 };
 

@@ -131,7 +131,9 @@ def read_adapter(path: str | Path) -> tuple[dict, dict[str, dict[str, torch.Tens
     for key, t in flat.items():
         m = re.fullmatch(rf"{re.escape(PREFIX)}(.+)\.(lora_A|lora_B)\.weight", key)
         if m is None:
-            raise KindredFormatError(f"{weights_file}: tensor '{key}' is not a LoRA A/B weight of a linear layer")
+            raise KindredFormatError(
+                f"{weights_file}: tensor '{key}' is not a LoRA A/B weight of a linear layer"
+            )
         modules.setdefault(m.group(1), {})[m.group(2)] = t
     for name, parts in modules.items():
         for part in ("lora_A", "lora_B"):
@@ -164,7 +166,9 @@ def load_adapter(
                 f"{type(model).__name__}: an adapter for another base?"
             ) from None
         if not isinstance(module, (nn.Linear, Linear4bit, LoraLinear)):
-            raise KindredFormatError(f"{weights_file}: '{name}' is a {type(module).__name__}, not a linear layer")
+            raise KindredFormatError(
+                f"{weights_file}: '{name}' is a {type(module).__name__}, not a linear layer"
+            )
         r = _pattern_value(rank_pattern, name, r_default)
         k, n = module.in_features, module.out_features
         expected = {"lora_A": (r, k), "lora_B": (n, r)}
@@ -182,8 +186,8 @@ def load_adapter(
         missing = sorted(wanted - set(plan))
         if missing:
             raise KindredFormatError(
-                f"{weights_file}: the config targets '{missing[0]}' ({len(missing)} module(s) in all) but the "
-                f"file has no lora_A/lora_B for it: an adapter for another base?"
+                f"{weights_file}: the config targets '{missing[0]}' ({len(missing)} module(s) in all) but "
+                f"the file has no lora_A/lora_B for it: an adapter for another base?"
             )
     dropout, rslora = float(config.get("lora_dropout", 0.0)), bool(config.get("use_rslora", False))
     for name, (module, r, alpha) in plan.items():

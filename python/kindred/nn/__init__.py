@@ -3,4 +3,12 @@
 from .linear4bit import Linear4bit
 from .lora import LoraLinear, apply_lora, lora_modules, merge_lora, set_adapter, target_names
 
-__all__ = ["Linear4bit", "LoraLinear", "apply_lora", "lora_modules", "merge_lora", "set_adapter", "target_names"]
+__all__ = [
+    "Linear4bit",
+    "LoraLinear",
+    "apply_lora",
+    "lora_modules",
+    "merge_lora",
+    "set_adapter",
+    "target_names",
+]

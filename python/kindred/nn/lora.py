@@ -1,4 +1,4 @@
-"""LoraLinear: LoRA adapters over a frozen ``nn.Linear`` or ``Linear4bit`` base, and ``apply_lora`` for any model.
+"""LoraLinear: LoRA adapters over a frozen ``nn.Linear`` or ``Linear4bit`` base; ``apply_lora`` for any model.
 
 Parameter names follow PEFT's in-memory layout (``<module>.base_layer``, ``<module>.lora_A.<adapter>.weight``
 [r, K], ``<module>.lora_B.<adapter>.weight`` [N, r]); ``kindred.formats.peft`` reads and writes PEFT's files.
@@ -167,7 +167,7 @@ class LoraLinear(nn.Module):
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Undo merge(): a 4-bit base comes back bit for bit; a dense one is W − s·B·A (rounded as PEFT does)."""
+        """Undo merge(): a 4-bit base comes back bit for bit; a dense one is W − s·B·A (rounded as PEFT)."""
         if self.merged_adapter is None:
             raise self._err("no adapter is merged")
         if self._quantized_base is not None:

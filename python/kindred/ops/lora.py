@@ -1,4 +1,4 @@
-"""Functional API of the lora family: ``lora_linear`` over a frozen dense or 4-bit base, differentiable in x, A, B.
+"""Functional API of the lora family: ``lora_linear`` over a frozen dense or 4-bit base (grads for x, A, B).
 
 y = x·Wᵀ (+ bias) + s·(drop(x)·Aᵀ)·Bᵀ with A = PEFT's lora_A.weight [r, K], B = lora_B.weight [N, r] and
 s = α/r (α/√r with rsLoRA). The backward saves x and the small s·drop(x)·Aᵀ and recomputes the dropout
@@ -58,11 +58,15 @@ def _base_args(base, x: torch.Tensor, workspace: torch.Tensor | None):
             f"base must be a weight tensor [N, K], an NF4Weight or an Int4gWeight, got {type(base).__name__}"
         )
     if base.dim() != 2:
-        raise KindredValueError(f"base must be 2-D [out_features, in_features], got shape {tuple(base.shape)}")
+        raise KindredValueError(
+            f"base must be 2-D [out_features, in_features], got shape {tuple(base.shape)}"
+        )
     if base.dtype != x.dtype:
         raise KindredValueError(f"base has dtype {base.dtype} but x has {x.dtype}: they must match")
     if base.requires_grad and torch.is_grad_enabled():
-        raise KindredValueError("base requires grad, but the base weight is frozen: call requires_grad_(False)")
+        raise KindredValueError(
+            "base requires grad, but the base weight is frozen: call requires_grad_(False)"
+        )
     if base.stride(-1) != 1:
         base = base.contiguous()
     if workspace is None:
@@ -91,7 +95,9 @@ def _seed_tensor(seed, generator, device) -> torch.Tensor:
         if not isinstance(seed, int):
             raise KindredValueError(f"seed must be an int or an int32 [2] tensor, got {type(seed).__name__}")
         words = [(seed & 0xFFFFFFFF), (seed >> 32) & 0xFFFFFFFF]
-        return torch.tensor([w - (1 << 32) if w >= 1 << 31 else w for w in words], dtype=torch.int32).to(device)
+        return torch.tensor([w - (1 << 32) if w >= 1 << 31 else w for w in words], dtype=torch.int32).to(
+            device
+        )
     gen_device = generator.device if generator is not None else device
     return torch.randint(
         -(2**31), 2**31 - 1, (2,), dtype=torch.int32, device=gen_device, generator=generator
@@ -128,10 +134,14 @@ def lora_linear(
         raise KindredValueError(f"x must end in in_features={k} (base is [{n}, {k}]), got {tuple(x.shape)}")
     for name, t in (("A", A), ("B", B)):
         if not isinstance(t, torch.Tensor) or t.dim() != 2:
-            raise KindredValueError(f"{name} must be a 2-D tensor, got {getattr(t, 'shape', type(t).__name__)}")
+            raise KindredValueError(
+                f"{name} must be a 2-D tensor, got {getattr(t, 'shape', type(t).__name__)}"
+            )
     r = A.shape[0]
     if not 1 <= r <= min(k, n):
-        raise KindredValueError(f"the LoRA rank r = A.shape[0] must be in [1, min(K, N) = {min(k, n)}], got {r}")
+        raise KindredValueError(
+            f"the LoRA rank r = A.shape[0] must be in [1, min(K, N) = {min(k, n)}], got {r}"
+        )
     if tuple(A.shape) != (r, k):
         raise KindredValueError(f"A (lora_A) must have shape [r, K] = [{r}, {k}], got {tuple(A.shape)}")
     if tuple(B.shape) != (n, r):
@@ -167,7 +177,7 @@ def lora_linear(
 
 
 def lora_dropout(x: torch.Tensor, p: float, seed: int | torch.Tensor) -> torch.Tensor:
-    """The dropped x that lora_linear's A path sees for this seed (x 2-D, or any shape flattened to [-1, K])."""
+    """The dropped x that lora_linear's A path sees for this seed (any shape, flattened to [-1, K])."""
     if not (0.0 <= p < 1.0):
         raise KindredValueError(f"p must be in [0, 1), got {p!r}")
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
