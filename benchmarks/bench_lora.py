@@ -161,6 +161,7 @@ def test_lora_forward_backward(k, n):
     for row in rows:
         print(
             f"{row['impl']:18s} {row.get('shape', ''):40s} {row.get('ms', ''):>8s} ms "
-            f"{row.get('ratio_to_baseline', ''):>6s}x {row.get('peak_extra_mib', ''):>8s} MiB {row.get('notes', '')}"
+            f"{row.get('ratio_to_baseline', ''):>6s}x {row.get('peak_extra_mib', ''):>8s} MiB "
+            f"{row.get('notes', '')}"
         )
     assert all(float(r["ms"]) > 0 for r in rows if r.get("ms"))
