@@ -90,6 +90,11 @@ def run_both(m, k, n, r, dtype, kind, p, rslora, device="cpu", with_bias=True):
     return got, want
 
 
+def poison_scratch():
+    for ws in _ops_lora.scratch_workspaces().values():
+        ws.fill_(float("nan"))
+
+
 def bound(dtype):
     return REL_ERR64 if dtype == torch.float64 else REL_ERR[dtype]
 
@@ -247,14 +252,58 @@ def test_bad_inputs_name_the_argument():
         )
 
 
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("kind", ["dense", "workspace", "nf4", "int4g"])
+@pytest.mark.parametrize("m,k,n,r", [*DENSE_CASES[:2], *QUANT_CASES])
+def test_cuda_plan_run_on_cpu_matches_the_reference(m, k, n, r, kind, p):
+    """The CUDA GEMM plan (both forward rules, the one-GEMM backward, the workspace) is torch ops, so it runs
+    on CPU tensors too: checked here against the C++ reference, the scratch workspace poisoned first."""
+    if kind in ("nf4", "int4g") and k % 32:
+        pytest.skip("4-bit bases need K a multiple of 32")
+    x, w, a, b, bias = problem(m, k, n, r, seed=11)
+    base, w64 = make_base("dense" if kind == "workspace" else kind, w)
+    fmt, parts, param = "dense", [w], 0
+    if kind == "workspace":
+        ws = ops.lora_workspace(w, r)
+        ws[:, k:] = float("nan")
+        fmt, parts = "workspace", [ws]
+    elif kind != "dense":
+        x, a, b, bias = (t.float() for t in (x, a, b, bias))
+        fmt, parts, param = (
+            kind,
+            ops.lora._base_args(base, x, None)[1],
+            base.blocksize if kind == "nf4" else 32,
+        )
+    seed = torch.tensor([9, 9], dtype=torch.int32) if p else None
+    poison_scratch()
+    y, xs = _ops_lora.forward_plan(x, fmt, parts, param, a, b, bias, 1.5, p, seed)
+    y_ref, xs_ref = torch.ops.kindred.lora_linear(x, parts, fmt, param, a, b, bias, 1.5, p, seed)
+    dy = randn((m, n), x.dtype, seed=5, scale=1.0)
+    grads = _ops_lora.backward_plan(dy, x, fmt, parts, param, a, b, xs, 1.5, p, seed)
+    refs = torch.ops.kindred.lora_linear_backward(dy, x, parts, fmt, param, a, b, xs_ref, 1.5, p, seed)
+    tol = REL_ERR64 if x.dtype == torch.float64 else REL_ERR[torch.float32]
+    for name, g, ref in zip(
+        ("y", "xs", "dx", "dA", "dB"), (y, xs, *grads), (y_ref, xs_ref, *refs), strict=True
+    ):
+        assert rel_err(g, ref) < tol, name
+    assert rel_err(
+        y_ref,
+        reference(
+            x.double(),
+            w64,
+            a.double(),
+            b.double(),
+            bias.double(),
+            1.5,
+            mask_reference(2**32 * 9 + 9, m, k, p),
+            p,
+        ),
+    ) < (REL_ERR64 if x.dtype == torch.float64 else 1e-5)
+
+
 # ---- CUDA: cuBLAS plan and dropout kernel vs the CPU reference --------------------------------------------
 
 GPU_CASES = [(1, 64, 96, 8), (3, 96, 40, 16), (117, 160, 72, 8), (130, 256, 512, 64), (64, 512, 128, 128)]
-
-
-def poison_scratch():
-    for ws in _ops_lora.scratch_workspaces().values():
-        ws.fill_(float("nan"))
 
 
 @pytest.mark.gpu

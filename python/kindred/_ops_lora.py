@@ -117,7 +117,8 @@ def _dropped(x: torch.Tensor, p: float, seed: torch.Tensor | None) -> torch.Tens
     return x if p == 0.0 else lora_dropout(x, p, seed)
 
 
-def _forward_cuda(x, fmt, base, param, a, b, bias, s, p, seed):
+def forward_plan(x, fmt, base, param, a, b, bias, s, p, seed):
+    """The CUDA forward as torch ops (runs on any device; tests run it on the CPU against the reference)."""
     m, k = x.shape
     n, r = b.shape
     xd = _dropped(x, p, seed)
@@ -135,6 +136,24 @@ def _forward_cuda(x, fmt, base, param, a, b, bias, s, p, seed):
     xs = torch.mm(xd, a.t()).mul_(s)
     y.addmm_(xs, b.t())
     return y, xs
+
+
+def backward_plan(dy, x, fmt, base, param, a, b, xs, s, p, seed):
+    """The CUDA backward as torch ops: one GEMM dY·[W | B], dX += s·g·A in place (masked when p > 0)."""
+    m, k = x.shape
+    r = b.shape[1]
+    wp = _workspace(fmt, base, param, b, k)
+    full = x.new_empty(m, padded_width(k, r))[:, : k + r]
+    torch.mm(dy, wp, out=full)
+    dx, g = full[:, :k], full[:, k:]
+    xd = _dropped(x, p, seed)
+    da = torch.mm(g.t(), xd).mul_(s)
+    db = torch.mm(dy.t(), xs)
+    if p == 0.0:
+        dx.addmm_(g, a, alpha=s)
+    else:
+        _dropout_into(torch.mm(g, a).mul_(s), p, seed, dx)
+    return dx, da, db
 
 
 def _dx_cuda_view(m: int, k: int, r: int, like: torch.Tensor) -> torch.Tensor:
@@ -158,7 +177,7 @@ def lora_linear(
     m, k = x.shape
     n, r = b.shape
     if x.is_cuda:
-        return _forward_cuda(x, base_format, base, base_param, a, b, bias, scaling, dropout_p, seed)
+        return forward_plan(x, base_format, base, base_param, a, b, bias, scaling, dropout_p, seed)
     w = dense_base(base_format, base, base_param, n, k, x.dtype)
     y = x.new_empty(m, n)
     xs = x.new_empty(m, r)
@@ -201,18 +220,7 @@ def lora_linear_backward(
     m, k = x.shape
     n, r = b.shape
     if x.is_cuda:
-        wp = _workspace(base_format, base, base_param, b, k)
-        full = x.new_empty(m, padded_width(k, r))[:, : k + r]
-        torch.mm(dy, wp, out=full)
-        dx, g = full[:, :k], full[:, k:]
-        xd = _dropped(x, dropout_p, seed)
-        da = torch.mm(g.t(), xd).mul_(scaling)
-        db = torch.mm(dy.t(), xs)
-        if dropout_p == 0.0:
-            dx.addmm_(g, a, alpha=scaling)
-        else:
-            _dropout_into(torch.mm(g, a).mul_(scaling), dropout_p, seed, dx)
-        return dx, da, db
+        return backward_plan(dy, x, base_format, base, base_param, a, b, xs, scaling, dropout_p, seed)
     w = dense_base(base_format, base, base_param, n, k, x.dtype)
     dx, da, db = x.new_empty(m, k), a.new_empty(r, k), b.new_empty(n, r)
     _core.lora_backward(
