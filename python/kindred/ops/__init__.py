@@ -1,5 +1,6 @@
 """kindred's functional API (ops that take and return torch tensors)."""
 
+from .lora import lora_dropout, lora_linear, lora_scaling, lora_workspace
 from .quant import (
     AWQ_ORDER,
     DYNAMIC_MAP,
@@ -31,6 +32,10 @@ __all__ = [
     "dequantize_nf4",
     "int4g_from_awq",
     "int4g_to_awq",
+    "lora_dropout",
+    "lora_linear",
+    "lora_scaling",
+    "lora_workspace",
     "matmul_4bit",
     "quantize_int4g",
     "quantize_nf4",

@@ -1,0 +1,267 @@
+"""The ``kindred::lora_*`` custom ops: y = x·Wᵀ + s·(drop(x)·Aᵀ)·Bᵀ (+ bias) over a frozen W, and backward.
+
+CPU: the C++ reference (csrc/cpu/lora_cpu.cpp). CUDA: cuBLAS GEMMs through torch around a persistent
+workspace W' = [W | B] of shape [N, K + r] (row stride rounded up to 8 elements), plus kindred's dropout
+kernel:
+
+- forward, K <= N: X' = [x | s·drop(x)·Aᵀ] (M × (K + r)) and y = X'·W'ᵀ (+ bias) in one GEMM. The extra cost
+  is one copy of x (M·K read + written).
+- forward, K > N: y = x·Wᵀ (+ bias), then y += (s·drop(x)·Aᵀ)·Bᵀ with addmm(beta=1). The extra cost is one
+  read + write of y (M·N). The rule picks whichever of the two extra passes moves fewer bytes.
+- backward: one GEMM dY·W' = [dY·W | g] with g = dY·B; dX = its first K columns, += s·g·A in place (addmm, or
+  through the dropout mask when p > 0); dA = s·gᵀ·drop(x); dB = dYᵀ·xs.
+
+Saved for the backward: x (not drop(x): the mask is recomputed from its seed) and xs = s·drop(x)·Aᵀ
+([M, r]); g is recomputed as part of the dX GEMM; nothing [M, N]-sized is kept.
+
+Base formats: "dense" (base = [W]), "workspace" (base = [W'], a [N, >= K + r] buffer whose first K columns are
+W: the op writes B into columns K..K+r, which are scratch by contract), "nf4" (base = [packed, absmax,
+nested_absmax, nested_code, offset], empty tensors for the absent ones, param = blocksize), "int4g" (base =
+[packed, scales, zeros], param = group_size). A 4-bit base is dequantized into a workspace shared by every
+layer of the same shape, once in the forward and once in the backward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _core
+from ._ops import opt_view, stream, view
+from .errors import KindredValueError
+
+BASE_FORMATS = ("dense", "workspace", "nf4", "int4g")
+_SCRATCH: dict[tuple, torch.Tensor] = {}
+
+
+def padded_width(k: int, r: int) -> int:
+    """Row stride of a workspace for in_features k and rank r: k + r rounded up to 8 (16-byte bf16 rows)."""
+    return (k + r + 7) // 8 * 8
+
+
+def _opt(t: torch.Tensor) -> torch.Tensor | None:
+    return None if t.numel() == 0 else t
+
+
+def quantized_base(fmt: str, base: list[torch.Tensor], param: int, n: int, k: int, dtype: torch.dtype):
+    """The NF4Weight / Int4gWeight that a "nf4" / "int4g" base list stands for."""
+    from .ops.quant import Int4gWeight, NF4Weight
+
+    if fmt == "nf4":
+        packed, absmax, nested_absmax, nested_code, offset = base
+        return NF4Weight(
+            packed, absmax, _opt(nested_absmax), _opt(nested_code), _opt(offset), param, (n, k), dtype
+        )
+    packed, scales, zeros = base
+    return Int4gWeight(packed, scales, zeros, param, dtype)
+
+
+def dense_base(fmt: str, base: list[torch.Tensor], param: int, n: int, k: int, dtype: torch.dtype):
+    """The [N, K] base weight in ``dtype`` (a view for "dense" and "workspace"; dequantized otherwise)."""
+    if fmt == "dense":
+        return base[0]
+    if fmt == "workspace":
+        return base[0][:, :k]
+    q = quantized_base(fmt, base, param, n, k, dtype)
+    if dtype == torch.float64:  # the float64 reference path: dequantize exactly in float32, then widen
+        return q.dequantize(torch.float32).double()
+    return q.dequantize(dtype)
+
+
+def _workspace(fmt, base, param, b: torch.Tensor, k: int) -> torch.Tensor:
+    """W' = [W | B], [N, K + r] (row stride padded_width), B copied in; for a 4-bit base W is dequantized."""
+    n, r = b.shape
+    if fmt == "workspace":
+        ws = base[0]
+    else:
+        key = (b.device, b.dtype, n, padded_width(k, r))
+        ws = _SCRATCH.get(key)
+        if ws is None:
+            ws = _SCRATCH[key] = torch.zeros(n, padded_width(k, r), dtype=b.dtype, device=b.device)
+        if fmt == "dense":
+            ws[:, :k].copy_(base[0])
+        else:
+            q = quantized_base(fmt, base, param, n, k, b.dtype)
+            whole_blocks = k % (param if fmt == "nf4" else 1) == 0
+            if whole_blocks:
+                q.dequantize(b.dtype, out=ws[:, :k])
+            else:  # NF4 blocks straddle rows: dequantize flat, then copy
+                ws[:, :k].copy_(q.dequantize(b.dtype))
+    ws[:, k : k + r].copy_(b)
+    return ws[:, : k + r]
+
+
+def scratch_workspaces() -> dict[tuple, torch.Tensor]:
+    """The shared workspaces, keyed by (device, dtype, N, row stride); for tests and memory accounting."""
+    return _SCRATCH
+
+
+@torch.library.custom_op("kindred::lora_dropout", mutates_args=())
+def lora_dropout(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
+    """drop(x) for a 2-D x: kept elements scaled by 1 / (1 − p), the mask a counter hash of (seed, index)."""
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    _core.lora_dropout(view(x, "x"), p, view(seed, "seed"), view(out, "out"), False, stream(x))
+    return out
+
+
+@lora_dropout.register_fake
+def _(x, p, seed):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _dropout_into(src: torch.Tensor, p: float, seed: torch.Tensor, out: torch.Tensor) -> None:
+    """out += drop(src) with the same mask (the A path's gradient through the dropout)."""
+    _core.lora_dropout(view(src, "x"), p, view(seed, "seed"), view(out, "out"), True, stream(src))
+
+
+def _dropped(x: torch.Tensor, p: float, seed: torch.Tensor | None) -> torch.Tensor:
+    return x if p == 0.0 else lora_dropout(x, p, seed)
+
+
+def forward_plan(x, fmt, base, param, a, b, bias, s, p, seed):
+    """The CUDA forward as torch ops (runs on any device; tests run it on the CPU against the reference)."""
+    m, k = x.shape
+    n, r = b.shape
+    xd = _dropped(x, p, seed)
+    wp = _workspace(fmt, base, param, b, k)
+    if k <= n:
+        xp = torch.empty(m, padded_width(k, r), dtype=x.dtype, device=x.device)[:, : k + r]
+        xp[:, :k].copy_(x)
+        xs = xp[:, k:]
+        torch.mm(xd, a.t(), out=xs)
+        xs.mul_(s)
+        y = torch.mm(xp, wp.t()) if bias is None else torch.addmm(bias, xp, wp.t())
+        return y, xs.clone()
+    w = wp[:, :k]
+    y = torch.mm(x, w.t()) if bias is None else torch.addmm(bias, x, w.t())
+    xs = torch.mm(xd, a.t()).mul_(s)
+    y.addmm_(xs, b.t())
+    return y, xs
+
+
+def backward_plan(dy, x, fmt, base, param, a, b, xs, s, p, seed):
+    """The CUDA backward as torch ops: one GEMM dY·[W | B], dX += s·g·A in place (masked when p > 0)."""
+    m, k = x.shape
+    r = b.shape[1]
+    wp = _workspace(fmt, base, param, b, k)
+    full = x.new_empty(m, padded_width(k, r))[:, : k + r]
+    torch.mm(dy, wp, out=full)
+    dx, g = full[:, :k], full[:, k:]
+    xd = _dropped(x, p, seed)
+    da = torch.mm(g.t(), xd).mul_(s)
+    db = torch.mm(dy.t(), xs)
+    if p == 0.0:
+        dx.addmm_(g, a, alpha=s)
+    else:
+        _dropout_into(torch.mm(g, a).mul_(s), p, seed, dx)
+    return dx, da, db
+
+
+def _dx_cuda_view(m: int, k: int, r: int, like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty(m, padded_width(k, r))[:, :k]
+
+
+@torch.library.custom_op("kindred::lora_linear", mutates_args=())
+def lora_linear(
+    x: torch.Tensor,
+    base: list[torch.Tensor],
+    base_format: str,
+    base_param: int,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    bias: torch.Tensor | None,
+    scaling: float,
+    dropout_p: float,
+    seed: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y [M, N], xs [M, r]) for a 2-D x [M, K]; the module docstring has the formats and the CUDA plan."""
+    m, k = x.shape
+    n, r = b.shape
+    if x.is_cuda:
+        return forward_plan(x, base_format, base, base_param, a, b, bias, scaling, dropout_p, seed)
+    w = dense_base(base_format, base, base_param, n, k, x.dtype)
+    y = x.new_empty(m, n)
+    xs = x.new_empty(m, r)
+    _core.lora_forward(
+        view(x, "x"),
+        view(w, "base"),
+        view(a, "A"),
+        view(b, "B"),
+        opt_view(bias, "bias"),
+        scaling,
+        dropout_p,
+        opt_view(seed, "seed"),
+        view(y),
+        view(xs),
+    )
+    return y, xs
+
+
+@lora_linear.register_fake
+def _(x, base, base_format, base_param, a, b, bias, scaling, dropout_p, seed):
+    return x.new_empty(x.shape[0], b.shape[0]), x.new_empty(x.shape[0], b.shape[1])
+
+
+@torch.library.custom_op("kindred::lora_linear_backward", mutates_args=())
+def lora_linear_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    base: list[torch.Tensor],
+    base_format: str,
+    base_param: int,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    xs: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx [M, K], da [r, K], db [N, r]) of lora_linear for dy [M, N]. On CUDA dx is the first K columns of
+    the [M, K + r] result of dY·W' (row stride padded_width(K, r)); on the CPU it is contiguous."""
+    m, k = x.shape
+    n, r = b.shape
+    if x.is_cuda:
+        return backward_plan(dy, x, base_format, base, base_param, a, b, xs, scaling, dropout_p, seed)
+    w = dense_base(base_format, base, base_param, n, k, x.dtype)
+    dx, da, db = x.new_empty(m, k), a.new_empty(r, k), b.new_empty(n, r)
+    _core.lora_backward(
+        view(dy, "dy"),
+        view(x, "x"),
+        view(w, "base"),
+        view(a, "A"),
+        view(b, "B"),
+        scaling,
+        dropout_p,
+        opt_view(seed, "seed"),
+        view(dx),
+        view(da),
+        view(db),
+    )
+    return dx, da, db
+
+
+@lora_linear_backward.register_fake
+def _(dy, x, base, base_format, base_param, a, b, xs, scaling, dropout_p, seed):
+    m, k = x.shape
+    dx = _dx_cuda_view(m, k, b.shape[1], x) if x.is_cuda else x.new_empty(m, k)
+    return dx, a.new_empty(a.shape), b.new_empty(b.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    x, base, base_format, base_param, a, b, _bias, scaling, dropout_p, seed = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.meta = (base_format, base_param, scaling, dropout_p, len(base))
+    ctx.save_for_backward(x, a, b, output[1], seed, *base)
+
+
+def _backward(ctx, dy, _dxs):
+    base_format, base_param, scaling, dropout_p, nbase = ctx.meta
+    x, a, b, xs, seed, *base = ctx.saved_tensors
+    if dy.dtype != x.dtype:
+        raise KindredValueError(f"the gradient of y has dtype {dy.dtype}, expected {x.dtype}")
+    dx, da, db = lora_linear_backward(
+        dy.contiguous(), x, base, base_format, base_param, a, b, xs, scaling, dropout_p, seed
+    )
+    return dx, [None] * nbase, None, None, da, db, None, None, None, None
+
+
+lora_linear.register_autograd(_backward, setup_context=_setup_context)
