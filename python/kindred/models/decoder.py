@@ -261,7 +261,13 @@ class DecoderLM(nn.Module):
         eos_t = torch.tensor(eos, dtype=ids.dtype, device=ids.device)
         done = torch.zeros(b, dtype=torch.bool, device=ids.device)
         out, step = [ids], ids
+        rope = self.config.rope
+        switch = rope.original_max_position_embeddings if rope.rope_type == "longrope" else None
         for _ in range(max_new_tokens):
+            if switch is not None and cache.length <= switch < cache.length + step.shape[1]:
+                # longrope changes every position's frequencies past the original context: re-encode all
+                # (as transformers' Phi-3 does), so the cache never mixes short- and long-factor keys.
+                cache.length, step = 0, torch.cat(out, dim=1)
             logits = self._step(step, cache)[:, -1].float()
             nxt = self._choose(logits, temperature, top_k, top_p, generator)
             if eos:
