@@ -7,7 +7,7 @@ import torch
 from kindred import models
 from kindred.errors import KindredValueError
 
-from .model_helpers import FAMILY_CONFIGS, VOCAB, hf_model, random_ids, saved_hf_model
+from .model_helpers import FAMILY_CONFIGS, VOCAB, random_ids, saved_hf_model
 from .tolerances import REL_ERR, rel_err
 
 pytest.importorskip("transformers")
@@ -195,7 +195,7 @@ def test_from_config_builds_every_family_and_quantizes():
         out = model(random_ids((1, 7)))
         assert out.shape == (1, 7, VOCAB) and torch.isfinite(out.float()).all(), name
     with pytest.raises(
-        KindredValueError, match="q_proj: cannot quantize to int4g: .* multiple of group_size 32"
+        KindredValueError, match=r"q_proj: cannot quantize to int4g: .* multiple of group_size 32"
     ):
         models.from_config(
             {**FAMILY_CONFIGS["smollm2_tied"], "vocab_size": VOCAB}, quant="int4g", group_size=32
