@@ -31,6 +31,7 @@ from .decoder import LINEAR_NAMES, DecoderLM
 QUANTS = (None, "nf4", "int4g")
 _BNB_STATE = ".quant_state.bitsandbytes__nf4"
 _BNB_PARTS = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", _BNB_STATE)
+_BNB_OTHER = re.compile(r"\.quant_state\.bitsandbytes__(?!nf4$)\w+$")  # FP4 and other 4-bit types
 # Checkpoint name prefixes of Gemma 3's multimodal layout (transformers v4 and v5) -> kindred's names.
 _RENAMES = (("model.language_model.", "model."), ("language_model.model.", "model."), ("language_model.", ""))
 _SKIPPED = re.compile(r"^(model\.)?(vision_tower|multi_modal_projector)\.|\.rotary_emb\.inv_freq$")
@@ -272,6 +273,11 @@ def _plan(index: _Index, cfg: DecoderConfig, names: list[str], shapes: dict, pat
         if canon is not None:
             by_name[canon] = key
     bnb = any(k.endswith(_BNB_STATE) for k in index.shapes)
+    other = [k for k in index.shapes if _BNB_OTHER.search(k)]
+    if other:
+        raise KindredFormatError(
+            f"{index.where(other[0])}: '{other[0]}' is not NF4; kindred reads bnb NF4 only"
+        )
     plan: dict[str, tuple[str, tuple[int, int] | None]] = {}
     used: set[str] = set()
     fused = _fused_parts(cfg) if cfg.fused_checkpoint else {}
