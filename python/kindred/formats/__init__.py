@@ -1,6 +1,17 @@
-"""File formats kindred reads and writes: bitsandbytes 4-bit checkpoints (PEFT, AWQ, GGUF as they land)."""
+"""File formats kindred reads and writes: bitsandbytes 4-bit checkpoints, GGUF (PEFT, AWQ as they land)."""
 
 from .bnb import has_bnb_state, nf4_from_bnb, nf4_to_bnb
 from .checkpoint import load_linear4bit
+from .gguf import gguf_metadata, gguf_tensor, gguf_to_hf_config, read_gguf, tokenizer_from_gguf
 
-__all__ = ["has_bnb_state", "load_linear4bit", "nf4_from_bnb", "nf4_to_bnb"]
+__all__ = [
+    "gguf_metadata",
+    "gguf_tensor",
+    "gguf_to_hf_config",
+    "has_bnb_state",
+    "load_linear4bit",
+    "nf4_from_bnb",
+    "nf4_to_bnb",
+    "read_gguf",
+    "tokenizer_from_gguf",
+]

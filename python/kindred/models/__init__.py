@@ -7,6 +7,7 @@ weights, ``from_gguf(path)`` imports a llama.cpp GGUF file. Each returns a :clas
 
 from .config import FAMILIES, DecoderConfig, RopeConfig, load_config
 from .decoder import LINEAR_NAMES, DecoderLM, KVCache
+from .gguf import from_gguf, gguf_chat_template, gguf_tokenizer, smollm2_gguf_path
 from .loading import from_config, from_pretrained
 
 __all__ = [
@@ -17,6 +18,10 @@ __all__ = [
     "KVCache",
     "RopeConfig",
     "from_config",
+    "from_gguf",
     "from_pretrained",
+    "gguf_chat_template",
+    "gguf_tokenizer",
     "load_config",
+    "smollm2_gguf_path",
 ]
