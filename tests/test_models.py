@@ -284,3 +284,19 @@ def test_cuda_bf16_generation_runs(tmp_path):
     out = model.generate(prompt.cuda(), max_new_tokens=12, eos_token_id=[])
     assert out.shape == (1, 17) and out.is_cuda
     assert rel_err(model(out), cpu(out.cpu())) < REL_ERR[torch.bfloat16]
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    cfg = {**FAMILY_CONFIGS["gemma3"], "vocab_size": VOCAB}
+    model = models.from_config(cfg, quant="nf4", dtype=torch.float32, seed=2)
+    model.train()
+    norm = model.model.layers[0].post_feedforward_layernorm.weight
+    norm.requires_grad_(True)
+    _, packed, cu = _packed([9, 14], seed=3)
+    grads = []
+    for ckpt in (False, True):
+        model.model.gradient_checkpointing = ckpt
+        norm.grad = None
+        model(packed, cu_seqlens=cu).logsumexp(-1).mean().backward()
+        grads.append(norm.grad.clone())
+    assert grads[0].abs().sum() > 0 and torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-7)
