@@ -158,3 +158,129 @@ KINDRED_HD float int4g_decode(uint8_t q, uint8_t z, float s) {
 }
 
 }  // namespace kindred::formats
+
+// ===================================================================================================
+// GGUF block formats (section appended for the GGUF importer; ggml's ggml-common.h is the source).
+// A GGUF tensor's rows run along ne[0] (the innermost dimension); a row is a sequence of blocks of
+// kGgufBlock* elements. ggml_half is IEEE fp16, stored as raw bits. In the 32-element formats, byte j of
+// `qs` holds element j in its low nibble and element j + 16 in its high nibble.
+// ===================================================================================================
+#include <cstring>
+
+namespace kindred::formats::gguf {
+
+// ggml_type ids as written in GGUF tensor infos (the block formats kindred dequantizes).
+enum GgmlType : int { kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14 };
+
+inline constexpr int kQk = 32;    // elements per block of the legacy formats
+inline constexpr int kQkK = 256;  // elements per super-block of the k-quants
+inline constexpr int kScaleSizeK = 12;
+
+// Q4_0: 4.5 bits/weight. x = (q - 8) * d.
+struct BlockQ4_0 {
+  uint16_t d;
+  uint8_t qs[kQk / 2];
+};
+// Q4_1: 5.0 bits/weight. x = q * d + m.
+struct BlockQ4_1 {
+  uint16_t d, m;
+  uint8_t qs[kQk / 2];
+};
+// Q5_0: 5.5 bits/weight. q = low nibble | bit j of qh (u32, little-endian) << 4; x = (q - 16) * d.
+struct BlockQ5_0 {
+  uint16_t d;
+  uint8_t qh[4];
+  uint8_t qs[kQk / 2];
+};
+// Q5_1: 6.0 bits/weight. q as Q5_0; x = q * d + m.
+struct BlockQ5_1 {
+  uint16_t d, m;
+  uint8_t qh[4];
+  uint8_t qs[kQk / 2];
+};
+// Q8_0: 8.5 bits/weight. x = q * d.
+struct BlockQ8_0 {
+  uint16_t d;
+  int8_t qs[kQk];
+};
+// Q4_K: 4.5 bits/weight. 8 sub-blocks of 32 with 6-bit scale sc and min m (packed in `scales`, see
+// gguf_scale_min_k4); x = (d * sc) * q - (dmin * m). Chunk c of 64 elements reads qs[32c .. 32c + 31]:
+// low nibbles are sub-block 2c, high nibbles sub-block 2c + 1.
+struct BlockQ4_K {
+  uint16_t d, dmin;
+  uint8_t scales[kScaleSizeK];
+  uint8_t qs[kQkK / 2];
+};
+// Q5_K: 5.5 bits/weight. As Q4_K, plus bit s of qh[l] as bit 4 of element l of sub-block s.
+struct BlockQ5_K {
+  uint16_t d, dmin;
+  uint8_t scales[kScaleSizeK];
+  uint8_t qh[kQkK / 8];
+  uint8_t qs[kQkK / 2];
+};
+// Q6_K: 6.5625 bits/weight. 16 sub-blocks of 16 with int8 scales; x = (d * scale) * (q - 32). In each half
+// of 128 elements, element 32j + l (j < 4) takes its low 4 bits from ql[l + 32 (j & 1)] (high nibble
+// when j >= 2) and its top 2 bits from bits 2j of qh[l]. Note d comes last.
+struct BlockQ6_K {
+  uint8_t ql[kQkK / 2];
+  uint8_t qh[kQkK / 4];
+  int8_t scales[kQkK / 16];
+  uint16_t d;
+};
+
+static_assert(sizeof(BlockQ4_0) == 18, "Q4_0 block is 18 bytes");
+static_assert(sizeof(BlockQ4_1) == 20, "Q4_1 block is 20 bytes");
+static_assert(sizeof(BlockQ5_0) == 22, "Q5_0 block is 22 bytes");
+static_assert(sizeof(BlockQ5_1) == 24, "Q5_1 block is 24 bytes");
+static_assert(sizeof(BlockQ8_0) == 34, "Q8_0 block is 34 bytes");
+static_assert(sizeof(BlockQ4_K) == 144, "Q4_K block is 144 bytes");
+static_assert(sizeof(BlockQ5_K) == 176, "Q5_K block is 176 bytes");
+static_assert(sizeof(BlockQ6_K) == 210, "Q6_K block is 210 bytes");
+
+struct GgmlTypeInfo {
+  int id;
+  const char* name;
+  int block_elems;
+  int block_bytes;
+};
+
+inline constexpr GgmlTypeInfo kGgmlTypes[] = {
+    {kQ4_0, "Q4_0", kQk, sizeof(BlockQ4_0)},  {kQ4_1, "Q4_1", kQk, sizeof(BlockQ4_1)},
+    {kQ5_0, "Q5_0", kQk, sizeof(BlockQ5_0)},  {kQ5_1, "Q5_1", kQk, sizeof(BlockQ5_1)},
+    {kQ8_0, "Q8_0", kQk, sizeof(BlockQ8_0)},  {kQ4_K, "Q4_K", kQkK, sizeof(BlockQ4_K)},
+    {kQ5_K, "Q5_K", kQkK, sizeof(BlockQ5_K)}, {kQ6_K, "Q6_K", kQkK, sizeof(BlockQ6_K)},
+};
+
+// The block-format entry of ggml_type `id`, or nullptr when kindred does not dequantize it.
+inline const GgmlTypeInfo* ggml_type_info(int id) {
+  for (const auto& t : kGgmlTypes)
+    if (t.id == id) return &t;
+  return nullptr;
+}
+
+// Exact IEEE fp16 -> fp32 (every half is representable as a float).
+KINDRED_HD float fp16_to_f32(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1Fu, mant = h & 0x3FFu;
+  if (exp == 0) {  // zero or subnormal: mant * 2^-24, exact in float
+    const float v = static_cast<float>(mant) * 5.9604644775390625e-8f;
+    return sign ? -v : v;
+  }
+  const uint32_t bits = sign | (exp == 0x1F ? 0x7F800000u | (mant << 13) : ((exp + 112u) << 23) | (mant << 13));
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+// 6-bit scale and min of sub-block j (0..7) of a Q4_K / Q5_K block (ggml's get_scale_min_k4).
+KINDRED_HD void gguf_scale_min_k4(int j, const uint8_t* q, uint8_t& sc, uint8_t& m) {
+  if (j < 4) {
+    sc = q[j] & 63;
+    m = q[j + 4] & 63;
+  } else {
+    sc = static_cast<uint8_t>((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4));
+    m = static_cast<uint8_t>((q[j + 4] >> 4) | ((q[j] >> 6) << 4));
+  }
+}
+
+}  // namespace kindred::formats::gguf

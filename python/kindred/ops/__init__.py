@@ -1,5 +1,6 @@
 """kindred's functional API (ops that take and return torch tensors)."""
 
+from .gguf import GGUF_BLOCK_TYPES, dequantize_gguf
 from .lora import lora_dropout, lora_linear, lora_scaling, lora_workspace
 from .quant import (
     AWQ_ORDER,
@@ -22,12 +23,14 @@ from .quant import (
 __all__ = [
     "AWQ_ORDER",
     "DYNAMIC_MAP",
+    "GGUF_BLOCK_TYPES",
     "INT4G_DEFAULT_GROUP",
     "INT4G_GROUPS",
     "NF4_CODEBOOK",
     "NF4_DEFAULT_BLOCKSIZE",
     "Int4gWeight",
     "NF4Weight",
+    "dequantize_gguf",
     "dequantize_int4g",
     "dequantize_nf4",
     "int4g_from_awq",

@@ -1,0 +1,130 @@
+"""Causal attention over packed sequences and sliding windows, through torch's SDPA or FlexAttention.
+
+A packed row holds several documents back to back (``cu_seqlens`` gives their offsets); a token attends to
+earlier tokens of its own document only, and in a sliding-window layer only to the last ``window`` of them
+(key index > query index − window, as transformers' ``sliding_window_overlay``). Masks are built once per
+forward and shared by all layers of a kind, from device tensors, without host syncs.
+
+Backends: "flex" (FlexAttention with a block-sparse mask, compiled; the default on CUDA when a mask is
+needed), "sdpa" (``scaled_dot_product_attention`` with a boolean [T, T] mask, or its causal kernel when no
+mask is needed; the default on the CPU and for decoding with a KV cache).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import KindredValueError
+
+BACKENDS = ("auto", "sdpa", "flex")
+
+try:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    HAVE_FLEX = True
+except ImportError:  # torch without FlexAttention: SDPA only
+    HAVE_FLEX = False
+
+
+@functools.cache
+def _compiled_flex():
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def document_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """Document index [total] of each token of a packed row, from offsets [n_docs + 1] (on the device)."""
+    idx = torch.arange(total, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    return torch.searchsorted(cu_seqlens[1:].contiguous(), idx, right=True)
+
+
+def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """Position of each token within its document [total] (0 at every document start)."""
+    idx = torch.arange(total, device=cu_seqlens.device, dtype=torch.long)
+    return idx - cu_seqlens.long()[document_ids(cu_seqlens, total)]
+
+
+@dataclasses.dataclass
+class AttentionContext:
+    """What every layer of one forward needs to attend: documents, offset into a KV cache, the backend.
+
+    ``q_len`` new queries follow ``past`` cached keys; documents (packing) apply when ``past`` is 0.
+    """
+
+    q_len: int
+    past: int
+    device: torch.device
+    doc_ids: torch.Tensor | None = None
+    backend: str = "sdpa"
+    _masks: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def kv_len(self) -> int:
+        return self.past + self.q_len
+
+    def mask(self, window: int | None):
+        """The mask for layers with sliding ``window`` (None: full causal), built once and reused."""
+        if window not in self._masks:
+            self._masks[window] = (
+                self._block_mask(window) if self.backend == "flex" else self._bool_mask(window)
+            )
+        return self._masks[window]
+
+    def _bool_mask(self, window: int | None) -> torch.Tensor | None:
+        if self.doc_ids is None and window is None and (self.past == 0 or self.q_len == 1):
+            return None  # plain causal (or a single decode step): no mask tensor
+        q = torch.arange(self.past, self.kv_len, device=self.device)[:, None]
+        k = torch.arange(self.kv_len, device=self.device)[None, :]
+        allowed = k <= q
+        if window is not None:
+            allowed = allowed & (q - k < window)
+        if self.doc_ids is not None:
+            allowed = allowed & (self.doc_ids[:, None] == self.doc_ids[None, :])
+        return allowed
+
+    def _block_mask(self, window: int | None):
+        docs = self.doc_ids
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            allowed = kv_idx <= q_idx
+            if window is not None:
+                allowed = allowed & (q_idx - kv_idx < window)
+            if docs is not None:
+                allowed = allowed & (docs[q_idx] == docs[kv_idx])
+            return allowed
+
+        return create_block_mask(mask_mod, None, None, self.q_len, self.kv_len, device=self.device)
+
+
+def pick_backend(requested: str, device: torch.device, needs_mask: bool, cached: bool) -> str:
+    if requested not in BACKENDS:
+        raise KindredValueError(f"attn_backend must be one of {BACKENDS}, got {requested!r}")
+    if requested == "flex" and not HAVE_FLEX:
+        raise KindredValueError("attn_backend='flex' needs torch.nn.attention.flex_attention (torch >= 2.5)")
+    if cached:
+        return "sdpa"  # decoding: short queries against a growing cache
+    if requested == "auto":
+        return "flex" if HAVE_FLEX and device.type == "cuda" and needs_mask else "sdpa"
+    return requested
+
+
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext, window: int | None, scale: float
+) -> torch.Tensor:
+    """softmax(q kᵀ · scale + mask) v for q [B, H, Tq, D], k and v [B, Hkv, Tk, D] (grouped-query heads)."""
+    gqa = q.shape[1] != k.shape[1]
+    mask = ctx.mask(window)
+    if ctx.backend == "flex":
+        if q.is_cuda:
+            return _compiled_flex()(q, k, v, block_mask=mask, scale=scale, enable_gqa=gqa)
+        with warnings.catch_warnings():  # eager FlexAttention on the CPU: the unfused reference path
+            warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+            return flex_attention(q, k, v, block_mask=mask, scale=scale, enable_gqa=gqa)
+    causal = mask is None and ctx.past == 0
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa
+    )

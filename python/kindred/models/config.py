@@ -1,0 +1,325 @@
+"""DecoderConfig: one description of every supported dense decoder family, read from a HF ``config.json``.
+
+Supported ``model_type`` values: llama (Llama 3.x, SmolLM2), mistral (Mistral, Mistral NeMo), qwen3, phi3
+(Phi-3, Phi-4, Phi-4-mini) and gemma3_text (or gemma3, whose ``text_config`` is used). Keys a config.json may
+omit take the defaults of the family's transformers configuration class, so a config written by any
+transformers version (``rope_theta``/``rope_scaling`` of v4 or ``rope_parameters`` of v5) reads the same.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from ..errors import KindredValueError
+
+FAMILIES = ("llama", "mistral", "qwen3", "phi3", "gemma3_text")
+ROPE_TYPES = ("default", "linear", "llama3", "longrope", "yarn")
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu")
+FULL, SLIDING = "full_attention", "sliding_attention"
+
+# Defaults of each family's transformers config class for keys a config.json may leave out.
+_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": {
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+        "rope_theta": 10000.0,
+        "sliding_window": None,
+    },
+    "mistral": {
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+        "rope_theta": 10000.0,
+        "sliding_window": 4096,
+    },
+    "qwen3": {"rms_norm_eps": 1e-6, "tie_word_embeddings": False, "rope_theta": 10000.0, "head_dim": 128},
+    "phi3": {
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "rope_theta": 10000.0,
+        "sliding_window": None,
+    },
+    "gemma3_text": {
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": True,
+        "rope_theta": 1_000_000.0,
+        "rope_local_base_freq": 10000.0,
+        "head_dim": 256,
+        "query_pre_attn_scalar": 256,
+        "sliding_window": 4096,
+        "sliding_window_pattern": 6,
+        "hidden_activation": "gelu_pytorch_tanh",
+    },
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding of one attention kind: θ, the scaling rule and the rotated fraction of a head."""
+
+    theta: float
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    original_max_position_embeddings: int | None = None  # llama3, longrope, yarn
+    short_factor: tuple[float, ...] | None = None  # longrope
+    long_factor: tuple[float, ...] | None = None  # longrope
+    attention_factor: float | None = None  # longrope, yarn: scales cos and sin
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0  # yarn
+    mscale: float | None = None  # yarn
+    mscale_all_dim: float | None = None  # yarn
+    truncate: bool = True  # yarn
+    partial_rotary_factor: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+    """Everything the decoder needs; build with :meth:`from_hf` or :func:`load_config`."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    hidden_act: str
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+    rope: RopeConfig
+    rope_local: RopeConfig  # sliding-window layers (Gemma 3's local base); equals `rope` elsewhere
+    layer_types: tuple[str, ...]
+    sliding_window: int | None = None
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False  # Qwen3, Gemma 3: RMSNorm over each head of q and k before the rotation
+    gemma_norm: bool = False  # Gemma: (1 + w) RMSNorm in float32, four norms per layer
+    embed_scale: float | None = None  # Gemma: embeddings times sqrt(hidden_size)
+    query_pre_attn_scalar: float | None = None  # Gemma: attention scale is its -1/2 power
+    final_logit_softcapping: float | None = None
+    fused_checkpoint: bool = False  # Phi-3/4 store qkv_proj and gate_up_proj fused
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    pad_token_id: int | None = None
+
+    @property
+    def attn_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.rope.partial_rotary_factor)
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        e = self.eos_token_id
+        return () if e is None else (e,) if isinstance(e, int) else tuple(e)
+
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any], source: str = "config") -> DecoderConfig:
+        """Parse a transformers ``config.json`` dict; errors name ``source`` and the offending key."""
+        return _parse(cfg, source)
+
+    def replace(self, **changes: Any) -> DecoderConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def load_config(config: dict[str, Any] | str | Path) -> DecoderConfig:
+    """A DecoderConfig from a config dict, a config.json path or a model directory."""
+    if isinstance(config, DecoderConfig):
+        return config
+    if isinstance(config, dict):
+        return DecoderConfig.from_hf(config)
+    path = Path(config)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise KindredValueError(f"{path}: no config.json here")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise KindredValueError(f"{path}: malformed JSON at line {e.lineno}: {e.msg}") from None
+    return DecoderConfig.from_hf(cfg, str(path))
+
+
+def _parse(cfg: dict[str, Any], source: str) -> DecoderConfig:
+    if not isinstance(cfg, dict):
+        raise KindredValueError(f"{source}: a config must be a JSON object, got {type(cfg).__name__}")
+    model_type = cfg.get("model_type")
+    if model_type == "gemma3":  # the multimodal checkpoint: its language model is the text decoder
+        text = cfg.get("text_config")
+        if not isinstance(text, dict):
+            raise KindredValueError(f"{source}: model_type 'gemma3' needs a 'text_config' object")
+        cfg = {**text, "model_type": "gemma3_text"}
+        for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            cfg.setdefault(k, None)
+        model_type = "gemma3_text"
+    if model_type not in FAMILIES:
+        raise KindredValueError(
+            f"{source}: model_type {model_type!r} is not supported; supported: {FAMILIES}"
+        )
+    c = {**_DEFAULTS[model_type], **cfg}
+
+    def need(key: str) -> Any:
+        if key not in c or c[key] is None:
+            raise KindredValueError(f"{source}: missing required key '{key}' for model_type {model_type!r}")
+        return c[key]
+
+    def positive_int(key: str, value: Any = None) -> int:
+        v = need(key) if value is None else value
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise KindredValueError(f"{source}: '{key}' must be a positive integer, got {v!r}")
+        return v
+
+    hidden, heads = positive_int("hidden_size"), positive_int("num_attention_heads")
+    kv_heads = positive_int("num_key_value_heads", c.get("num_key_value_heads") or heads)
+    if heads % kv_heads:
+        raise KindredValueError(
+            f"{source}: num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})"
+        )
+    head_dim = positive_int("head_dim", c.get("head_dim") or hidden // heads)
+    layers = positive_int("num_hidden_layers")
+    act = c.get("hidden_activation") or c.get("hidden_act") or "silu"
+    act = {"swish": "silu", "gelu_tanh": "gelu_pytorch_tanh"}.get(act, act)
+    if act not in ACTIVATIONS:
+        raise KindredValueError(f"{source}: hidden_act {act!r} is not supported; supported: {ACTIVATIONS}")
+    if c.get("attn_logit_softcapping") is not None:
+        raise KindredValueError(
+            f"{source}: attn_logit_softcapping={c['attn_logit_softcapping']} is not supported (Gemma 2); "
+            "kindred's decoder covers Gemma 3, which has none"
+        )
+    if c.get("use_bidirectional_attention"):
+        raise KindredValueError(
+            f"{source}: use_bidirectional_attention is not supported (causal decoders only)"
+        )
+    gemma = model_type == "gemma3_text"
+    window, layer_types = _layer_types(c, model_type, layers, source)
+    rope, rope_local = _ropes(c, model_type, source)
+    if int(head_dim * rope.partial_rotary_factor) % 2:
+        raise KindredValueError(f"{source}: partial_rotary_factor gives an odd number of rotary dimensions")
+    max_pos = c.get("max_position_embeddings") or 131072
+    softcap = c.get("final_logit_softcapping")
+    return DecoderConfig(
+        model_type=model_type,
+        vocab_size=positive_int("vocab_size"),
+        hidden_size=hidden,
+        intermediate_size=positive_int("intermediate_size"),
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        rms_norm_eps=float(need("rms_norm_eps")),
+        hidden_act=act,
+        tie_word_embeddings=bool(c.get("tie_word_embeddings")),
+        max_position_embeddings=int(max_pos),
+        rope=rope,
+        rope_local=rope_local,
+        layer_types=layer_types,
+        sliding_window=window,
+        attention_bias=bool(c.get("attention_bias", False)),
+        mlp_bias=bool(c.get("mlp_bias", False)),
+        qk_norm=model_type in ("qwen3", "gemma3_text"),
+        gemma_norm=gemma,
+        embed_scale=math.sqrt(hidden) if gemma else None,
+        query_pre_attn_scalar=float(c["query_pre_attn_scalar"]) if gemma else None,
+        final_logit_softcapping=None if softcap is None else float(softcap),
+        fused_checkpoint=model_type == "phi3",
+        bos_token_id=c.get("bos_token_id"),
+        eos_token_id=tuple(c["eos_token_id"])
+        if isinstance(c.get("eos_token_id"), list)
+        else c.get("eos_token_id"),
+        pad_token_id=c.get("pad_token_id"),
+    )
+
+
+def _layer_types(c: dict, model_type: str, layers: int, source: str) -> tuple[int | None, tuple[str, ...]]:
+    """The sliding window and each layer's attention kind, as the family's transformers model decides them."""
+    window = c.get("sliding_window")
+    if model_type == "qwen3" and not c.get("use_sliding_window", False):
+        window = None
+    types = c.get("layer_types")
+    if types is None:
+        if model_type == "gemma3_text":
+            pattern = int(c.get("sliding_window_pattern") or 6)
+            types = [SLIDING if (i + 1) % pattern else FULL for i in range(layers)]
+        elif model_type == "qwen3":
+            first = int(c.get("max_window_layers", 28))
+            types = [SLIDING if window is not None and i >= first else FULL for i in range(layers)]
+        else:  # Mistral and Phi-3 slide in every layer when a window is configured
+            types = [SLIDING if window is not None else FULL] * layers
+    types = tuple(types)
+    if len(types) != layers or any(t not in (FULL, SLIDING) for t in types):
+        raise KindredValueError(
+            f"{source}: layer_types must list '{FULL}' or '{SLIDING}' for each of the {layers} layers, "
+            f"got {types}"
+        )
+    if SLIDING in types and (not isinstance(window, int) or window <= 0):
+        raise KindredValueError(
+            f"{source}: sliding layers need a positive integer sliding_window, got {window!r}"
+        )
+    return (window if SLIDING in types else None), types
+
+
+def _ropes(c: dict, model_type: str, source: str) -> tuple[RopeConfig, RopeConfig]:
+    params = c.get("rope_parameters")
+    partial = float(c.get("partial_rotary_factor") or 1.0)
+    if model_type == "gemma3_text":
+        if isinstance(params, dict) and FULL in params:  # transformers v5: one entry per layer kind
+            full, local = dict(params.get(FULL) or {}), dict(params.get(SLIDING) or {})
+        else:  # v4: rope_theta and rope_scaling for global layers, rope_local_base_freq for local ones
+            full = {**(c.get("rope_scaling") or {}), "rope_theta": c["rope_theta"]}
+            local = {"rope_type": "default", "rope_theta": c["rope_local_base_freq"]}
+        full.setdefault("rope_theta", c["rope_theta"])
+        local.setdefault("rope_theta", c["rope_local_base_freq"])
+        return _rope(full, c, partial, source), _rope(local, c, partial, source)
+    merged = {**(c.get("rope_scaling") or {}), **(params or {})}
+    merged.setdefault("rope_theta", c["rope_theta"])
+    rope = _rope(merged, c, partial, source)
+    return rope, rope
+
+
+def _rope(p: dict, c: dict, partial: float, source: str) -> RopeConfig:
+    rope_type = p.get("rope_type", p.get("type", "default"))
+    rope_type = {"su": "longrope"}.get(rope_type, rope_type)
+    if rope_type not in ROPE_TYPES:
+        raise KindredValueError(
+            f"{source}: rope type {rope_type!r} is not supported; supported: {ROPE_TYPES}"
+        )
+    partial = float(p.get("partial_rotary_factor", partial))
+    original = c.get("original_max_position_embeddings") or p.get("original_max_position_embeddings")
+    if rope_type in ("llama3", "longrope", "yarn") and original is None:
+        original = c.get("max_position_embeddings")
+    factor = p.get("factor")
+    if factor is None and rope_type in ("longrope", "yarn") and original:
+        factor = c.get("max_position_embeddings", original) / original
+    if rope_type in ("linear", "llama3", "yarn") and factor is None:
+        raise KindredValueError(f"{source}: rope type {rope_type!r} needs a 'factor'")
+    if rope_type == "longrope" and not (p.get("short_factor") and p.get("long_factor")):
+        raise KindredValueError(
+            f"{source}: rope type 'longrope' needs 'short_factor' and 'long_factor' lists"
+        )
+    tup = lambda v: None if v is None else tuple(float(x) for x in v)  # noqa: E731
+    return RopeConfig(
+        theta=float(p["rope_theta"]),
+        rope_type=rope_type,
+        factor=1.0 if factor is None else float(factor),
+        low_freq_factor=float(p.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(p.get("high_freq_factor", 4.0)),
+        original_max_position_embeddings=None if original is None else int(original),
+        short_factor=tup(p.get("short_factor")),
+        long_factor=tup(p.get("long_factor")),
+        attention_factor=p.get("attention_factor"),
+        beta_fast=float(p.get("beta_fast") or 32.0),
+        beta_slow=float(p.get("beta_slow") or 1.0),
+        mscale=p.get("mscale"),
+        mscale_all_dim=p.get("mscale_all_dim"),
+        truncate=bool(p.get("truncate", True)),
+        partial_rotary_factor=partial,
+    )

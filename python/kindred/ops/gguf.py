@@ -1,0 +1,72 @@
+"""Functional API of the gguf family: dequantizing GGUF tensor data (llama.cpp's block formats).
+
+The block layouts are defined once in ``csrc/include/kindred/formats.h`` (GGUF section); Python reads the
+table of supported types from the core.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import _core, _ops_gguf
+from ..errors import KindredValueError
+
+# name -> (ggml_type id, elements per block, bytes per block), from formats.h.
+GGUF_BLOCK_TYPES: dict[str, tuple[int, int, int]] = {k: tuple(v) for k, v in _core.GGUF_BLOCK_TYPES.items()}
+_BY_ID = {v[0]: (k, v[1], v[2]) for k, v in GGUF_BLOCK_TYPES.items()}
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def gguf_type_name(ggml_type: int) -> str:
+    """The name ("Q4_1", ...) of a block type kindred dequantizes."""
+    if ggml_type not in _BY_ID:
+        raise KindredValueError(
+            f"ggml_type {ggml_type} is not a block format kindred dequantizes; supported: "
+            + ", ".join(f"{n} ({v[0]})" for n, v in GGUF_BLOCK_TYPES.items())
+        )
+    return _BY_ID[ggml_type][0]
+
+
+def gguf_nbytes(ggml_type: int, numel: int) -> int:
+    """Bytes of GGUF data holding ``numel`` elements of ``ggml_type``."""
+    gguf_type_name(ggml_type)  # raises for an unsupported type
+    _, elems, nbytes = _BY_ID[ggml_type]
+    if numel <= 0 or numel % elems:
+        raise KindredValueError(f"numel must be a positive multiple of {elems} for this type, got {numel}")
+    return numel // elems * nbytes
+
+
+def dequantize_gguf(
+    blocks: torch.Tensor,
+    ggml_type: int,
+    shape: tuple[int, ...] | list[int],
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """The tensor of torch ``shape`` (GGUF dims reversed) that GGUF ``blocks`` of ``ggml_type`` stand for.
+
+    ``blocks`` is the tensor's raw data (u8, CPU, any shape, contiguous). Values are bit-identical to
+    llama.cpp's ``dequantize_row_*`` (computed in float32, then rounded to ``dtype``).
+    """
+    if not isinstance(blocks, torch.Tensor):
+        raise KindredValueError(f"blocks must be a torch.Tensor, got {type(blocks).__name__}")
+    if blocks.dtype != torch.uint8:
+        raise KindredValueError(f"blocks must be uint8 (raw GGUF bytes), got {blocks.dtype}")
+    if blocks.device.type != "cpu":
+        raise KindredValueError(
+            f"blocks must be on the CPU (dequantization runs at load time), got {blocks.device}"
+        )
+    if dtype not in _FLOAT_DTYPES:
+        raise KindredValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    shape = tuple(int(s) for s in shape)
+    if not shape or any(s <= 0 for s in shape):
+        raise KindredValueError(f"shape must be non-empty with positive sizes, got {shape}")
+    numel = math.prod(shape)
+    expected = gguf_nbytes(ggml_type, numel)
+    if blocks.numel() != expected:
+        raise KindredValueError(
+            f"blocks must hold {expected} bytes for {numel} {gguf_type_name(ggml_type)} elements, "
+            f"got {blocks.numel()} (truncated tensor data or a wrong shape?)"
+        )
+    return _ops_gguf.dequantize_gguf(blocks.contiguous(), ggml_type, numel, dtype).reshape(shape)

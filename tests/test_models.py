@@ -1,0 +1,302 @@
+"""kindred's decoder against transformers' own models (every family, tiny random weights saved with
+save_pretrained and loaded back through kindred's loader), packed sequences, sliding windows, generation."""
+
+import pytest
+import torch
+
+from kindred import models
+from kindred.errors import KindredValueError
+
+from .model_helpers import FAMILY_CONFIGS, VOCAB, random_ids, saved_hf_model
+from .tolerances import REL_ERR, rel_err
+
+pytest.importorskip("transformers")
+
+BACKENDS = ["sdpa", "flex"]
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    """(transformers model, kindred model in float32) per family, built once per module."""
+    built = {}
+
+    def get(name):
+        if name not in built:
+            path = tmp_path_factory.mktemp(name)
+            hf = saved_hf_model(name, path)
+            built[name] = (hf, models.from_pretrained(path, dtype=torch.float32))
+        return built[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", FAMILY_CONFIGS)
+@pytest.mark.parametrize("shape", [(1, 1), (1, 3), (2, 29)], ids=str)
+def test_logits_equal_transformers(family, name, shape):
+    hf, model = family(name)
+    ids = random_ids(shape, seed=shape[1])
+    with torch.no_grad():
+        ref = hf(ids).logits
+    out = model(ids)
+    assert out.shape == (*shape, VOCAB) and out.dtype == torch.float32
+    assert rel_err(out, ref) < REL_ERR[torch.float32]
+
+
+@pytest.mark.parametrize("name", FAMILY_CONFIGS)
+def test_hidden_states_and_lm_head(family, name):
+    hf, model = family(name)
+    ids = random_ids((1, 17), seed=5)
+    with torch.no_grad():
+        ref = hf.model(ids).last_hidden_state
+    hidden = model(ids, return_hidden=True)
+    assert rel_err(hidden, ref) < REL_ERR[torch.float32]
+    assert torch.equal(model.logits(hidden), model(ids))
+    assert model.lm_head.weight.shape == (VOCAB, model.config.hidden_size)
+    if model.config.tie_word_embeddings:
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_same_linear_names_for_every_family(family):
+    """Phi's fused qkv_proj / gate_up_proj come out split: LoRA targets are the same seven everywhere."""
+    for name in FAMILY_CONFIGS:
+        _, model = family(name)
+        leaves = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        assert leaves == {*models.LINEAR_NAMES, "lm_head"}, name
+        assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_phi_fused_weights_are_split_in_order(family):
+    hf, model = family("phi4")
+    attn, mlp = hf.model.layers[1].self_attn, hf.model.layers[1].mlp
+    q, k, v = (
+        model.model.layers[1].self_attn.get_submodule(p).weight for p in ("q_proj", "k_proj", "v_proj")
+    )
+    assert torch.equal(torch.cat([q, k, v]), attn.qkv_proj.weight)
+    gate, up = model.model.layers[1].mlp.gate_proj.weight, model.model.layers[1].mlp.up_proj.weight
+    assert torch.equal(torch.cat([gate, up]), mlp.gate_up_proj.weight)
+
+
+@pytest.mark.parametrize("length", [12, 40], ids=["short_factor", "long_factor"])
+def test_longrope_switches_factors_like_transformers(family, length):
+    hf, model = family("phi4_mini")  # original context 16: length 40 uses the long factors
+    ids = random_ids((1, length), seed=length)
+    with torch.no_grad():
+        ref = hf(ids).logits
+    assert rel_err(model(ids), ref) < REL_ERR[torch.float32]
+
+
+def test_bfloat16_against_float64_reference(tmp_path):
+    hf = saved_hf_model("gemma3", tmp_path).double()
+    model = models.from_pretrained(tmp_path)  # bfloat16 by default
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    ids = random_ids((2, 29), seed=3)
+    with torch.no_grad():
+        ref = hf(ids).logits
+    out = model(ids)
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out, ref) < 2 * REL_ERR[torch.bfloat16]  # two layers of bf16 rounding
+
+
+def _packed(lengths, seed):
+    docs = [random_ids((1, n), seed=seed + i) for i, n in enumerate(lengths)]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    return docs, torch.cat(docs, dim=1), cu
+
+
+@pytest.mark.parametrize("name", FAMILY_CONFIGS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_packed_sequences_equal_separate_runs(family, name, backend):
+    hf, model = family(name)
+    model.attn_backend = backend
+    try:
+        docs, packed, cu = _packed([9, 1, 14, 5], seed=11)
+        out = model(packed, cu_seqlens=cu)
+        for i, doc in enumerate(docs):
+            part = out[:, cu[i] : cu[i + 1]]
+            assert rel_err(part, model(doc)) < REL_ERR[torch.float32]
+            with torch.no_grad():
+                assert rel_err(part, hf(doc).logits) < REL_ERR[torch.float32]
+    finally:
+        model.attn_backend = "auto"
+
+
+def test_explicit_position_ids_with_cu_seqlens(family):
+    _, model = family("llama3")
+    docs, packed, cu = _packed([6, 10], seed=2)
+    pos = torch.cat([torch.arange(6), torch.arange(10)])[None]
+    assert torch.equal(model(packed, position_ids=pos, cu_seqlens=cu), model(packed, cu_seqlens=cu))
+    # Without cu_seqlens, the second document would see the first: the outputs differ.
+    assert not torch.allclose(model(packed, position_ids=pos)[:, 6:], model(docs[1]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sliding_window_is_honoured(tmp_path, backend):
+    """In a one-layer all-sliding model, token t sees exactly tokens t - window + 1 .. t."""
+    saved_hf_model("mistral_window", tmp_path, num_hidden_layers=1)
+    model = models.from_pretrained(tmp_path, dtype=torch.float32, attn_backend=backend)
+    window = model.config.sliding_window
+    ids = random_ids((1, 24), seed=4)
+    base = model(ids)
+    t = 20
+    far, near = ids.clone(), ids.clone()
+    far[0, t - window] = (far[0, t - window] + 1) % VOCAB  # just outside the window of token t
+    near[0, t - window + 1] = (near[0, t - window + 1] + 1) % VOCAB  # the oldest token inside it
+    assert torch.equal(model(far)[0, t], base[0, t])
+    assert not torch.allclose(model(near)[0, t], base[0, t])
+
+
+def test_gemma_layer_kinds_and_local_rope(family):
+    _, model = family("gemma3")
+    assert model.config.layer_types == ("sliding_attention", "full_attention") * 2
+    assert [layer.self_attn.window for layer in model.model.layers] == [6, None, 6, None]
+    assert model.config.rope_local.theta == 10000.0 and model.config.rope.rope_type == "linear"
+    assert model.config.attn_scale == 20**-0.5 and model.config.embed_scale == 8.0
+
+
+@pytest.mark.parametrize("name", ["llama3", "gemma3", "phi4_mini", "mistral_window"])
+def test_greedy_generation_matches_transformers(family, name):
+    hf, model = family(name)
+    prompt = random_ids((2, 5), seed=8)
+    out = model.generate(prompt, max_new_tokens=20)  # stops at the config's eos, as transformers does
+    eos = model.config.eos_token_id
+    ref = hf.generate(prompt, max_new_tokens=20, do_sample=False, pad_token_id=eos)  # pads like kindred
+    assert torch.equal(out, ref[:, : out.shape[1]]) and (ref[:, out.shape[1] :] == eos).all()
+
+
+def test_generation_cache_matches_full_recompute(family):
+    _, model = family("gemma3")  # windows of 6 over 25 tokens: the cache mask must slide too
+    ids = random_ids((1, 4), seed=9)
+    out = model.generate(ids, max_new_tokens=21, eos_token_id=[])
+    seq = ids
+    for _ in range(21):
+        seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, seq)
+
+
+def test_generation_stops_at_eos_and_samples_reproducibly(family):
+    _, model = family("llama3")
+    ids = random_ids((2, 3), seed=1)
+    greedy = model.generate(ids, max_new_tokens=6, eos_token_id=[])
+    eos = int(greedy[0, 4])  # the second token row 0 generates
+    out = model.generate(ids, max_new_tokens=6, eos_token_id=eos)
+    assert out[0, 4] == eos and (out[0, 4:] == eos).all()
+    assert out.shape[1] <= 9
+    kw = dict(max_new_tokens=8, temperature=0.8, top_k=20, top_p=0.9, eos_token_id=[])
+    a = model.generate(ids, generator=torch.Generator().manual_seed(3), **kw)
+    b = model.generate(ids, generator=torch.Generator().manual_seed(3), **kw)
+    assert torch.equal(a, b) and a.shape == (2, 11)
+
+
+def test_from_config_builds_every_family_and_quantizes():
+    for name, cfg in FAMILY_CONFIGS.items():
+        quant = "int4g" if cfg["hidden_size"] % 32 == 0 and cfg["intermediate_size"] % 32 == 0 else "nf4"
+        model = models.from_config({**cfg, "vocab_size": VOCAB}, quant=quant, group_size=32, seed=1)
+        assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+        out = model(random_ids((1, 7)))
+        assert out.shape == (1, 7, VOCAB) and torch.isfinite(out.float()).all(), name
+    with pytest.raises(
+        KindredValueError, match=r"q_proj: cannot quantize to int4g: .* multiple of group_size 32"
+    ):
+        models.from_config(
+            {**FAMILY_CONFIGS["smollm2_tied"], "vocab_size": VOCAB}, quant="int4g", group_size=32
+        )
+    a = models.from_config({**FAMILY_CONFIGS["qwen3"], "vocab_size": VOCAB}, dtype=torch.float32, seed=4)
+    b = models.from_config({**FAMILY_CONFIGS["qwen3"], "vocab_size": VOCAB}, dtype=torch.float32, seed=4)
+    assert torch.equal(a.model.layers[1].mlp.up_proj.weight, b.model.layers[1].mlp.up_proj.weight)
+
+
+def test_v4_style_gemma_config_reads_like_v5():
+    v4 = {
+        "model_type": "gemma3",
+        "text_config": {
+            **{k: v for k, v in FAMILY_CONFIGS["gemma3"].items() if k != "model_type"},
+            "vocab_size": VOCAB,
+        },
+    }
+    cfg = models.load_config(v4)
+    assert cfg.model_type == "gemma3_text" and cfg.tie_word_embeddings
+    assert cfg.rope.theta == 1e6 and cfg.rope.factor == 8.0 and cfg.rope_local.rope_type == "default"
+    assert cfg.layer_types[:2] == ("sliding_attention", "full_attention")
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"model_type": "gpt2"}, "model_type 'gpt2' is not supported"),
+        ({"hidden_size": None}, "missing required key 'hidden_size'"),
+        ({"num_key_value_heads": 3}, "multiple of num_key_value_heads"),
+        ({"hidden_act": "relu"}, "hidden_act 'relu'"),
+        ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope type 'dynamic'"),
+        ({"rope_scaling": {"rope_type": "llama3"}}, "needs a 'factor'"),
+        ({"layer_types": ["full_attention"]}, "layer_types must list"),
+        ({"intermediate_size": -4}, "'intermediate_size' must be a positive integer"),
+    ],
+)
+def test_bad_configs_name_the_key(change, match):
+    cfg = {**FAMILY_CONFIGS["llama3"], "vocab_size": VOCAB, **change}
+    with pytest.raises(KindredValueError, match=match):
+        models.load_config(cfg)
+
+
+def test_bad_forward_arguments_are_named(family):
+    _, model = family("llama3")
+    ids = random_ids((1, 8))
+    with pytest.raises(KindredValueError, match="input_ids must be a 2-D"):
+        model(ids[0])
+    with pytest.raises(KindredValueError, match="input_ids must hold integer"):
+        model(ids.float())
+    with pytest.raises(KindredValueError, match="position_ids must have shape"):
+        model(ids, position_ids=torch.arange(7)[None])
+    with pytest.raises(KindredValueError, match="cu_seqlens must rise from 0"):
+        model(ids, cu_seqlens=torch.tensor([0, 5, 7]))
+    with pytest.raises(KindredValueError, match="input_ids must be \\[1, T\\]"):
+        model(random_ids((2, 8)), cu_seqlens=torch.tensor([0, 8]))
+    with pytest.raises(KindredValueError, match="cu_seqlens must be int32 or int64"):
+        model(ids, cu_seqlens=torch.tensor([0.0, 8.0]))
+    with pytest.raises(KindredValueError, match="attn_backend must be one of"):
+        models.DecoderLM(model.config, attn_backend="xformers")
+    with pytest.raises(KindredValueError, match="max_new_tokens"):
+        model.generate(ids, max_new_tokens=-1)
+    with pytest.raises(KindredValueError, match="top_p"):
+        model.generate(ids, max_new_tokens=1, temperature=1.0, top_p=1.5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["llama3", "gemma3", "phi4_mini"])
+def test_cuda_flex_packed_matches_cpu(tmp_path, name):
+    saved_hf_model(name, tmp_path)
+    cpu = models.from_pretrained(tmp_path, dtype=torch.float32)
+    gpu = models.from_pretrained(tmp_path, dtype=torch.float32, device="cuda")
+    _, packed, cu = _packed([70, 1, 130, 55], seed=1)
+    ref = cpu(packed, cu_seqlens=cu)
+    for backend in BACKENDS:
+        gpu.attn_backend = backend
+        out = gpu(packed.cuda(), cu_seqlens=cu.cuda())
+        assert rel_err(out, ref) < 5e-4, backend  # tf32 / fused-kernel reassociation
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_generation_runs(tmp_path):
+    saved_hf_model("gemma3", tmp_path)
+    model = models.from_pretrained(tmp_path, quant="nf4", device="cuda")
+    cpu = models.from_pretrained(tmp_path, quant="nf4")
+    prompt = random_ids((1, 5))
+    out = model.generate(prompt.cuda(), max_new_tokens=12, eos_token_id=[])
+    assert out.shape == (1, 17) and out.is_cuda
+    assert rel_err(model(out), cpu(out.cpu())) < REL_ERR[torch.bfloat16]
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    cfg = {**FAMILY_CONFIGS["gemma3"], "vocab_size": VOCAB}
+    model = models.from_config(cfg, quant="nf4", dtype=torch.float32, seed=2)
+    model.train()
+    norm = model.model.layers[0].post_feedforward_layernorm.weight
+    norm.requires_grad_(True)
+    _, packed, cu = _packed([9, 14], seed=3)
+    grads = []
+    for ckpt in (False, True):
+        model.model.gradient_checkpointing = ckpt
+        norm.grad = None
+        model(packed, cu_seqlens=cu).logsumexp(-1).mean().backward()
+        grads.append(norm.grad.clone())
+    assert grads[0].abs().sum() > 0 and torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-7)
