@@ -55,4 +55,5 @@ PYBIND11_MODULE(_core, m) {
   m.def("cuda_compiled", &kindred::cuda_compiled, "whether the CUDA kernels were compiled in");
 
   kindred::bind_quant(m);
+  kindred::bind_loss(m);
 }

@@ -1,5 +1,6 @@
 """kindred's functional API (ops that take and return torch tensors)."""
 
+from .loss import LinearCrossEntropyStats, linear_cross_entropy
 from .quant import (
     AWQ_ORDER,
     DYNAMIC_MAP,
@@ -25,11 +26,13 @@ __all__ = [
     "NF4_CODEBOOK",
     "NF4_DEFAULT_BLOCKSIZE",
     "Int4gWeight",
+    "LinearCrossEntropyStats",
     "NF4Weight",
     "dequantize_int4g",
     "dequantize_nf4",
     "int4g_from_awq",
     "int4g_to_awq",
+    "linear_cross_entropy",
     "quantize_int4g",
     "quantize_nf4",
 ]
