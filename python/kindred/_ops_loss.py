@@ -377,16 +377,23 @@ def _(hidden, weight, bias, targets, lse, coef, ignore_index, label_smoothing, z
 def _setup_context(ctx, inputs, output):
     hidden, weight, bias, targets, ignore_index, eps, lam, cap, reduction, single, impl, rows, cols = inputs
     _, _, lse, _, d_hidden = output
-    ctx.save_for_backward(hidden, weight, bias, targets, lse, d_hidden)
+    # Eager: dH is kept off save_for_backward (no version check), so the first backward scales it in place and
+    # returns it without a second [N, D] buffer. Traced (torch.compile; fake/functional tensors): saved.
+    eager = type(d_hidden) is torch.Tensor
+    ctx.save_for_backward(hidden, weight, bias, targets, lse, None if eager else d_hidden)
+    ctx.d_hidden = d_hidden.detach() if single and eager else None
     ctx.args = (ignore_index, eps, lam, cap, reduction, single, impl, rows, cols)
 
 
 def _backward(ctx, g_loss, *_unused):
-    hidden, weight, bias, targets, lse, d_hidden = ctx.saved_tensors
+    hidden, weight, bias, targets, lse, saved_dh = ctx.saved_tensors
     ignore_index, eps, lam, cap, reduction, single, impl, rows, cols = ctx.args
-    if single:
-        dh = (d_hidden * g_loss.to(d_hidden.dtype)).to(hidden.dtype)
-        return dh, *(None,) * 12
+    if single and ctx.d_hidden is not None:
+        # A second backward through the same graph (retain_graph) finds it consumed and recomputes it below.
+        d_hidden, ctx.d_hidden = ctx.d_hidden, None
+        return d_hidden.mul_(g_loss.to(d_hidden.dtype)), *(None,) * 12
+    if single and saved_dh is not None:
+        return saved_dh * g_loss.to(saved_dh.dtype), *(None,) * 12
     valid = targets != ignore_index
     if reduction == "none":
         coef = g_loss
