@@ -53,7 +53,9 @@ def run(impl_kw, h, w, y, b, reduction, trainable, opts, seed=1, **kw):
     wl = w.detach().clone().requires_grad_(trainable)
     bl = None if b is None else b.detach().clone().requires_grad_(trainable)
     out = lce(hl, wl, y, bias=bl, reduction=reduction, **o, **impl_kw, **kw)
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(
+        out.device
+    )
     (out * g.to(out.dtype)).sum().backward()
     h6 = h.double().clone().requires_grad_()
     w6 = w.double().clone().requires_grad_(trainable)
@@ -230,7 +232,7 @@ def test_custom_ops_pass_opcheck_and_compile():
     torch.library.opcheck(torch.ops.kindred.linear_cross_entropy.default, args)
     lse = torch.rand(9, dtype=torch.float32) + 5
     coef = torch.rand(9, dtype=torch.float32)
-    bargs = (h.detach(), w, b, y, lse, coef, -100, 0.1, 0.01, 2.0, [True, True, True], "auto", 0, 0)
+    bargs = (h.detach(), w, b, y, lse, coef, -100, 0.1, 0.01, 2.0, [True, True, True], "auto", 0, 0, 1.0)
     torch.library.opcheck(torch.ops.kindred.linear_cross_entropy_backward.default, bargs)
 
     def step(hh, ww):

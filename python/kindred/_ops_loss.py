@@ -75,18 +75,18 @@ def mm_f32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
         torch.mm(a, b, out=out)
     elif _has_out_dtype(a.device.type, a.dtype):
         torch.mm(a, b, out_dtype=torch.float32, out=out)
-    else:
-        out.copy_(torch.mm(a, b))
+    else:  # fp32 copies of the operands (CPU, torch < 2.8): more memory, the same fp32 logits
+        torch.mm(a.float(), b.float(), out=out)
 
 
-def addmm_f32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc (fp32) += a · b."""
+def addmm_f32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> None:
+    """acc (fp32) += alpha · a · b."""
     if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
+        acc.addmm_(a, b, alpha=alpha)
     elif _has_out_dtype(a.device.type, a.dtype):
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        torch.addmm(acc, a, b, out_dtype=torch.float32, alpha=alpha, out=acc)
     else:
-        acc.add_(torch.mm(a, b))
+        acc.addmm_(a.float(), b.float(), alpha=alpha)
 
 
 def _aliased(buf: torch.Tensor, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
@@ -192,8 +192,14 @@ def _chunked_forward(hidden, weight, bias, t32, opt, single, scale, eps, block_r
     return rows_loss, lse, hit, d_hidden
 
 
-def _chunked_backward(hidden, weight, bias, t32, lse, coef, opt, needs, block_rows, chunk_cols):
-    """dH, dW, dbias (those in ``needs``) by recomputing the logits chunks from the saved lse."""
+def _chunked_backward(hidden, weight, bias, t32, lse, coef, opt, needs, block_rows, chunk_cols, grad_scale):
+    """dH, dW, dbias (those in ``needs``) by recomputing the logits chunks from the saved lse.
+
+    G is written as grad_scale·coef·∂loss/∂r (a power of two; float16 would flush small gradients to zero
+    otherwise) and the GEMMs take alpha = 1 / grad_scale.
+    """
+    coef = coef * grad_scale if grad_scale != 1.0 else coef
+    inv = 1.0 / grad_scale
     n, d = hidden.shape
     v = weight.shape[0]
     dev, st_ = hidden.device, stream(hidden)
@@ -228,11 +234,11 @@ def _chunked_backward(hidden, weight, bias, t32, lse, coef, opt, needs, block_ro
                     st_,
                 )
                 if need_dh:
-                    addmm_f32(a, g, w_c)
+                    addmm_f32(a, g, w_c, inv)
                 if need_dw:
-                    d_weight[c0 : c0 + cols].addmm_(g.t(), h_blk)
+                    d_weight[c0 : c0 + cols].addmm_(g.t(), h_blk, alpha=inv)
                 if need_db:
-                    db_acc[c0 : c0 + cols] += torch.sum(g, dim=0, dtype=torch.float32)
+                    db_acc[c0 : c0 + cols].add_(torch.sum(g, dim=0, dtype=torch.float32), alpha=inv)
             if need_dh:
                 d_hidden[r0 : r0 + rows].copy_(a)
     d_bias = db_acc.to(weight.dtype)
@@ -352,6 +358,7 @@ def linear_cross_entropy_backward(
     impl: str,
     block_rows: int,
     chunk_cols: int,
+    grad_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dH, dW, dbias) for per-token loss weights ``coef`` [N]; those not in ``needs`` are empty."""
     opt = options(ignore_index, label_smoothing, z_loss, softcap)
@@ -360,7 +367,9 @@ def linear_cross_entropy_backward(
     if _pick_impl(hidden, impl) == "reference":
         return _reference_backward(hidden, weight, bias, t32, lse, coef, opt, need)
     coef32 = coef.to(torch.float32).contiguous()
-    return _chunked_backward(hidden, weight, bias, t32, lse, coef32, opt, need, block_rows, chunk_cols)
+    return _chunked_backward(
+        hidden, weight, bias, t32, lse, coef32, opt, need, block_rows, chunk_cols, grad_scale
+    )
 
 
 @linear_cross_entropy_backward.register_fake
@@ -403,8 +412,16 @@ def _backward(ctx, g_loss, *_unused):
         coef = g_loss.expand(valid.shape)
     coef = torch.where(valid, coef, torch.zeros_like(coef)).to(lse.dtype).contiguous()
     needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]]
+    # float16 G: the mean's 1/count would push most entries below fp16's normal range; scale by up to N
+    # (a power of two ≤ 2^12, so |G| ≤ 2^13 even when one token counts).
+    n = targets.shape[0]
+    gscale = (
+        float(2 ** min(12, max(n, 1).bit_length() - 1))
+        if reduction == "mean" and hidden.dtype == torch.float16
+        else 1.0
+    )
     dh, dw, db = linear_cross_entropy_backward(
-        hidden, weight, bias, targets, lse, coef, ignore_index, eps, lam, cap, needs, impl, rows, cols
+        hidden, weight, bias, targets, lse, coef, ignore_index, eps, lam, cap, needs, impl, rows, cols, gscale
     )
     return (
         dh if needs[0] else None,
