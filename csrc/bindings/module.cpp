@@ -57,4 +57,5 @@ PYBIND11_MODULE(_core, m) {
   kindred::bind_quant(m);
   kindred::bind_lora(m);
   kindred::bind_gguf(m);
+  kindred::bind_loss(m);
 }

@@ -2,6 +2,7 @@
 
 from .gguf import GGUF_BLOCK_TYPES, dequantize_gguf
 from .lora import lora_dropout, lora_linear, lora_scaling, lora_workspace
+from .loss import LinearCrossEntropyStats, linear_cross_entropy
 from .quant import (
     AWQ_ORDER,
     DYNAMIC_MAP,
@@ -29,12 +30,14 @@ __all__ = [
     "NF4_CODEBOOK",
     "NF4_DEFAULT_BLOCKSIZE",
     "Int4gWeight",
+    "LinearCrossEntropyStats",
     "NF4Weight",
     "dequantize_gguf",
     "dequantize_int4g",
     "dequantize_nf4",
     "int4g_from_awq",
     "int4g_to_awq",
+    "linear_cross_entropy",
     "lora_dropout",
     "lora_linear",
     "lora_scaling",

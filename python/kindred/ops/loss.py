@@ -1,0 +1,173 @@
+"""Functional API of the loss family: fused linear cross-entropy without the [tokens × vocab] logits.
+
+``linear_cross_entropy(hidden, weight, targets)`` equals
+``F.cross_entropy(softcap(hidden @ weight.T + bias).float(), targets, ...) + z_loss · mean(lse²)`` and never
+holds more than a chunk of logits (see kindred/_ops_loss.py for the algorithm and its memory budget).
+
+Rules:
+- reduction "mean" averages over the non-ignored tokens, counted on the device; with none (an all-ignored
+  batch) the loss is 0.0 and every gradient 0 — never NaN.
+- z-loss adds λ·lse² per non-ignored token (averaged like the loss); label smoothing follows
+  torch.nn.functional.cross_entropy; softcap c gives logits c·tanh(x / c).
+- Targets outside [0, V) other than ignore_index raise KindredValueError on the CPU; on CUDA, checking them
+  would need a host sync, so such a token's loss (and the mean) is NaN instead.
+- Gradients: hidden always (when it requires grad), weight and bias only when they require grad. A frozen
+  weight (the QLoRA default) takes one pass over the vocabulary that computes the loss and dH together.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .. import _ops_loss
+from ..errors import KindredValueError
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
+
+
+class LinearCrossEntropyStats(NamedTuple):
+    """Per-token results (detached), shaped like ``targets``; ignored tokens have loss 0 and hit False."""
+
+    token_loss: torch.Tensor  # float32 (float64 for float64 inputs)
+    hit: torch.Tensor  # bool: the argmax of the logits is the target
+    count: torch.Tensor  # int64 scalar on the device: non-ignored tokens
+
+
+def _check(hidden, weight, targets, bias, reduction, label_smoothing, z_loss, softcap) -> None:
+    for name, t in (("hidden", hidden), ("weight", weight), ("targets", targets)):
+        if not isinstance(t, torch.Tensor):
+            raise KindredValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if hidden.dtype not in _FLOAT_DTYPES:
+        raise KindredValueError(f"hidden must be float32, float16, bfloat16 or float64, got {hidden.dtype}")
+    if hidden.dim() < 1:
+        raise KindredValueError("hidden must have a last dimension hidden_size, got a scalar")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise KindredValueError(
+            f"weight must be 2-D [vocab, {hidden.shape[-1]}] (hidden's last dimension), "
+            f"got {tuple(weight.shape)}"
+        )
+    if weight.shape[0] == 0 or weight.shape[1] == 0:
+        raise KindredValueError(f"weight must be non-empty, got shape {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise KindredValueError(f"weight must have hidden's dtype {hidden.dtype}, got {weight.dtype}")
+    if weight.device != hidden.device:
+        raise KindredValueError(f"weight must be on hidden's device {hidden.device}, got {weight.device}")
+    if targets.dtype not in _INT_DTYPES:
+        raise KindredValueError(f"targets must be an integer tensor (class indices), got {targets.dtype}")
+    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
+        raise KindredValueError(
+            f"targets must have shape {tuple(hidden.shape[:-1])} (hidden's leading dimensions), "
+            f"got {tuple(targets.shape)}"
+        )
+    if targets.device != hidden.device:
+        raise KindredValueError(f"targets must be on hidden's device {hidden.device}, got {targets.device}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[0],):
+            raise KindredValueError(
+                f"bias must be a tensor of shape ({weight.shape[0]},), got {getattr(bias, 'shape', bias)}"
+            )
+        if bias.dtype != hidden.dtype or bias.device != hidden.device:
+            raise KindredValueError(
+                f"bias must have hidden's dtype and device ({hidden.dtype}, {hidden.device}), "
+                f"got {bias.dtype} on {bias.device}"
+            )
+    if reduction not in _ops_loss.REDUCTIONS:
+        raise KindredValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if not 0.0 <= float(label_smoothing) <= 1.0:
+        raise KindredValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if not float(z_loss) >= 0.0 or float(z_loss) == float("inf"):
+        raise KindredValueError(f"z_loss must be finite and >= 0, got {z_loss}")
+    if softcap is not None and not 0.0 < float(softcap) < float("inf"):
+        raise KindredValueError(f"softcap must be None or a finite value > 0, got {softcap}")
+
+
+def _linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    return_stats: bool = False,
+    impl: str = "auto",
+    block_rows: int = 0,
+    chunk_cols: int = 0,
+):
+    """linear_cross_entropy with the implementation and chunking exposed (tests and benchmarks)."""
+    _check(hidden, weight, targets, bias, reduction, label_smoothing, z_loss, softcap)
+    lead = tuple(targets.shape)
+    h2 = hidden.reshape(-1, hidden.shape[-1]).contiguous()
+    y = targets.reshape(-1)
+    w = weight.contiguous()
+    b = None if bias is None else bias.contiguous()
+    cap = 0.0 if softcap is None else float(softcap)
+    frozen = not weight.requires_grad and (b is None or not b.requires_grad)
+    # The single pass needs the reduction's scale in the forward; it takes smoothing only without softcap.
+    single = (
+        torch.is_grad_enabled()
+        and hidden.requires_grad
+        and frozen
+        and reduction != "none"
+        and not (label_smoothing > 0 and cap > 0)
+    )
+    loss, rows, _, hit, _ = _ops_loss.linear_cross_entropy(
+        h2,
+        w,
+        b,
+        y,
+        int(ignore_index),
+        float(label_smoothing),
+        float(z_loss),
+        cap,
+        reduction,
+        single,
+        impl,
+        int(block_rows),
+        int(chunk_cols),
+    )
+    if reduction == "none":
+        loss = loss.reshape(lead)
+    if not return_stats:
+        return loss
+    count = (y != ignore_index).sum()
+    return loss, LinearCrossEntropyStats(rows.detach().reshape(lead), hit.reshape(lead), count)
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    return_stats: bool = False,
+):
+    """Cross-entropy of the logits ``hidden @ weight.T (+ bias)`` against ``targets``, never materialized.
+
+    hidden [..., D] and weight [V, D] (float32, float16, bfloat16; float64 on the CPU), targets [...] int64
+    class indices or ``ignore_index``. Returns the loss (a scalar, or per token for reduction="none"); with
+    ``return_stats``, ``(loss, LinearCrossEntropyStats(token_loss, hit, count))``.
+    """
+    return _linear_cross_entropy(
+        hidden,
+        weight,
+        targets,
+        bias=bias,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=softcap,
+        return_stats=return_stats,
+    )
