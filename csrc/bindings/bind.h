@@ -5,4 +5,5 @@
 
 namespace kindred {
 void bind_quant(pybind11::module_& m);
+void bind_tokens(pybind11::module_& m);
 }

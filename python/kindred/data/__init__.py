@@ -1,0 +1,1 @@
+"""Chat data preparation (placeholder, filled below)."""
