@@ -1,12 +1,23 @@
 """kindred: fast, lean, predictable QLoRA fine-tuning of small LLMs on one GPU.
 
 The public API: ``kindred.ops`` (functional ops on torch tensors), ``kindred.nn`` (modules),
-``kindred.formats`` (checkpoint formats), ``kindred.plan`` (model catalogue and estimates).
+``kindred.formats`` (checkpoint formats), ``kindred.plan`` (model catalogue and estimates), ``kindred.data``
+(chat templates, tokenizers, token budgets, packing).
 """
 
-from . import formats, nn, ops
-from ._core import cuda_compiled
+from . import data, formats, nn, ops
+from ._core import cuda_compiled, sentencepiece_compiled
 from .errors import KindredError, KindredFormatError, KindredValueError
 
 __version__ = "0.1.0"
-__all__ = ["KindredError", "KindredFormatError", "KindredValueError", "cuda_compiled", "formats", "nn", "ops"]
+__all__ = [
+    "KindredError",
+    "KindredFormatError",
+    "KindredValueError",
+    "cuda_compiled",
+    "data",
+    "formats",
+    "nn",
+    "ops",
+    "sentencepiece_compiled",
+]
