@@ -31,7 +31,10 @@ def np_view(a: np.ndarray, name: str = "array") -> _core.TensorView:
         raise KindredValueError(f"{name} must be a numpy array, got {type(a).__name__}")
     if a.dtype not in _NP_NAMES:
         raise KindredValueError(f"{name} has unsupported dtype {a.dtype}")
-    strides = [s // a.itemsize for s in a.strides]
+    if a.size == 0:  # numpy gives empty arrays arbitrary strides
+        strides = [int(np.prod(a.shape[i + 1 :], dtype=np.int64)) for i in range(a.ndim)]
+    else:
+        strides = [s // a.itemsize for s in a.strides]
     return _core.TensorView(a.ctypes.data, _NP_NAMES[a.dtype], list(a.shape), strides, "cpu", 0)
 
 

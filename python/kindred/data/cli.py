@@ -43,7 +43,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def save_prepared(path, prep: Prepared) -> None:
     """The prepared data as safetensors (int32 tensors; written to a temporary file, renamed on success).
 
-    Packed: input_ids, labels, position_ids [rows, N], cu_seqlens, seq_example, row_seqs, row_trainable.
+    Packed: input_ids, labels, position_ids [rows, N], cu_seqlens, seq_example, row_seqs, row_trainable (and
+    long_ids, long_labels, long_offsets for examples longer than a row, when the budget exceeds N).
     Unpacked: ids, labels, offsets (CSR of the examples), tokens, trainable.
     """
     from safetensors.numpy import save
@@ -67,6 +68,9 @@ def save_prepared(path, prep: Prepared) -> None:
             "row_trainable": pk.row_trainable,
         }
         meta["max_tokens"] = str(pk.max_tokens)
+        if prep.too_long is not None:  # budget > pack length: the longer examples, unpacked
+            t = prep.too_long
+            tensors.update(long_ids=t.ids, long_labels=t.labels, long_offsets=t.offsets)
     else:
         f = prep.final
         tensors = {"ids": f.ids, "labels": f.labels, "offsets": f.offsets, "tokens": f.tokens, "trainable": f.trainable}

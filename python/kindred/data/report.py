@@ -136,6 +136,7 @@ class BudgetReport:
             f"{100 * p['unpacked_waste']:.1f} % waste without packing ({p['unpacked_rows']:,} rows); "
             + (
                 f"{100 * p['packed_waste']:.1f} % packed ({p['packed_rows']:,} rows)"
+                + (f"; {p['longer_than_rows']:,} examples longer than a row" if p.get("longer_than_rows") else "")
                 if p.get("packed_rows") is not None
                 else "pass --pack to see packing"
             ),
@@ -248,6 +249,8 @@ class Prepared:
     tokenized: TokenizedData
     budgeted: BudgetResult | None
     packed: PackedData | None
+    packed_source: np.ndarray | None = None  # index into `final` of each packed example
+    too_long: TokenizedData | None = None  # kept examples longer than a packed row (budget > pack length)
 
     @property
     def final(self) -> TokenizedData:
@@ -275,12 +278,15 @@ def prepare(
     if budget is not None:
         budgeted = apply_budget(tokenized, chat.conversations, tok, tpl, budget, policy, where=chat.where)
     final = budgeted.data if budgeted else tokenized
-    packed = None
+    packed = source = too_long = None
     if pack_to is not None:
-        if budget is not None and budget > pack_to:
-            raise KindredValueError(f"--pack {pack_to} is shorter than the budget {budget}: examples would not fit")
-        packed = pack(final, pack_to, _pad_id(tok) if pad_id is None else pad_id)
-    return Prepared(chat, tok, tpl, tokenized, budgeted, packed)
+        # Examples longer than a row (possible when the budget exceeds the pack length) stay unpacked.
+        fits = final.tokens <= int(pack_to)
+        source = np.flatnonzero(fits)
+        packed = pack(final if fits.all() else final.take(source), pack_to, _pad_id(tok) if pad_id is None else pad_id)
+        if not fits.all():
+            too_long = final.take(np.flatnonzero(~fits))
+    return Prepared(chat, tok, tpl, tokenized, budgeted, packed, source, too_long)
 
 
 def _pad_id(tok: Tokenizer) -> int:
@@ -344,9 +350,11 @@ def budget_report(
         "packed_rows": None,
         "packed_waste": None,
     }
+    padding["longer_than_rows"] = 0
     if p.packed is not None:
         padding["packed_rows"] = p.packed.rows
         padding["packed_waste"] = 1 - p.packed.fill if p.packed.rows else 0.0
+        padding["longer_than_rows"] = len(p.too_long) if p.too_long is not None else 0
     elif pack is None and len(unpacked):
         from ..ops import pack_bfd
 
