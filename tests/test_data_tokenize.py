@@ -48,7 +48,12 @@ def test_segments_concatenate_to_the_whole_string_tokenization(name, any_tokeniz
     tok = load_tokenizer(any_tokenizer_path)
     tpl = get_template(name)
     data = tokenize(convs, tok, tpl)
+    runs = tokenize(convs, tok, tpl, engine="runs")  # the reference engine: text runs between specials
+    for f in ("ids", "labels", "offsets", "seg_offsets", "seg_trainable", "seg_turn", "seg_exchange", "seg_role",
+              "example_segs", "turn_tokens", "turn_trainable", "turn_role", "exchange_tokens", "fixed"):
+        assert np.array_equal(getattr(data, f), getattr(runs, f)), f
     for i, conv in enumerate(convs):
+        assert tpl.render_text(conv) == "".join(seg.text for seg in tpl.render(conv))
         whole = tok.encode(tpl.render_text(conv))
         segs = data.segments(i)
         assert [int(t) for _, _, ids in segs for t in ids] == list(whole)

@@ -20,7 +20,8 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from .. import _ops_tokens
-from .templates import ChatTemplate, Segment, Special, get_template
+from ..errors import KindredValueError
+from .templates import PLACEHOLDER, ChatTemplate, Segment, Special, get_template
 from .tokenizers import Tokenizer, load_tokenizer
 
 ROLE_CODES = {"template": 0, "system": 1, "user": 2, "assistant": 3}
@@ -155,6 +156,9 @@ class _Engine:
         if len(cache) > _CACHE_MAX_ENTRIES:
             cache.clear()
         self.cache: dict[str, np.ndarray] = cache
+        structures = tokenizer.__dict__.setdefault("_kindred_structures", {})
+        options = tuple(sorted((k, v) for k, v in vars(template).items() if isinstance(v, (str, int, float, bool))))
+        self.structures: dict = structures.setdefault((type(template).__qualname__, options), {})
 
     def encode_cached(self, texts: list[str]) -> None:
         """Encode the texts not yet cached and cache them."""
@@ -183,7 +187,6 @@ class _Engine:
         example_segs = np.zeros(n + 1, np.int64)
         turn_counts = np.zeros(n, np.int64)
         exchange_counts = np.zeros(n, np.int64)
-        turn_role: list[int] = []
         role_codes = ROLE_CODES
         g = 0
 
@@ -280,44 +283,16 @@ class _Engine:
         seg_len = np.bincount(useg, weights=length, minlength=g).astype(np.int64)
         seg_offsets = np.zeros(g + 1, np.int64)
         np.cumsum(seg_len, out=seg_offsets[1:])
-        turn_offsets = np.zeros(n + 1, np.int64)
-        np.cumsum(turn_counts, out=turn_offsets[1:])
-        exchange_offsets = np.zeros(n + 1, np.int64)
-        np.cumsum(exchange_counts, out=exchange_offsets[1:])
-        arrays = dict(
-            seg_offsets=seg_offsets,
-            seg_trainable=np.asarray(seg_trainable, np.uint8),
-            seg_turn=np.asarray(seg_turn, np.int32),
-            seg_exchange=np.asarray(seg_exchange, np.int32),
-            example_segs=example_segs,
-            turn_offsets=turn_offsets,
-            exchange_offsets=exchange_offsets,
-        )
-        counts = _ops_tokens.count_tokens(ids, **arrays)
-        # Role of each turn: from the segments (a turn's segments share its role, except Gemma / NeMo's system
-        # text inside a user turn, which carries turn 0 = the system message).
-        turn_role = np.zeros(int(turn_offsets[-1]), np.uint8)
-        seg_role_a = np.asarray(seg_role, np.uint8)
-        seg_turn_a = arrays["seg_turn"]
-        has_turn = seg_turn_a >= 0
-        seg_example = np.repeat(np.arange(n, dtype=np.int64), np.diff(example_segs))
-        turn_role[turn_offsets[:-1][seg_example[has_turn]] + seg_turn_a[has_turn]] = seg_role_a[has_turn]
-        offsets = np.zeros(n + 1, np.int64)
-        np.cumsum(counts["example_tokens"], out=offsets[1:])
-        return TokenizedData(
-            ids=ids,
-            labels=counts["labels"],
-            offsets=offsets,
-            tokens=counts["example_tokens"],
-            trainable=counts["example_trainable"],
-            fixed=counts["example_fixed"],
-            turn_tokens=counts["turn_tokens"],
-            turn_trainable=counts["turn_trainable"],
-            turn_role=turn_role,
-            exchange_tokens=counts["exchange_tokens"],
-            exchange_trainable=counts["exchange_trainable"],
-            seg_role=seg_role_a,
-            **arrays,
+        return _assemble(
+            ids,
+            seg_offsets,
+            np.asarray(seg_trainable, np.uint8),
+            np.asarray(seg_turn, np.int32),
+            np.asarray(seg_exchange, np.int32),
+            np.asarray(seg_role, np.uint8),
+            example_segs,
+            turn_counts,
+            exchange_counts,
         )
 
     def _flush(self, run, add_cached, unit_kind, unit_ref, unit_seg, encode, multi) -> None:
@@ -370,19 +345,259 @@ class _Engine:
         return bounds
 
 
+class _Structure:
+    """The segment structure of one kind of rendering (template + structure key), compiled from the segments
+    of a canonical conversation whose contents are placeholders.
+
+    The rendered string holds K special tokens; the K + 1 gaps between them hold the text runs. Each gap is
+    empty, belongs to one segment, or is a multi-segment run divided at given prefixes.
+    """
+
+    def __init__(self, engine: _Engine, key: tuple):
+        tpl = engine.template
+        canonical = tpl.canonical(key)
+        segs = tpl.render(canonical)
+        self.n_turns = len(canonical)
+        self.n_exchanges = sum(m["role"] == "user" for m in canonical)
+        self.seg_trainable = np.array([sg.trainable for sg in segs], np.uint8)
+        self.seg_turn = np.array([sg.turn for sg in segs], np.int32)
+        self.seg_exchange = np.array([sg.exchange for sg in segs], np.int32)
+        self.seg_role = np.array([ROLE_CODES[sg.role] for sg in segs], np.uint8)
+        self.placeholders = {PLACEHOLDER.format(i): i for i in range(len(canonical))}
+        special_ids, special_seg = [], []
+        gaps: list[list[tuple[str, int]]] = [[]]
+        for g, sg in enumerate(segs):
+            for part in sg.parts:
+                if type(part) is Special:
+                    special_ids.append(engine.special_ids[part])
+                    special_seg.append(g)
+                    gaps.append([])
+                elif part:
+                    if gaps[-1] and gaps[-1][-1][1] == g:
+                        gaps[-1][-1] = (gaps[-1][-1][0] + part, g)
+                    else:
+                        gaps[-1].append((part, g))
+        self.special_ids = np.array(special_ids, np.int32)
+        self.special_seg = np.array(special_seg, np.int64)
+        self.gap_seg = np.array([gap[0][1] if len(gap) == 1 else -1 for gap in gaps], np.int64)
+        self.empty = np.array([not gap for gap in gaps])
+        # multi-segment gaps: (gap, segments in order, prefix templates at each inner boundary)
+        self.multi = []
+        for j, gap in enumerate(gaps):
+            if len(gap) > 1:
+                prefixes, acc = [], ""
+                for text, _ in gap[:-1]:
+                    acc += text
+                    prefixes.append(acc)
+                self.multi.append((j, [g for _, g in gap], prefixes))
+
+    def prefix(self, template_text: str, messages: Sequence[dict]) -> str | None:
+        """The prefix string for one conversation: placeholders replaced by raw message contents (only the
+        system prompt appears raw inside a run's prefix in kindred's templates); None if another appears."""
+        out = template_text
+        for ph, i in self.placeholders.items():
+            if ph in out:
+                if messages[i]["role"] != "system":
+                    return None
+                out = out.replace(ph, messages[i]["content"])
+        return out
+
+
+def _fast(engine: _Engine, conversations: Sequence) -> tuple[TokenizedData | None, np.ndarray, np.ndarray]:
+    """Tokenize whole rendered strings and divide them among segments at the template's special tokens.
+
+    Returns (data of the conversations that aligned, their indices, the indices left for the run engine).
+    A conversation is left over when its special tokens do not sit where the template put them (its text
+    spells a special token) or a token straddles a divided run's boundary.
+    """
+    tpl = engine.template
+    render_text, key_of = tpl.render_text, tpl.structure_key
+    texts, groups = [], {}
+    for i, c in enumerate(conversations):
+        texts.append(render_text(c))
+        groups.setdefault(key_of(c), []).append(i)
+    ids, off = engine.tok.encode_batch(texts)
+    n = len(conversations)
+    special_set = np.array(sorted(set(engine.special_ids.values())), np.int32)
+    is_special = np.isin(ids, special_set)
+    csum = np.zeros(len(ids) + 1, np.int64)
+    np.cumsum(is_special, out=csum[1:])
+    positions = np.flatnonzero(is_special)
+    first_special = csum[off[:-1]]
+    special_count = csum[off[1:]] - first_special
+    good = np.zeros(n, bool)
+    aligned = []  # (structure, conversations, their segment lengths)
+    cache = engine.cache
+    for key, members in groups.items():
+        st = engine.structures.get(key)
+        if st is None:
+            st = engine.structures[key] = _Structure(engine, key)
+        idx = np.asarray(members, np.int64)
+        k = len(st.special_ids)
+        idx = idx[special_count[idx] == k]
+        if not len(idx):
+            continue
+        pos = positions[first_special[idx][:, None] + np.arange(k)] if k else np.zeros((len(idx), 0), np.int64)
+        ok = (ids[pos] == st.special_ids).all(axis=1)
+        lo = np.concatenate([off[idx][:, None], pos + 1], axis=1)  # gap starts
+        hi = np.concatenate([pos, off[idx + 1][:, None]], axis=1)  # gap ends
+        gap_len = hi - lo
+        ok &= (gap_len[:, st.empty] == 0).all(axis=1)
+        seg_len = np.zeros((len(idx), len(st.seg_trainable)), np.int64)
+        single = np.flatnonzero(st.gap_seg >= 0)
+        np.add.at(seg_len, (slice(None), st.gap_seg[single]), gap_len[:, single])
+        np.add.at(seg_len, (slice(None), st.special_seg), 1)
+        for j, segs_in_gap, prefixes in st.multi:
+            cut_prev = np.zeros(len(idx), np.int64)
+            for b, prefix_tpl in enumerate(prefixes):
+                if not any(ph in prefix_tpl for ph in st.placeholders):
+                    engine.encode_cached([prefix_tpl])
+                    head = cache[prefix_tpl]
+                    h = len(head)
+                    at = np.minimum(lo[:, j][:, None] + np.arange(h), max(len(ids) - 1, 0))
+                    match = (gap_len[:, j] >= h) & (ids[at] == head).all(axis=1) if h else np.ones(len(idx), bool)
+                    cut = np.full(len(idx), h, np.int64)
+                else:  # the system prompt inside the prefix: per conversation (cached per distinct prompt)
+                    strings = [st.prefix(prefix_tpl, conversations[i]) for i in idx]
+                    if any(x is None for x in strings):
+                        ok[:] = False
+                        break
+                    engine.encode_cached(strings)
+                    cut = np.array([len(cache[x]) for x in strings], np.int64)
+                    match = np.array(
+                        [
+                            c <= gl and np.array_equal(ids[a : a + c], cache[x])
+                            for x, c, a, gl in zip(strings, cut, lo[:, j], gap_len[:, j], strict=True)
+                        ],
+                        bool,
+                    )
+                ok &= match & (cut >= cut_prev)
+                seg_len[np.arange(len(idx)), segs_in_gap[b]] += np.where(match, cut - cut_prev, 0)
+                cut_prev = np.where(match, cut, cut_prev)
+            seg_len[np.arange(len(idx)), segs_in_gap[-1]] += np.maximum(gap_len[:, j] - cut_prev, 0)
+        good[idx[ok]] = True
+        aligned.append((st, idx[ok], seg_len[ok]))
+    done = np.flatnonzero(good)
+    rest = np.flatnonzero(~good)
+    if not len(done):
+        return None, done, rest
+    # Flat per-segment arrays in conversation order, scattered group by group.
+    n_segs = np.zeros(n, np.int64)
+    n_turns = np.zeros(n, np.int64)
+    n_exchanges = np.zeros(n, np.int64)
+    for st, members, _ in aligned:
+        n_segs[members] = len(st.seg_trainable)
+        n_turns[members] = st.n_turns
+        n_exchanges[members] = st.n_exchanges
+    example_segs = np.zeros(len(done) + 1, np.int64)
+    np.cumsum(n_segs[done], out=example_segs[1:])
+    total = int(example_segs[-1])
+    seg_len = np.empty(total, np.int64)
+    seg_trainable = np.empty(total, np.uint8)
+    seg_turn = np.empty(total, np.int32)
+    seg_exchange = np.empty(total, np.int32)
+    seg_role = np.empty(total, np.uint8)
+    for st, members, rows in aligned:
+        at = example_segs[np.searchsorted(done, members)][:, None] + np.arange(len(st.seg_trainable))
+        seg_len[at] = rows
+        seg_trainable[at] = st.seg_trainable
+        seg_turn[at] = st.seg_turn
+        seg_exchange[at] = st.seg_exchange
+        seg_role[at] = st.seg_role
+    sub_ids = ids if len(done) == n else ids[_gather_csr(off, done)[0]]
+    seg_offsets = np.zeros(total + 1, np.int64)
+    np.cumsum(seg_len, out=seg_offsets[1:])
+    data = _assemble(
+        np.ascontiguousarray(sub_ids, dtype=np.int32),
+        seg_offsets,
+        seg_trainable,
+        seg_turn,
+        seg_exchange,
+        seg_role,
+        example_segs,
+        n_turns[done],
+        n_exchanges[done],
+    )
+    return data, done, rest
+
+
+def _assemble(ids, seg_offsets, seg_trainable, seg_turn, seg_exchange, seg_role, example_segs, turn_counts,
+              exchange_counts) -> TokenizedData:
+    """Labels and counts (C++ core) of segmented token streams."""
+    n = len(example_segs) - 1
+    turn_offsets = np.zeros(n + 1, np.int64)
+    np.cumsum(turn_counts, out=turn_offsets[1:])
+    exchange_offsets = np.zeros(n + 1, np.int64)
+    np.cumsum(exchange_counts, out=exchange_offsets[1:])
+    arrays = dict(
+        seg_offsets=seg_offsets,
+        seg_trainable=np.ascontiguousarray(seg_trainable, np.uint8),
+        seg_turn=np.ascontiguousarray(seg_turn, np.int32),
+        seg_exchange=np.ascontiguousarray(seg_exchange, np.int32),
+        example_segs=example_segs,
+        turn_offsets=turn_offsets,
+        exchange_offsets=exchange_offsets,
+    )
+    counts = _ops_tokens.count_tokens(ids, **arrays)
+    seg_role = np.ascontiguousarray(seg_role, np.uint8)
+    turn_role = np.zeros(int(turn_offsets[-1]), np.uint8)
+    seg_turn_a = arrays["seg_turn"]
+    has_turn = seg_turn_a >= 0
+    seg_example = np.repeat(np.arange(n, dtype=np.int64), np.diff(example_segs))
+    turn_role[turn_offsets[:-1][seg_example[has_turn]] + seg_turn_a[has_turn]] = seg_role[has_turn]
+    offsets = np.zeros(n + 1, np.int64)
+    np.cumsum(counts["example_tokens"], out=offsets[1:])
+    return TokenizedData(
+        ids=ids,
+        labels=counts["labels"],
+        offsets=offsets,
+        tokens=counts["example_tokens"],
+        trainable=counts["example_trainable"],
+        fixed=counts["example_fixed"],
+        turn_tokens=counts["turn_tokens"],
+        turn_trainable=counts["turn_trainable"],
+        turn_role=turn_role,
+        exchange_tokens=counts["exchange_tokens"],
+        exchange_trainable=counts["exchange_trainable"],
+        seg_role=seg_role,
+        **arrays,
+    )
+
+
 def tokenize(
-    conversations: Sequence, tokenizer: Tokenizer | str, template: ChatTemplate | str, **template_options
+    conversations: Sequence,
+    tokenizer: Tokenizer | str,
+    template: ChatTemplate | str,
+    *,
+    engine: str = "auto",
+    **template_options,
 ) -> TokenizedData:
     """Render, tokenize and account a list of validated conversations (lists of messages).
 
     Special tokens the template needs are looked up by name; a tokenizer without one raises
-    KindredValueError naming the token and the template.
+    KindredValueError naming the token and the template. ``engine``: ``"auto"`` encodes each whole rendered
+    string once and divides its tokens among the segments at the template's special tokens (checked; any
+    conversation that does not align goes through the run engine); ``"runs"`` encodes the text runs of the
+    segments (see the module docstring). Both give the same result.
     """
     tok = load_tokenizer(tokenizer)
     tpl = get_template(template, **template_options)
-    engine = _Engine(tok, tpl)
-    render = tpl.render
-    return engine.run([render(c) for c in conversations])
+    eng = _Engine(tok, tpl)
+    if engine == "runs":
+        return eng.run([tpl.render(c) for c in conversations])
+    if engine != "auto":
+        raise KindredValueError(f"engine must be 'auto' or 'runs', got {engine!r}")
+    data, done, rest = _fast(eng, conversations)
+    if not len(rest):
+        return data if data is not None else eng.run([])
+    slow = eng.run([tpl.render(conversations[int(i)]) for i in rest])
+    if data is None:
+        return slow
+    merged = TokenizedData.concat([data, slow])
+    order = np.empty(len(conversations), np.int64)
+    order[done] = np.arange(len(done))
+    order[rest] = len(done) + np.arange(len(rest))
+    return merged.take(order)
 
 
 def tokenize_whole(conversation, tokenizer: Tokenizer | str, template: ChatTemplate | str) -> list[int]:

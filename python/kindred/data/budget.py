@@ -96,29 +96,30 @@ def apply_budget(
     after = after.copy()
     convs = list(conversations)
     todo = list(np.flatnonzero(action == TRUNCATE))
-    redone: dict[int, TokenizedData] = {}
+    rounds: list[TokenizedData] = []  # re-tokenized truncated examples, round by round
+    position: dict[int, int] = {}  # example -> its row in concat([data, *rounds])
+    base = len(data)
     while todo:
         shortened = [truncate_conversation(convs[i], int(drop[i])) for i in todo]
         again = tokenize(shortened, tokenizer, template)
+        rounds.append(again)
         retry = []
         for k, i in enumerate(todo):
             n = int(again.tokens[k])
             if n <= budget:
                 after[i] = n
-                redone[i] = again.take([k])
-            elif len(again.exchanges(k)) > 1:
+                position[int(i)] = base + k
+            elif again.exchange_offsets[k + 1] - again.exchange_offsets[k] > 1:
                 drop[i] += 1  # the re-rendered example grew (system prompt moved): one more exchange goes
                 retry.append(i)
             else:
                 action[i], drop[i], after[i] = DROP, 0, 0
+        base += len(again)
         todo = retry
     kept = np.flatnonzero(action != DROP)
-    if redone:
-        parts = [data, *(redone[i] for i in sorted(redone))]
-        merged = TokenizedData.concat(parts)
-        position = {i: len(data) + k for k, i in enumerate(sorted(redone))}
-        index = [position.get(int(i), int(i)) for i in kept]
-        out = merged.take(index)
+    if position:
+        index = np.fromiter((position.get(int(i), int(i)) for i in kept), np.int64, count=len(kept))
+        out = TokenizedData.concat([data, *rounds]).take(index)
     else:
         out = data.take(kept) if len(kept) != len(data) else data
     kept_convs = None

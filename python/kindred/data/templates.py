@@ -68,6 +68,9 @@ class Segment:
         return "".join(self.parts)
 
 
+PLACEHOLDER = "\x01{}\x02"  # stands for message i's content in canonical renderings (kindred.data.accounting)
+
+
 def exchange_index(messages: Sequence[dict]) -> list[int]:
     """The exchange of each message: user turn k and the assistant turn after it are exchange k; system -1."""
     out, k = [], -1
@@ -90,8 +93,17 @@ class ChatTemplate:
         raise NotImplementedError
 
     def render_text(self, messages: Sequence[dict]) -> str:
-        """The whole rendered string."""
+        """The whole rendered string (the concatenated text of ``render``; templates write it directly)."""
         return "".join(s.text for s in self.render(messages))
+
+    def structure_key(self, messages: Sequence[dict]) -> tuple:
+        """What determines the segment structure of a rendering (not its text): the role sequence."""
+        return ("".join(m["role"][0] for m in messages),)
+
+    def canonical(self, key: tuple) -> list[dict]:
+        """A conversation of structure ``key`` whose message i has the content PLACEHOLDER.format(i)."""
+        roles = {"s": "system", "u": "user", "a": "assistant"}
+        return [{"role": roles[r], "content": PLACEHOLDER.format(i)} for i, r in enumerate(key[0])]
 
     def generation_prompt(self) -> str:
         """What follows a conversation to make the model answer (for generation, not training)."""
@@ -134,6 +146,9 @@ class ChatML(ChatTemplate):
             else:
                 segs.append(self._plain(m["role"], i, x, m["content"]))
         return segs
+
+    def render_text(self, messages):
+        return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
 
     def generation_prompt(self) -> str:
         return "<|im_start|>assistant\n"
@@ -195,6 +210,32 @@ class Qwen3(ChatML):
                 segs += self._assistant(i, x, content)
         return segs
 
+    def render_text(self, messages):
+        last_query = max(i for i, m in enumerate(messages) if m["role"] == "user")
+        out = []
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                out.append(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n")
+                continue
+            reasoning, content = self.split_reasoning(m)
+            if i > last_query and (i == len(messages) - 1 or reasoning):
+                think = reasoning.strip("\n")
+                out.append(f"<|im_start|>assistant\n<think>\n{think}\n</think>\n\n{content.lstrip(chr(10))}<|im_end|>\n")
+            else:
+                out.append(f"<|im_start|>assistant\n{content}<|im_end|>\n")
+        return "".join(out)
+
+    def structure_key(self, messages):
+        # the last turn's think block is trained only when its reasoning is non-empty
+        reasoning, _ = self.split_reasoning(messages[-1])
+        return ("".join(m["role"][0] for m in messages), bool(reasoning.strip("\n")))
+
+    def canonical(self, key):
+        msgs = super().canonical(key)
+        if key[1]:
+            msgs[-1]["reasoning_content"] = "\x03reasoning\x04"
+        return msgs
+
 
 class Gemma3(ChatTemplate):
     """Gemma 3: ``<bos>``, turns ``<start_of_turn>{user|model}\\n{content|trim}<end_of_turn>\\n``.
@@ -233,6 +274,20 @@ class Gemma3(ChatTemplate):
             else:
                 segs.append(Segment("user", (self._sot, "user\n" + content, self._eot, "\n"), False, i, x))
         return segs
+
+    def render_text(self, messages):
+        system, first = _split_system(messages)
+        out = ["<bos>"]
+        for i in range(first, len(messages)):
+            m = messages[i]
+            c = m["content"].strip()
+            if m["role"] == "assistant":
+                out.append(f"<start_of_turn>model\n{c}<end_of_turn>\n")
+            elif system is not None and i == first:
+                out.append(f"<start_of_turn>user\n{system['content']}\n\n{c}<end_of_turn>\n")
+            else:
+                out.append(f"<start_of_turn>user\n{c}<end_of_turn>\n")
+        return "".join(out)
 
     def generation_prompt(self) -> str:
         return "<start_of_turn>model\n"
@@ -284,6 +339,18 @@ class Llama3(ChatTemplate):
                 segs.append(Segment("user", (self._sh, "user", self._eh, "\n\n" + content, self._eot), False, i, x))
         return segs
 
+    def render_text(self, messages):
+        system, first = _split_system(messages)
+        sys_text = system["content"].strip() if system is not None else ""
+        out = [
+            "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+            f"{self.CUTOFF}Today Date: {self.date_string}\n\n{sys_text}<|eot_id|>"
+        ]
+        for i in range(first, len(messages)):
+            m = messages[i]
+            out.append(f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>")
+        return "".join(out)
+
     def generation_prompt(self) -> str:
         return "<|start_header_id|>assistant<|end_header_id|>\n\n"
 
@@ -314,6 +381,9 @@ class Phi4(ChatTemplate):
             else:
                 segs.append(Segment(role, (self._start, role, self._sep, content, self._end), False, i, x))
         return segs
+
+    def render_text(self, messages):
+        return "".join(f"<|im_start|>{m['role']}<|im_sep|>{m['content']}<|im_end|>" for m in messages)
 
     def generation_prompt(self) -> str:
         return "<|im_start|>assistant<|im_sep|>"
@@ -348,6 +418,9 @@ class Phi4Mini(ChatTemplate):
                 segs.append(Segment(role, (self._role[role], content, self._end), False, i, x))
         segs.append(Segment("template", (self._eos,), False, -1, -1))
         return segs
+
+    def render_text(self, messages):
+        return "".join(f"<|{m['role']}|>{m['content']}<|end|>" for m in messages) + "<|endoftext|>"
 
     def generation_prompt(self) -> str:
         return "<|assistant|>"
@@ -390,6 +463,20 @@ class MistralNemo(ChatTemplate):
             else:
                 segs.append(Segment("user", (self._inst, m["content"], self._uninst), False, i, x))
         return segs
+
+    def render_text(self, messages):
+        system, first = _split_system(messages)
+        last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
+        out = ["<s>"]
+        for i in range(first, len(messages)):
+            m = messages[i]
+            if m["role"] == "assistant":
+                out.append(f"{m['content']}</s>")
+            elif i == last_user and system is not None:
+                out.append(f"[INST]{system['content']}\n\n{m['content']}[/INST]")
+            else:
+                out.append(f"[INST]{m['content']}[/INST]")
+        return "".join(out)
 
     def generation_prompt(self) -> str:
         return ""
