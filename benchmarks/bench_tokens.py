@@ -138,7 +138,10 @@ def _raw_encoders(kind: str, path) -> dict:
     if not _core.sentencepiece_compiled():
         return python
     core = _core.SentencePieceTokenizer(str(path))
-    return {"libsentencepiece (C++, kindred core) encode_batch": lambda texts: core.encode_batch(texts, 0), **python}
+    return {
+        "libsentencepiece (C++, kindred core) encode_batch": lambda texts: core.encode_batch(texts, 0),
+        **python,
+    }
 
 
 @pytest.mark.benchmark
@@ -182,14 +185,16 @@ def test_accounting_vs_raw_encode(tokenizers, conversations, kind, template):
             {
                 "op": "accounting",
                 "impl": "kindred",
-                "shape": f"conversations={len(conversations)},tokens={total},template={template},tokenizer={kind}4k",
+                "shape": f"conversations={len(conversations)},tokens={total},template={template},"
+                f"tokenizer={kind}4k",
                 "dtype": "int32",
                 "ms": fmt(acc_s * 1e3),
                 "baseline_impl": raw_name,
                 "baseline_ms": fmt(raw_s * 1e3),
                 "ratio_to_baseline": fmt(ratio),
                 "tokens_per_s": fmt(total / acc_s),
-                "notes": f"CPU, {os.cpu_count()} cores; render+tokenize+mask+count+budget vs encode of the rendered "
+                "notes": f"CPU, {os.cpu_count()} cores; render+tokenize+mask+count+budget vs encode of the "
+                "rendered "
                 f"strings by the same tokenizer implementation; goal <= 1.10x; {tok.backend}"
                 + (f"; also {others}" if others else ""),
             }
@@ -204,12 +209,14 @@ def test_pack_bfd_one_million():
     times = []
     for _ in range(5):
         start = time.perf_counter()
-        row, _, rows = ops.pack_bfd(lengths, 8192)
+        _, _, rows = ops.pack_bfd(lengths, 8192)
         times.append(time.perf_counter() - start)
     fill = lengths.sum() / (rows * 8192)
     best, median = min(times), statistics.median(times)
-    print(f"\npack_bfd 1,000,000 examples -> {rows:,} rows of 8192 ({100 * fill:.2f} % full): "
-          f"best {best * 1e3:.0f} ms, median {median * 1e3:.0f} ms")
+    print(
+        f"\npack_bfd 1,000,000 examples -> {rows:,} rows of 8192 ({100 * fill:.2f} % full): "
+        f"best {best * 1e3:.0f} ms, median {median * 1e3:.0f} ms"
+    )
     assert best < 1.0
     append(
         "tokens",
@@ -262,20 +269,36 @@ def test_count_kernel(rows, row_len, mean, dtype):
         "tokens",
         [
             {
-                "op": "copy", "impl": "torch", "shape": shape, "dtype": dt, "ms": fmt(copy_ms),
-                "gbps": fmt(copy_gbps), "notes": "labels.clone(): bytes read + written",
+                "op": "copy",
+                "impl": "torch",
+                "shape": shape,
+                "dtype": dt,
+                "ms": fmt(copy_ms),
+                "gbps": fmt(copy_gbps),
+                "notes": "labels.clone(): bytes read + written",
             },
             {
-                "op": "count_trainable", "impl": "kindred", "shape": shape, "dtype": dt, "ms": fmt(count_ms),
-                "baseline_impl": "torch (labels != -100).sum(1)", "baseline_ms": fmt(torch_ms),
-                "ratio_to_baseline": fmt(torch_ms / count_ms), "gbps": fmt(read / count_ms / 1e6),
+                "op": "count_trainable",
+                "impl": "kindred",
+                "shape": shape,
+                "dtype": dt,
+                "ms": fmt(count_ms),
+                "baseline_impl": "torch (labels != -100).sum(1)",
+                "baseline_ms": fmt(torch_ms),
+                "ratio_to_baseline": fmt(torch_ms / count_ms),
+                "gbps": fmt(read / count_ms / 1e6),
                 "tokens_per_s": fmt(tokens / count_ms * 1e3),
                 "notes": f"per sequence + per row + total; copy ceiling {copy_gbps:.0f} GB/s",
             },
             {
-                "op": "position_ids", "impl": "kindred", "shape": shape, "dtype": dt, "ms": fmt(pos_ms),
+                "op": "position_ids",
+                "impl": "kindred",
+                "shape": shape,
+                "dtype": dt,
+                "ms": fmt(pos_ms),
                 "gbps": fmt((tokens * esize + cu_t.numel() * 4) / pos_ms / 1e6),
-                "tokens_per_s": fmt(tokens / pos_ms * 1e3), "notes": "bytes written + cu_seqlens read",
+                "tokens_per_s": fmt(tokens / pos_ms * 1e3),
+                "notes": "bytes written + cu_seqlens read",
             },
         ],
     )

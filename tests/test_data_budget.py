@@ -122,19 +122,30 @@ def test_truncation_keeps_the_system_prompt_in_every_template(tok, template):
 
 
 def test_budget_report_fields(tok, tmp_path):
-    report = budget_report(calibration_path(), tok, "gemma3", budget=500, pack=1024, policy="truncate", buffer=128)
+    report = budget_report(
+        calibration_path(), tok, "gemma3", budget=500, pack=1024, policy="truncate", buffer=128
+    )
     d = report.to_dict()
     assert d["examples"] == 61 and report.total == int(report.lengths.sum())
     assert report.distribution["min"] <= report.median <= report.p95 <= report.distribution["max"]
     assert 0 < report.trainable_share < 1
     assert report.over_budget == report.truncated + report.dropped > 0
     assert all(e["tokens"] > 500 for e in report.over_examples)
-    assert report.padding["packed_rows"] is not None and report.padding["packed_waste"] < report.padding["unpacked_waste"]
+    assert (
+        report.padding["packed_rows"] is not None
+        and report.padding["packed_waste"] < report.padding["unpacked_waste"]
+    )
     assert [r["relative_cost"] for r in report.cost] == [1, 2, 4, 8, 16]
     assert report.planner["budget"] == 500 and report.planner["max_exchanges"] >= 1
     assert json.loads(json.dumps(d))["planner"]["max_exchanges"] == report.planner["max_exchanges"]
     text = str(report)
-    for words in ("tokens per example", "tokens per exchange", "relative training cost", "fp32 logits", "planner"):
+    for words in (
+        "tokens per example",
+        "tokens per exchange",
+        "relative training cost",
+        "fp32 logits",
+        "planner",
+    ):
         assert words in text
     png = report.plot(tmp_path / "hist.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -149,7 +160,22 @@ def test_cli_table_json_plot_and_out(hf_tokenizer_path, tmp_path, capsys):
     assert d["budget"] == 16384 and d["pack"] == 8192 and d["over_budget"] == 0
     assert d["planner"]["recommended"][1] >= d["planner"]["recommended"][0] >= 1
     out = tmp_path / "prep.safetensors"
-    assert main([*argv, "--budget", "2048", "--pack", "4096", "--plot", str(tmp_path / "h.png"), "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                *argv,
+                "--budget",
+                "2048",
+                "--pack",
+                "4096",
+                "--plot",
+                str(tmp_path / "h.png"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     shown = capsys.readouterr().out
     assert "conversation-length planner" in shown and "wrote prepared data" in shown
     tensors = load_file(out)
@@ -161,7 +187,9 @@ def test_cli_table_json_plot_and_out(hf_tokenizer_path, tmp_path, capsys):
 
 def test_token_report_and_kindred_plan_data(hf_tokenizer_path, capsys):
     report = token_report(calibration_path(), tokenizer=hf_tokenizer_path, template="llama3")
-    assert report.total == sum(report.lengths) and report.p95 == int(np.percentile(report.lengths, 95, method="higher"))
+    assert report.total == sum(report.lengths) and report.p95 == int(
+        np.percentile(report.lengths, 95, method="higher")
+    )
     assert report.budget is None and report.over_budget == 0
     argv = ["plan", "--gpu", "rtx-4090", "--model", "qwen3-8b", "--seq", "4096", "--json"]
     data = ["--data", str(calibration_path()), "--tokenizer", str(hf_tokenizer_path), "--template", "llama3"]

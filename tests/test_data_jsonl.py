@@ -12,7 +12,9 @@ from kindred.data import read_jsonl, write_jsonl
 from kindred.data.jsonl import atomic_write
 from kindred.data.samples import calibration_path, load_calibration
 
-GOOD = {"messages": [{"role": "user", "content": "Is it okay?"}, {"role": "assistant", "content": "It depends."}]}
+GOOD = {
+    "messages": [{"role": "user", "content": "Is it okay?"}, {"role": "assistant", "content": "It depends."}]
+}
 
 
 def _msgs(*pairs):
@@ -27,15 +29,49 @@ BAD = [
     (b'{"messages": "hello"}', "messages", "must be a list"),
     (json.dumps({"messages": [{"content": "hi"}]}).encode(), "messages[0].role", "missing"),
     (json.dumps(_msgs(("user", "hi"), ("bot", "yo"))).encode(), "messages[1].role", "unknown role 'bot'"),
-    (json.dumps(_msgs(("user", "a"), ("user", "b"), ("assistant", "c"))).encode(), "messages[1].role", "two user turns in a row"),
-    (json.dumps(_msgs(("user", "a"), ("assistant", "  \n"))).encode(), "messages[1].content", "empty assistant content"),
-    (json.dumps(_msgs(("user", "a"), ("system", "s"), ("assistant", "c"))).encode(), "messages[1].role", "system prompt must be the first"),
+    (
+        json.dumps(_msgs(("user", "a"), ("user", "b"), ("assistant", "c"))).encode(),
+        "messages[1].role",
+        "two user turns in a row",
+    ),
+    (
+        json.dumps(_msgs(("user", "a"), ("assistant", "  \n"))).encode(),
+        "messages[1].content",
+        "empty assistant content",
+    ),
+    (
+        json.dumps(_msgs(("user", "a"), ("system", "s"), ("assistant", "c"))).encode(),
+        "messages[1].role",
+        "system prompt must be the first",
+    ),
     (b'{"messages": [{"role": "user", "content": "caf\xe9"}]}', "", "invalid UTF-8 at byte"),
-    (json.dumps({"messages": [{"role": "user", "content": "\ud800"}, {"role": "assistant", "content": "x"}]}).encode(), "messages[0].content", "invalid UTF-8"),
-    (json.dumps({"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}).encode(), "messages[0].content", "missing"),
-    (json.dumps({"messages": [{"role": "user", "content": 3}]}).encode(), "messages[0].content", "must be a string"),
-    (json.dumps(_msgs(("user", "a"), ("assistant", "b"), ("user", "c"))).encode(), "messages[2].role", "last message must be an assistant"),
-    (json.dumps(_msgs(("system", "s"), ("assistant", "b"))).encode(), "messages[1].role", "first turn after the system prompt"),
+    (
+        json.dumps(
+            {"messages": [{"role": "user", "content": "\ud800"}, {"role": "assistant", "content": "x"}]}
+        ).encode(),
+        "messages[0].content",
+        "invalid UTF-8",
+    ),
+    (
+        json.dumps({"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}).encode(),
+        "messages[0].content",
+        "missing",
+    ),
+    (
+        json.dumps({"messages": [{"role": "user", "content": 3}]}).encode(),
+        "messages[0].content",
+        "must be a string",
+    ),
+    (
+        json.dumps(_msgs(("user", "a"), ("assistant", "b"), ("user", "c"))).encode(),
+        "messages[2].role",
+        "last message must be an assistant",
+    ),
+    (
+        json.dumps(_msgs(("system", "s"), ("assistant", "b"))).encode(),
+        "messages[1].role",
+        "first turn after the system prompt",
+    ),
 ]
 
 
@@ -65,7 +101,8 @@ def test_gzip_input_and_round_trip(tmp_path):
     convs = load_calibration()[:5]
     path = tmp_path / "data.jsonl.gz"
     write_jsonl(path, convs)
-    assert gzip.open(path).read(1) == b"{"
+    with gzip.open(path) as f:
+        assert f.read(1) == b"{"
     assert read_jsonl(path).conversations == convs
     truncated = tmp_path / "cut.jsonl.gz"
     truncated.write_bytes(path.read_bytes()[:-20])

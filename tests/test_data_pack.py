@@ -1,6 +1,6 @@
 """Packing tokenized examples (property tests): never over max_tokens, every example placed exactly once with
 its tokens and labels intact (first label of each sequence -100), position ids restarting per sequence,
-cu_seqlens tiling the rows, per-row trainable counts; training batches rebased and counted on the device op."""
+cu_seqlens tiling the rows, per-row trainable counts; batches rebased and counted by the device op."""
 
 from types import SimpleNamespace
 

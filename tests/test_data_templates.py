@@ -49,7 +49,8 @@ EXPECTED = {
         "<|user|>How?<|end|><|assistant|>Start with what worked.<|end|><|endoftext|>"
     ),
     "mistral-nemo": (
-        "<s>[INST]Should I tell her? [/INST] Yes, gently.</s>[INST]Be kind.\n\nHow?[/INST]Start with what worked.</s>"
+        "<s>[INST]Should I tell her? [/INST] Yes, gently.</s>"
+        "[INST]Be kind.\n\nHow?[/INST]Start with what worked.</s>"
     ),
     "chatml": (
         "<|im_start|>system\nBe kind.<|im_end|>\n"
@@ -117,9 +118,13 @@ def test_llama_date_is_pinned_and_configurable():
     assert "Today Date: 26 Jul 2024\n" in get_template("llama-3.1").render_text(CONV)
     assert "Today Date: 01 Jan 2026\n" in get_template("llama3", date_string="01 Jan 2026").render_text(CONV)
     # no system message: the header (with its date lines) is still there, with empty system text
-    assert get_template("llama3").render_text(CONV[1:]).startswith(
-        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
-        "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n<|eot_id|>"
+    assert (
+        get_template("llama3")
+        .render_text(CONV[1:])
+        .startswith(
+            "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+            "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n<|eot_id|>"
+        )
     )
 
 
@@ -151,7 +156,12 @@ def test_qwen3_think_blocks():
 
 def test_mistral_nemo_system_prompt_goes_to_the_last_user_turn():
     tpl = get_template("nemo")
-    three = [CONV[0], *CONV[1:], {"role": "user", "content": "And then?"}, {"role": "assistant", "content": "Listen."}]
+    three = [
+        CONV[0],
+        *CONV[1:],
+        {"role": "user", "content": "And then?"},
+        {"role": "assistant", "content": "Listen."},
+    ]
     text = tpl.render_text(three)
     assert text.count("Be kind.") == 1
     assert text.endswith("[INST]Be kind.\n\nAnd then?[/INST]Listen.</s>")

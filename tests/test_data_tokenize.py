@@ -14,8 +14,37 @@ from kindred.data import TEMPLATES, get_template, load_tokenizer, tokenize
 from kindred.data.samples import corpus_lines, load_calibration
 
 PIECES = [
-    "a", "b", "Z", "x", " ", "  ", "\n", "\n\n", "\t", ".", ",", "!", "?", "'", "-", "0", "42", "é", "ß", "中文",
-    "😀", " the", " honest", " friend", "truth", "Hello", " - ", "\n ", " \n", "<think>", "</think>",
+    "a",
+    "b",
+    "Z",
+    "x",
+    " ",
+    "  ",
+    "\n",
+    "\n\n",
+    "\t",
+    ".",
+    ",",
+    "!",
+    "?",
+    "'",
+    "-",
+    "0",
+    "42",
+    "é",
+    "ß",
+    "中文",
+    "😀",
+    " the",
+    " honest",
+    " friend",
+    "truth",
+    "Hello",
+    " - ",
+    "\n ",
+    " \n",
+    "<think>",
+    "</think>",
 ]
 text = st.lists(st.sampled_from(PIECES), min_size=0, max_size=12).map("".join)
 answer = st.tuples(text, st.sampled_from(["ok", "Yes.", "Sure", "中", "fine!"]), text).map("".join)
@@ -49,8 +78,22 @@ def test_segments_concatenate_to_the_whole_string_tokenization(name, any_tokeniz
     tpl = get_template(name)
     data = tokenize(convs, tok, tpl)
     runs = tokenize(convs, tok, tpl, engine="runs")  # the reference engine: text runs between specials
-    for f in ("ids", "labels", "offsets", "seg_offsets", "seg_trainable", "seg_turn", "seg_exchange", "seg_role",
-              "example_segs", "turn_tokens", "turn_trainable", "turn_role", "exchange_tokens", "fixed"):
+    for f in (
+        "ids",
+        "labels",
+        "offsets",
+        "seg_offsets",
+        "seg_trainable",
+        "seg_turn",
+        "seg_exchange",
+        "seg_role",
+        "example_segs",
+        "turn_tokens",
+        "turn_trainable",
+        "turn_role",
+        "exchange_tokens",
+        "fixed",
+    ):
         assert np.array_equal(getattr(data, f), getattr(runs, f)), f
     for i, conv in enumerate(convs):
         assert tpl.render_text(conv) == "".join(seg.text for seg in tpl.render(conv))
@@ -75,7 +118,9 @@ def test_counts_equal_the_library_on_the_calibration_set(name, any_tokenizer_pat
         assert list(data.example(i)[0]) == expected
     assert (data.trainable > 0).all() and (data.trainable < data.tokens).all()
     assert data.tokens.sum() == data.turn_tokens.sum() + _template_only(data)
-    assert (data.tokens == data.fixed + np.add.reduceat(data.exchange_tokens, data.exchange_offsets[:-1])).all()
+    assert (
+        data.tokens == data.fixed + np.add.reduceat(data.exchange_tokens, data.exchange_offsets[:-1])
+    ).all()
 
 
 def _template_only(data) -> int:
@@ -102,7 +147,11 @@ def test_per_turn_and_exchange_counts(hf_tokenizer_path):
     data = tokenize([conv], tok, tpl)
     # ChatML: each message is its own turn, rendered separately and tokenized independently (specials split).
     for k, m in enumerate(conv):
-        piece = tpl.render_text([m]) if m["role"] != "assistant" else f"<|im_start|>assistant\n{m['content']}<|im_end|>\n"
+        piece = (
+            tpl.render_text([m])
+            if m["role"] != "assistant"
+            else f"<|im_start|>assistant\n{m['content']}<|im_end|>\n"
+        )
         assert data.turn_tokens[k] == len(tok.encode(piece))
     assert list(data.turn_role) == [1] + [2, 3] * ((len(conv) - 1) // 2)
     assert len(data.exchanges(0)) == (len(conv) - 1) // 2
@@ -113,7 +162,7 @@ def test_per_turn_and_exchange_counts(hf_tokenizer_path):
 def test_core_sentencepiece_equals_the_python_package(sp_tokenizer_path, sp_bpe_tokenizer_path):
     import sentencepiece as spm
 
-    lines = corpus_lines()[:500] + ["", " ", "\n\n", "中文 😀 ß", "<|im_start|>user\nhi<|im_end|>"]
+    lines = [*corpus_lines()[:500], "", " ", "\n\n", "中文 😀 ß", "<|im_start|>user\nhi<|im_end|>"]
     for path in (sp_tokenizer_path, sp_bpe_tokenizer_path):
         ref = spm.SentencePieceProcessor(model_file=str(path))
         core = load_tokenizer(path)
@@ -152,7 +201,10 @@ def test_special_tokens_are_resolved_by_name(hf_tokenizer_path, tmp_path):
     bare.train_from_iterator(["hello world"] * 10, trainers.BpeTrainer(vocab_size=300, show_progress=False))
     path = tmp_path / "bare.json"
     bare.save(str(path))
-    with pytest.raises(KindredValueError, match=r"bare.json: the tokenizer has no token '<bos>' \(needed by chat template 'gemma3'\)"):
+    with pytest.raises(
+        KindredValueError,
+        match=r"bare.json: the tokenizer has no token '<bos>' \(needed by chat template 'gemma3'\)",
+    ):
         tokenize(load_calibration()[:1], path, "gemma3")
 
 

@@ -101,13 +101,19 @@ def brute_bfd_fills(lengths, cap):
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.integers(1, 300).flatmap(lambda cap: st.tuples(st.just(cap), st.lists(st.integers(1, cap), max_size=120))))
+@given(
+    st.integers(1, 300).flatmap(
+        lambda cap: st.tuples(st.just(cap), st.lists(st.integers(1, cap), max_size=120))
+    )
+)
 def test_pack_bfd_properties(case):
     cap, lengths = case
     row, start, rows = ops.pack_bfd(np.asarray(lengths, np.int32), cap)
     assert len(row) == len(lengths) == len(start)
     spans = {}
-    for i, (r, s) in enumerate(zip(row.tolist(), start.tolist(), strict=True)):  # every example once, in a row
+    for i, (r, s) in enumerate(
+        zip(row.tolist(), start.tolist(), strict=True)
+    ):  # every example once, in a row
         assert 0 <= r < rows
         spans.setdefault(r, []).append((s, s + lengths[i]))
     assert len(spans) == rows  # no empty rows
@@ -155,7 +161,15 @@ def _gpu_case(labels: np.ndarray, cu: np.ndarray, dtype, offset: int = 0):
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
 @pytest.mark.parametrize(
     "rows,row_len,mean",
-    [(1, 1, 1), (1, 17, 3), (3, 37, 5), (8, 8192, 500), (2, 65536, 20000), (64, 4096, 8), (1, 300_001, 300_001)],
+    [
+        (1, 1, 1),
+        (1, 17, 3),
+        (3, 37, 5),
+        (8, 8192, 500),
+        (2, 65536, 20000),
+        (64, 4096, 8),
+        (1, 300_001, 300_001),
+    ],
 )
 @pytest.mark.parametrize("offset", [0, 1])
 def test_gpu_count_and_positions_match_cpu(dtype, rows, row_len, mean, offset):

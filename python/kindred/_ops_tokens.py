@@ -39,7 +39,9 @@ def np_view(a: np.ndarray, name: str = "array") -> _core.TensorView:
 
 
 def _i32(a, name: str) -> np.ndarray:
-    return np.ascontiguousarray(a, dtype=np.int32) if not isinstance(a, np.ndarray) or a.dtype != np.int32 else a
+    return (
+        np.ascontiguousarray(a, dtype=np.int32) if not isinstance(a, np.ndarray) or a.dtype != np.int32 else a
+    )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -47,8 +49,10 @@ def _i32(a, name: str) -> np.ndarray:
 
 
 @torch.library.custom_op("kindred::count_trainable", mutates_args=())
-def count_trainable(labels: torch.Tensor, cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Trainable tokens (labels != -100) per sequence [Q], per row [R] and in all [1], int32, on labels' device."""
+def count_trainable(
+    labels: torch.Tensor, cu_seqlens: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Trainable tokens (labels != -100) per sequence [Q], per row [R], in all [1]; int32, labels' device."""
     rows = labels.shape[0] if labels.dim() == 2 else 1
     q = max(cu_seqlens.numel() - 1, 0)
     dev = labels.device
@@ -56,7 +60,12 @@ def count_trainable(labels: torch.Tensor, cu_seqlens: torch.Tensor) -> tuple[tor
     row = torch.empty(rows, dtype=torch.int32, device=dev)
     total = torch.empty(1, dtype=torch.int32, device=dev)
     _core.count_trainable(
-        view(labels, "labels"), view(cu_seqlens, "cu_seqlens"), view(seq), view(row), view(total), stream(labels)
+        view(labels, "labels"),
+        view(cu_seqlens, "cu_seqlens"),
+        view(seq),
+        view(row),
+        view(total),
+        stream(labels),
     )
     return seq, row, total
 
@@ -173,7 +182,11 @@ def pack_rows(
 ) -> dict[str, np.ndarray]:
     """Packed rows [rows, max_tokens] and their sequences from examples placed by :func:`pack_bfd`."""
     lengths = np.diff(example_offsets)
-    fill = np.bincount(row, weights=lengths, minlength=rows).astype(np.int64) if len(row) else np.zeros(rows, np.int64)
+    fill = (
+        np.bincount(row, weights=lengths, minlength=rows).astype(np.int64)
+        if len(row)
+        else np.zeros(rows, np.int64)
+    )
     q = len(row) + int(np.count_nonzero(fill < max_tokens))
     out = {
         "input_ids": np.empty((rows, max_tokens), np.int32),

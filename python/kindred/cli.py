@@ -108,9 +108,7 @@ def demo(args) -> int:
 def info(args) -> int:
     import torch
 
-    from . import __version__, cuda_compiled
-
-    from . import sentencepiece_compiled
+    from . import __version__, cuda_compiled, sentencepiece_compiled
 
     print(
         f"kindred {__version__}; CUDA kernels compiled: {cuda_compiled()}; "

@@ -150,14 +150,17 @@ class _Engine:
         self.tok = tokenizer
         self.template = template
         self.special_ids = {
-            Special(n): tokenizer.token_id(n, needed_by=f"chat template {template.name!r}") for n in template.specials
+            Special(n): tokenizer.token_id(n, needed_by=f"chat template {template.name!r}")
+            for n in template.specials
         }
         cache = tokenizer.__dict__.setdefault("_kindred_run_cache", {})
         if len(cache) > _CACHE_MAX_ENTRIES:
             cache.clear()
         self.cache: dict[str, np.ndarray] = cache
         structures = tokenizer.__dict__.setdefault("_kindred_structures", {})
-        options = tuple(sorted((k, v) for k, v in vars(template).items() if isinstance(v, (str, int, float, bool))))
+        options = tuple(
+            sorted((k, v) for k, v in vars(template).items() if isinstance(v, (str, int, float, bool)))
+        )
         self.structures: dict = structures.setdefault((type(template).__qualname__, options), {})
 
     def encode_cached(self, texts: list[str]) -> None:
@@ -171,8 +174,7 @@ class _Engine:
     def run(self, rendered: list[list[Segment]]) -> TokenizedData:
         n = len(rendered)
         special_ids = self.special_ids
-        cache = self.cache
-        # Units in token order; kind 0: a cached text or special (key into `cache_keys`), kind 1: an encoded run.
+        # Units in token order; kind 0: a cached text or special (key into `cache_keys`), 1: an encoded run.
         unit_kind: list[int] = []
         unit_ref: list[int] = []
         unit_seg: list[int] = []
@@ -236,9 +238,7 @@ class _Engine:
         self.encode_cached([k for k in cache_keys if isinstance(k, str)] + prefixes)
         enc_ids, enc_off = self.tok.encode_batch(encode)
         # Cached pieces (specials and short texts) live after the encoded ids in one source array.
-        cached = [
-            np.asarray([k], np.int32) if not isinstance(k, str) else self.cache[k] for k in cache_keys
-        ]
+        cached = [np.asarray([k], np.int32) if not isinstance(k, str) else self.cache[k] for k in cache_keys]
         cache_len = np.fromiter(map(len, cached), np.int64, count=len(cached))
         cache_start = np.zeros(len(cached) + 1, np.int64)
         np.cumsum(cache_len, out=cache_start[1:])
@@ -265,13 +265,17 @@ class _Engine:
             a, b = int(start[pos]), int(start[pos] + length[pos])
             bounds = self._split(source[a:b], parts)
             length[pos] = 0  # replaced by its pieces
-            for k, (text_seg, lo, hi) in enumerate(zip([p[1] for p in parts], bounds[:-1], bounds[1:], strict=True)):
+            for k, (text_seg, lo, hi) in enumerate(
+                zip([p[1] for p in parts], bounds[:-1], bounds[1:], strict=True)
+            ):
                 extra_pos.append(pos + (k + 1) / (len(parts) + 1))
                 extra_start.append(a + lo)
                 extra_len.append(hi - lo)
                 extra_seg.append(text_seg)
         if extra_pos:
-            order = np.argsort(np.concatenate([np.arange(len(kind), dtype=np.float64), extra_pos]), kind="stable")
+            order = np.argsort(
+                np.concatenate([np.arange(len(kind), dtype=np.float64), extra_pos]), kind="stable"
+            )
             start = np.concatenate([start, extra_start])[order]
             length = np.concatenate([length, extra_len])[order]
             useg = np.concatenate([useg, extra_seg])[order]
@@ -437,7 +441,9 @@ def _fast(engine: _Engine, conversations: Sequence) -> tuple[TokenizedData | Non
         idx = idx[special_count[idx] == k]
         if not len(idx):
             continue
-        pos = positions[first_special[idx][:, None] + np.arange(k)] if k else np.zeros((len(idx), 0), np.int64)
+        pos = (
+            positions[first_special[idx][:, None] + np.arange(k)] if k else np.zeros((len(idx), 0), np.int64)
+        )
         ok = (ids[pos] == st.special_ids).all(axis=1)
         lo = np.concatenate([off[idx][:, None], pos + 1], axis=1)  # gap starts
         hi = np.concatenate([pos, off[idx + 1][:, None]], axis=1)  # gap ends
@@ -455,7 +461,9 @@ def _fast(engine: _Engine, conversations: Sequence) -> tuple[TokenizedData | Non
                     head = cache[prefix_tpl]
                     h = len(head)
                     at = np.minimum(lo[:, j][:, None] + np.arange(h), max(len(ids) - 1, 0))
-                    match = (gap_len[:, j] >= h) & (ids[at] == head).all(axis=1) if h else np.ones(len(idx), bool)
+                    match = (
+                        (gap_len[:, j] >= h) & (ids[at] == head).all(axis=1) if h else np.ones(len(idx), bool)
+                    )
                     cut = np.full(len(idx), h, np.int64)
                 else:  # the system prompt inside the prefix: per conversation (cached per distinct prompt)
                     strings = [st.prefix(prefix_tpl, conversations[i]) for i in idx]
@@ -521,8 +529,17 @@ def _fast(engine: _Engine, conversations: Sequence) -> tuple[TokenizedData | Non
     return data, done, rest
 
 
-def _assemble(ids, seg_offsets, seg_trainable, seg_turn, seg_exchange, seg_role, example_segs, turn_counts,
-              exchange_counts) -> TokenizedData:
+def _assemble(
+    ids,
+    seg_offsets,
+    seg_trainable,
+    seg_turn,
+    seg_exchange,
+    seg_role,
+    example_segs,
+    turn_counts,
+    exchange_counts,
+) -> TokenizedData:
     """Labels and counts (C++ core) of segmented token streams."""
     n = len(example_segs) - 1
     turn_offsets = np.zeros(n + 1, np.int64)

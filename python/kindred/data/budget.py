@@ -88,8 +88,8 @@ def apply_budget(
         lines = [f"{where(int(i))}: {int(data.tokens[i]):,} tokens" for i in over[:10]]
         more = f" (and {len(over) - 10} more)" if len(over) > 10 else ""
         raise KindredValueError(
-            f"{len(over)} example(s) over the budget of {budget:,} tokens{more}; use policy 'drop' or 'truncate':\n  "
-            + "\n  ".join(lines)
+            f"{len(over)} example(s) over the budget of {budget:,} tokens{more}; "
+            "use policy 'drop' or 'truncate':\n  " + "\n  ".join(lines)
         )
     action = action.copy()
     drop = drop.copy()

@@ -23,19 +23,42 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Render chat JSONL with a model family's template, tokenize it, apply a token budget and "
         "report counts, padding waste, relative training cost, logits memory and how many exchanges fit.",
     )
-    p.add_argument("data", help='chat JSONL (optionally .gz): {"messages": [{"role", "content"}, ...]} per line')
-    p.add_argument("--tokenizer", required=True, help="tokenizer.json, sentencepiece .model, or a folder with one")
+    p.add_argument(
+        "data", help='chat JSONL (optionally .gz): {"messages": [{"role", "content"}, ...]} per line'
+    )
+    p.add_argument(
+        "--tokenizer", required=True, help="tokenizer.json, sentencepiece .model, or a folder with one"
+    )
     p.add_argument("--template", required=True, help=f"chat template: {', '.join(TEMPLATES)}")
-    p.add_argument("--budget", type=int, default=16384, help="token budget per example (default 16384; 0: none)")
-    p.add_argument("--policy", choices=POLICIES, default="truncate", help="for examples over budget (default truncate)")
-    p.add_argument("--pack", type=int, metavar="N", help="pack examples best-fit-decreasing into rows of N tokens")
-    p.add_argument("--buffer", type=int, default=1024, help="planner: tokens kept free for the answer (default 1024)")
-    p.add_argument("--vocab", type=int, metavar="N", help="vocabulary size for the logits memory (default: the tokenizer's)")
+    p.add_argument(
+        "--budget", type=int, default=16384, help="token budget per example (default 16384; 0: none)"
+    )
+    p.add_argument(
+        "--policy", choices=POLICIES, default="truncate", help="for examples over budget (default truncate)"
+    )
+    p.add_argument(
+        "--pack", type=int, metavar="N", help="pack examples best-fit-decreasing into rows of N tokens"
+    )
+    p.add_argument(
+        "--buffer", type=int, default=1024, help="planner: tokens kept free for the answer (default 1024)"
+    )
+    p.add_argument(
+        "--vocab",
+        type=int,
+        metavar="N",
+        help="vocabulary size for the logits memory (default: the tokenizer's)",
+    )
     p.add_argument("--date-string", help="llama3: the pinned 'Today Date' (default 26 Jul 2024)")
-    p.add_argument("--skip-invalid", action="store_true", help="skip invalid lines (counted and listed) instead of failing")
+    p.add_argument(
+        "--skip-invalid",
+        action="store_true",
+        help="skip invalid lines (counted and listed) instead of failing",
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of tables")
     p.add_argument("--plot", metavar="PNG", help="write a histogram of example lengths")
-    p.add_argument("--out", metavar="FILE", help="write the prepared data (safetensors; packed rows with --pack)")
+    p.add_argument(
+        "--out", metavar="FILE", help="write the prepared data (safetensors; packed rows with --pack)"
+    )
     p.set_defaults(func=run)
     return p
 
@@ -73,7 +96,13 @@ def save_prepared(path, prep: Prepared) -> None:
             tensors.update(long_ids=t.ids, long_labels=t.labels, long_offsets=t.offsets)
     else:
         f = prep.final
-        tensors = {"ids": f.ids, "labels": f.labels, "offsets": f.offsets, "tokens": f.tokens, "trainable": f.trainable}
+        tensors = {
+            "ids": f.ids,
+            "labels": f.labels,
+            "offsets": f.offsets,
+            "tokens": f.tokens,
+            "trainable": f.trainable,
+        }
     blob = save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=meta)
     with atomic_write(path) as fh:
         fh.write(blob)
@@ -100,7 +129,14 @@ def run(args: argparse.Namespace) -> int:
         **options,
     )
     report = budget_report(
-        None, None, None, budget, pack=args.pack, policy=args.policy, buffer=args.buffer, vocab_size=args.vocab,
+        None,
+        None,
+        None,
+        budget,
+        pack=args.pack,
+        policy=args.policy,
+        buffer=args.buffer,
+        vocab_size=args.vocab,
         prepared=prep,
     )
     if args.plot:

@@ -37,7 +37,11 @@ class Skipped:
     reason: str
 
     def __str__(self) -> str:
-        return f"line {self.line}: {self.field}: {self.reason}" if self.field else f"line {self.line}: {self.reason}"
+        return (
+            f"line {self.line}: {self.field}: {self.reason}"
+            if self.field
+            else f"line {self.line}: {self.reason}"
+        )
 
 
 @dataclass
@@ -107,7 +111,9 @@ def validate_conversation(obj) -> Conversation:
                     f"{where}.role", f"two assistant turns in a row (messages[{i - 1}] is also assistant)"
                 )
             if previous in (None, "system"):
-                raise _LineError(f"{where}.role", "the first turn after the system prompt must be a user turn")
+                raise _LineError(
+                    f"{where}.role", "the first turn after the system prompt must be a user turn"
+                )
             if not content.strip():
                 raise _LineError(f"{where}.content", "empty assistant content (nothing to train)")
         previous = role
@@ -177,7 +183,9 @@ def read_jsonl(path: str | os.PathLike, *, skip_invalid: bool = False) -> ChatDa
     return data
 
 
-def from_conversations(conversations: Iterable, *, skip_invalid: bool = False, name: str = "<memory>") -> ChatData:
+def from_conversations(
+    conversations: Iterable, *, skip_invalid: bool = False, name: str = "<memory>"
+) -> ChatData:
     """Validate in-memory conversations (lists of messages or ``{"messages": [...]}`` records)."""
     data = ChatData([], [], name)
     for i, conv in enumerate(conversations, start=1):
@@ -185,7 +193,9 @@ def from_conversations(conversations: Iterable, *, skip_invalid: bool = False, n
             messages = validate_conversation(conv if isinstance(conv, dict) else {"messages": conv})
         except _LineError as e:
             if not skip_invalid:
-                raise KindredValueError(f"{name}[{i - 1}]: {e.field}: {e.reason}" if e.field else e.reason) from None
+                raise KindredValueError(
+                    f"{name}[{i - 1}]: {e.field}: {e.reason}" if e.field else e.reason
+                ) from None
             data.skipped.append(Skipped(i, e.field, e.reason))
             continue
         data.conversations.append(messages)

@@ -108,7 +108,7 @@ def plan_conversation(
 
 
 def relative_cost(context: int, base: int = COST_BASE) -> float:
-    """Seed 004: training cost of one sequence of ``context`` tokens relative to one of 4K (4K 1×, 8K 2×, ...)."""
+    """Seed 004: cost of one sequence of ``context`` tokens relative to one of 4K (4K 1×, 8K 2×, ...)."""
     return context / base
 
 
@@ -132,7 +132,7 @@ def cost_table(lengths, contexts=COST_CONTEXTS, base: int = COST_BASE) -> list[d
             {
                 "context": int(c),
                 "relative_cost": rel,
-                "examples_fit": int(len(fit)),
+                "examples_fit": len(fit),
                 "share_fit": len(fit) / max(len(lengths), 1),
                 "tokens_fit_share": int(fit.sum()) / total,
                 "padded_cost": len(fit) * rel,

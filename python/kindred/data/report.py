@@ -103,24 +103,29 @@ class BudgetReport:
         head = Table(title=f"kindred tokens: {self.source}", show_header=False, title_justify="left")
         head.add_column(style="bold")
         head.add_column()
-        head.add_row("template / tokenizer", f"{self.template} / {self.tokenizer} ({self.vocab_size:,} tokens)")
+        head.add_row(
+            "template / tokenizer", f"{self.template} / {self.tokenizer} ({self.vocab_size:,} tokens)"
+        )
         head.add_row("tokenizer backend", self.tokenizer_backend)
         skipped = f", {len(self.skipped)} invalid line(s) skipped" if self.skipped else ""
         head.add_row("examples", f"{self.examples:,}{skipped}")
         if self.skipped:
             head.add_row("skipped lines", ", ".join(str(s["line"]) for s in self.skipped[:30]))
         head.add_row(
-            "tokens", f"{self.total:,} in all, {self.trainable:,} trained ({100 * self.trainable_share:.1f} %)"
+            "tokens",
+            f"{self.total:,} in all, {self.trainable:,} trained ({100 * self.trainable_share:.1f} %)",
         )
         d = self.distribution
         head.add_row(
             "tokens per example",
-            f"min {d['min']:,} · median {d['median']:,} · p95 {d['p95']:,} · max {d['max']:,} (mean {d['mean']:,.0f})",
+            f"min {d['min']:,} · median {d['median']:,} · p95 {d['p95']:,} · max {d['max']:,} "
+            f"(mean {d['mean']:,.0f})",
         )
         x = self.exchanges
         head.add_row(
             "tokens per exchange",
-            f"min {x['min']:,} · median {x['median']:,} · p95 {x['p95']:,} · max {x['max']:,} (mean {x['mean']:,.0f}); "
+            f"min {x['min']:,} · median {x['median']:,} · p95 {x['p95']:,} · max {x['max']:,} "
+            f"(mean {x['mean']:,.0f}); "
             f"{self.exchanges_per_example['median']} exchanges per example (median)",
         )
         head.add_row("system prompt + template", f"{self.system_tokens:,} tokens (median)")
@@ -136,7 +141,11 @@ class BudgetReport:
             f"{100 * p['unpacked_waste']:.1f} % waste without packing ({p['unpacked_rows']:,} rows); "
             + (
                 f"{100 * p['packed_waste']:.1f} % packed ({p['packed_rows']:,} rows)"
-                + (f"; {p['longer_than_rows']:,} examples longer than a row" if p.get("longer_than_rows") else "")
+                + (
+                    f"; {p['longer_than_rows']:,} examples longer than a row"
+                    if p.get("longer_than_rows")
+                    else ""
+                )
                 if p.get("packed_rows") is not None
                 else "pass --pack to see packing"
             ),
@@ -147,10 +156,27 @@ class BudgetReport:
             for c in ("example", "tokens", "action", "exchanges dropped", "tokens after"):
                 t.add_column(c, justify="right" if c != "example" else "left")
             for e in self.over_examples:
-                t.add_row(e["where"], f"{e['tokens']:,}", e["action"], str(e["exchanges_dropped"]), f"{e['tokens_after']:,}")
+                t.add_row(
+                    e["where"],
+                    f"{e['tokens']:,}",
+                    e["action"],
+                    str(e["exchanges_dropped"]),
+                    f"{e['tokens_after']:,}",
+                )
             out.append(t)
-        t = Table(title="relative training cost (seed 004: 4K = 1×, 8K = 2×, 16K = 4×, 32K = 8×, 64K = 16×)", title_justify="left")
-        for c in ("context", "cost / sequence", "examples fit", "tokens fit", "padded cost", "packed rows", "packed cost"):
+        t = Table(
+            title="relative training cost (seed 004: 4K = 1×, 8K = 2×, 16K = 4×, 32K = 8×, 64K = 16×)",
+            title_justify="left",
+        )
+        for c in (
+            "context",
+            "cost / sequence",
+            "examples fit",
+            "tokens fit",
+            "padded cost",
+            "packed rows",
+            "packed cost",
+        ):
             t.add_column(c, justify="right")
         for r in self.cost:
             t.add_row(
@@ -163,11 +189,15 @@ class BudgetReport:
                 f"{r['packed_cost']:,.0f}",
             )
         out.append(t)
-        t = Table(title=f"fp32 logits per sequence (tokens × {self.vocab_size:,} vocab × 4 B)", title_justify="left")
+        t = Table(
+            title=f"fp32 logits per sequence (tokens × {self.vocab_size:,} vocab × 4 B)", title_justify="left"
+        )
         for c in ("length", "tokens", "logits"):
             t.add_column(c, justify="right" if c != "length" else "left")
         for r in self.logits:
-            t.add_row(r["what"], f"{r['tokens']:,}", f"{r['bytes'] / 1e9:.2f} GB ({r['bytes'] / 2**30:.2f} GiB)")
+            t.add_row(
+                r["what"], f"{r['tokens']:,}", f"{r['bytes'] / 1e9:.2f} GB ({r['bytes'] / 2**30:.2f} GiB)"
+            )
         out.append(t)
         if self.planner:
             pl = self.planner
@@ -201,7 +231,7 @@ class BudgetReport:
         return buf.getvalue()
 
     def plot(self, path: str | os.PathLike) -> Path:
-        """A histogram of example lengths with the budget and pack lengths marked, as PNG (written atomically)."""
+        """A histogram of example lengths, budget and pack length marked, as PNG (written atomically)."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -283,7 +313,9 @@ def prepare(
         # Examples longer than a row (possible when the budget exceeds the pack length) stay unpacked.
         fits = final.tokens <= int(pack_to)
         source = np.flatnonzero(fits)
-        packed = pack(final if fits.all() else final.take(source), pack_to, _pad_id(tok) if pad_id is None else pad_id)
+        packed = pack(
+            final if fits.all() else final.take(source), pack_to, _pad_id(tok) if pad_id is None else pad_id
+        )
         if not fits.all():
             too_long = final.take(np.flatnonzero(~fits))
     return Prepared(chat, tok, tpl, tokenized, budgeted, packed, source, too_long)
@@ -317,7 +349,14 @@ def budget_report(
     tokens to measure padding waste. ``vocab_size`` (default: the tokenizer's) sizes the logits memory.
     """
     p = prepared or prepare(
-        data, tokenizer, template, budget, policy=policy, pack_to=pack, skip_invalid=skip_invalid, **template_options
+        data,
+        tokenizer,
+        template,
+        budget,
+        policy=policy,
+        pack_to=pack,
+        skip_invalid=skip_invalid,
+        **template_options,
     )
     t = p.tokenized
     lengths = t.tokens.astype(np.int64)
@@ -345,7 +384,7 @@ def budget_report(
     unpacked = final_len[final_len <= seq_len]
     padding = {
         "seq_len": int(seq_len),
-        "unpacked_rows": int(len(unpacked)),
+        "unpacked_rows": len(unpacked),
         "unpacked_waste": 1 - int(unpacked.sum()) / max(len(unpacked) * seq_len, 1) if len(unpacked) else 0.0,
         "packed_rows": None,
         "packed_waste": None,
@@ -361,7 +400,10 @@ def budget_report(
         padding["packed_rows"] = pack_bfd(unpacked.astype(np.int32), seq_len)[2]
         padding["packed_waste"] = 1 - int(unpacked.sum()) / max(padding["packed_rows"] * seq_len, 1)
     logits = []
-    for what, n in (("p95 example", _pct(lengths, 95)), ("longest example", int(lengths.max()) if len(lengths) else 0)):
+    for what, n in (
+        ("p95 example", _pct(lengths, 95)),
+        ("longest example", int(lengths.max()) if len(lengths) else 0),
+    ):
         logits.append({"what": what, "tokens": n, "bytes": logits_bytes(n, vocab)})
     for what, n in (("4K sequence", 4096), ("budget", budget), ("packed row", pack)):
         if n:
@@ -412,5 +454,7 @@ def token_report(path, tokenizer=None, template=None, **kwargs) -> BudgetReport:
     What ``kindred plan --data`` uses to check the context against the data and to estimate training time.
     """
     if tokenizer is None or template is None:
-        raise KindredValueError("a token report needs a tokenizer (--tokenizer PATH) and a chat template (--template NAME)")
+        raise KindredValueError(
+            "a token report needs a tokenizer (--tokenizer PATH) and a chat template (--template NAME)"
+        )
     return budget_report(path, tokenizer, template, None, **kwargs)

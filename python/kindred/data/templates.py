@@ -8,27 +8,25 @@ Concatenating the segments' text gives exactly the string the model family's own
 training conversation (no generation prompt); ``render_text`` returns it. Strings per
 ``shared/reference/pipeline-formats.md`` §5:
 
-=============  ==================================================================================================
-gemma3         ``<bos>`` once; ``<start_of_turn>user\\n{content|trim}<end_of_turn>\\n``; assistant is ``model``;
-               the system prompt is no role: its text + ``\\n\\n`` prefixes the first user turn
-qwen3          ChatML ``<|im_start|>{role}\\n{content}<|im_end|>\\n``; the last assistant turn (after the last user
-               query) carries ``<think>\\n{reasoning}\\n</think>\\n\\n`` (empty when there is no reasoning);
-               earlier assistant turns are rendered without their reasoning
-llama3         ``<|begin_of_text|>``, always a system header with ``Cutting Knowledge Date: December 2023`` and
-               ``Today Date: {date_string}`` (pinned, default ``26 Jul 2024``), turns
-               ``<|start_header_id|>{role}<|end_header_id|>\\n\\n{content|trim}<|eot_id|>``
-phi4           ``<|im_start|>{role}<|im_sep|>{content}<|im_end|>``, no newlines, no BOS
-phi4-mini      ``<|{role}|>{content}<|end|>``, no newlines, then ``<|endoftext|>`` (eos) after the last turn
-mistral-nemo   ``<s>[INST]{user}[/INST]{assistant}</s>...``, no spaces; the system prompt goes into the **last**
-               user turn as ``[INST]{system}\\n\\n{user}[/INST]``
-chatml         generic ChatML ``<|im_start|>{role}\\n{content}<|im_end|>\\n``, no BOS
-=============  ==================================================================================================
+* gemma3: ``<bos>`` once; ``<start_of_turn>user\\n{content|trim}<end_of_turn>\\n``; the assistant is
+  ``model``; the system prompt is no role: its text + ``\\n\\n`` prefixes the first user turn.
+* qwen3: ChatML ``<|im_start|>{role}\\n{content}<|im_end|>\\n``; the last assistant turn (after the last
+  user query) carries ``<think>\\n{reasoning}\\n</think>\\n\\n`` (empty without reasoning); earlier
+  assistant turns are rendered without their reasoning.
+* llama3: ``<|begin_of_text|>``, always a system header with ``Cutting Knowledge Date: December 2023`` and
+  ``Today Date: {date_string}`` (pinned, default ``26 Jul 2024``), turns
+  ``<|start_header_id|>{role}<|end_header_id|>\\n\\n{content|trim}<|eot_id|>``.
+* phi4: ``<|im_start|>{role}<|im_sep|>{content}<|im_end|>``, no newlines, no BOS.
+* phi4-mini: ``<|{role}|>{content}<|end|>``, no newlines, then ``<|endoftext|>`` after the last turn.
+* mistral-nemo: ``<s>[INST]{user}[/INST]{assistant}</s>...``, no spaces; the system prompt goes into the
+  **last** user turn as ``[INST]{system}\\n\\n{user}[/INST]``.
+* chatml: generic ChatML ``<|im_start|>{role}\\n{content}<|im_end|>\\n``, no BOS.
 
-Choices where a template leaves room (all documented on the classes): the trained end-of-turn token is the
-one generation stops at (``<end_of_turn>``, ``<|im_end|>``, ``<|eot_id|>``, ``<|end|>``, ``</s>``); the newline
-after it is not trained; Qwen3's empty ``<think>\\n\\n</think>\\n\\n`` is template text, not trained (the model
-must not learn to skip thinking from data that has no reasoning); Phi-4-mini's trailing ``<|endoftext|>`` is
-not trained (generation stops at ``<|end|>``).
+Choices where a template leaves room (all documented on the classes): the trained end-of-turn token is
+the one generation stops at (``<end_of_turn>``, ``<|im_end|>``, ``<|eot_id|>``, ``<|end|>``, ``</s>``); the
+newline after it is not trained; Qwen3's empty ``<think>\\n\\n</think>\\n\\n`` is template text, not
+trained (the model must not learn to skip thinking from data that has no reasoning); Phi-4-mini's trailing
+``<|endoftext|>`` is not trained (generation stops at ``<|end|>``).
 """
 
 from __future__ import annotations
@@ -159,9 +157,9 @@ class Qwen3(ChatML):
 
     Reasoning comes from an assistant message's ``reasoning_content`` or from its content split at
     ``</think>``. Assistant turns after the last user query (in training data: the final one) render
-    ``<think>\\n{reasoning}\\n</think>\\n\\n{content}`` — trained when the reasoning is non-empty, template text
-    (untrained) when it is empty; earlier assistant turns render only their content (reasoning dropped), as
-    Qwen3's template does, so the rendering is not prefix-preserving across turns.
+    ``<think>\\n{reasoning}\\n</think>\\n\\n{content}`` — trained when the reasoning is non-empty,
+    template text (untrained) when it is empty; earlier assistant turns render only their content (reasoning
+    dropped), as     Qwen3's template does, so the rendering is not prefix-preserving across turns.
     """
 
     name = "qwen3"
@@ -220,7 +218,9 @@ class Qwen3(ChatML):
             reasoning, content = self.split_reasoning(m)
             if i > last_query and (i == len(messages) - 1 or reasoning):
                 think = reasoning.strip("\n")
-                out.append(f"<|im_start|>assistant\n<think>\n{think}\n</think>\n\n{content.lstrip(chr(10))}<|im_end|>\n")
+                out.append(
+                    f"<|im_start|>assistant\n<think>\n{think}\n</think>\n\n{content.lstrip(chr(10))}<|im_end|>\n"
+                )
             else:
                 out.append(f"<|im_start|>assistant\n{content}<|im_end|>\n")
         return "".join(out)
@@ -250,7 +250,11 @@ class Gemma3(ChatTemplate):
     end_of_turn = "<end_of_turn>"
 
     def __init__(self):
-        self._bos, self._sot, self._eot = Special("<bos>"), Special("<start_of_turn>"), Special("<end_of_turn>")
+        self._bos, self._sot, self._eot = (
+            Special("<bos>"),
+            Special("<start_of_turn>"),
+            Special("<end_of_turn>"),
+        )
 
     def render(self, messages):
         system, first = _split_system(messages)
@@ -310,7 +314,11 @@ class Llama3(ChatTemplate):
     def __init__(self, date_string: str = "26 Jul 2024"):
         self.date_string = date_string
         self._bot = Special("<|begin_of_text|>")
-        self._sh, self._eh, self._eot = Special("<|start_header_id|>"), Special("<|end_header_id|>"), Special("<|eot_id|>")
+        self._sh, self._eh, self._eot = (
+            Special("<|start_header_id|>"),
+            Special("<|end_header_id|>"),
+            Special("<|eot_id|>"),
+        )
 
     def render(self, messages):
         system, first = _split_system(messages)
@@ -336,7 +344,9 @@ class Llama3(ChatTemplate):
                     Segment("assistant", (content, self._eot), True, i, x),
                 ]
             else:
-                segs.append(Segment("user", (self._sh, "user", self._eh, "\n\n" + content, self._eot), False, i, x))
+                segs.append(
+                    Segment("user", (self._sh, "user", self._eh, "\n\n" + content, self._eot), False, i, x)
+                )
         return segs
 
     def render_text(self, messages):
@@ -367,7 +377,11 @@ class Phi4(ChatTemplate):
     end_of_turn = "<|im_end|>"
 
     def __init__(self):
-        self._start, self._sep, self._end = Special("<|im_start|>"), Special("<|im_sep|>"), Special("<|im_end|>")
+        self._start, self._sep, self._end = (
+            Special("<|im_start|>"),
+            Special("<|im_sep|>"),
+            Special("<|im_end|>"),
+        )
 
     def render(self, messages):
         segs = []
@@ -433,7 +447,8 @@ class MistralNemo(ChatTemplate):
     mistral-common encodes it. (Hugging Face's Jinja only does so when that user turn is the very last
     message, i.e. at inference; a training conversation ends with an assistant turn, where that rule would
     silently drop the system prompt.) Consequences: the rendering is not prefix-preserving across turns, and
-    truncating exchanges from the front never moves the system prompt. Trained: assistant content and ``</s>``.
+    truncating exchanges from the front never moves the system prompt. Trained: assistant content and
+    ``</s>``.
     """
 
     name = "mistral-nemo"

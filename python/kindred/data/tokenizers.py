@@ -108,7 +108,7 @@ class HFTokenizer(Tokenizer):
 
 
 class SentencePieceTokenizer(Tokenizer):
-    """A sentencepiece ``.model``: the C++ library in kindred's core when compiled in, else the Python package."""
+    """A sentencepiece ``.model``: the C++ library in kindred's core when compiled in, else PyPI's package."""
 
     kind = "sentencepiece"
 
@@ -139,7 +139,8 @@ class SentencePieceTokenizer(Tokenizer):
             except (OSError, RuntimeError) as e:
                 raise KindredFormatError(f"{self.path}: not a valid sentencepiece model ({e})") from None
             self.backend = (
-                "sentencepiece Python package (kindred's core was built without the sentencepiece C++ library)"
+                "sentencepiece Python package (kindred's core was built without the sentencepiece C++ "
+                "library)"
                 if backend == "auto"
                 else "sentencepiece Python package"
             )
@@ -180,7 +181,9 @@ def load_tokenizer(path: str | os.PathLike | Tokenizer, **kwargs) -> Tokenizer:
     if isinstance(path, Tokenizer):
         return path
     if path is None:
-        raise KindredValueError("a tokenizer path is needed (tokenizer.json, a sentencepiece .model or a folder)")
+        raise KindredValueError(
+            "a tokenizer path is needed (tokenizer.json, a sentencepiece .model or a folder)"
+        )
     p = Path(path)
     if p.is_dir():
         for name in ("tokenizer.json", "tokenizer.model"):

@@ -23,7 +23,7 @@ IGNORE_INDEX: int = _ops_tokens.IGNORE_INDEX
 
 
 class TrainableCounts(NamedTuple):
-    """Tokens with a label (!= -100): per sequence [Q], per row [R] and in all [1]; int32 on the labels' device."""
+    """Tokens with a label (!= -100): per sequence [Q], per row [R] and in all [1]; int32, labels' device."""
 
     per_sequence: torch.Tensor
     per_row: torch.Tensor
