@@ -40,8 +40,8 @@ def synthetic_conversations(n: int, seed: int = SEED) -> list[list[dict]]:
     systems = [" ".join(rng.choice(words, 40)) for _ in range(8)]
     exchanges = rng.integers(2, 6, n)
     m = int(exchanges.sum())
-    user_len = rng.integers(8, 48, m)
-    asst_len = rng.integers(20, 120, m)
+    user_len = rng.integers(6, 36, m)
+    asst_len = rng.integers(16, 96, m)
     pool = rng.choice(words, int(user_len.sum() + asst_len.sum())).tolist()
     at = 0
 
