@@ -32,6 +32,7 @@ def _template_specials() -> list[str]:
 @pytest.fixture(scope="session")
 def hf_tokenizer_path(tmp_path_factory):
     """A byte-level BPE tokenizer.json (GPT-2 / Llama 3 / Qwen style pre-tokenizer), vocabulary 1,200."""
+    pytest.importorskip("tokenizers")
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     from kindred.data.samples import corpus_lines
@@ -54,6 +55,7 @@ def hf_tokenizer_path(tmp_path_factory):
 @pytest.fixture(scope="session")
 def hf_metaspace_tokenizer_path(tmp_path_factory):
     """A Metaspace (sentencepiece-style, Gemma-like) BPE tokenizer.json, vocabulary 1,000."""
+    pytest.importorskip("tokenizers")
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     from kindred.data.samples import corpus_lines
@@ -74,7 +76,7 @@ def hf_metaspace_tokenizer_path(tmp_path_factory):
 
 
 def train_sentencepiece(path, model_type: str, vocab_size: int):
-    import sentencepiece as spm
+    spm = pytest.importorskip("sentencepiece")
 
     from kindred.data.samples import corpus_lines
 

@@ -147,11 +147,13 @@ def test_budget_report_fields(tok, tmp_path):
         "planner",
     ):
         assert words in text
+    pytest.importorskip("matplotlib")
     png = report.plot(tmp_path / "hist.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_cli_table_json_plot_and_out(hf_tokenizer_path, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
     from safetensors.numpy import load_file
 
     argv = ["tokens", str(calibration_path()), "--tokenizer", str(hf_tokenizer_path), "--template", "qwen3"]

@@ -133,6 +133,7 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
 
 
 def test_cli_failure_leaves_no_output_file(tmp_path, hf_tokenizer_path, capsys):
+    pytest.importorskip("matplotlib")
     data = tmp_path / "data.jsonl"
     data.write_bytes(json.dumps(GOOD).encode() + b"\n" + BAD[6][0] + b"\n")
     out = tmp_path / "prepared.safetensors"

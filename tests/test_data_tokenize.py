@@ -5,6 +5,8 @@ segments, and a tokenizer lacking a template's special token is named in the err
 
 import numpy as np
 import pytest
+
+pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
