@@ -17,6 +17,8 @@ const char* dtype_name(DType t) {
       return "float32";
     case DType::f64:
       return "float64";
+    case DType::i64:
+      return "int64";
   }
   return "?";
 }
@@ -32,6 +34,7 @@ int dtype_size(DType t) {
     case DType::f32:
       return 4;
     case DType::f64:
+    case DType::i64:
       return 8;
   }
   return 0;

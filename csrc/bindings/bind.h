@@ -8,4 +8,5 @@ void bind_quant(pybind11::module_& m);
 void bind_lora(pybind11::module_& m);
 void bind_gguf(pybind11::module_& m);
 void bind_loss(pybind11::module_& m);
+void bind_tokens(pybind11::module_& m);
 }  // namespace kindred

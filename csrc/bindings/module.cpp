@@ -13,7 +13,8 @@ namespace {
 kindred::DType parse_dtype(const std::string& name) {
   static const std::pair<const char*, kindred::DType> names[] = {
       {"uint8", kindred::DType::u8},      {"int32", kindred::DType::i32},   {"float16", kindred::DType::f16},
-      {"bfloat16", kindred::DType::bf16}, {"float32", kindred::DType::f32}, {"float64", kindred::DType::f64}};
+      {"bfloat16", kindred::DType::bf16}, {"float32", kindred::DType::f32}, {"float64", kindred::DType::f64},
+      {"int64", kindred::DType::i64}};
   for (auto [n, d] : names)
     if (name == n) return d;
   throw kindred::Error(kindred::cat("unsupported dtype '", name, "'"), true);
@@ -58,4 +59,5 @@ PYBIND11_MODULE(_core, m) {
   kindred::bind_lora(m);
   kindred::bind_gguf(m);
   kindred::bind_loss(m);
+  kindred::bind_tokens(m);
 }

@@ -2,11 +2,12 @@
 
 The public API: ``kindred.ops`` (functional ops on torch tensors), ``kindred.nn`` (modules),
 ``kindred.formats`` (checkpoint formats), ``kindred.models`` (decoders built from HF configs),
-``kindred.plan`` (model catalogue and estimates).
+``kindred.plan`` (model catalogue and estimates), ``kindred.data`` (chat templates, tokenizers, token budgets,
+packing).
 """
 
-from . import formats, models, nn, ops
-from ._core import cuda_compiled
+from . import data, formats, models, nn, ops
+from ._core import cuda_compiled, sentencepiece_compiled
 from .errors import KindredError, KindredFormatError, KindredValueError
 
 __version__ = "0.1.0"
@@ -15,8 +16,10 @@ __all__ = [
     "KindredFormatError",
     "KindredValueError",
     "cuda_compiled",
+    "data",
     "formats",
     "models",
     "nn",
     "ops",
+    "sentencepiece_compiled",
 ]

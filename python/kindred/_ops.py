@@ -21,6 +21,7 @@ _DTYPE_NAMES = {
     torch.bfloat16: "bfloat16",
     torch.float32: "float32",
     torch.float64: "float64",
+    torch.int64: "int64",
 }
 
 

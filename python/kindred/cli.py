@@ -1,4 +1,4 @@
-"""The ``kindred`` command: ``kindred demo | info | plan``."""
+"""The ``kindred`` command: ``kindred demo | info | plan | tokens``."""
 
 from __future__ import annotations
 
@@ -108,16 +108,18 @@ def demo(args) -> int:
 def info(args) -> int:
     import torch
 
-    from . import __version__, cuda_compiled
+    from . import __version__, cuda_compiled, sentencepiece_compiled
 
     print(
-        f"kindred {__version__}; CUDA kernels compiled: {cuda_compiled()}; torch {torch.__version__}; "
+        f"kindred {__version__}; CUDA kernels compiled: {cuda_compiled()}; "
+        f"sentencepiece C++ library: {sentencepiece_compiled()}; torch {torch.__version__}; "
         f"CUDA device: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}"
     )
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .data.cli import add_parser as add_tokens
     from .plan.cli import add_parser as add_plan
 
     parser = argparse.ArgumentParser(prog="kindred", description="Fast, lean, predictable QLoRA on one GPU.")
@@ -132,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=demo)
     sub.add_parser("info", help="build and device information").set_defaults(func=info)
     add_plan(sub).set_defaults(func=lambda a: __import__("kindred.plan.cli", fromlist=["run"]).run(a))
+    add_tokens(sub)
     return parser
 
 

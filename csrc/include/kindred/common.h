@@ -63,7 +63,7 @@ std::string cat(const Args&... args) {
     if (!(cond)) throw ::kindred::Error(::kindred::cat(__VA_ARGS__), true); \
   } while (0)
 
-enum class DType : int { u8, i32, f16, bf16, f32, f64 };
+enum class DType : int { u8, i32, f16, bf16, f32, f64, i64 };
 enum class Device : int { cpu, cuda };
 
 const char* dtype_name(DType t);

@@ -20,11 +20,13 @@ from .quant import (
     quantize_int4g,
     quantize_nf4,
 )
+from .tokens import IGNORE_INDEX, TrainableCounts, count_trainable, pack_bfd, position_ids
 
 __all__ = [
     "AWQ_ORDER",
     "DYNAMIC_MAP",
     "GGUF_BLOCK_TYPES",
+    "IGNORE_INDEX",
     "INT4G_DEFAULT_GROUP",
     "INT4G_GROUPS",
     "NF4_CODEBOOK",
@@ -32,6 +34,8 @@ __all__ = [
     "Int4gWeight",
     "LinearCrossEntropyStats",
     "NF4Weight",
+    "TrainableCounts",
+    "count_trainable",
     "dequantize_gguf",
     "dequantize_int4g",
     "dequantize_nf4",
@@ -43,6 +47,8 @@ __all__ = [
     "lora_scaling",
     "lora_workspace",
     "matmul_4bit",
+    "pack_bfd",
+    "position_ids",
     "quantize_int4g",
     "quantize_nf4",
 ]

@@ -1,0 +1,217 @@
+"""Tokenizers behind one small interface: encode / encode_batch / decode, tokens by name, vocabulary size.
+
+* Hugging Face ``tokenizer.json`` through the ``tokenizers`` library (its Rust batch encoder on all cores).
+* SentencePiece ``.model`` through the sentencepiece C++ library compiled into ``kindred._core`` (batch encode
+  on all cores with OpenMP) when the build found it (``kindred._core.sentencepiece_compiled()``); otherwise
+  through the ``sentencepiece`` Python package, and ``Tokenizer.backend`` says so.
+
+Texts are always encoded without adding special tokens: chat templates emit BOS and turn markers
+themselves, and :mod:`kindred.data.templates` resolves those by name (:meth:`Tokenizer.token_id`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from itertools import chain
+from pathlib import Path
+
+import numpy as np
+
+from .. import _core
+from ..errors import KindredFormatError, KindredValueError
+
+
+class Tokenizer:
+    """The interface every tokenizer of kindred.data implements."""
+
+    path: str
+    kind: str  # "tokenizer.json" | "sentencepiece"
+    backend: str  # which library encodes, in words
+
+    @property
+    def vocab_size(self) -> int:
+        raise NotImplementedError
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def encode_batch(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """All texts at once: (ids int32 [total], offsets int64 [len(texts) + 1])."""
+        raise NotImplementedError
+
+    def decode(self, ids) -> str:
+        raise NotImplementedError
+
+    def lookup(self, name: str) -> int | None:
+        """The id of the token spelled ``name`` (special or not), or None."""
+        raise NotImplementedError
+
+    def token_id(self, name: str, needed_by: str = "") -> int:
+        """The id of the token spelled ``name``; a KindredValueError naming the tokenizer when it has none."""
+        tid = self.lookup(name)
+        if tid is None:
+            why = f" (needed by {needed_by})" if needed_by else ""
+            raise KindredValueError(f"{self.path}: the tokenizer has no token {name!r}{why}")
+        return tid
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.path!r}, vocab_size={self.vocab_size}, backend={self.backend!r})"
+
+
+def _flatten(lists: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    lengths = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
+    offsets = np.zeros(len(lists) + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    ids = np.fromiter(chain.from_iterable(lists), dtype=np.int32, count=int(offsets[-1]))
+    return ids, offsets
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face ``tokenizer.json`` (the ``tokenizers`` library)."""
+
+    kind = "tokenizer.json"
+
+    def __init__(self, path: str | os.PathLike):
+        from tokenizers import Tokenizer as _Tok
+
+        self.path = str(path)
+        try:
+            self._tok = _Tok.from_file(self.path)
+        except Exception as e:  # the library raises a bare Exception for malformed files
+            raise KindredFormatError(f"{self.path}: not a valid tokenizer.json ({e})") from None
+        self._fast = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
+        self.backend = "tokenizers (Rust, all cores)"
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        if not texts:
+            return np.zeros(0, np.int32), np.zeros(1, np.int64)
+        return _flatten([e.ids for e in self._fast(texts, add_special_tokens=False)])
+
+    def decode(self, ids) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def lookup(self, name: str) -> int | None:
+        return self._tok.token_to_id(name)
+
+    @property
+    def library(self):
+        """The underlying ``tokenizers.Tokenizer``."""
+        return self._tok
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A sentencepiece ``.model``: the C++ library in kindred's core when compiled in, else PyPI's package."""
+
+    kind = "sentencepiece"
+
+    def __init__(self, path: str | os.PathLike, *, backend: str = "auto", threads: int = 0):
+        self.path = str(path)
+        self.threads = threads
+        if backend not in ("auto", "core", "python"):
+            raise KindredValueError(f"backend must be 'auto', 'core' or 'python', got {backend!r}")
+        if backend == "core" and not _core.sentencepiece_compiled():
+            raise KindredValueError(
+                "kindred was built without the sentencepiece C++ library (Debian: libsentencepiece-dev); "
+                "use backend='python'"
+            )
+        self._core = None
+        self._py = None
+        if backend != "python" and _core.sentencepiece_compiled():
+            try:
+                self._core = _core.SentencePieceTokenizer(self.path)
+            except ValueError as e:
+                raise KindredFormatError(str(e)) from None
+            self.backend = "kindred core (sentencepiece C++, OpenMP on all cores)"
+        else:
+            import sentencepiece as spm
+
+            self._py = spm.SentencePieceProcessor()
+            try:
+                self._py.Load(self.path)
+            except (OSError, RuntimeError) as e:
+                raise KindredFormatError(f"{self.path}: not a valid sentencepiece model ({e})") from None
+            self.backend = (
+                "sentencepiece Python package (kindred's core was built without the sentencepiece C++ "
+                "library)"
+                if backend == "auto"
+                else "sentencepiece Python package"
+            )
+
+    @property
+    def vocab_size(self) -> int:
+        return self._core.vocab_size if self._core else self._py.GetPieceSize()
+
+    def encode(self, text: str) -> list[int]:
+        if self._core:
+            return self._core.encode(text).tolist()
+        return self._py.EncodeAsIds(text)
+
+    def encode_batch(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        if not texts:
+            return np.zeros(0, np.int32), np.zeros(1, np.int64)
+        if self._core:
+            return self._core.encode_batch(texts, self.threads)
+        return _flatten(self._py.Encode(list(texts), num_threads=self.threads or -1))
+
+    def decode(self, ids) -> str:
+        ids = [int(i) for i in ids]
+        return self._core.decode(ids) if self._core else self._py.DecodeIds(ids)
+
+    def lookup(self, name: str) -> int | None:
+        if self._core:
+            tid = self._core.piece_to_id(name)
+            return None if tid < 0 else tid
+        tid = self._py.PieceToId(name)
+        return tid if self._py.IdToPiece(tid) == name else None
+
+
+def load_tokenizer(path: str | os.PathLike | Tokenizer, **kwargs) -> Tokenizer:
+    """A tokenizer from a ``tokenizer.json``, a sentencepiece ``.model``, or a folder holding either.
+
+    Missing or corrupt files raise :class:`~kindred.KindredFormatError` naming the file.
+    """
+    if isinstance(path, Tokenizer):
+        return path
+    if path is None:
+        raise KindredValueError(
+            "a tokenizer path is needed (tokenizer.json, a sentencepiece .model or a folder)"
+        )
+    p = Path(path)
+    if p.is_dir():
+        for name in ("tokenizer.json", "tokenizer.model"):
+            if (p / name).is_file():
+                p = p / name
+                break
+        else:
+            raise KindredFormatError(f"{p}: no tokenizer.json or tokenizer.model in this folder")
+    if not p.is_file():
+        raise KindredFormatError(f"{p}: tokenizer file not found")
+    with p.open("rb") as f:
+        head = f.read(64).lstrip()
+    if p.suffix == ".json" or head.startswith(b"{"):
+        if not head.startswith(b"{"):
+            raise KindredFormatError(f"{p}: not a valid tokenizer.json (not a JSON object)")
+        return HFTokenizer(p)
+    return SentencePieceTokenizer(p, **kwargs)
+
+
+def sentencepiece_backend() -> str:
+    """Which sentencepiece implementation this build uses, in words."""
+    if _core.sentencepiece_compiled():
+        return "kindred core (sentencepiece C++ library)"
+    return "sentencepiece Python package (kindred's core was built without the sentencepiece C++ library)"
+
+
+def special_tokens_of(path: str | os.PathLike) -> dict[str, int]:
+    """The added/special tokens of a tokenizer.json (name -> id), for reports."""
+    with open(path, encoding="utf-8") as f:
+        obj = json.load(f)
+    return {t["content"]: t["id"] for t in obj.get("added_tokens", [])}
