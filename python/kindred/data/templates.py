@@ -100,7 +100,7 @@ class ChatTemplate:
 
     def structure_key(self, messages: Sequence[dict]) -> tuple:
         """What determines the segment structure of a rendering (not its text): the role sequence."""
-        return ("".join(m["role"][0] for m in messages),)
+        return ("".join([m["role"][0] for m in messages]),)
 
     def canonical(self, key: tuple) -> list[dict]:
         """A conversation of structure ``key`` whose message i has the content PLACEHOLDER.format(i)."""
@@ -234,8 +234,11 @@ class Qwen3(ChatML):
 
     def structure_key(self, messages):
         # the last turn's think block is trained only when its reasoning is non-empty
-        reasoning, _ = self.split_reasoning(messages[-1])
-        return ("".join(m["role"][0] for m in messages), bool(reasoning.strip("\n")))
+        last = messages[-1]
+        if "reasoning_content" not in last and "</think>" not in last["content"]:
+            return ("".join([m["role"][0] for m in messages]), False)
+        reasoning, _ = self.split_reasoning(last)
+        return ("".join([m["role"][0] for m in messages]), bool(reasoning.strip("\n")))
 
     def canonical(self, key):
         msgs = super().canonical(key)
