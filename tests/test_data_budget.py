@@ -9,6 +9,7 @@ import pytest
 from kindred import KindredValueError
 from kindred.cli import main
 from kindred.data import (
+    TEMPLATES,
     apply_budget,
     budget_report,
     cost_table,
@@ -204,3 +205,45 @@ def test_token_report_and_kindred_plan_data(hf_tokenizer_path, capsys):
     assert checklist["token budget defined"]["status"] == "pass"
     assert main([*argv, "--data", str(calibration_path())]) == 2
     assert "needs a tokenizer" in capsys.readouterr().err
+
+
+FIELDS = (
+    "ids", "labels", "offsets", "tokens", "trainable", "fixed", "seg_offsets", "seg_trainable", "seg_turn",
+    "seg_exchange", "seg_role", "example_segs", "turn_offsets", "turn_tokens", "turn_trainable", "turn_role",
+    "exchange_offsets", "exchange_tokens", "exchange_trainable",
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_truncation_by_splicing_equals_rerendering(name, any_tokenizer_path):
+    from kindred.data.accounting import splice_exchanges
+
+    tok = load_tokenizer(any_tokenizer_path)
+    tpl = get_template(name)
+    convs = [c for c in load_calibration() if sum(m["role"] == "user" for m in c) >= 3]
+    convs.append([m for m in convs[0] if m["role"] != "system"])  # no system prompt
+    data = tokenize(convs, tok, tpl)
+    rng = np.random.default_rng(3)
+    rows = np.arange(len(convs))
+    drop = np.array([rng.integers(1, len(data.exchanges(i))) for i in rows])
+    spliced = splice_exchanges(data, rows, drop)
+    rendered = tokenize(
+        [truncate_conversation(c, int(k)) for c, k in zip(convs, drop, strict=True)], tok, tpl
+    )
+    same = all(np.array_equal(getattr(spliced, f), getattr(rendered, f)) for f in FIELDS)
+    # Gemma 3 folds the system prompt into the first user turn: cutting tokens would lose it, so it re-renders
+    assert same == tpl.truncation_splices
+
+
+def test_compose_replaces_and_drops_rows(hf_tokenizer_path):
+    from kindred.data.accounting import compose
+
+    convs = load_calibration()[:8]
+    data = tokenize(convs, hf_tokenizer_path, "llama3")
+    other = tokenize(convs[5:7], hf_tokenizer_path, "llama3")
+    rows = np.array([0, 1, 3, 4, 5, 7])
+    other_row = np.array([-1, -1, 1, -1, 0, -1])
+    out = compose(data, rows, other, other_row)
+    want = type(data).concat([data, other]).take([0, 1, 9, 4, 8, 7])
+    for f in FIELDS:
+        assert np.array_equal(getattr(out, f), getattr(want, f)), f

@@ -133,6 +133,109 @@ class TokenizedData:
         return TokenizedData(**out)
 
 
+_FAMILIES = (  # CSR families of TokenizedData: offsets field, per-element fields
+    ("offsets", ("ids", "labels")),
+    ("example_segs", ("seg_trainable", "seg_turn", "seg_exchange", "seg_role")),
+    ("turn_offsets", ("turn_tokens", "turn_trainable", "turn_role")),
+    ("exchange_offsets", ("exchange_tokens", "exchange_trainable")),
+)
+_PER_EXAMPLE = ("tokens", "trainable", "fixed")
+
+
+def compose(
+    base: TokenizedData, rows: np.ndarray, other: TokenizedData | None, other_row: np.ndarray
+) -> TokenizedData:
+    """Example ``rows[j]`` of ``base`` for each j, or example ``other_row[j]`` of ``other`` where that is >= 0.
+
+    Built from contiguous slices (one copy of the data), so replacing or dropping a few examples of a large
+    data set costs one pass over it.
+    """
+    rows = np.asarray(rows, np.int64)
+    other_row = np.asarray(other_row, np.int64)
+    pieces: list[tuple[int, int, int]] = []  # (source 0 = base / 1 = other, first row, end row)
+    j, n = 0, len(rows)
+    while j < n:
+        if other_row[j] >= 0:
+            pieces.append((1, int(other_row[j]), int(other_row[j]) + 1))
+            j += 1
+            continue
+        k = j + 1
+        while k < n and other_row[k] < 0 and rows[k] == rows[k - 1] + 1:
+            k += 1
+        pieces.append((0, int(rows[j]), int(rows[k - 1]) + 1))
+        j = k
+    sources = (base, other)
+    out = {}
+    for name in _PER_EXAMPLE:
+        out[name] = np.concatenate(
+            [getattr(sources[s], name)[a:b] for s, a, b in pieces] or [base.tokens[:0]]
+        )
+    for offsets_name, element_names in _FAMILIES:
+        spans = [
+            (s, getattr(sources[s], offsets_name)[a], getattr(sources[s], offsets_name)[b])
+            for s, a, b in pieces
+        ]
+        lengths = np.concatenate(
+            [np.diff(getattr(sources[s], offsets_name)[a : b + 1]) for s, a, b in pieces]
+            or [np.zeros(0, np.int64)]
+        )
+        offsets = np.zeros(len(lengths) + 1, np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        out[offsets_name] = offsets
+        for name in element_names:
+            out[name] = np.concatenate(
+                [getattr(sources[s], name)[lo:hi] for s, lo, hi in spans] or [getattr(base, name)[:0]]
+            )
+        if offsets_name == "example_segs":
+            seg_len = np.concatenate(
+                [np.diff(sources[s].seg_offsets[lo : hi + 1]) for s, lo, hi in spans]
+                or [np.zeros(0, np.int64)]
+            )
+            seg_offsets = np.zeros(len(seg_len) + 1, np.int64)
+            np.cumsum(seg_len, out=seg_offsets[1:])
+            out["seg_offsets"] = seg_offsets
+    return TokenizedData(**out)
+
+
+def splice_exchanges(data: TokenizedData, rows: np.ndarray, drop: np.ndarray) -> TokenizedData:
+    """Examples ``rows`` of ``data`` without their first ``drop`` exchanges, cut out in token space.
+
+    Exact for templates whose exchanges are rendered independently and bounded by special tokens
+    (``ChatTemplate.truncation_splices``): the result equals rendering and tokenizing the shortened
+    conversations (tested). Turn indices shift down by two per dropped exchange (user + assistant).
+    """
+    sub = data.take(rows)
+    drop = np.asarray(drop, np.int64)
+    seg_example = np.repeat(np.arange(len(sub), dtype=np.int64), np.diff(sub.example_segs))
+    k = drop[seg_example]
+    keep = (sub.seg_exchange < 0) | (sub.seg_exchange >= k)
+    seg_len = np.diff(sub.seg_offsets)
+    shifted = sub.seg_exchange >= 0
+    seg_turn = np.where(shifted, sub.seg_turn - 2 * k, sub.seg_turn).astype(np.int32)
+    seg_exchange = np.where(shifted, sub.seg_exchange - k, -1).astype(np.int32)
+    starts = sub.seg_offsets[:-1][keep]
+    lengths = seg_len[keep]
+    new_seg_offsets = np.zeros(len(lengths) + 1, np.int64)
+    np.cumsum(lengths, out=new_seg_offsets[1:])
+    gather = np.repeat(starts - new_seg_offsets[:-1], lengths) + np.arange(
+        new_seg_offsets[-1], dtype=np.int64
+    )
+    kept_per_example = np.bincount(seg_example[keep], minlength=len(sub))
+    example_segs = np.zeros(len(sub) + 1, np.int64)
+    np.cumsum(kept_per_example, out=example_segs[1:])
+    return _assemble(
+        np.ascontiguousarray(sub.ids[gather]),
+        new_seg_offsets,
+        sub.seg_trainable[keep],
+        seg_turn[keep],
+        seg_exchange[keep],
+        sub.seg_role[keep],
+        example_segs,
+        np.diff(sub.turn_offsets) - 2 * drop,
+        np.diff(sub.exchange_offsets) - drop,
+    )
+
+
 def _gather_csr(offsets: np.ndarray, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(element indices, new offsets) selecting rows ``index`` of a CSR layout."""
     starts = offsets[index]
@@ -424,11 +527,11 @@ def _fast(engine: _Engine, conversations: Sequence) -> tuple[TokenizedData | Non
     n = len(conversations)
     special_set = np.array(sorted(set(engine.special_ids.values())), np.int32)
     is_special = np.isin(ids, special_set)
-    csum = np.zeros(len(ids) + 1, np.int64)
-    np.cumsum(is_special, out=csum[1:])
     positions = np.flatnonzero(is_special)
-    first_special = csum[off[:-1]]
-    special_count = csum[off[1:]] - first_special
+    # specials per conversation: which conversation each special token position falls in
+    special_count = np.bincount(np.searchsorted(off, positions, side="right") - 1, minlength=n)[:n]
+    first_special = np.zeros(n, np.int64)
+    np.cumsum(special_count[:-1], out=first_special[1:])
     good = np.zeros(n, bool)
     aligned = []  # (structure, conversations, their segment lengths)
     cache = engine.cache

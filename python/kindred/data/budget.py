@@ -17,7 +17,7 @@ import numpy as np
 
 from .. import _core, _ops_tokens
 from ..errors import KindredValueError
-from .accounting import TokenizedData, tokenize
+from .accounting import TokenizedData, compose, splice_exchanges, tokenize
 from .templates import ChatTemplate, exchange_index
 from .tokenizers import Tokenizer
 
@@ -95,33 +95,40 @@ def apply_budget(
     drop = drop.copy()
     after = after.copy()
     convs = list(conversations)
-    todo = list(np.flatnonzero(action == TRUNCATE))
-    rounds: list[TokenizedData] = []  # re-tokenized truncated examples, round by round
-    position: dict[int, int] = {}  # example -> its row in concat([data, *rounds])
-    base = len(data)
-    while todo:
-        shortened = [truncate_conversation(convs[i], int(drop[i])) for i in todo]
-        again = tokenize(shortened, tokenizer, template)
-        rounds.append(again)
-        retry = []
-        for k, i in enumerate(todo):
-            n = int(again.tokens[k])
-            if n <= budget:
-                after[i] = n
-                position[int(i)] = base + k
-            elif again.exchange_offsets[k + 1] - again.exchange_offsets[k] > 1:
-                drop[i] += 1  # the re-rendered example grew (system prompt moved): one more exchange goes
-                retry.append(i)
-            else:
-                action[i], drop[i], after[i] = DROP, 0, 0
-        base += len(again)
-        todo = retry
+    truncated = np.flatnonzero(action == TRUNCATE)
+    extra: TokenizedData | None = None
+    extra_row = np.full(len(data), -1, np.int64)
+    if len(truncated) and getattr(template, "truncation_splices", False):
+        extra = splice_exchanges(
+            data, truncated, drop[truncated]
+        )  # exact: see ChatTemplate.truncation_splices
+        extra_row[truncated] = np.arange(len(truncated))
+    elif len(truncated):
+        rounds: list[TokenizedData] = []  # re-rendered truncated examples, round by round
+        base, todo = 0, list(truncated)
+        while todo:
+            shortened = [truncate_conversation(convs[i], int(drop[i])) for i in todo]
+            again = tokenize(shortened, tokenizer, template)
+            rounds.append(again)
+            retry = []
+            for k, i in enumerate(todo):
+                n = int(again.tokens[k])
+                if n <= budget:
+                    after[i] = n
+                    extra_row[i] = base + k
+                elif again.exchange_offsets[k + 1] - again.exchange_offsets[k] > 1:
+                    drop[i] += 1  # the re-rendered example grew (system prompt moved): one more exchange goes
+                    retry.append(i)
+                else:
+                    action[i], drop[i], after[i] = DROP, 0, 0
+            base += len(again)
+            todo = retry
+        extra = TokenizedData.concat(rounds)
     kept = np.flatnonzero(action != DROP)
-    if position:
-        index = np.fromiter((position.get(int(i), int(i)) for i in kept), np.int64, count=len(kept))
-        out = TokenizedData.concat([data, *rounds]).take(index)
+    if len(kept) == len(data) and extra is None:
+        out = data
     else:
-        out = data.take(kept) if len(kept) != len(data) else data
+        out = compose(data, kept, extra, extra_row[kept])
     kept_convs = None
     if keep_conversations:
         kept_convs = [

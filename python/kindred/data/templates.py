@@ -86,6 +86,10 @@ class ChatTemplate:
     description: str = ""
     specials: tuple[str, ...] = ()  # every special token the template emits
     end_of_turn: str = ""  # the trained end-of-turn token
+    # Dropping leading exchanges leaves every other segment's text and tokens as they were (exchanges are
+    # rendered independently and bounded by special tokens): truncation can cut tokens instead of
+    # re-rendering. Gemma 3 folds the system prompt into the first user turn, so it cannot.
+    truncation_splices: bool = True
 
     def render(self, messages: Sequence[dict]) -> list[Segment]:
         raise NotImplementedError
@@ -96,7 +100,7 @@ class ChatTemplate:
 
     def structure_key(self, messages: Sequence[dict]) -> tuple:
         """What determines the segment structure of a rendering (not its text): the role sequence."""
-        return ("".join(m["role"][0] for m in messages),)
+        return ("".join([m["role"][0] for m in messages]),)
 
     def canonical(self, key: tuple) -> list[dict]:
         """A conversation of structure ``key`` whose message i has the content PLACEHOLDER.format(i)."""
@@ -215,6 +219,9 @@ class Qwen3(ChatML):
             if m["role"] != "assistant":
                 out.append(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n")
                 continue
+            if i < last_query and "</think>" not in m["content"]:  # the common case, without a split
+                out.append(f"<|im_start|>assistant\n{m['content']}<|im_end|>\n")
+                continue
             reasoning, content = self.split_reasoning(m)
             if i > last_query and (i == len(messages) - 1 or reasoning):
                 think = reasoning.strip("\n")
@@ -227,8 +234,11 @@ class Qwen3(ChatML):
 
     def structure_key(self, messages):
         # the last turn's think block is trained only when its reasoning is non-empty
-        reasoning, _ = self.split_reasoning(messages[-1])
-        return ("".join(m["role"][0] for m in messages), bool(reasoning.strip("\n")))
+        last = messages[-1]
+        if "reasoning_content" not in last and "</think>" not in last["content"]:
+            return ("".join([m["role"][0] for m in messages]), False)
+        reasoning, _ = self.split_reasoning(last)
+        return ("".join([m["role"][0] for m in messages]), bool(reasoning.strip("\n")))
 
     def canonical(self, key):
         msgs = super().canonical(key)
@@ -246,6 +256,7 @@ class Gemma3(ChatTemplate):
 
     name = "gemma3"
     description = "Gemma 3"
+    truncation_splices = False
     specials = ("<bos>", "<start_of_turn>", "<end_of_turn>")
     end_of_turn = "<end_of_turn>"
 
