@@ -92,7 +92,7 @@ def _measure(fn, h, w, y, trainable):
         torch.cuda.synchronize()
         grads = h.numel() * 2 + (w.numel() * 2 if trainable else 0)
         extra = (torch.cuda.max_memory_allocated() - base - grads) / 2**20
-        return ms, extra, float(loss)
+        return ms, extra, float(loss.detach())
     except torch.OutOfMemoryError:
         return None, None, None
     finally:

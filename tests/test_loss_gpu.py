@@ -2,6 +2,8 @@
 against the float64 reference and torch's bf16/fp16 matmul + cross_entropy, no host sync, the memory budget
 at (16384, 4096, 262144), torch.compile. Run: pytest -m gpu tests/test_loss_gpu.py"""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -188,8 +190,10 @@ def test_no_host_sync(trainable, reduction):
     h, w, y, b = h.cuda().requires_grad_(), w.cuda().requires_grad_(trainable), y.cuda(), b.cuda()
     lce(h, w, y, bias=b, reduction=reduction, z_loss=1e-4).sum().backward()  # warm-up (capability probe)
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
     try:
+        with warnings.catch_warnings():  # "prototype feature" warning; the mode must be restored regardless
+            warnings.simplefilter("ignore", UserWarning)
+            torch.cuda.set_sync_debug_mode("error")
         loss = lce(h, w, y, bias=b, reduction=reduction, z_loss=1e-4, label_smoothing=0.1)
         loss.sum().backward()
     finally:
