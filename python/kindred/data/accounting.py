@@ -1,15 +1,24 @@
 """Token accounting of chat data: render → tokenize → per-segment roles → labels and counts (C++ core).
 
-Tokenization follows the segments of the rendered template. Special tokens are looked up by name; the text
-between two special tokens (a *run*, possibly spanning segments, e.g. ``assistant\\n`` + the content) is
-encoded as one string, exactly as whole-string tokenization sees it, because every tokenizer splits the text
-at its special tokens first. A run that spans segments is divided where the tokens of its first part end
-(checked by comparing with that part's own tokens); if a token straddles the boundary, the later segment
-gets the longest tail of the run's tokens that equals the tail of its own tokenization, and the straddling
-token goes to the earlier (untrained) segment: no trained token ever holds prompt text. So the tokens of all
-segments concatenated equal the tokenizer's encoding of the whole rendered string (tested on every
-template), and the labels are correct by construction. Short texts that repeat (role headers, newlines)
-are encoded once and cached.
+Every tokenizer splits text at its special tokens before anything else, and templates put a special token
+at every boundary that matters, so the text between two special tokens (a *run*) tokenizes the same alone
+as inside the whole string. Two engines build on that and give identical results (tested):
+
+* ``auto`` (the default, as fast as the tokenizer): encode each whole rendered string once — exactly the
+  raw tokenizer's work — then find the template's special tokens in the ids, check that they are the ones
+  the template emitted, in order, and divide the runs between them among the segments. The segment
+  structure of a rendering depends only on its roles (and, for Qwen3, whether the last turn has reasoning);
+  it is compiled once per structure from a canonical rendering, and all conversations of one structure are
+  divided at once with numpy. A conversation whose text spells a special token, or where a token straddles
+  a divided run's boundary, falls back to:
+* ``runs``: encode the runs themselves. A run that spans segments (``assistant\\n`` + the content) is
+  divided where the tokens of its first part end (checked against that part's own tokens); if a token
+  straddles the boundary, the later segment gets the longest tail of the run's tokens that equals the tail
+  of its own tokenization and the straddling token goes to the earlier (untrained) segment: no trained
+  token ever holds prompt text. Short repeated texts (role headers, newlines) are cached.
+
+Either way the segments' tokens concatenated equal the tokenizer's encoding of the whole rendered string,
+special tokens are resolved by name, and the labels are correct by construction.
 """
 
 from __future__ import annotations
@@ -152,18 +161,20 @@ def compose(
     """
     rows = np.asarray(rows, np.int64)
     other_row = np.asarray(other_row, np.int64)
-    pieces: list[tuple[int, int, int]] = []  # (source 0 = base / 1 = other, first row, end row)
-    j, n = 0, len(rows)
-    while j < n:
-        if other_row[j] >= 0:
-            pieces.append((1, int(other_row[j]), int(other_row[j]) + 1))
-            j += 1
-            continue
-        k = j + 1
-        while k < n and other_row[k] < 0 and rows[k] == rows[k - 1] + 1:
-            k += 1
-        pieces.append((0, int(rows[j]), int(rows[k - 1]) + 1))
-        j = k
+    # Pieces: maximal runs of consecutive base rows, and single rows of `other`.
+    n = len(rows)
+    from_other = other_row >= 0
+    brk = np.ones(n, bool)
+    if n > 1:
+        brk[1:] = from_other[1:] | from_other[:-1] | (np.diff(rows) != 1)
+    starts = np.flatnonzero(brk)
+    ends = np.append(starts[1:], n)
+    pieces: list[tuple[int, int, int]] = [  # (source 0 = base / 1 = other, first row, end row)
+        (1, int(other_row[a]), int(other_row[a]) + 1)
+        if from_other[a]
+        else (0, int(rows[a]), int(rows[b - 1]) + 1)
+        for a, b in zip(starts.tolist(), ends.tolist(), strict=True)
+    ]
     sources = (base, other)
     out = {}
     for name in _PER_EXAMPLE:

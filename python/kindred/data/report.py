@@ -27,6 +27,12 @@ from .templates import ChatTemplate, get_template
 from .tokenizers import Tokenizer, load_tokenizer
 
 
+def _size(b: int) -> str:
+    if b >= 10**9:
+        return f"{b / 1e9:.2f} GB ({b / 2**30:.2f} GiB)"
+    return f"{b / 1e6:.1f} MB ({b / 2**20:.1f} MiB)"
+
+
 def _pct(a: np.ndarray, q: float) -> int:
     """The q-th percentile as an actual value of ``a`` (the smallest value with at least q % at or below)."""
     return int(np.percentile(a, q, method="higher")) if len(a) else 0
@@ -195,9 +201,7 @@ class BudgetReport:
         for c in ("length", "tokens", "logits"):
             t.add_column(c, justify="right" if c != "length" else "left")
         for r in self.logits:
-            t.add_row(
-                r["what"], f"{r['tokens']:,}", f"{r['bytes'] / 1e9:.2f} GB ({r['bytes'] / 2**30:.2f} GiB)"
-            )
+            t.add_row(r["what"], f"{r['tokens']:,}", _size(r["bytes"]))
         out.append(t)
         if self.planner:
             pl = self.planner
