@@ -154,7 +154,7 @@ _PER_EXAMPLE = ("tokens", "trainable", "fixed")
 def compose(
     base: TokenizedData, rows: np.ndarray, other: TokenizedData | None, other_row: np.ndarray
 ) -> TokenizedData:
-    """Example ``rows[j]`` of ``base`` for each j, or example ``other_row[j]`` of ``other`` where that is >= 0.
+    """Example ``rows[j]`` of ``base`` for each j, or ``other_row[j]`` of ``other`` where that is >= 0.
 
     Built from contiguous slices (one copy of the data), so replacing or dropping a few examples of a large
     data set costs one pass over it.

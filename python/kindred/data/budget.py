@@ -125,10 +125,8 @@ def apply_budget(
             todo = retry
         extra = TokenizedData.concat(rounds)
     kept = np.flatnonzero(action != DROP)
-    if len(kept) == len(data) and extra is None:
-        out = data
-    else:
-        out = compose(data, kept, extra, extra_row[kept])
+    unchanged = len(kept) == len(data) and extra is None
+    out = data if unchanged else compose(data, kept, extra, extra_row[kept])
     kept_convs = None
     if keep_conversations:
         kept_convs = [
