@@ -14,7 +14,7 @@ from kindred.errors import KindredFormatError, KindredValueError
 from kindred.nn import Linear4bit
 
 from .model_helpers import FAMILY_CONFIGS, VOCAB, random_ids, saved_hf_model
-from .tolerances import REL_ERR, rel_err
+from .tolerances import MODEL_BF16_REL_ERR, REL_ERR, rel_err
 
 pytest.importorskip("transformers")
 
@@ -302,4 +302,5 @@ def test_cuda_quantize_on_load_peak_memory(tmp_path, quant):
     assert peak < final + 2 * layer_bytes, (peak, final, layer_bytes)
     cpu = models.from_pretrained(tmp_path, quant=quant)
     ids = random_ids((1, 33), seed=2)
-    assert rel_err(model(ids.cuda()), cpu(ids)) < REL_ERR[torch.bfloat16]
+    # Whole bf16 models: each side rounds every layer's output, so the per-op bound grows with depth.
+    assert rel_err(model(ids.cuda()), cpu(ids)) < MODEL_BF16_REL_ERR
