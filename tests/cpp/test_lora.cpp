@@ -2,6 +2,8 @@
 // the dropout mask's statistics and reproducibility, and every argument check.
 #include <gtest/gtest.h>
 
+#include "views.h"
+
 #include <Eigen/Core>
 #include <cmath>
 #include <random>
@@ -12,16 +14,7 @@
 namespace kindred {
 namespace {
 
-template <typename T>
-TensorView view(std::vector<T>& v, DType dt, std::vector<int64_t> shape) {
-  TensorView t;
-  t.data = v.data();
-  t.dtype = dt;
-  t.shape = shape;
-  t.strides.assign(shape.size(), 1);
-  for (int64_t i = static_cast<int64_t>(shape.size()) - 2; i >= 0; --i) t.strides[i] = t.strides[i + 1] * shape[i + 1];
-  return t;
-}
+using testing::view;
 
 std::vector<double> randn(int64_t n, uint32_t seed, double scale = 1.0) {
   std::mt19937 gen(seed);

@@ -2,6 +2,8 @@
 // nibble order on a hand-built case, and every argument check.
 #include <gtest/gtest.h>
 
+#include "views.h"
+
 #include <cmath>
 #include <limits>
 #include <random>
@@ -13,16 +15,7 @@
 namespace kindred {
 namespace {
 
-template <typename T>
-TensorView view(std::vector<T>& v, DType dt, std::vector<int64_t> shape) {
-  TensorView t;
-  t.data = v.data();
-  t.dtype = dt;
-  t.shape = shape;
-  t.strides.assign(shape.size(), 1);
-  for (int64_t i = static_cast<int64_t>(shape.size()) - 2; i >= 0; --i) t.strides[i] = t.strides[i + 1] * shape[i + 1];
-  return t;
-}
+using testing::view;
 
 std::vector<float> randn(int64_t n, uint32_t seed) {
   std::mt19937 gen(seed);
