@@ -31,6 +31,7 @@ trained (the model must not learn to skip thinking from data that has no reasoni
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -79,7 +80,7 @@ def exchange_index(messages: Sequence[dict]) -> list[int]:
     return out
 
 
-class ChatTemplate:
+class ChatTemplate(abc.ABC):
     """A model family's chat template for training conversations (validated: see kindred.data.jsonl)."""
 
     name: str = ""
@@ -91,8 +92,9 @@ class ChatTemplate:
     # re-rendering. Gemma 3 folds the system prompt into the first user turn, so it cannot.
     truncation_splices: bool = True
 
+    @abc.abstractmethod
     def render(self, messages: Sequence[dict]) -> list[Segment]:
-        raise NotImplementedError
+        """The conversation as role-tagged segments (text, role, trainable)."""
 
     def render_text(self, messages: Sequence[dict]) -> str:
         """The whole rendered string (the concatenated text of ``render``; templates write it directly)."""
@@ -107,9 +109,9 @@ class ChatTemplate:
         roles = {"s": "system", "u": "user", "a": "assistant"}
         return [{"role": roles[r], "content": PLACEHOLDER.format(i)} for i, r in enumerate(key[0])]
 
+    @abc.abstractmethod
     def generation_prompt(self) -> str:
         """What follows a conversation to make the model answer (for generation, not training)."""
-        raise NotImplementedError
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

@@ -11,6 +11,7 @@ themselves, and :mod:`kindred.data.templates` resolves those by name (:meth:`Tok
 
 from __future__ import annotations
 
+import abc
 import json
 import os
 from itertools import chain
@@ -22,7 +23,7 @@ from .. import _core
 from ..errors import KindredFormatError, KindredValueError
 
 
-class Tokenizer:
+class Tokenizer(abc.ABC):
     """The interface every tokenizer of kindred.data implements."""
 
     path: str
@@ -30,22 +31,25 @@ class Tokenizer:
     backend: str  # which library encodes, in words
 
     @property
+    @abc.abstractmethod
     def vocab_size(self) -> int:
-        raise NotImplementedError
+        """Number of token ids."""
 
+    @abc.abstractmethod
     def encode(self, text: str) -> list[int]:
-        raise NotImplementedError
+        """The ids of ``text`` (special-token spellings in it become their ids)."""
 
+    @abc.abstractmethod
     def encode_batch(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """All texts at once: (ids int32 [total], offsets int64 [len(texts) + 1])."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def decode(self, ids) -> str:
-        raise NotImplementedError
+        """The text of ``ids``."""
 
+    @abc.abstractmethod
     def lookup(self, name: str) -> int | None:
         """The id of the token spelled ``name`` (special or not), or None."""
-        raise NotImplementedError
 
     def token_id(self, name: str, needed_by: str = "") -> int:
         """The id of the token spelled ``name``; a KindredValueError naming the tokenizer when it has none."""
