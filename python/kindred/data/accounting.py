@@ -168,7 +168,7 @@ def compose(
     if n > 1:
         brk[1:] = from_other[1:] | from_other[:-1] | (np.diff(rows) != 1)
     starts = np.flatnonzero(brk)
-    ends = np.append(starts[1:], n)
+    ends = np.append(starts[1:], n) if n else starts  # no example left: no piece
     pieces: list[tuple[int, int, int]] = [  # (source 0 = base / 1 = other, first row, end row)
         (1, int(other_row[a]), int(other_row[a]) + 1)
         if from_other[a]

@@ -199,7 +199,7 @@ def load_adapter(
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             lora = LoraLinear(module, r, alpha, dropout, rslora, adapter_name, name=name)
-            setattr(parent, child, lora)
+            setattr(parent, child, lora.train(module.training))  # an eval-mode model stays in eval mode
         with torch.no_grad():
             for part, dest in (("lora_A", lora.lora_A), ("lora_B", lora.lora_B)):
                 w = dest[adapter_name].weight

@@ -307,7 +307,8 @@ def apply_lora(
             )
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LoraLinear(module, r, alpha, dropout, rslora, adapter_name, name=name))
+        lora = LoraLinear(module, r, alpha, dropout, rslora, adapter_name, name=name)
+        setattr(parent, child, lora.train(module.training))  # an eval-mode model stays in eval mode
     freeze_base(model)
     return names
 

@@ -1,0 +1,420 @@
+"""The QLoRA trainer: ``kindred.train(config)`` / ``kindred train config.yaml``.
+
+One optimizer step = ``grad_accum`` micro-steps of ``micro_batch_tokens`` tokens each (whole packed rows,
+flattened into one sequence whose documents attend only within themselves). The frozen base runs in the
+config's dtype; the LoRA A/B parameters the model computes with are copies of fp32 master weights, which
+AdamW updates. The loss is kindred's fused linear cross-entropy on the final hidden states with the frozen
+lm_head (no dW GEMM), summed over the step's trained tokens and divided by their number, counted on the
+device (no host sync per micro-step). Rows whose next-token target is ignored are left out before the loss
+(their indices come from the host-side packed labels). Losses are read back only every ``log_every`` steps.
+
+Data order: every epoch is a permutation of the packed rows drawn from ``seed + epoch``; the data cursor is
+the number of rows consumed, so a resumed run continues with exactly the rows it would have seen.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import KindredError, KindredValueError
+from ..formats.peft import save_adapter
+from ..nn.lora import apply_lora
+from ..ops.loss import linear_cross_entropy
+from ..ops.tokens import count_trainable
+from .checkpoint import ADAPTER, latest_checkpoint, load_state, save_checkpoint
+from .config import TrainConfig, load_config
+from .metrics import MetricsLog, Progress, plot_loss
+from .setup import distributed, load_data, load_model
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class TrainResult:
+    """What a run produced; ``eval_losses`` holds (step, held-out loss), step 0 being before training."""
+
+    out_dir: Path
+    step: int
+    metrics: list[dict]
+    eval_losses: list[tuple[int, float]]
+    adapter_dir: Path
+    merged_dir: Path | None
+    loss_plot: Path | None
+    model: torch.nn.Module
+    tokenizer: object
+    template: object
+    config: TrainConfig
+
+
+def train(config, *, resume: bool = False, overrides: dict | None = None) -> TrainResult:
+    """Fine-tune with LoRA adapters as ``config`` (a YAML path, dict or TrainConfig) says; see config.py."""
+    return Trainer(config, overrides=overrides).fit(resume=resume)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise KindredValueError(f"device is {name!r} but CUDA is not available; use device: auto or cpu")
+    return dev
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
+    """Multiplier of the peak lr at optimizer step ``step`` (0-based): linear warmup, then the schedule."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
+    return min_ratio + (1.0 - min_ratio) * shape
+
+
+class Trainer:
+    """Builds the model, data, adapters and optimizer from a config; :meth:`fit` trains."""
+
+    def __init__(self, config, overrides: dict | None = None):
+        cfg = self.cfg = load_config(config, overrides)
+        self.device = _device(cfg.device)
+        self.dtype = _DTYPES[cfg.dtype]
+        if self.device.type == "cpu" and self.dtype == torch.float16:
+            raise KindredValueError("dtype: fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
+        self.rank, self.world = distributed()
+        self.out = Path(cfg.output.dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        _seed_all(cfg.train.seed)
+        self.model, self.tokenizer, self.hf_config = load_model(cfg, self.device, self.dtype, self.out)
+        self.data, self.eval_data, self.template = load_data(cfg, self.tokenizer)
+        self.row = self.data.packed.max_tokens
+        tr = cfg.train
+        self.rows_per_micro = (tr.micro_batch_tokens or self.row) // self.row
+        self.rows_per_step = self.rows_per_micro * tr.grad_accum * self.world
+        n_rows = self.data.packed.rows
+        self.total_steps = tr.max_steps or max(1, math.ceil(tr.epochs * n_rows / self.rows_per_step))
+        lo = cfg.lora
+        self.adapted = apply_lora(self.model, lo.targets, lo.r, lo.alpha, lo.dropout, lo.rslora)
+        self.model.model.gradient_checkpointing = tr.gradient_checkpointing == "full"
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.master = [p.detach().float().clone().requires_grad_(True) for p in self.params]
+        fused = self.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(
+            self.master,
+            lr=tr.lr,
+            betas=tuple(tr.adam_betas),
+            eps=tr.adam_eps,
+            weight_decay=tr.weight_decay,
+            fused=fused,
+        )
+        sched = (self.total_steps, tr.warmup_steps, tr.schedule, tr.min_lr_ratio)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, *sched))
+        self.step = 0
+        self.cursor = 0  # packed rows consumed (all ranks together)
+        self.eval_losses: list[tuple[int, float]] = []
+
+    # ---- data --------------------------------------------------------------------------------------------
+    def _rows(self, start: int, count: int) -> np.ndarray:
+        """Rows ``start .. start+count`` of the endless stream of per-epoch permutations."""
+        n = self.data.packed.rows
+        out = []
+        while count > 0:
+            epoch, offset = divmod(start, n)
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.train.seed + epoch))
+            take = min(count, n - offset)
+            out.append(perm[offset : offset + take].numpy())
+            start, count = start + take, count - take
+        return np.concatenate(out)
+
+    def _batch(self, packed, rows: np.ndarray) -> dict:
+        """A micro-batch on the device: one flattened row, the trained positions and their targets."""
+        b = packed.batch(rows)
+        labels = b["labels"].reshape(-1)
+        keep = torch.nonzero(labels[1:] != -100).reshape(-1)  # host tensors: no device sync
+        pin = self.device.type == "cuda"
+
+        def dev(t):
+            return (t.pin_memory() if pin else t).to(self.device, non_blocking=True)
+
+        return {
+            "input_ids": dev(b["input_ids"].reshape(1, -1)),
+            "position_ids": dev(b["position_ids"].reshape(1, -1)),
+            "cu_seqlens": dev(b["cu_seqlens"]),
+            "labels": dev(b["labels"]),
+            "keep": dev(keep),
+            "targets": dev(labels[1:][keep]),
+            "tokens": _real(packed, rows),
+            "trainable": int(keep.numel()),
+        }
+
+    # ---- loss --------------------------------------------------------------------------------------------
+    def _loss_sum(self, batch: dict) -> torch.Tensor:
+        hidden = self.model(
+            batch["input_ids"], batch["position_ids"], batch["cu_seqlens"], return_hidden=True
+        )[0]
+        h = hidden.index_select(0, batch["keep"])
+        cap = self.model.config.final_logit_softcapping
+        return linear_cross_entropy(
+            h, self.model.lm_head.weight, batch["targets"], reduction="sum", softcap=cap
+        )
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean loss per trained token on the held-out data (dropout off), or None without held-out data."""
+        if self.eval_data is None:
+            return None
+        packed = self.eval_data.packed
+        was_training = self.model.training
+        self.model.eval()
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        count = 0
+        for start in range(0, packed.rows, self.rows_per_micro):
+            batch = self._batch(packed, np.arange(start, min(start + self.rows_per_micro, packed.rows)))
+            if batch["trainable"]:
+                total += self._loss_sum(batch).double()
+                count += batch["trainable"]
+        self.model.train(was_training)
+        return float(total) / max(count, 1)
+
+    # ---- one optimizer step ------------------------------------------------------------------------------
+    def _train_step(self) -> dict:
+        rows = self._rows(self.cursor, self.rows_per_step)
+        self.cursor += self.rows_per_step
+        mine = rows[self.rank :: self.world]
+        micro = [mine[i : i + self.rows_per_micro] for i in range(0, len(mine), self.rows_per_micro)]
+        batches = [self._batch(self.data.packed, r) for r in micro]
+        count = sum(count_trainable(b["labels"], b["cu_seqlens"]).total for b in batches).to(torch.float32)
+        if self.world > 1:
+            torch.distributed.all_reduce(count)
+        denom = count.clamp(min=1.0)
+        loss = torch.zeros((), dtype=torch.float32, device=self.device)
+        for b in batches:
+            if b["trainable"]:
+                loss_sum = self._loss_sum(b)
+                (loss_sum / denom).backward()
+                loss += loss_sum.detach().float()
+        for p, m in zip(self.params, self.master, strict=True):
+            m.grad = p.grad.float() if p.grad is not None else torch.zeros_like(m)
+            p.grad = None
+        if self.world > 1:
+            torch.distributed.all_reduce(loss)
+        max_norm = self.cfg.train.max_grad_norm
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.master, max_norm if max_norm else float("inf"))
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            torch._foreach_copy_(self.params, self.master)
+        self.step += 1
+        return {
+            "step": self.step,
+            "epoch": self.cursor / self.data.packed.rows,
+            "loss": loss / denom,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens": sum(b["tokens"] for b in batches),
+            "trainable_tokens": sum(b["trainable"] for b in batches),
+        }
+
+    # ---- checkpoints -------------------------------------------------------------------------------------
+    def _write_checkpoint(self, folder: Path) -> None:
+        save_adapter(self.model, folder / ADAPTER, base_model_name_or_path=self.cfg.model)
+        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        state = {
+            "step": self.step,
+            "cursor": self.cursor,
+            "master": [m.detach().cpu() for m in self.master],
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng,
+            "eval_losses": self.eval_losses,
+            "config": self.cfg.to_dict(),
+        }
+        torch.save(state, folder / "state.pt")
+
+    def save(self) -> Path | None:
+        if self.rank != 0:
+            return None
+        return save_checkpoint(self.out, self.step, self._write_checkpoint, self.cfg.output.keep_checkpoints)
+
+    def restore(self, path: Path) -> None:
+        state = load_state(path)
+        _check_same_run(state["config"], self.cfg.to_dict(), path)
+        if len(state["master"]) != len(self.master):
+            raise KindredError(
+                f"{path}: checkpoint has {len(state['master'])} LoRA tensors, model {len(self.master)}"
+            )
+        with torch.no_grad():
+            for m, saved in zip(self.master, state["master"], strict=True):
+                m.copy_(saved)
+            torch._foreach_copy_(self.params, self.master)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.cursor, self.eval_losses = state["step"], state["cursor"], list(state["eval_losses"])
+        rng = state["rng"]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+    # ---- the loop ----------------------------------------------------------------------------------------
+    def fit(self, resume: bool = False) -> TrainResult:
+        cfg, out = self.cfg, self.cfg.output
+        start = latest_checkpoint(self.out) if resume else None
+        if resume and start is None and self.rank == 0:
+            print(f"kindred train: no checkpoint in {self.out / 'checkpoints'}; starting from step 0")
+        if start is not None:
+            self.restore(start)
+        elif self.rank == 0 and (self.out / "checkpoints").exists():
+            shutil.rmtree(
+                self.out / "checkpoints"
+            )  # a fresh run in a used folder: old checkpoints would mix in
+        log = (
+            MetricsLog(self.out, self.step if start else None, out.tensorboard and self.rank == 0)
+            if self.rank == 0
+            else None
+        )
+        if not self.eval_losses and self.eval_data is not None:
+            self.eval_losses.append((0, self.evaluate()))
+        self.model.train()
+        progress = Progress(self.total_steps, self.step, out.progress and self.rank == 0)
+        pending: list[dict] = []
+        self._t0 = last_time = time.perf_counter()
+        try:
+            while self.step < self.total_steps:
+                try:
+                    pending.append(self._train_step())
+                except torch.OutOfMemoryError:
+                    raise _oom(cfg, self.step) from None
+                done = self.step == self.total_steps
+                if self.step % out.log_every == 0 or done:
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)
+                    now = time.perf_counter()
+                    tokens = sum(r["tokens"] for r in pending) * self.world
+                    rows = [self._row(r, tokens / max(now - last_time, 1e-9), now) for r in pending]
+                    last_time, pending = now, []
+                    if log is not None:
+                        log.append(rows)
+                    progress.update(self.step, rows[-1])
+                if (out.save_every and self.step % out.save_every == 0) or done:
+                    if done and self.eval_data is not None:
+                        self.eval_losses.append((self.step, self.evaluate()))
+                        self.model.train()
+                        if log is not None:
+                            log.add_eval(*self.eval_losses[-1])
+                    self.save()
+        finally:
+            progress.close()
+        return self._finish(log)
+
+    def _row(self, r: dict, tokens_per_s: float, now: float) -> dict:
+        mem = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None
+        return {
+            "step": r["step"],
+            "epoch": round(r["epoch"], 4),
+            "loss": float(r["loss"]),
+            "lr": r["lr"],
+            "grad_norm": float(r["grad_norm"]),
+            "tokens": r["tokens"] * self.world,
+            "trainable_tokens": r["trainable_tokens"],
+            "tokens_per_s": round(tokens_per_s, 1),
+            "elapsed_s": round(now - self._t0, 3),
+            "gpu_mem_gib": None if mem is None else round(mem, 3),
+        }
+
+    def _finish(self, log: MetricsLog | None) -> TrainResult:
+        adapter_dir = self.out / "adapter"
+        merged_dir = plot = None
+        metrics = log.rows if log is not None else []
+        if self.rank == 0:
+            save_adapter(self.model, adapter_dir, base_model_name_or_path=self.cfg.model)
+            _write_yaml(self.cfg.to_dict(), self.out / "config.yaml")
+            if self.cfg.output.plot and metrics:
+                plot = plot_loss(metrics, self.eval_losses, self.out / "loss.png")
+            if self.cfg.output.merged:
+                from ..export import save_merged
+
+                merged_dir = save_merged(self.model, self.hf_config, self.out / "merged", self.tokenizer)
+            log.close()
+        return TrainResult(
+            self.out,
+            self.step,
+            metrics,
+            list(self.eval_losses),
+            adapter_dir,
+            merged_dir,
+            plot,
+            self.model,
+            self.tokenizer,
+            self.template,
+            self.cfg,
+        )
+
+
+def _real(packed, rows: np.ndarray) -> int:
+    """Real (non-padding) tokens in ``rows`` of a PackedData."""
+    total = 0
+    for r in rows:
+        seqs = slice(packed.row_seqs[r], packed.row_seqs[r + 1])
+        lengths = np.diff(packed.cu_seqlens[seqs.start : seqs.stop + 1])
+        total += int(lengths[packed.seq_example[seqs] >= 0].sum())
+    return total
+
+
+# Keys that may change between a run and its resumption (more steps, another output cadence).
+_RESUMABLE = {"train.max_steps", "train.epochs", "device", "attn_backend"}
+
+
+def _check_same_run(saved: dict, now: dict, path: Path) -> None:
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            key = f"{prefix}{k}"
+            out.update(flat(v, key + ".") if isinstance(v, dict) else {key: v})
+        return out
+
+    a, b = flat(saved), flat(now)
+    differ = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    differ = [k for k in differ if k not in _RESUMABLE and not k.startswith("output.")]
+    if differ:
+        detail = "; ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in differ)
+        raise KindredValueError(f"{path}: cannot resume with a different config ({detail})")
+
+
+def _oom(cfg: TrainConfig, step: int) -> KindredError:
+    tr = cfg.train
+    hints = [
+        f"train.micro_batch_tokens (now {tr.micro_batch_tokens or 'one row'}; "
+        "raise grad_accum to keep the batch)"
+    ]
+    if tr.gradient_checkpointing != "full":
+        hints.append("train.gradient_checkpointing: full (recompute activations)")
+    if cfg.quant == "none":
+        hints.append("quant: nf4 (4-bit base weights)")
+    hints.append(f"data.pack / data.budget (now {cfg.data.pack or cfg.data.budget} tokens per row)")
+    hints.append(f"lora.r (now {cfg.lora.r})")
+    return KindredError(f"out of GPU memory at step {step + 1}; lower one of: " + "; ".join(hints))
+
+
+def _write_yaml(d: dict, path: Path) -> None:
+    import yaml
+
+    path.write_text(yaml.safe_dump(d, sort_keys=False))
