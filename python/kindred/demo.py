@@ -116,7 +116,7 @@ def run_demo(
     report = budget_report(CALIBRATION, trainer.tokenizer, "chatml", budget=cfg["data"]["budget"], pack=1024)
     report.print(console)
     (out / "token_report.json").write_text(json.dumps(report.to_dict(), indent=2, default=str))
-    prompt_conv = trainer.eval_data.chat.conversations[0]
+    prompt_conv = trainer.eval_prepared.chat.conversations[0]
     prompt_msgs = prompt_conv[: next(i for i, m in enumerate(prompt_conv) if m["role"] == "assistant")]
     before = _sample(trainer, prompt_msgs)
     console.print(
@@ -128,7 +128,7 @@ def run_demo(
     after = _sample(trainer, prompt_msgs)
     (loss0, loss1) = result.eval_losses[0][1], result.eval_losses[-1][1]
     console.print(
-        f"[bold]3. held-out loss[/] ({len(trainer.eval_data.chat)} conversations): "
+        f"[bold]3. held-out loss[/] ({len(trainer.eval_prepared.chat)} conversations): "
         f"before {loss0:.4f} → after {loss1:.4f} nats per assistant token"
     )
     console.print(f"[bold]4. sample[/] — prompt: {prompt_msgs[-1]['content'][:200]!r}")

@@ -110,9 +110,12 @@ _CHOICES = {
 }
 
 
-def load_config(source: TrainConfig | dict | str | Path, overrides: dict | None = None) -> TrainConfig:
+def load_config(
+    source: TrainConfig | dict | str | Path, overrides: dict | None = None, *, require_sources: bool = True
+) -> TrainConfig:
     """A validated TrainConfig from a dataclass, a dict or a YAML file, with dotted ``overrides``
-    (``{"train.max_steps": 10}``) applied on top."""
+    (``{"train.max_steps": 10}``) applied on top. ``require_sources=False``: model and data are given
+    to the Trainer directly, so ``model``, ``data.path`` and ``data.template`` may be empty."""
     if isinstance(source, TrainConfig):
         raw = source.to_dict()
         where = "config"
@@ -124,7 +127,7 @@ def load_config(source: TrainConfig | dict | str | Path, overrides: dict | None 
     for key, value in (overrides or {}).items():
         _set_dotted(raw, key, value, where)
     cfg = _build(raw, where)
-    _check(cfg, where)
+    _check(cfg, where, require_sources)
     return cfg
 
 
@@ -239,7 +242,7 @@ def _coerce(key: str, f: dataclasses.Field, value: Any, where: str) -> Any:
     raise AssertionError(f"config field {key} has an unhandled type {kind}")  # a bug in this file
 
 
-def _check(cfg: TrainConfig, where: str) -> None:
+def _check(cfg: TrainConfig, where: str, require_sources: bool) -> None:
     def fail(key: str, msg: str) -> None:
         raise KindredValueError(f"{where}: '{key}' {msg}")
 
@@ -251,11 +254,11 @@ def _check(cfg: TrainConfig, where: str) -> None:
             fail(key, f"must be one of {', '.join(choices)}; got {value!r}")
     if cfg.device != "auto" and not cfg.device.startswith(("cpu", "cuda")):
         fail("device", f"must be auto, cpu, cuda or cuda:N; got {cfg.device!r}")
-    if not cfg.model:
+    if require_sources and not cfg.model:
         fail("model", "is required: a Hugging Face model folder, a .gguf file or 'smollm2'")
-    if not cfg.data.path:
+    if require_sources and not cfg.data.path:
         fail("data.path", "is required: a chat JSONL file (optionally .gz)")
-    if not cfg.data.template:
+    if require_sources and not cfg.data.template:
         fail("data.template", "is required (gemma3, qwen3, llama3, phi4, phi4-mini, mistral-nemo, chatml)")
     lo, tr, out, data = cfg.lora, cfg.train, cfg.output, cfg.data
     checks = [

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data import get_template
 from ..errors import KindredError, KindredValueError
 from ..formats.peft import save_adapter
 from ..nn.lora import apply_lora
@@ -88,8 +89,12 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: floa
 class Trainer:
     """Builds the model, data, adapters and optimizer from a config; :meth:`fit` trains."""
 
-    def __init__(self, config, overrides: dict | None = None):
-        cfg = self.cfg = load_config(config, overrides)
+    def __init__(self, config, overrides: dict | None = None, *, model=None, tokenizer=None, rows=None):
+        """``model`` (a DecoderLM on the config's device and dtype), ``tokenizer`` and ``rows`` (a
+        kindred.data.PackedData) may be given instead of the config's model and data (benchmarks, notebooks);
+        the config's ``model`` and ``data.path`` are then not needed."""
+        injected = model is not None and rows is not None
+        cfg = self.cfg = load_config(config, overrides, require_sources=not injected)
         self.device = _device(cfg.device)
         self.dtype = _DTYPES[cfg.dtype]
         if self.device.type == "cpu" and self.dtype == torch.float16:
@@ -98,13 +103,21 @@ class Trainer:
         self.out = Path(cfg.output.dir)
         self.out.mkdir(parents=True, exist_ok=True)
         _seed_all(cfg.train.seed)
-        self.model, self.tokenizer, self.hf_config = load_model(cfg, self.device, self.dtype, self.out)
-        self.data, self.eval_data, self.template = load_data(cfg, self.tokenizer)
-        self.row = self.data.packed.max_tokens
+        self.prepared = self.eval_prepared = None
+        if injected:
+            self.model, self.tokenizer, self.hf_config = model, tokenizer, None
+            self.rows_data, self.eval_rows = rows, None
+            self.template = get_template(cfg.data.template) if cfg.data.template else None
+        else:
+            self.model, self.tokenizer, self.hf_config = load_model(cfg, self.device, self.dtype, self.out)
+            self.prepared, self.eval_prepared, self.template = load_data(cfg, self.tokenizer)
+            self.rows_data = self.prepared.packed
+            self.eval_rows = self.eval_prepared.packed if self.eval_prepared is not None else None
+        self.row = self.rows_data.max_tokens
         tr = cfg.train
         self.rows_per_micro = (tr.micro_batch_tokens or self.row) // self.row
         self.rows_per_step = self.rows_per_micro * tr.grad_accum * self.world
-        n_rows = self.data.packed.rows
+        n_rows = self.rows_data.rows
         self.total_steps = tr.max_steps or max(1, math.ceil(tr.epochs * n_rows / self.rows_per_step))
         lo = cfg.lora
         self.adapted = apply_lora(self.model, lo.targets, lo.r, lo.alpha, lo.dropout, lo.rslora)
@@ -129,7 +142,7 @@ class Trainer:
     # ---- data --------------------------------------------------------------------------------------------
     def _rows(self, start: int, count: int) -> np.ndarray:
         """Rows ``start .. start+count`` of the endless stream of per-epoch permutations."""
-        n = self.data.packed.rows
+        n = self.rows_data.rows
         out = []
         while count > 0:
             epoch, offset = divmod(start, n)
@@ -174,9 +187,9 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float | None:
         """Mean loss per trained token on the held-out data (dropout off), or None without held-out data."""
-        if self.eval_data is None:
+        if self.eval_rows is None:
             return None
-        packed = self.eval_data.packed
+        packed = self.eval_rows
         was_training = self.model.training
         self.model.eval()
         total = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -195,7 +208,7 @@ class Trainer:
         self.cursor += self.rows_per_step
         mine = rows[self.rank :: self.world]
         micro = [mine[i : i + self.rows_per_micro] for i in range(0, len(mine), self.rows_per_micro)]
-        batches = [self._batch(self.data.packed, r) for r in micro]
+        batches = [self._batch(self.rows_data, r) for r in micro]
         count = sum(count_trainable(b["labels"], b["cu_seqlens"]).total for b in batches).to(torch.float32)
         if self.world > 1:
             torch.distributed.all_reduce(count)
@@ -222,7 +235,7 @@ class Trainer:
         self.step += 1
         return {
             "step": self.step,
-            "epoch": self.cursor / self.data.packed.rows,
+            "epoch": self.cursor / self.rows_data.rows,
             "loss": loss / denom,
             "lr": lr,
             "grad_norm": grad_norm,
@@ -291,7 +304,7 @@ class Trainer:
             if self.rank == 0
             else None
         )
-        if not self.eval_losses and self.eval_data is not None:
+        if not self.eval_losses and self.eval_rows is not None:
             self.eval_losses.append((0, self.evaluate()))
         self.model.train()
         progress = Progress(self.total_steps, self.step, out.progress and self.rank == 0)
@@ -315,7 +328,7 @@ class Trainer:
                         log.append(rows)
                     progress.update(self.step, rows[-1])
                 if (out.save_every and self.step % out.save_every == 0) or done:
-                    if done and self.eval_data is not None:
+                    if done and self.eval_rows is not None:
                         self.eval_losses.append((self.step, self.evaluate()))
                         self.model.train()
                         if log is not None:
@@ -351,6 +364,11 @@ class Trainer:
                 plot = plot_loss(metrics, self.eval_losses, self.out / "loss.png")
             if self.cfg.output.merged:
                 from ..export import save_merged
+
+                if self.hf_config is None:
+                    raise KindredValueError(
+                        "output.merged needs the config.json of a model loaded from a path"
+                    )
 
                 merged_dir = save_merged(self.model, self.hf_config, self.out / "merged", self.tokenizer)
             log.close()
