@@ -219,6 +219,9 @@ def test_leading_dimensions_and_module():
     flat = ops.linear_cross_entropy(h, w, y, bias=b, reduction="none", label_smoothing=0.05)
     torch.testing.assert_close(loss.reshape(-1), flat)
     assert "label_smoothing=0.05" in repr(module)
+    rows = (y != -100).nonzero().squeeze(1)  # flattened token indices
+    loss_rows, _ = module(h3, w, y3, bias=b, valid_rows=rows)
+    torch.testing.assert_close(loss_rows, loss)
 
 
 def test_second_backward_through_the_single_pass_recomputes():
