@@ -179,10 +179,9 @@ def _chunked_forward(hidden, weight, bias, t32, rows, opt, single, scale, eps, b
     n, d = hidden.shape
     v = weight.shape[0]
     dev, st_ = hidden.device, stream(hidden)
-    gather = 0 if rows is None else hidden.dtype.itemsize
-    t, c = plan(n, d, v, single, block_rows, chunk_cols, gather)
+    m, gather = (n, 0) if rows is None else (rows.shape[0], hidden.dtype.itemsize)
+    t, c = plan(m, d, v, single, block_rows, chunk_cols, gather)
     blocks = _Blocks(hidden, rows, t)
-    m = blocks.m
     rows_loss = torch.empty(m, dtype=torch.float32, device=dev)
     lse = torch.empty(m, dtype=torch.float32, device=dev)
     hit = torch.empty(m, dtype=torch.uint8, device=dev)
@@ -260,10 +259,9 @@ def _chunked_backward(
     v = weight.shape[0]
     dev, st_ = hidden.device, stream(hidden)
     need_dh, need_dw, need_db = needs
-    gather = 0 if rows is None else hidden.dtype.itemsize
-    t, c = plan(n, d, v, False, block_rows, chunk_cols, gather)
+    m, gather = (n, 0) if rows is None else (rows.shape[0], hidden.dtype.itemsize)
+    t, c = plan(m, d, v, False, block_rows, chunk_cols, gather)
     blocks = _Blocks(hidden, rows, t)
-    m = blocks.m
     d_hidden = blocks.d_hidden(n if need_dh else 0, d, hidden.dtype)
     d_weight = (torch.empty if m > 0 else torch.zeros)(v if need_dw else 0, d, dtype=weight.dtype, device=dev)
     db_acc = torch.zeros(v if need_db else 0, dtype=torch.float32, device=dev)
