@@ -128,10 +128,10 @@ def _linear_cross_entropy(
     lead = tuple(targets.shape)
     h2 = hidden.reshape(-1, hidden.shape[-1]).contiguous()
     y = targets.reshape(-1)
-    rows = None
+    listed = None
     if valid_rows is not None:
-        rows = _device_rows(valid_rows, y.shape[0], y.device)
-        y = torch.full_like(y, ignore_index).index_copy_(0, rows, y.index_select(0, rows))
+        listed = _device_rows(valid_rows, y.shape[0], y.device)
+        y = torch.full_like(y, ignore_index).index_copy_(0, listed, y.index_select(0, listed))
     w = weight.contiguous()
     b = None if bias is None else bias.contiguous()
     cap = 0.0 if softcap is None else float(softcap)
@@ -144,12 +144,12 @@ def _linear_cross_entropy(
         and reduction != "none"
         and not (label_smoothing > 0 and cap > 0)
     )
-    loss, rows, _, hit, _ = _ops_loss.linear_cross_entropy(
+    loss, token_loss, _, hit, _ = _ops_loss.linear_cross_entropy(
         h2,
         w,
         b,
         y,
-        rows,
+        listed,
         int(ignore_index),
         float(label_smoothing),
         float(z_loss),
@@ -165,7 +165,7 @@ def _linear_cross_entropy(
     if not return_stats:
         return loss
     count = (y != ignore_index).sum()  # y: the targets as used (rows not in valid_rows ignored)
-    return loss, LinearCrossEntropyStats(rows.detach().reshape(lead), hit.reshape(lead), count)
+    return loss, LinearCrossEntropyStats(token_loss.detach().reshape(lead), hit.reshape(lead), count)
 
 
 def linear_cross_entropy(
