@@ -7,15 +7,23 @@ of the targets are ignore_index, as in the anchors' runs (anchors-measured.md). 
 give a near-uniform softmax that lets gradient-filtering kernels skip most of the backward.
 peak_extra_mib: max_memory_allocated during forward + backward minus the memory before, minus the gradients
 (hidden's, and the weight's when trained). tflops counts 3 GEMMs (2 with a frozen weight) of 2·N·D·V over all
-N tokens. Run: python -m pytest benchmarks/bench_loss.py -m benchmark -s
+N tokens. kindred_rows: kindred given ``valid_rows`` (the non-ignored tokens, computed on the host once, as a
+trainer would from its batch), so the GEMMs skip the ignored 25 %; kindred_t1024: see OURS.
+With KINDRED_PROFILE_DIR set, the CUDA time per kernel name (top 15) of kindred's runs at (16384, 4096,
+262144) goes to loss_profile.txt there. Run: python -m pytest benchmarks/bench_loss.py -m benchmark -s
 """
 
 from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
 from kindred import ops
+from kindred.ops.loss import _linear_cross_entropy as lce
 
 from .harness import append, fmt, time_cuda
 
@@ -25,6 +33,11 @@ LOSS_SHAPES = [(8192, 4096, 151936), (8192, 5376, 262144), (16384, 4096, 262144)
 TARGET_ENTROPY = 2.0
 IGNORED = 0.25
 REPS, WARMUP = 20, 3
+PROFILE_SHAPE, PROFILE_STEPS, PROFILE_TOP = (16384, 4096, 262144), 3, 15
+# kindred_t1024: the trainable-W backward with the single pass's blocks (T = 1024, C = 8192 at D = 4096: a dH
+# GEMM of 128 output tiles, one wave on 132 SMs, against 192 with the default T = 1536) for 16 instead of 11
+# read-modify-writes of dW; frozen W already uses them.
+OURS = ("kindred", "kindred_rows", "kindred_t1024")
 
 
 def _liger():
@@ -100,23 +113,70 @@ def _measure(fn, h, w, y, trainable):
         torch.cuda.empty_cache()
 
 
+def _kernel_table(label, fn, h, w, y, trainable) -> str:
+    """CUDA time per kernel name (top PROFILE_TOP) of PROFILE_STEPS forward + backward steps."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    w.requires_grad_(trainable)
+
+    def step():
+        h.grad, w.grad = None, None
+        fn(h, w, y).backward()
+
+    step()
+    torch.cuda.synchronize()
+    # The profiler's own warnings (CUPTI, kineto) go into the table, not into pytest's warnings-as-errors.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(PROFILE_STEPS):
+                step()
+            torch.cuda.synchronize()
+    h.grad, w.grad = None, None
+    us, calls = {}, {}
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA:
+            us[e.name] = us.get(e.name, 0.0) + e.time_range.elapsed_us()
+            calls[e.name] = calls.get(e.name, 0) + 1
+    total = sum(us.values()) or 1.0
+    lines = [f"{label}: {total / 1e3 / PROFILE_STEPS:.2f} ms of kernels per step ({len(us)} kernel names)"]
+    for name, t in sorted(us.items(), key=lambda kv: -kv[1])[:PROFILE_TOP]:
+        ms, share, per_step = t / 1e3 / PROFILE_STEPS, 100 * t / total, calls[name] / PROFILE_STEPS
+        lines.append(f"  {ms:8.2f} ms {share:5.1f} % {per_step:7.0f} calls  {name[:140]}")
+    lines += [f"  profiler warning: {str(x.message)[:200]}" for x in caught]
+    return "\n".join(lines) + "\n"
+
+
 @pytest.mark.benchmark
 @pytest.mark.parametrize("n,d,v", LOSS_SHAPES)
 def test_linear_cross_entropy(n, d, v):
     h, w, y, entropy = realistic_inputs(n, d, v)
     h.requires_grad_()
-    impls = {"kindred": ops.linear_cross_entropy, "torch": _torch, "liger": _liger(), "cce": _cce()}
+    valid = (y != -100).nonzero().squeeze(1).cpu()  # host-side, before timing (a trainer's batch has it)
+    impls = {
+        "kindred": ops.linear_cross_entropy,
+        "kindred_rows": lambda hh, ww, yy: ops.linear_cross_entropy(hh, ww, yy, valid_rows=valid),
+        "kindred_t1024": lambda hh, ww, yy: lce(hh, ww, yy, block_rows=1024, chunk_cols=8192),
+        "torch": _torch,
+        "liger": _liger(),
+        "cce": _cce(),
+    }
     shape = f"N={n},D={d},V={v}"
     rows = []
     for trainable in (True, False):
         flops = (3 if trainable else 2) * 2 * n * d * v
-        res = {name: _measure(fn, h, w, y, trainable) for name, fn in impls.items() if fn is not None}
-        anchors = {k: r[0] for k, r in res.items() if k != "kindred" and r[0] is not None}
+        res = {
+            name: _measure(fn, h, w, y, trainable)
+            for name, fn in impls.items()
+            if fn is not None and (trainable or name != "kindred_t1024")
+        }
+        anchors = {k: r[0] for k, r in res.items() if k not in OURS and r[0] is not None}
         base_name = "cce" if trainable and "cce" in anchors else min(anchors, key=anchors.get, default=None)
         label = "trainable W" if trainable else "frozen W"
         for name, (ms, extra, loss) in res.items():
             # kindred against Cut Cross-Entropy (trainable W) or the fastest anchor (frozen W).
-            baseline = (base_name, anchors[base_name]) if name == "kindred" and base_name else None
+            baseline = (base_name, anchors[base_name]) if name in OURS and base_name else None
             rows.append(
                 {
                     "op": "linear_cross_entropy_fwd_bwd",
@@ -139,6 +199,17 @@ def test_linear_cross_entropy(n, d, v):
             if loss is not None:
                 assert abs(loss - kl) < 2e-2 * abs(kl), (name, loss, kl)
     append("loss", rows)
+    profile_dir = os.environ.get("KINDRED_PROFILE_DIR")
+    if profile_dir and (n, d, v) == PROFILE_SHAPE:
+        tables = [
+            _kernel_table(
+                f"{name} {'trainable' if trainable else 'frozen'} W {shape}", impls[name], h, w, y, trainable
+            )
+            for name in OURS
+            for trainable in (False, True)
+            if trainable or name != "kindred_t1024"
+        ]
+        Path(profile_dir, "loss_profile.txt").write_text("\n".join(tables))
     print(f"\n{shape}  mean entropy {entropy:.2f} nats")
     for r in rows:
         print(

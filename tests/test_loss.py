@@ -2,9 +2,13 @@
 every option, both implementations (the C++ reference and the chunked path the GPU runs), gradcheck, the
 all-ignored rule, stats, torch.compile, and every bad input. GPU tests: tests/test_loss_gpu.py."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from kindred import _core, _ops, nn, ops
 from kindred.errors import KindredValueError
@@ -215,6 +219,9 @@ def test_leading_dimensions_and_module():
     flat = ops.linear_cross_entropy(h, w, y, bias=b, reduction="none", label_smoothing=0.05)
     torch.testing.assert_close(loss.reshape(-1), flat)
     assert "label_smoothing=0.05" in repr(module)
+    rows = (y != -100).nonzero().squeeze(1)  # flattened token indices
+    loss_rows, _ = module(h3, w, y3, bias=b, valid_rows=rows)
+    torch.testing.assert_close(loss_rows, loss)
 
 
 def test_second_backward_through_the_single_pass_recomputes():
@@ -228,11 +235,29 @@ def test_second_backward_through_the_single_pass_recomputes():
 
 def test_custom_ops_pass_opcheck_and_compile():
     h, w, y, b = make_inputs(9, 16, 70, bias=True)
-    args = (h.requires_grad_(), w, b, y, -100, 0.1, 0.01, 0.0, "mean", True, "auto", 0, 0)
+    args = (h.requires_grad_(), w, b, y, None, -100, 0.1, 0.01, 0.0, "mean", True, "auto", 0, 0)
     torch.library.opcheck(torch.ops.kindred.linear_cross_entropy.default, args)
     lse = torch.rand(9, dtype=torch.float32) + 5
     coef = torch.rand(9, dtype=torch.float32)
-    bargs = (h.detach(), w, b, y, lse, coef, -100, 0.1, 0.01, 2.0, [True, True, True], "auto", 0, 0, 1.0)
+    rows = (y != -100).nonzero().squeeze(1)
+    bargs = (
+        h.detach(),
+        w,
+        b,
+        y,
+        rows,
+        lse,
+        coef,
+        -100,
+        0.1,
+        0.01,
+        2.0,
+        [True, True, True],
+        "chunked",
+        0,
+        0,
+        1.0,
+    )
     torch.library.opcheck(torch.ops.kindred.linear_cross_entropy_backward.default, bargs)
 
     def step(hh, ww):
@@ -271,6 +296,77 @@ def test_plan_stays_in_the_memory_budget():
     assert _ops_loss.plan(3, 64, 1000, True) == (3, 1000)
 
 
+class _NewTensors(TorchDispatchMode):
+    """Records the shape of every tensor an op allocates (in-place and out= ops write existing ones)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func._schema.is_mutable and not func.is_view:
+            self.shapes += [tuple(x.shape) for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
+        return out
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_single_pass_backward_allocates_no_n_by_d_tensor(impl):
+    # The op's extra outputs (per-token loss, lse, hit, dH) are not differentiated: with materialized grads
+    # autograd would hand the backward an [N, D] tensor of zeros for the unused dH output.
+    n, d = 64, 48
+    h, w, y, _ = make_inputs(n, d, 300)
+    hl = h.clone().requires_grad_()
+    loss = lce(hl, w, y, **IMPLS[impl])
+    rec = _NewTensors()
+    with rec:
+        loss.backward()
+    big = [s for s in rec.shapes if math.prod(s) >= n * d]
+    assert not big, big
+    assert hl.grad is not None and hl.grad.any()
+
+
+@pytest.mark.parametrize("trainable", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_valid_rows_skip_ignored_tokens_with_the_same_results(trainable, reduction):
+    h, w, y, b = make_inputs(117, 64, 3001, bias=True, ignore_every=3)
+    rows = (y != -100).nonzero().squeeze(1)
+    kw = {"impl": "chunked", "block_rows": 20, "chunk_cols": 1000}
+    want, _ = run(kw, h, w, y, b, reduction, trainable, OPTIONS["all"])
+    got, ref64 = run(kw, h, w, y, b, reduction, trainable, OPTIONS["all"], valid_rows=rows.int())
+    for name in want:
+        assert rel_err(got[name], want[name]) < REL_ERR[torch.float32], name
+        assert rel_err(got[name], ref64[name]) < REL_ERR[torch.float32], name
+    assert not got["d_hidden"][~(y != -100)].any()
+
+
+def test_tokens_outside_valid_rows_count_as_ignored():
+    h, w, y, _ = make_inputs(40, 32, 500, ignore_every=0)
+    rows = torch.tensor([1, 5, 6, 20, 39])
+    masked = torch.full_like(y, -100)
+    masked[rows] = y[rows]
+    for impl in IMPLS.values():
+        hl = h.clone().requires_grad_()
+        loss, stats = lce(hl, w, y, valid_rows=rows, return_stats=True, **impl)
+        loss.backward()
+        hm = h.clone().requires_grad_()
+        want, want_stats = lce(hm, w, masked, return_stats=True, **impl)
+        want.backward()
+        torch.testing.assert_close(loss, want)
+        torch.testing.assert_close(hl.grad, hm.grad)
+        assert int(stats.count) == 5 and torch.equal(stats.hit, want_stats.hit)
+        empty = lce(h, w, y, valid_rows=torch.tensor([], dtype=torch.int64), **impl)
+        assert float(empty) == 0.0
+
+
+def test_plan_reserves_the_gathered_rows():
+    from kindred import _ops_loss
+
+    for single in (True, False):
+        t, c = _ops_loss.plan(16384, 4096, 262144, single, gather_itemsize=2)
+        assert 4 * t * c + (4 + 2) * t * 4096 <= 56 * 2**20 and t >= 512 and c >= 4096
+
+
 BAD = [
     (lambda h, w, y: (h.int(), w, y), {}, "hidden must be float32"),
     (lambda h, w, y: (h, w[:, :-1], y), {}, "weight must be 2-D"),
@@ -291,6 +387,12 @@ BAD = [
     (lambda h, w, y: (h, w, y.index_fill(0, torch.tensor([1]), -3)), {}, r"targets\[1\] = -3 is outside"),
     (lambda h, w, y: (h, w, y), {"impl": "fast"}, "impl must be"),
     (lambda h, w, y: (h.double(), w.double(), y), {"impl": "chunked"}, "float64 inputs run on the CPU"),
+    (lambda h, w, y: (h, w, y), {"valid_rows": [0, 1]}, "valid_rows must be a CPU tensor"),
+    (lambda h, w, y: (h, w, y), {"valid_rows": torch.tensor([[0]])}, "valid_rows must be a 1-D integer"),
+    (lambda h, w, y: (h, w, y), {"valid_rows": torch.tensor([0.0])}, "valid_rows must be a 1-D integer"),
+    (lambda h, w, y: (h, w, y), {"valid_rows": torch.tensor([2, 1])}, r"valid_rows must be increasing"),
+    (lambda h, w, y: (h, w, y), {"valid_rows": torch.tensor([0, 4])}, r"indices in \[0, 4\)"),
+    (lambda h, w, y: (h, w, y), {"valid_rows": torch.tensor([-1, 2])}, r"indices in \[0, 4\)"),
 ]
 
 

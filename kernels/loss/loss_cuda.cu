@@ -86,8 +86,9 @@ __device__ __forceinline__ float bias_at(const B* b, int64_t v) {
   return b ? to_f32(b[v]) : 0.0f;
 }
 
-// Updates the running state of row blockIdx.x with its chunk; single pass: rescales acc and writes
-// e^{z − ref}·dz/dr over the row.
+// Updates the running state of row blockIdx.x with its chunk. One read of the row without the single pass
+// (each thread keeps an online max and sum of its columns, merged at the end); with it, a second read writes
+// e^{z − ref}·dz/dr over the row and sums e^{z − ref} (one expf per element), rescaled to the new max after.
 template <typename B, typename E, bool kSingle>
 __global__ void __launch_bounds__(kThreads)
     chunk_update_kernel(const float* logits, int64_t ld, const B* __restrict__ bias, const int* __restrict__ targets,
@@ -101,20 +102,27 @@ __global__ void __launch_bounds__(kThreads)
   float* st = state + row * kLceStateCols;
   const int y = targets[row];
   const int64_t yl = (y != o.ignore_index && y >= col0 && y < col0 + c) ? y - col0 : -1;
-  float cmax = -INFINITY, sumz = 0.0f, rbest = -INFINITY;
+  float tmax = -INFINITY, tsum = 0.0f, sumz = 0.0f, rbest = -INFINITY;
   int ibest = INT_MAX;
   for (int64_t v = threadIdx.x; v < c; v += kThreads) {
     const float r = l[v] + bias_at(bias, v), z = o.cap.z(r);
-    cmax = fmaxf(cmax, z);
+    if (kSingle) {
+      tmax = fmaxf(tmax, z);
+    } else if (z > tmax) {
+      tsum = tsum * expf(tmax - z) + 1.0f;
+      tmax = z;
+    } else if (tmax > -INFINITY || z != z) {  // z = tmax = −∞ adds nothing; a NaN logit propagates
+      tsum += expf(z - tmax);
+    }
     sumz += z;
     if (r > rbest) rbest = r, ibest = static_cast<int>(v);
     if (v == yl) zy_shared = z;
   }
-  cmax = block_max(cmax, smem);
+  const float cmax = block_max(tmax, smem);
   sumz = block_sum(sumz, smem);
   block_argmax(rbest, ibest, smem, smem_i);
   const float m_old = st[kLceMax], m_new = fmaxf(m_old, cmax);
-  float ref = st[kLceRef];
+  float ref = st[kLceRef], sum = 0.0f;
   if (kSingle) {
     if (ref == -INFINITY) {
       ref = m_new;
@@ -123,19 +131,18 @@ __global__ void __launch_bounds__(kThreads)
       for (int64_t k = threadIdx.x; k < d; k += kThreads) acc[row * d + k] *= f;
       ref = m_new;
     }
-  }
-  float sum = 0.0f;
-  E* e = kSingle ? exp_out + row * ld_exp : nullptr;
-  for (int64_t base = 0; base < c; base += kThreads) {
-    const int64_t v = base + threadIdx.x;
-    const float z = v < c ? o.cap.z(l[v] + bias_at(bias, v)) : -INFINITY;
-    if (v < c) sum += expf(z - m_new);
-    if (kSingle) {
+    E* e = exp_out + row * ld_exp;
+    for (int64_t base = 0; base < c; base += kThreads) {
+      const int64_t v = base + threadIdx.x;
+      const float z = v < c ? o.cap.z(l[v] + bias_at(bias, v)) : -INFINITY, x = v < c ? expf(z - ref) : 0.0f;
+      sum += x;
       __syncthreads();  // the whole tile is read before any narrower write lands on it
-      if (v < c) e[v] = from_f32<E>(expf(z - ref) * o.cap.dz(z));
+      if (v < c) e[v] = from_f32<E>(x * o.cap.dz(z));
     }
+    sum = block_sum(sum, smem) * expf(ref - m_new);  // m_new − ref ≤ margin: no overflow above
+  } else {
+    sum = block_sum(tsum == 0.0f ? 0.0f : tsum * expf(tmax - m_new), smem);  // 0: no column (or all −∞)
   }
-  sum = block_sum(sum, smem);
   if (threadIdx.x == 0) {
     if (rbest > st[kLceRMax]) st[kLceRMax] = rbest, argmax[row] = static_cast<int>(col0 + ibest);
     st[kLceSum] = st[kLceSum] * expf(m_old - m_new) + sum;

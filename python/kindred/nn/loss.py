@@ -13,7 +13,8 @@ class LinearCrossEntropyLoss(nn.Module):
     """``loss = module(hidden, weight, targets, bias=None)``; options as kindred.ops.linear_cross_entropy.
 
     The weight is passed per call (it belongs to the model's lm_head, usually tied to the embeddings); a
-    frozen weight (requires_grad False) gets no gradient and the faster single-pass path.
+    frozen weight (requires_grad False) gets no gradient and the faster single-pass path. ``valid_rows``
+    (CPU indices of the tokens that may count) lets the GEMMs skip the ignored ones.
     """
 
     def __init__(
@@ -41,6 +42,7 @@ class LinearCrossEntropyLoss(nn.Module):
         weight: torch.Tensor,
         targets: torch.Tensor,
         bias: torch.Tensor | None = None,
+        valid_rows: torch.Tensor | None = None,
     ):
         return linear_cross_entropy(
             hidden,
@@ -53,6 +55,7 @@ class LinearCrossEntropyLoss(nn.Module):
             z_loss=self.z_loss,
             softcap=self.softcap,
             return_stats=self.return_stats,
+            valid_rows=valid_rows,
         )
 
     def extra_repr(self) -> str:

@@ -13,6 +13,10 @@ Rules:
   would need a host sync, so such a token's loss (and the mean) is NaN instead.
 - Gradients: hidden always (when it requires grad), weight and bias only when they require grad. A frozen
   weight (the QLoRA default) takes one pass over the vocabulary that computes the loss and dH together.
+- ``valid_rows`` (optional): a CPU integer tensor of increasing indices into the flattened tokens, listing
+  every token whose target is not ignore_index, computed by the caller from host-side labels (a trainer's
+  packed batch). Tokens not listed count as ignored. On CUDA the GEMMs then run on the listed rows only:
+  ignored tokens cost no FLOP, without the host sync that counting them on the device would take.
 """
 
 from __future__ import annotations
@@ -84,6 +88,24 @@ def _check(hidden, weight, targets, bias, reduction, label_smoothing, z_loss, so
         raise KindredValueError(f"softcap must be None or a finite value > 0, got {softcap}")
 
 
+def _device_rows(valid_rows, n: int, device: torch.device) -> torch.Tensor:
+    """valid_rows checked on the host, copied to ``device`` as int64 (asynchronously, from pinned memory)."""
+    if not isinstance(valid_rows, torch.Tensor) or valid_rows.device.type != "cpu":
+        where = getattr(valid_rows, "device", type(valid_rows).__name__)
+        raise KindredValueError(f"valid_rows must be a CPU tensor (host-side indices), got {where}")
+    if valid_rows.dim() != 1 or valid_rows.dtype not in _INT_DTYPES:
+        raise KindredValueError(
+            f"valid_rows must be a 1-D integer tensor, got {valid_rows.dtype} "
+            f"of shape {tuple(valid_rows.shape)}"
+        )
+    rows = valid_rows.to(torch.int64)
+    if rows.numel() and (int(rows[0]) < 0 or int(rows[-1]) >= n or not bool((rows[1:] > rows[:-1]).all())):
+        raise KindredValueError(f"valid_rows must be increasing indices in [0, {n}) (the flattened tokens)")
+    if device.type == "cuda":
+        return rows.pin_memory().to(device, non_blocking=True)
+    return rows.to(device)
+
+
 def _linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -96,6 +118,7 @@ def _linear_cross_entropy(
     z_loss: float = 0.0,
     softcap: float | None = None,
     return_stats: bool = False,
+    valid_rows: torch.Tensor | None = None,
     impl: str = "auto",
     block_rows: int = 0,
     chunk_cols: int = 0,
@@ -105,6 +128,10 @@ def _linear_cross_entropy(
     lead = tuple(targets.shape)
     h2 = hidden.reshape(-1, hidden.shape[-1]).contiguous()
     y = targets.reshape(-1)
+    listed = None
+    if valid_rows is not None:
+        listed = _device_rows(valid_rows, y.shape[0], y.device)
+        y = torch.full_like(y, ignore_index).index_copy_(0, listed, y.index_select(0, listed))
     w = weight.contiguous()
     b = None if bias is None else bias.contiguous()
     cap = 0.0 if softcap is None else float(softcap)
@@ -117,11 +144,12 @@ def _linear_cross_entropy(
         and reduction != "none"
         and not (label_smoothing > 0 and cap > 0)
     )
-    loss, rows, _, hit, _ = _ops_loss.linear_cross_entropy(
+    loss, token_loss, _, hit, _ = _ops_loss.linear_cross_entropy(
         h2,
         w,
         b,
         y,
+        listed,
         int(ignore_index),
         float(label_smoothing),
         float(z_loss),
@@ -136,8 +164,8 @@ def _linear_cross_entropy(
         loss = loss.reshape(lead)
     if not return_stats:
         return loss
-    count = (y != ignore_index).sum()
-    return loss, LinearCrossEntropyStats(rows.detach().reshape(lead), hit.reshape(lead), count)
+    count = (y != ignore_index).sum()  # y: the targets as used (rows not in valid_rows ignored)
+    return loss, LinearCrossEntropyStats(token_loss.detach().reshape(lead), hit.reshape(lead), count)
 
 
 def linear_cross_entropy(
@@ -152,12 +180,15 @@ def linear_cross_entropy(
     z_loss: float = 0.0,
     softcap: float | None = None,
     return_stats: bool = False,
+    valid_rows: torch.Tensor | None = None,
 ):
     """Cross-entropy of the logits ``hidden @ weight.T (+ bias)`` against ``targets``, never materialized.
 
     hidden [..., D] and weight [V, D] (float32, float16, bfloat16; float64 on the CPU), targets [...] int64
     class indices or ``ignore_index``. Returns the loss (a scalar, or per token for reduction="none"); with
-    ``return_stats``, ``(loss, LinearCrossEntropyStats(token_loss, hit, count))``.
+    ``return_stats``, ``(loss, LinearCrossEntropyStats(token_loss, hit, count))``. ``valid_rows``: the
+    tokens (flattened indices, on the CPU) that may have a target other than ignore_index; see the module
+    docstring.
     """
     return _linear_cross_entropy(
         hidden,
@@ -170,4 +201,5 @@ def linear_cross_entropy(
         z_loss=z_loss,
         softcap=softcap,
         return_stats=return_stats,
+        valid_rows=valid_rows,
     )
