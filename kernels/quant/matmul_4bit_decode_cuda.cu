@@ -15,7 +15,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include <algorithm>
+#include <array>
+#include <atomic>
 #include <type_traits>
 
 #include "../common.cuh"
@@ -254,16 +255,28 @@ void launch_kernel(Params p, cudaStream_t stream) {
   const auto kernel = matmul_4bit_decode_kernel<T, F, P, kRows16>;
   const size_t smem =
       (F == DecodeFormat::nf4 ? kLutBytes : 0) + static_cast<size_t>(kWarps) * kStages * kTiles * p.unit;
-  cuda::check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
-              "cudaFuncSetAttribute");
-  int device = 0, sms = 0, per_sm = 0;
+  // Resident blocks on the device (SMs x blocks per SM), looked up once per kernel and device: the shared
+  // memory size is fixed per instantiation (the period fixes the unit size).
+  static std::array<std::atomic<int>, 64> resident{};
+  int device = 0;
   cuda::check(cudaGetDevice(&device), "cudaGetDevice");
-  cuda::check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
-  cuda::check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kWarps * 32, smem),
-              "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+  KINDRED_CHECK(device < static_cast<int>(resident.size()), "matmul_4bit_decode: device index ", device,
+                " is out of range");
+  int slots = resident[device].load(std::memory_order_relaxed);
+  if (slots == 0) {
+    int sms = 0, per_sm = 0;
+    cuda::check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
+                "cudaFuncSetAttribute");
+    cuda::check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
+    cuda::check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kWarps * 32, smem),
+                "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+    KINDRED_CHECK(per_sm > 0, "matmul_4bit_decode: the kernel does not fit on an SM (", smem,
+                  " bytes of shared memory)");
+    slots = sms * per_sm;
+    resident[device].store(slots, std::memory_order_relaxed);
+  }
   // Splits of K per tile pair: the one whose grid fills the resident block slots most evenly (the last
   // wave least empty); ties go to fewer splits (longer K runs per warp, less reduction).
-  const int slots = std::max(1, sms * per_sm);
   double best = -1.0;
   for (int s = 1; s <= kWarps && s <= p.chunks; s *= 2) {
     const int blocks = (p.tiles + kTiles * (kWarps / s) - 1) / (kTiles * (kWarps / s));

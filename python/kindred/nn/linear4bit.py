@@ -145,7 +145,10 @@ class Linear4bit(nn.Module):
             raise KindredValueError(f"input is on {x.device} but the weight is on {self._q_packed.device}")
         rows = x.numel() // self.in_features
         wants_decode = (
-            x.is_cuda and rows <= DECODE_MAX_ROWS and not (torch.is_grad_enabled() and x.requires_grad)
+            x.is_cuda
+            and rows <= DECODE_MAX_ROWS
+            and x.dtype in (torch.bfloat16, torch.float16)
+            and not (torch.is_grad_enabled() and x.requires_grad)
         )
         decode = self.decode_weight() if wants_decode else None
         return matmul_4bit(x, self.quantized, self.bias, decode=decode)
