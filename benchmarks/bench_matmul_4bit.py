@@ -4,15 +4,23 @@ torch bf16 (cuBLAS) and bitsandbytes' matmul_4bit in the same run. Results: resu
 Decode is timed two ways: one call with L2 flushed before it (device time; launch overhead hidden behind a
 queued sleep), and CUDA-graph replay of 8 calls over 8 rotated weight copies (so weights never sit in L2),
 reported per call. GB/s counts the bytes that must move: the 4-bit weight with its scales, x and y.
+kindred-*-decode is the streaming kernel over the repacked layout (what Linear4bit runs for M <= 16);
+kindred-nf4 / kindred-int4g the kernel that reads the canonical layouts.
+With KINDRED_PROFILE_DIR set, each decode implementation also runs once between cudaProfilerStart/Stop
+(for `ncu --profile-from-start off`), and the list of those calls is written there.
 Run: python -m pytest benchmarks/bench_matmul_4bit.py -m benchmark -s
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
 from kindred import ops
+from kindred.ops.quant import repack_decode
 
 from .harness import append, fmt, time_cuda
 from .shapes import DECODE_BATCHES, LINEARS, TRAIN_TOKENS, shape_id
@@ -48,7 +56,22 @@ def graph_ms(calls) -> float | None:
 
 
 def weight_bytes(q) -> int:
-    return q.nbytes
+    return q.data.numel() if hasattr(q, "data") else q.nbytes
+
+
+def profile_once(label: str, call) -> None:
+    """With KINDRED_PROFILE_DIR set: one call of ``call`` inside a profiler range, named in calls.txt."""
+    folder = os.environ.get("KINDRED_PROFILE_DIR")
+    if not folder:
+        return
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    torch.cuda.synchronize()
+    torch.cuda.profiler.start()
+    call()
+    torch.cuda.synchronize()
+    torch.cuda.profiler.stop()
+    with open(Path(folder) / "calls.txt", "a") as f:
+        f.write(label + "\n")
 
 
 @pytest.mark.benchmark
@@ -61,6 +84,7 @@ def test_decode(k, n):
         "nf4": [ops.quantize_nf4(w, 64, True) for w in dense],
         "int4g": [ops.quantize_int4g(w, 128) for w in dense],
     }
+    decoded = {name: [repack_decode(q) for q in qs] for name, qs in formats.items()}
     bnb_states = (
         [F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4") for w in dense]
         if F
@@ -88,6 +112,10 @@ def test_decode(k, n):
         candidates = [
             (f"kindred-{name}", qs, lambda q, x=x: ops.matmul_4bit(x, q)) for name, qs in formats.items()
         ]
+        candidates += [
+            (f"kindred-{name}-decode", ds, lambda d, x=x: ops.quant.matmul_4bit_decode(x, d))
+            for name, ds in decoded.items()
+        ]
         if bnb is not None:
             candidates.append(
                 (
@@ -98,6 +126,7 @@ def test_decode(k, n):
             )
         for impl, weights, call in candidates:
             single = time_cuda(lambda c=call, w=weights[0]: c(w))
+            profile_once(f"{impl} {shape_id(k, n, M=m)}", lambda c=call, w=weights[0]: c(w))
             graph = graph_ms([lambda c=call, w=w: c(w) for w in weights])
             moved = (
                 weight_bytes(weights[0]) if impl.startswith("kindred") else n * k * 0.5 + n * k / 64

@@ -168,3 +168,29 @@ def test_forward_on_cuda_matches_cpu():
     assert rel_err(gpu(x.cuda()), layer(x)) < REL_ERR[torch.bfloat16]
     moved = layer.to("cuda")
     assert moved.quantized.packed.is_cuda and torch.equal(moved.dequantize().cpu(), gpu.dequantize().cpu())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quant", ["nf4", "int4g"])
+def test_decode_layout_is_cached_on_cuda_and_never_saved(quant):
+    layer = Linear4bit.from_linear(make_linear(256, 96).cuda(), quant=quant)
+    assert layer.decode_weight(build=False) is None
+    x = randn((3, 256), torch.bfloat16, seed=5, scale=1.0, device="cuda")
+    with torch.no_grad():
+        out = layer(x)  # builds the decode layout once and uses it
+    d = layer.decode_weight(build=False)
+    assert d is not None and d.data.is_cuda
+    assert layer.decode_weight().data.data_ptr() == d.data.data_ptr()  # cached, not rebuilt
+    w64 = layer.dequantize(torch.float32).double()
+    ref = torch.nn.functional.linear(x.double(), w64, layer.bias.double())
+    assert rel_err(out, ref) < REL_ERR[torch.bfloat16]
+    assert not any(k.startswith("_decode") for k in layer.state_dict())
+    fresh = Linear4bit.from_linear(make_linear(256, 96, seed=9).cuda(), quant=quant)
+    with torch.no_grad():
+        fresh(x)
+    fresh.load_state_dict(layer.state_dict())  # a new weight drops the stale decode layout
+    assert fresh.decode_weight(build=False) is None
+    with torch.no_grad():
+        assert torch.equal(fresh(x), out)
+    cpu = layer.to("cpu")  # the cached layout moves with the module
+    assert cpu.decode_weight(build=False).data.device.type == "cpu"

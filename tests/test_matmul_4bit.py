@@ -1,11 +1,19 @@
 """matmul_4bit: x · dequant(W)ᵀ against float64 on awkward shapes, autograd (gradcheck, dX), the CUDA decode
-kernel and the dequantize + GEMM path against the CPU reference, op registration and bad inputs."""
+kernels and the dequantize + GEMM path against the CPU reference, the decode layout (repack round trip,
+fragment order, its CPU reference), op registration and bad inputs."""
 
+import numpy as np
 import pytest
 import torch
 
-from kindred import _core, _ops, ops
+from kindred import _core, _ops, _ops_matmul, ops
 from kindred.errors import KindredValueError
+from kindred.ops.quant import (
+    DecodeWeight,
+    matmul_4bit_decode,
+    repack_decode,
+    unpack_decode,
+)
 
 from .helpers import randn
 from .tolerances import REL_ERR, rel_err
@@ -170,3 +178,176 @@ def test_cuda_bad_inputs():
             _ops.view(torch.empty(1, 32, dtype=torch.bfloat16, device="cuda")),
             0,
         )
+
+
+# ---- decode layout (CPU) -------------------------------------------------------------------------------
+
+# (format, N, K, block): N not a multiple of the 16-row padding, blocks below, at and above the 128 chunk.
+LAYOUT_CASES = [
+    ("nf4", 117, 256, 64),
+    ("nf4-dq", 117, 384, 64),
+    ("nf4", 40, 256, 32),
+    ("nf4-dq", 24, 384, 256),
+    ("nf4-dq", 32, 128, 4096),
+    ("int4g", 117, 256, 128),
+    ("int4g", 33, 384, 64),
+    ("int4g", 16, 128, 32),
+]
+
+
+def expanded_absmax(q):
+    """The f32 absmax of every block, double quantization expanded as dequantize_nf4 does (mul, then add)."""
+    if not q.double_quant:
+        return q.absmax
+    idx = torch.arange(q.absmax.numel()) // 256
+    return q.nested_code[q.absmax.long()] * q.nested_absmax[idx] + q.offset
+
+
+@pytest.mark.parametrize("fmt,n,k,block", LAYOUT_CASES)
+def test_repack_decode_round_trip_is_bit_exact(fmt, n, k, block):
+    q = quantize(fmt, n, k, seed=n + k, block=block)
+    d = repack_decode(q)
+    assert d.data.dtype == torch.uint8 and d.shape == (n, k)
+    back = unpack_decode(d)
+    if fmt == "int4g":
+        for name in ("packed", "scales", "zeros"):
+            assert torch.equal(getattr(back, name), getattr(q, name)), name
+    else:
+        assert torch.equal(back.packed, q.packed.reshape(-1))
+        assert torch.equal(back.absmax, expanded_absmax(q))
+    assert torch.equal(back.dequantize(torch.float32), q.dequantize(torch.float32))
+
+
+def layout_codes(d, n, k):
+    """Every code read back from the decode layout by its documented formula (kindred/quant.h), [n, k]."""
+    data = d.data.numpy()
+    periods = 128 // d.period
+    record = periods * 8 * 4 if d.fmt == "nf4" else (periods * 8 * 3 + 15) // 16 * 16
+    unit = 512 + record
+    row, col = np.meshgrid(np.arange(n), np.arange(k), indexing="ij")
+    base = (row // 8 * (k // 128) + col // 128) * unit
+    lane = 4 * (row % 8) + col % 32 // 8
+    offset = base + 16 * lane + 4 * (col % 128 // 32)
+    j = col % 8
+    if d.fmt == "nf4":
+        byte = data[offset + j // 2].astype(np.int64)
+        return np.where(j % 2 == 0, byte >> 4, byte & 0xF)
+    word = sum(data[offset + b].astype(np.int64) << (8 * b) for b in range(4))
+    nibble = np.array([[0, 2, 4, 6, 1, 3, 5, 7].index(v) for v in range(8)])[j]
+    return (word >> (4 * nibble)) & 0xF
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "int4g"])
+def test_decode_layout_is_the_documented_fragment_order(fmt):
+    n, k = 24, 256
+    q = quantize(fmt, n, k, seed=4, block=64)
+    codes = torch.arange(n * k).reshape(n, k).remainder(13).add(1).to(torch.uint8)  # no zero codes
+    if fmt == "int4g":
+        q = ops.quant.Int4gWeight(codes[:, 0::2] | codes[:, 1::2] << 4, q.scales, q.zeros, 64, q.dtype)
+    else:
+        q = ops.quant.NF4Weight(
+            (codes[:, 0::2] << 4 | codes[:, 1::2]).reshape(-1),
+            q.absmax,
+            None,
+            None,
+            None,
+            64,
+            (n, k),
+            q.dtype,
+        )
+    d = repack_decode(q)
+    assert np.array_equal(layout_codes(d, n, k), codes.numpy())
+    padding = layout_codes(d, 32, k)[n:]  # rows up to the 16-row padding hold code 0
+    assert not padding.any()
+
+
+@pytest.mark.parametrize("fmt,n,k,block", LAYOUT_CASES)
+@pytest.mark.parametrize("m", [1, 3, 16])
+def test_decode_reference_matches_float64(fmt, n, k, block, m):
+    q = quantize(fmt, n, k, seed=n, block=block)
+    x = randn((m, k), torch.float32, seed=m, scale=1.0)
+    out = matmul_4bit_decode(x, repack_decode(q))
+    assert out.shape == (m, n)
+    assert rel_err(out, reference(x, q)) < REL_ERR[torch.float32]
+
+
+def test_decode_bad_inputs():
+    with pytest.raises(KindredValueError, match="in_features % 128 == 0"):
+        repack_decode(quantize("nf4", 8, 192))
+    d = repack_decode(quantize("int4g", 16, 128, block=64))
+    with pytest.raises(KindredValueError, match="inference-only"):
+        matmul_4bit_decode(torch.ones(2, 128, requires_grad=True), d)
+    with pytest.raises(KindredValueError, match=r"x must be a tensor of shape \[\.\.\., 128\]"):
+        matmul_4bit_decode(torch.ones(2, 64), d)
+    with pytest.raises(KindredValueError, match="data must have"):
+        bad = DecodeWeight(d.data[:-16], d.fmt, d.shape, d.period, d.blocksize, d.dtype)
+        matmul_4bit_decode(torch.ones(2, 128), bad)
+    with pytest.raises(KindredValueError, match="period must be"):
+        bad = DecodeWeight(d.data, d.fmt, d.shape, 48, d.blocksize, d.dtype)
+        matmul_4bit_decode(torch.ones(2, 128), bad)
+
+
+def test_decode_op_passes_opcheck():
+    d = repack_decode(quantize("nf4-dq", 40, 256))
+    x = randn((3, 256), seed=3, scale=1.0)
+    torch.library.opcheck(torch.ops.kindred.matmul_4bit_decode.default, (x, d.data, 0, 40, 256, 64))
+
+
+# ---- decode layout (CUDA) ------------------------------------------------------------------------------
+
+
+def _decode_into(x, d, out):
+    n, k = d.shape
+    fmt = _ops_matmul.DECODE_FORMATS[d.fmt]
+    _core.matmul_4bit_decode(
+        _ops.view(x), _ops.view(d.data), fmt, n, k, d.period, _ops.view(out), _ops.stream(x)
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("m", [1, 3, 8, 9, 16])
+@pytest.mark.parametrize(
+    "k,n,block", [(128, 8, 64), (384, 117, 128), (4096, 1000, 64), (1024, 4100, 32), (512, 300, 256)]
+)
+def test_decode_layout_kernel_matches_reference(fmt, dtype, m, k, n, block):
+    if fmt == "int4g" and block > 128:
+        block = 128
+    q = quantize(fmt, n, k, device="cuda", seed=k + n, block=block)
+    d = repack_decode(q)
+    assert d.data.is_cuda
+    x = randn((m, k), dtype, seed=m, scale=1.0, device="cuda")
+    out = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")  # poisoned
+    _decode_into(x, d, out)
+    torch.cuda.synchronize()
+    assert rel_err(out, reference(x, q)) < REL_ERR[dtype]
+    old = ops.matmul_4bit(x, q)  # the kernel that reads the canonical layout
+    assert rel_err(out, old.double()) < REL_ERR[torch.bfloat16]
+    again = torch.full_like(out, float("nan"))
+    _decode_into(x, d, again)
+    assert torch.equal(again, out)  # deterministic: split-K sums in a fixed order
+    assert torch.equal(ops.matmul_4bit(x, q, decode=d), out)
+
+
+@pytest.mark.gpu
+def test_decode_layout_matches_its_cpu_reference_on_a_large_layer():
+    q = quantize("nf4-dq", 14336, 4096, device="cuda", seed=1)
+    d = repack_decode(q)
+    x = randn((16, 4096), torch.bfloat16, seed=2, scale=1.0, device="cuda")
+    out = torch.full((16, 14336), float("nan"), dtype=torch.bfloat16, device="cuda")
+    _decode_into(x, d, out)
+    ref = matmul_4bit_decode(x.float().cpu(), d.to("cpu"))
+    assert rel_err(out, ref) < REL_ERR[torch.bfloat16]
+
+
+@pytest.mark.gpu
+def test_decode_dispatch_keeps_gradients_and_large_m_on_the_old_paths():
+    q = quantize("int4g", 256, 512, device="cuda", block=128)
+    d = repack_decode(q)
+    x = randn((4, 512), torch.bfloat16, seed=3, scale=1.0, device="cuda").requires_grad_()
+    y = ops.matmul_4bit(x, q, decode=d)  # needs dX: the canonical path with autograd
+    y.backward(torch.ones_like(y))
+    assert x.grad is not None
+    big = randn((40, 512), torch.bfloat16, seed=4, scale=1.0, device="cuda")
+    assert torch.equal(ops.matmul_4bit(big, q, decode=d), ops.matmul_4bit(big, q))

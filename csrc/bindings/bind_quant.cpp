@@ -1,6 +1,7 @@
 // Bindings of the quant family and its format constants (kindred/formats.h, read by Python from here).
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "bind.h"
@@ -85,6 +86,55 @@ void bind_quant(py::module_& m) {
       py::arg("x"), py::arg("packed"), py::arg("scales"), py::arg("zeros"), py::arg("group_size"), py::arg("out"),
       py::arg("stream"), release);
   m.attr("DECODE_MAX_ROWS") = kDecodeMaxRows;
+  m.def(
+      "decode_bytes",
+      [](int format, int64_t n, int64_t k, int64_t period) {
+        return decode_bytes(static_cast<DecodeFormat>(format), n, k, period);
+      },
+      py::arg("format"), py::arg("n"), py::arg("k"), py::arg("period"));
+  m.def(
+      "repack_decode_nf4",
+      [](const TensorView& packed, const TensorView& absmax, const OptView& nested_absmax, const OptView& nested_code,
+         const OptView& offset, int64_t blocksize, int64_t n, int64_t k, const TensorView& data) {
+        repack_decode(nf4(packed, absmax, nested_absmax, nested_code, offset, blocksize), n,
+                      DecodeWeight{data, DecodeFormat::nf4, n, k, std::min<int64_t>(blocksize, kDecodeChunk)});
+      },
+      py::arg("packed"), py::arg("absmax"), py::arg("nested_absmax"), py::arg("nested_code"), py::arg("offset"),
+      py::arg("blocksize"), py::arg("n"), py::arg("k"), py::arg("data"), release);
+  m.def(
+      "repack_decode_int4g",
+      [](const TensorView& packed, const TensorView& scales, const TensorView& zeros, int64_t group_size,
+         const TensorView& data) {
+        const int64_t n = packed.shape.at(0), k = 2 * packed.shape.at(1);
+        repack_decode(Int4gTensors{packed, scales, zeros, group_size},
+                      DecodeWeight{data, DecodeFormat::int4g, n, k, group_size});
+      },
+      py::arg("packed"), py::arg("scales"), py::arg("zeros"), py::arg("group_size"), py::arg("data"), release);
+  m.def(
+      "unpack_decode_nf4",
+      [](const TensorView& data, int64_t n, int64_t k, int64_t blocksize, const TensorView& packed,
+         const TensorView& absmax) {
+        unpack_decode(DecodeWeight{data, DecodeFormat::nf4, n, k, std::min<int64_t>(blocksize, kDecodeChunk)},
+                      nf4(packed, absmax, std::nullopt, std::nullopt, std::nullopt, blocksize));
+      },
+      py::arg("data"), py::arg("n"), py::arg("k"), py::arg("blocksize"), py::arg("packed"), py::arg("absmax"), release);
+  m.def(
+      "unpack_decode_int4g",
+      [](const TensorView& data, int64_t n, int64_t k, int64_t group_size, const TensorView& packed,
+         const TensorView& scales, const TensorView& zeros) {
+        unpack_decode(DecodeWeight{data, DecodeFormat::int4g, n, k, group_size},
+                      Int4gTensors{packed, scales, zeros, group_size});
+      },
+      py::arg("data"), py::arg("n"), py::arg("k"), py::arg("group_size"), py::arg("packed"), py::arg("scales"),
+      py::arg("zeros"), release);
+  m.def(
+      "matmul_4bit_decode",
+      [](const TensorView& x, const TensorView& data, int format, int64_t n, int64_t k, int64_t period,
+         const TensorView& out, int64_t stream) {
+        matmul_4bit_decode(x, DecodeWeight{data, static_cast<DecodeFormat>(format), n, k, period}, out, stream);
+      },
+      py::arg("x"), py::arg("data"), py::arg("format"), py::arg("n"), py::arg("k"), py::arg("period"), py::arg("out"),
+      py::arg("stream"), release);
   m.def(
       "awq_pack",
       [](const TensorView& packed, const TensorView& scales, const TensorView& zeros, int64_t group_size,

@@ -2,6 +2,7 @@
 // multiplied with Eigen (fp32 accumulation), one panel per OpenMP thread at a time.
 #include <Eigen/Core>
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "kindred/formats.h"
@@ -104,6 +105,39 @@ void matmul_4bit_cpu(const TensorView& x, const Int4gTensors& w, const TensorVie
       const uint8_t byte = packed[e / 2];
       const int64_t gi = e / g;  // rows are whole groups: the flat group index is row * (k/g) + col / g
       *dst++ = formats::int4g_decode(e % 2 ? byte >> 4 : byte & 0xF, zeros[gi], static_cast<float>(scales[gi]));
+    }
+  });
+}
+
+// The decode layout read directly (quant.h), independently of unpack_decode: the reference of what the
+// CUDA decode kernel computes from it.
+void matmul_4bit_decode_cpu(const TensorView& x, const DecodeWeight& w, const TensorView& out) {
+  const int64_t k = w.k, chunks = k / kDecodeChunk, periods = kDecodeChunk / w.period;
+  const int64_t unit = kDecodeCodeBytes + decode_record_bytes(w.format, w.period);
+  const uint8_t* data = w.data.ptr<uint8_t>();
+  panels(x, w.n, out, [&](int64_t row0, int64_t rows, float* dst) {
+    for (int64_t row = row0; row < row0 + rows; ++row) {
+      const int64_t t = row / kDecodeTileRows, g = row % kDecodeTileRows;
+      for (int64_t col = 0; col < k; ++col) {
+        const uint8_t* u = data + (t * chunks + col / kDecodeChunk) * unit;
+        const int64_t q = col % kDecodeChunk, p = q / 32, c = q % 32 / 8, j = q % 8, lane = 4 * g + c;
+        const int64_t si = q / w.period * kDecodeTileRows + g;  // record slot of this row and period
+        if (w.format == DecodeFormat::nf4) {
+          const uint8_t byte = u[16 * lane + 4 * p + j / 2];
+          float absmax;
+          std::memcpy(&absmax, u + kDecodeCodeBytes + 4 * si, 4);
+          *dst++ = formats::kNf4Codebook[j % 2 ? byte & 0xF : byte >> 4] * absmax;
+        } else {
+          uint32_t word;
+          std::memcpy(&word, u + 16 * lane + 4 * p, 4);
+          int nibble = 0;
+          while (kDecodeInt4Order[nibble] != j) ++nibble;
+          uint16_t s;
+          std::memcpy(&s, u + kDecodeCodeBytes + 2 * si, 2);
+          const uint8_t z = u[kDecodeCodeBytes + periods * kDecodeTileRows * 2 + si];
+          *dst++ = formats::int4g_decode((word >> (4 * nibble)) & 0xF, z, formats::gguf::fp16_to_f32(s));
+        }
+      }
     }
   });
 }

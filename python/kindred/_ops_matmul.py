@@ -4,6 +4,9 @@ Paths: CPU → the core's Eigen implementation; CUDA with at most 16 rows (bf16/
 core's tensor-core decode kernel, which streams the 4-bit weight once; CUDA otherwise → dequantize into a
 fresh bf16/f16 workspace (≈2.6 TB/s on an H100) and one cuBLAS GEMM. Backward: dX = dY · dequant(W),
 dequantizing again rather than keeping a dense copy (no dW: the base weight is frozen).
+
+``kindred::matmul_4bit_decode`` reads a weight repacked for decoding (``ops.quant.repack_decode``): on CUDA
+the streaming decode kernel (M <= 16, bf16/f16), on the CPU the reference of that layout. Inference only.
 """
 
 from __future__ import annotations
@@ -132,3 +135,21 @@ def _int4g_backward(ctx, grad):
 
 
 matmul_4bit_int4g.register_autograd(_int4g_backward, setup_context=_int4g_setup)
+
+
+DECODE_FORMATS = {"nf4": 0, "int4g": 1}
+
+
+@torch.library.custom_op("kindred::matmul_4bit_decode", mutates_args=())
+def matmul_4bit_decode(
+    x: torch.Tensor, data: torch.Tensor, fmt: int, n: int, k: int, period: int
+) -> torch.Tensor:
+    """x [M, K] · dequant(W)ᵀ for W [n, k] in the decode layout ``data`` (format ``fmt``)."""
+    out = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    _core.matmul_4bit_decode(view(x, "x"), view(data, "data"), fmt, n, k, period, view(out, "out"), stream(x))
+    return out
+
+
+@matmul_4bit_decode.register_fake
+def _(x, data, fmt, n, k, period):
+    return x.new_empty(x.shape[0], n)

@@ -2,7 +2,8 @@
 
 State dicts use the formats other tools read: NF4 weights are saved in bitsandbytes' layout (the keys
 transformers writes for ``*-bnb-4bit`` checkpoints), INT4g weights as AutoAWQ GEMM tensors
-(``qweight``, ``qzeros``, ``scales``).
+(``qweight``, ``qzeros``, ``scales``). On CUDA, the first inference call with at most 16 rows repacks the
+weight for the streaming decode kernel once and keeps it as a non-persistent buffer (never saved).
 """
 
 from __future__ import annotations
@@ -10,18 +11,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .._ops_matmul import DECODE_MAX_ROWS
 from ..errors import KindredValueError
 from ..formats.bnb import has_bnb_state, nf4_from_bnb, nf4_to_bnb
 from ..ops.quant import (
     INT4G_DEFAULT_GROUP,
     NF4_DEFAULT_BLOCKSIZE,
+    DecodeWeight,
     Int4gWeight,
     NF4Weight,
+    decode_eligible,
     int4g_from_awq,
     int4g_to_awq,
     matmul_4bit,
     quantize_int4g,
     quantize_nf4,
+    repack_decode,
 )
 
 QUANT_TYPES = ("nf4", "int4g")
@@ -90,8 +95,9 @@ class Linear4bit(nn.Module):
         )
 
     def _set_weight(self, q: NF4Weight | Int4gWeight) -> None:
-        for name in [n for n, _ in self.named_buffers(recurse=False) if n.startswith("_q_")]:
+        for name in [n for n, _ in self.named_buffers(recurse=False) if n.startswith(("_q_", "_decode"))]:
             delattr(self, name)
+        self._decode_meta = None
         fields = tuple(q.tensors())
         for k, t in q.tensors().items():
             self.register_buffer(f"_q_{k}", t, persistent=False)
@@ -106,6 +112,27 @@ class Linear4bit(nn.Module):
         else:
             self._meta = {"type": "int4g", "fields": fields, "group_size": q.group_size, "dtype": q.dtype}
 
+    def decode_weight(self, build: bool = True) -> DecodeWeight | None:
+        """The weight repacked for the CUDA decode kernel, built on first use when ``build`` (not while
+        compiling or capturing a CUDA graph); None on the CPU or when in_features % 128 != 0."""
+        if self._decode_meta is not None:
+            return DecodeWeight(self._decode_data, **self._decode_meta)
+        q = self.quantized
+        if not (build and q.device.type == "cuda" and decode_eligible(q)):
+            return None
+        if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
+            return None
+        d = repack_decode(q)
+        self.register_buffer("_decode_data", d.data, persistent=False)
+        self._decode_meta = {
+            "fmt": d.fmt,
+            "shape": d.shape,
+            "period": d.period,
+            "blocksize": d.blocksize,
+            "dtype": d.dtype,
+        }
+        return d
+
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return self.quantized.dequantize(dtype)
 
@@ -116,7 +143,15 @@ class Linear4bit(nn.Module):
             )
         if x.device != self._q_packed.device:
             raise KindredValueError(f"input is on {x.device} but the weight is on {self._q_packed.device}")
-        return matmul_4bit(x, self.quantized, self.bias)
+        rows = x.numel() // self.in_features
+        wants_decode = (
+            x.is_cuda
+            and rows <= DECODE_MAX_ROWS
+            and x.dtype in (torch.bfloat16, torch.float16)
+            and not (torch.is_grad_enabled() and x.requires_grad)
+        )
+        decode = self.decode_weight() if wants_decode else None
+        return matmul_4bit(x, self.quantized, self.bias, decode=decode)
 
     def extra_repr(self) -> str:
         q = self.quantized

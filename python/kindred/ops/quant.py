@@ -267,13 +267,137 @@ def int4g_from_awq(
     return Int4gWeight(packed, out_scales, zeros, group_size, dtype).to(qweight.device)
 
 
+@dataclasses.dataclass(frozen=True)
+class DecodeWeight:
+    """A 4-bit [N, K] weight repacked for the CUDA decode kernel (layout: kindred/quant.h), lossless.
+
+    ``period`` is the K span of one scale (min(blocksize, 128) for NF4, the group size for INT4g);
+    ``blocksize`` that of the source, which ``unpack_decode`` restores.
+    """
+
+    data: torch.Tensor
+    fmt: str
+    shape: tuple[int, int]
+    period: int
+    blocksize: int
+    dtype: torch.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    def to(self, device: torch.device | str) -> DecodeWeight:
+        return dataclasses.replace(self, data=self.data.to(device))
+
+
+def decode_eligible(w: NF4Weight | Int4gWeight) -> bool:
+    """Whether ``w`` has a decode layout: a 2-D weight with in_features % 128 == 0."""
+    return len(w.shape) == 2 and w.shape[1] % 128 == 0
+
+
+def repack_decode(w: NF4Weight | Int4gWeight) -> DecodeWeight:
+    """``w`` repacked for the decode kernel (done once, on the CPU; the result is on ``w``'s device)."""
+    if not isinstance(w, (NF4Weight, Int4gWeight)):
+        raise KindredValueError(f"w must be an NF4Weight or Int4gWeight, got {type(w).__name__}")
+    if not decode_eligible(w):
+        raise KindredValueError(f"w must be 2-D with in_features % 128 == 0, got shape {tuple(w.shape)}")
+    n, k = w.shape
+    src = w.to("cpu")
+    if isinstance(w, NF4Weight):
+        fmt, period, blocksize = "nf4", min(w.blocksize, 128), w.blocksize
+    else:
+        fmt, period, blocksize = "int4g", w.group_size, w.group_size
+    data = torch.empty(_core.decode_bytes(_ops_matmul.DECODE_FORMATS[fmt], n, k, period), dtype=torch.uint8)
+    if isinstance(src, NF4Weight):
+        _core.repack_decode_nf4(
+            _ops.view(src.packed, "packed"),
+            _ops.view(src.absmax, "absmax"),
+            _ops.opt_view(src.nested_absmax, "nested_absmax"),
+            _ops.opt_view(src.nested_code, "nested_code"),
+            _ops.opt_view(src.offset, "offset"),
+            blocksize,
+            n,
+            k,
+            _ops.view(data),
+        )
+    else:
+        _core.repack_decode_int4g(
+            _ops.view(src.packed, "packed"),
+            _ops.view(src.scales, "scales"),
+            _ops.view(src.zeros, "zeros"),
+            blocksize,
+            _ops.view(data),
+        )
+    return DecodeWeight(data.to(w.device), fmt, (n, k), period, blocksize, w.dtype)
+
+
+def unpack_decode(d: DecodeWeight) -> NF4Weight | Int4gWeight:
+    """The canonical weight of a decode layout. NF4 comes back with an f32 absmax: the stored one, or the
+    double-quantized one expanded exactly as ``dequantize_nf4`` expands it."""
+    if not isinstance(d, DecodeWeight):
+        raise KindredValueError(f"d must be a DecodeWeight, got {type(d).__name__}")
+    n, k = d.shape
+    data = d.data.cpu()
+    if d.fmt == "nf4":
+        packed = torch.empty(n * k // 2, dtype=torch.uint8)
+        absmax = torch.empty(n * k // d.blocksize, dtype=torch.float32)
+        _core.unpack_decode_nf4(_ops.view(data), n, k, d.blocksize, _ops.view(packed), _ops.view(absmax))
+        q = NF4Weight(packed, absmax, None, None, None, d.blocksize, (n, k), d.dtype)
+    else:
+        packed = torch.empty(n, k // 2, dtype=torch.uint8)
+        scales = torch.empty(n, k // d.blocksize, dtype=torch.float16)
+        zeros = torch.empty(n, k // d.blocksize, dtype=torch.uint8)
+        _core.unpack_decode_int4g(
+            _ops.view(data), n, k, d.blocksize, _ops.view(packed), _ops.view(scales), _ops.view(zeros)
+        )
+        q = Int4gWeight(packed, scales, zeros, d.blocksize, d.dtype)
+    return q.to(d.device)
+
+
+def _decode_applies(x2: torch.Tensor, decode: DecodeWeight | None) -> bool:
+    """Whether the decode kernel runs for the 2-D input ``x2`` (inference, CUDA, at most 16 rows)."""
+    return (
+        decode is not None
+        and x2.is_cuda
+        and x2.shape[0] <= _ops_matmul.DECODE_MAX_ROWS
+        and x2.dtype in (torch.bfloat16, torch.float16)
+        and not (torch.is_grad_enabled() and x2.requires_grad)
+    )
+
+
+def matmul_4bit_decode(x: torch.Tensor, d: DecodeWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x · dequant(W)ᵀ (+ bias) from W's decode layout; x [..., K]. Inference only (no autograd).
+
+    CUDA: at most 16 rows of bf16/f16 (the streaming decode kernel); CPU: any rows (the layout's reference).
+    """
+    if not isinstance(d, DecodeWeight):
+        raise KindredValueError(f"d must be a DecodeWeight, got {type(d).__name__}")
+    n, k = d.shape
+    if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[-1] != k:
+        raise KindredValueError(f"x must be a tensor of shape [..., {k}], got {getattr(x, 'shape', x)}")
+    if torch.is_grad_enabled() and x.requires_grad:
+        raise KindredValueError("x requires grad: the decode layout is inference-only, use matmul_4bit")
+    if x.device != d.device:
+        raise KindredValueError(f"x is on {x.device} but the weight is on {d.device}")
+    x2 = x.reshape(-1, k).contiguous()
+    fmt = _ops_matmul.DECODE_FORMATS[d.fmt]
+    y = _ops_matmul.matmul_4bit_decode(x2, d.data, fmt, n, k, d.period)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.reshape(*x.shape[:-1], n)
+
+
 def matmul_4bit(
-    x: torch.Tensor, w: NF4Weight | Int4gWeight, bias: torch.Tensor | None = None
+    x: torch.Tensor,
+    w: NF4Weight | Int4gWeight,
+    bias: torch.Tensor | None = None,
+    decode: DecodeWeight | None = None,
 ) -> torch.Tensor:
     """x · dequant(w)ᵀ (+ bias) for x of any leading shape [..., K] and a frozen 4-bit [N, K] weight.
 
-    Differentiable in x (and bias); fp32 accumulation. On CUDA, up to 16 rows take the tensor-core decode
-    kernel, more rows dequantize + one cuBLAS GEMM; on the CPU the core's Eigen path runs.
+    Differentiable in x (and bias); fp32 accumulation. On CUDA, up to 16 rows take a decode kernel: the
+    streaming one when ``decode`` (``repack_decode(w)``) is given and no gradient is needed, else the one
+    that reads the canonical layout; more rows dequantize + one cuBLAS GEMM. On the CPU the Eigen path runs.
     """
     if not isinstance(x, torch.Tensor):
         raise KindredValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -289,7 +413,13 @@ def matmul_4bit(
     if x.device != w.device:
         raise KindredValueError(f"x is on {x.device} but the weight is on {w.device}")
     x2 = x.reshape(-1, k).contiguous()
-    if isinstance(w, NF4Weight):
+    if _decode_applies(x2, decode):
+        if decode.shape != (n, k):
+            raise KindredValueError(f"decode has shape {decode.shape}, the weight {(n, k)}")
+        y = _ops_matmul.matmul_4bit_decode(
+            x2, decode.data, _ops_matmul.DECODE_FORMATS[decode.fmt], n, k, decode.period
+        )
+    elif isinstance(w, NF4Weight):
         y = _ops_matmul.matmul_4bit_nf4(
             x2, w.packed, w.absmax, w.nested_absmax, w.nested_code, w.offset, w.blocksize, n
         )

@@ -1,0 +1,335 @@
+// matmul_4bit_decode: out[M, N] = x[M, K] · dequant(W)ᵀ for M <= 16 from the decode layout (quant.h), on
+// the tensor cores (mma.sync m16n8k16, fp32 accumulation).
+//
+// The repack put each lane's mma B fragments for 8 k16 steps into one 16-byte word group, so the loop has no
+// index arithmetic. A warp owns two 8-row tiles and a contiguous range of 128-wide K chunks; per chunk it
+// copies the two tiles' units (2 x 512 code bytes plus their scale records, contiguous in memory) into a
+// 4-slot shared-memory ring with cp.async, so three chunks are in flight while one is computed. x is read
+// from L1/L2 with 16-byte loads (the layout's k order makes a lane's A fragments of two k16 steps
+// contiguous). Dequantization stays in registers: NF4 looks up whole code bytes (two codes) in a
+// lane-replicated shared-memory table of T pairs; INT4g ORs the nibbles into the mantissa of a magic number
+// (bf16 128 + q, f16 1024 + q) and subtracts the magic number plus the zero point, exactly. The scale of
+// each block / group is applied to the fp32 partial sums of its period (32..128 k), not to the weights.
+// Split-K, when N is too small to fill the GPU, is between the warps of one block, summed through shared
+// memory in a fixed order (deterministic). Test: pytest -m gpu tests/test_matmul_4bit.py
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <array>
+#include <atomic>
+#include <type_traits>
+
+#include "../common.cuh"
+#include "kindred/formats.h"
+#include "kindred/quant.h"
+
+namespace kindred {
+namespace {
+
+constexpr int kWarps = 8;
+constexpr int kTiles = 2;   // 8-row tiles per warp (they share the A fragments)
+constexpr int kStages = 4;  // chunk slots per warp
+constexpr int kLutBytes = 256 * 32 * 4;
+__constant__ float kCodebook[16] = {KINDRED_NF4_CODEBOOK};
+
+struct Params {
+  const void* x;
+  void* out;
+  const uint8_t* data;
+  int m, n, k, chunks, unit, tiles, splits;  // tiles: padded N / 8; splits: warps sharing one tile pair
+};
+
+template <typename T>
+__device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+// Asynchronous 16-byte global -> shared copy, cached in L2 only (the weights are read once).
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem));
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::);
+}
+
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+}
+
+// T pair with the integer value 128 + q (bf16) or 1024 + q (f16) in each half when q < 16 is OR'ed in.
+template <typename T>
+constexpr uint32_t kMagic = std::is_same_v<T, __nv_bfloat16> ? 0x43004300u : 0x64006400u;
+
+template <typename T>
+__device__ __forceinline__ uint32_t sub_pair(uint32_t a, uint32_t b) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    const __nv_bfloat162 r =
+        __hsub2(*reinterpret_cast<const __nv_bfloat162*>(&a), *reinterpret_cast<const __nv_bfloat162*>(&b));
+    return *reinterpret_cast<const uint32_t*>(&r);
+  } else {
+    const __half2 r = __hsub2(*reinterpret_cast<const __half2*>(&a), *reinterpret_cast<const __half2*>(&b));
+    return *reinterpret_cast<const uint32_t*>(&r);
+  }
+}
+
+// Copies the units of chunk `ch` of the warp's tiles into its shared-memory slot (one commit group).
+__device__ __forceinline__ void issue_chunk(const Params& p, uint8_t* slot, int tile, int ch, int lane) {
+  const int pieces = p.unit / 16;
+#pragma unroll
+  for (int t = 0; t < kTiles; ++t) {
+    const uint8_t* src = p.data + (static_cast<int64_t>(tile + t) * p.chunks + ch) * p.unit;
+    for (int i = lane; i < pieces; i += 32) cp_async16(slot + t * p.unit + 16 * i, src + 16 * i);
+  }
+  cp_async_commit();
+}
+
+// What a lane reads for one chunk: its code words of both tiles and their scales (periods P) from the
+// slot, and its A fragments of x rows g (xa) and g + 8 (xb) from global memory (L1/L2: x is small and hot).
+template <DecodeFormat F, int P>
+struct Chunk {
+  uint4 codes[kTiles];
+  float2 scale[kTiles][P];   // scales of C columns 2c, 2c + 1
+  uint32_t zero[kTiles][P];  // INT4g: zero point of B row g
+  uint4 xa[4], xb[4];
+};
+
+template <typename T, DecodeFormat F, int P, bool kRows16>
+__device__ __forceinline__ void read_chunk(const Params& p, const uint8_t* slot, int ch, int g, int c, Chunk<F, P>& s) {
+  const T* x = static_cast<const T*>(p.x) + ch * kDecodeChunk + 8 * c;
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    s.xa[q] = g < p.m ? __ldg(reinterpret_cast<const uint4*>(x + static_cast<int64_t>(g) * p.k + 32 * q))
+                      : make_uint4(0, 0, 0, 0);
+    s.xb[q] = kRows16 && g + 8 < p.m
+                  ? __ldg(reinterpret_cast<const uint4*>(x + static_cast<int64_t>(g + 8) * p.k + 32 * q))
+                  : make_uint4(0, 0, 0, 0);
+  }
+#pragma unroll
+  for (int t = 0; t < kTiles; ++t) {
+    const uint8_t* unit = slot + t * p.unit;
+    s.codes[t] = *reinterpret_cast<const uint4*>(unit + 16 * (4 * g + c));
+    const uint8_t* rec = unit + kDecodeCodeBytes;
+#pragma unroll
+    for (int i = 0; i < P; ++i) {
+      if constexpr (F == DecodeFormat::nf4) {
+        s.scale[t][i] = reinterpret_cast<const float2*>(rec)[i * 4 + c];
+      } else {
+        s.scale[t][i] = __half22float2(reinterpret_cast<const __half2*>(rec)[i * 4 + c]);
+        s.zero[t][i] = rec[P * 16 + i * 8 + g];
+      }
+    }
+  }
+}
+
+// B fragment registers (b0, b1) of k16 step 2q + h from code word `w`: pairs 2h and 2h + 1 of the word.
+template <typename T, DecodeFormat F>
+__device__ __forceinline__ void dequant(uint32_t w, int h, uint32_t mz, const uint32_t* lut_lane, uint32_t& b0,
+                                        uint32_t& b1) {
+  if constexpr (F == DecodeFormat::nf4) {
+    b0 = lut_lane[((w >> (16 * h)) & 0xFF) * 32];
+    b1 = lut_lane[((w >> (16 * h + 8)) & 0xFF) * 32];
+  } else {
+    b0 = sub_pair<T>(((w >> (8 * h)) & 0x000F000Fu) | kMagic<T>, mz);
+    b1 = sub_pair<T>(((w >> (8 * h + 4)) & 0x000F000Fu) | kMagic<T>, mz);
+  }
+}
+
+template <typename T, DecodeFormat F, int P>
+__device__ __forceinline__ void compute_chunk(const Chunk<F, P>& s, const uint32_t* lut_lane, float (&acc)[kTiles][4]) {
+  constexpr int kWords = 4 / P;  // code words (32 k each) per scale period
+  const uint32_t* xa = reinterpret_cast<const uint32_t*>(s.xa);
+  const uint32_t* xb = reinterpret_cast<const uint32_t*>(s.xb);
+#pragma unroll
+  for (int i = 0; i < P; ++i) {
+    float part[kTiles][4] = {};
+#pragma unroll
+    for (int q = i * kWords; q < (i + 1) * kWords; ++q) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const uint32_t a[4] = {xa[4 * q + 2 * h], xb[4 * q + 2 * h], xa[4 * q + 2 * h + 1], xb[4 * q + 2 * h + 1]};
+#pragma unroll
+        for (int t = 0; t < kTiles; ++t) {
+          uint32_t mz = 0, b0, b1;  // INT4g: magic number + zero point of this lane's B row, in both halves
+          if constexpr (F == DecodeFormat::int4g) mz = kMagic<T> | (s.zero[t][i] * 0x00010001u);
+          dequant<T, F>(reinterpret_cast<const uint32_t*>(&s.codes[t])[q], h, mz, lut_lane, b0, b1);
+          mma<T>(part[t], a, b0, b1);
+        }
+      }
+    }
+#pragma unroll
+    for (int t = 0; t < kTiles; ++t) {
+      acc[t][0] = fmaf(s.scale[t][i].x, part[t][0], acc[t][0]);
+      acc[t][1] = fmaf(s.scale[t][i].y, part[t][1], acc[t][1]);
+      acc[t][2] = fmaf(s.scale[t][i].x, part[t][2], acc[t][2]);
+      acc[t][3] = fmaf(s.scale[t][i].y, part[t][3], acc[t][3]);
+    }
+  }
+}
+
+// NF4 code byte -> its two codebook values as a T pair (element 2i, in the high nibble, in the low half).
+template <typename T>
+__device__ __forceinline__ uint32_t nf4_byte_pair(int byte) {
+  const T lo = cuda::from_f32<T>(kCodebook[byte >> 4]), hi = cuda::from_f32<T>(kCodebook[byte & 0xF]);
+  const uint32_t l = *reinterpret_cast<const uint16_t*>(&lo), u = *reinterpret_cast<const uint16_t*>(&hi);
+  return l | u << 16;
+}
+
+template <typename T, DecodeFormat F, int P, bool kRows16>
+__global__ void __launch_bounds__(kWarps * 32, 2) matmul_4bit_decode_kernel(const Params p) {
+  __shared__ float partial[kWarps][kTiles][4][32];
+  // Dynamic shared memory: the NF4 table lut[byte * 32 + lane] (one copy per lane: no bank conflicts), then
+  // the warps' chunk rings.
+  extern __shared__ __align__(16) uint32_t lut[];
+  uint8_t* ring_base = reinterpret_cast<uint8_t*>(lut) + (F == DecodeFormat::nf4 ? kLutBytes : 0);
+  if constexpr (F == DecodeFormat::nf4) {
+    static_assert(kWarps * 32 == 256, "one thread per byte value builds the table");
+    const uint32_t v = nf4_byte_pair<T>(threadIdx.x);
+    for (int r = 0; r < 32; ++r) lut[threadIdx.x * 32 + (r + threadIdx.x) % 32] = v;
+    __syncthreads();
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+  const int groups = kWarps / p.splits, group = warp / p.splits, split = warp % p.splits;
+  const int tile = (blockIdx.x * groups + group) * kTiles;
+  float acc[kTiles][4] = {};
+  if (tile < p.tiles) {
+    const int c0 = split * p.chunks / p.splits, c1 = (split + 1) * p.chunks / p.splits;
+    // A ring of kStages chunk slots per warp: kStages - 1 chunks are in flight while one is computed.
+    uint8_t* ring = ring_base + warp * kStages * kTiles * p.unit;
+    const int count = c1 - c0;
+#pragma unroll
+    for (int i = 0; i < kStages - 1; ++i) {
+      if (i < count)
+        issue_chunk(p, ring + i * kTiles * p.unit, tile, c0 + i, lane);
+      else
+        cp_async_commit();  // empty group: the wait below counts groups
+    }
+    for (int i = 0; i < count; ++i) {
+      const int ahead = i + kStages - 1;
+      if (ahead < count)
+        issue_chunk(p, ring + ahead % kStages * kTiles * p.unit, tile, c0 + ahead, lane);
+      else
+        cp_async_commit();
+      cp_async_wait<kStages - 1>();  // chunk i has landed (this lane's copies)...
+      __syncwarp();                  // ...and every lane's
+      Chunk<F, P> chunk;
+      read_chunk<T, F, P, kRows16>(p, ring + i % kStages * kTiles * p.unit, c0 + i, g, c, chunk);
+      compute_chunk<T, F, P>(chunk, lut + lane, acc);
+      __syncwarp();  // the slot is refilled next iteration
+    }
+  }
+#pragma unroll
+  for (int t = 0; t < kTiles; ++t)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) partial[warp][t][r][lane] = acc[t][r];
+  __syncthreads();
+  // The splits of each tile pair are summed in split order; thread i handles one (group, tile, register, lane).
+  T* out = static_cast<T*>(p.out);
+  for (int i = threadIdx.x; i < groups * kTiles * 4 * 32; i += kWarps * 32) {
+    const int grp = i / (kTiles * 128), t = i / 128 % kTiles, r = i / 32 % 4, l = i % 32;
+    const int m = l / 4 + (r >= 2 ? 8 : 0);
+    const int col = ((blockIdx.x * groups + grp) * kTiles + t) * 8 + 2 * (l % 4) + (r & 1);
+    if (m >= p.m || col >= p.n) continue;
+    float sum = 0.0f;
+    for (int s = 0; s < p.splits; ++s) sum += partial[grp * p.splits + s][t][r][l];
+    out[static_cast<int64_t>(m) * p.n + col] = cuda::from_f32<T>(sum);
+  }
+}
+
+template <typename T, DecodeFormat F, int P, bool kRows16>
+void launch_kernel(Params p, cudaStream_t stream) {
+  const auto kernel = matmul_4bit_decode_kernel<T, F, P, kRows16>;
+  const size_t smem =
+      (F == DecodeFormat::nf4 ? kLutBytes : 0) + static_cast<size_t>(kWarps) * kStages * kTiles * p.unit;
+  // Resident blocks on the device (SMs x blocks per SM), looked up once per kernel and device: the shared
+  // memory size is fixed per instantiation (the period fixes the unit size).
+  static std::array<std::atomic<int>, 64> resident{};
+  int device = 0;
+  cuda::check(cudaGetDevice(&device), "cudaGetDevice");
+  KINDRED_CHECK(device < static_cast<int>(resident.size()), "matmul_4bit_decode: device index ", device,
+                " is out of range");
+  int slots = resident[device].load(std::memory_order_relaxed);
+  if (slots == 0) {
+    int sms = 0, per_sm = 0;
+    cuda::check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
+                "cudaFuncSetAttribute");
+    cuda::check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
+    cuda::check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kWarps * 32, smem),
+                "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+    KINDRED_CHECK(per_sm > 0, "matmul_4bit_decode: the kernel does not fit on an SM (", smem,
+                  " bytes of shared memory)");
+    slots = sms * per_sm;
+    resident[device].store(slots, std::memory_order_relaxed);
+  }
+  // Splits of K per tile pair: the one whose grid fills the resident block slots most evenly (the last
+  // wave least empty); ties go to fewer splits (longer K runs per warp, less reduction).
+  double best = -1.0;
+  for (int s = 1; s <= kWarps && s <= p.chunks; s *= 2) {
+    const int blocks = (p.tiles + kTiles * (kWarps / s) - 1) / (kTiles * (kWarps / s));
+    const int waves = (blocks + slots - 1) / slots;
+    const double fill = static_cast<double>(blocks) / (static_cast<double>(waves) * slots);
+    if (fill > best + 1e-3) {
+      best = fill;
+      p.splits = s;
+    }
+  }
+  const int blocks = (p.tiles + kTiles * (kWarps / p.splits) - 1) / (kTiles * (kWarps / p.splits));
+  kernel<<<blocks, kWarps * 32, smem, stream>>>(p);
+  cuda::check_launch("matmul_4bit_decode_kernel");
+}
+
+template <typename T, DecodeFormat F>
+void launch_periods(const Params& p, int64_t period, cudaStream_t stream) {
+  const bool rows16 = p.m > 8;
+  const auto go = [&](auto periods) {
+    constexpr int kP = decltype(periods)::value;
+    if (rows16) return launch_kernel<T, F, kP, true>(p, stream);
+    launch_kernel<T, F, kP, false>(p, stream);
+  };
+  if (period == 128) return go(std::integral_constant<int, 1>{});
+  if (period == 64) return go(std::integral_constant<int, 2>{});
+  go(std::integral_constant<int, 4>{});
+}
+
+}  // namespace
+
+void matmul_4bit_decode_cuda(const TensorView& x, const DecodeWeight& w, const TensorView& out, int64_t stream) {
+  cuda::DeviceGuard guard(x);
+  cuda::check_aligned(w.data, "data", 16);
+  cuda::check_aligned(x, "x", 16);
+  Params p{};
+  p.x = x.data;
+  p.out = out.data;
+  p.data = w.data.ptr<uint8_t>();
+  p.m = static_cast<int>(x.shape[0]);
+  p.n = static_cast<int>(w.n);
+  p.k = static_cast<int>(w.k);
+  p.chunks = static_cast<int>(w.k / kDecodeChunk);
+  p.unit = static_cast<int>(kDecodeCodeBytes + decode_record_bytes(w.format, w.period));
+  p.tiles = static_cast<int>((w.n + kDecodeRowPad - 1) / kDecodeRowPad * kDecodeRowPad / kDecodeTileRows);
+  p.splits = 1;
+  const auto s = cuda::as_stream(stream);
+  const auto by_format = [&](auto t) {
+    using T = decltype(t);
+    if (w.format == DecodeFormat::nf4) return launch_periods<T, DecodeFormat::nf4>(p, w.period, s);
+    launch_periods<T, DecodeFormat::int4g>(p, w.period, s);
+  };
+  if (x.dtype == DType::bf16) return by_format(__nv_bfloat16{});
+  by_format(__half{});
+}
+
+}  // namespace kindred
