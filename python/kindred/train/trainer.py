@@ -167,8 +167,8 @@ class Trainer:
             "position_ids": dev(b["position_ids"].reshape(1, -1)),
             "cu_seqlens": dev(b["cu_seqlens"]),
             "labels": dev(b["labels"]),
-            "keep": dev(keep),
-            "targets": dev(labels[1:][keep]),
+            "keep": keep,  # host indices: the loss drops the other rows before any FLOP, without a sync
+            "targets": dev(labels[1:]),
             "tokens": _real(packed, rows),
             "trainable": int(keep.numel()),
         }
@@ -177,11 +177,11 @@ class Trainer:
     def _loss_sum(self, batch: dict) -> torch.Tensor:
         hidden = self.model(
             batch["input_ids"], batch["position_ids"], batch["cu_seqlens"], return_hidden=True
-        )[0]
-        h = hidden.index_select(0, batch["keep"])
+        )[0, :-1]  # position t predicts token t + 1
         cap = self.model.config.final_logit_softcapping
+        weight = self.model.lm_head.weight
         return linear_cross_entropy(
-            h, self.model.lm_head.weight, batch["targets"], reduction="sum", softcap=cap
+            hidden, weight, batch["targets"], reduction="sum", softcap=cap, valid_rows=batch["keep"]
         )
 
     @torch.no_grad()
