@@ -218,3 +218,34 @@ def test_bad_model_and_data_paths(tmp_path):
     (tmp_path / "m" / "config.json").write_text("{}")
     with pytest.raises(kindred.KindredValueError):
         kindred.train(config(tmp_path / "m", tmp_path / "o"))
+
+
+@pytest.mark.gpu
+def test_finetune_on_cuda_learns_and_resumes(tiny_model, tmp_path, monkeypatch):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    over = {"train.max_steps": 8, "dtype": "bf16", "device": "cuda", "train.gradient_checkpointing": "full"}
+    ref = kindred.train(config(tiny_model, tmp_path / "ref", **over))
+    first, last = ref.metrics[0]["loss"], ref.metrics[-1]["loss"]
+    assert all(math.isfinite(r["loss"]) for r in ref.metrics) and last < first - 0.3
+    assert ref.eval_losses[-1][1] < ref.eval_losses[0][1] and ref.metrics[-1]["gpu_mem_gib"] > 0
+    out = tmp_path / "stopped"
+    real_step = Trainer._train_step
+
+    def stop_at_5(self):
+        if self.step == 4:
+            raise KeyboardInterrupt  # the process stops after checkpoint step 4
+        return real_step(self)
+
+    monkeypatch.setattr(Trainer, "_train_step", stop_at_5)
+    with pytest.raises(KeyboardInterrupt):
+        kindred.train(config(tiny_model, out, **over))
+    monkeypatch.undo()
+    resumed = kindred.train(config(tiny_model, out, **over), resume=True)
+    assert [r["step"] for r in resumed.metrics] == list(range(1, 9))
+    torch.testing.assert_close(
+        torch.tensor([r["loss"] for r in resumed.metrics]),
+        torch.tensor([r["loss"] for r in ref.metrics]),
+        rtol=2e-2,
+        atol=0,
+    )
