@@ -221,9 +221,6 @@ def test_bad_model_and_data_paths(tmp_path):
 
 
 @pytest.mark.gpu
-# FlexAttention compiled under torch.utils.checkpoint warns about .grad of a non-leaf inside dynamo; pytest's
-# "error" filter would turn that into a dynamo failure.
-@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")
 def test_finetune_on_cuda_learns_and_resumes(tiny_model, tmp_path, monkeypatch):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
