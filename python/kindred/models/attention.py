@@ -120,8 +120,8 @@ def attend(
     mask = ctx.mask(window)
     if ctx.backend == "flex":
         if q.is_cuda:
-            with warnings.catch_warnings():  # dynamo's tracing of a grad-requiring q touches .grad (harmless)
-                warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf")
+            with warnings.catch_warnings():  # dynamo tracing a grad-requiring q reads .grad (harmless)
+                warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not")
                 return _compiled_flex()(q, k, v, block_mask=mask, scale=scale, enable_gqa=gqa)
         with warnings.catch_warnings():  # eager FlexAttention on the CPU: the unfused reference path
             warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
