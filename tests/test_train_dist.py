@@ -48,6 +48,8 @@ class Checked(Trainer):
 assert init_from_env()
 trainer = Checked(sys.argv[1])
 trainer.checked = []
+if "--mask-even-rows" in sys.argv:  # micro-steps without a trained token, on some ranks only
+    trainer.rows_data.labels[::2] = -100
 trainer.fit(resume="--resume" in sys.argv)
 if trainer.rank == 0:
     (trainer.out / "checked.json").write_text(json.dumps({"world": trainer.world, "steps": trainer.checked}))
@@ -133,15 +135,20 @@ def gone(pid: int) -> bool:
         return True
 
 
-def losses(out) -> list[float]:
-    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+def curve(rows: list[dict]) -> list[tuple[float, float]]:
+    """(loss, gradient norm) per step: the norm tells summed gradients from averaged ones; AdamW hides it."""
+    return [(r["loss"], r["grad_norm"]) for r in rows]
+
+
+def logged(out) -> list[tuple[float, float]]:
+    return curve([json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()])
 
 
 def adapter(out) -> dict:
     return load_file(out / "adapter" / "adapter_model.safetensors")
 
 
-def assert_same_curve(got: list[float], want: list[float]) -> None:
+def assert_same_curve(got: list[tuple], want: list[tuple]) -> None:
     assert len(got) == len(want) == STEPS
     torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=0)
 
@@ -162,7 +169,7 @@ def reference(tiny_model, tmp_path_factory):
         for quant in ("nf4", "none"):
             out = tmp_path_factory.mktemp(f"ref-{quant}")
             result = kindred.train(config(tiny_model, out, 1, quant=quant))
-            runs[quant] = ([r["loss"] for r in result.metrics], adapter(out))
+            runs[quant] = (curve(result.metrics), adapter(out))
     finally:
         torch.set_num_threads(threads)
     return runs
@@ -173,9 +180,27 @@ def test_ddp_curve_equals_one_process(tiny_model, reference, tmp_path, nproc):
     cfg = config(tiny_model, tmp_path / "run", nproc)
     checked = run_worker(tmp_path, cfg, nproc)
     assert checked == {"world": nproc, "steps": list(range(1, STEPS + 1))}
-    want_losses, want_adapter = reference["nf4"]
-    assert_same_curve(losses(tmp_path / "run"), want_losses)
+    want_curve, want_adapter = reference["nf4"]
+    assert_same_curve(logged(tmp_path / "run"), want_curve)
     assert_same_adapter(adapter(tmp_path / "run"), want_adapter)
+
+
+def test_ddp_with_untrained_micro_steps(tiny_model, tmp_path):
+    # Every other packed row has no trained token: a rank whose micro-batch is empty still runs it (zero
+    # loss) so DDP's all-reduce pairs up; one process skips it. Same curve either way.
+    from kindred.train.trainer import Trainer
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ref = Trainer(config(tiny_model, tmp_path / "ref", 1))
+        ref.rows_data.labels[::2] = -100
+        want = curve(ref.fit().metrics)
+    finally:
+        torch.set_num_threads(threads)
+    cfg = config(tiny_model, tmp_path / "run", 2)
+    assert run_worker(tmp_path, cfg, 2, "--mask-even-rows")["steps"] == list(range(1, STEPS + 1))
+    assert_same_curve(logged(tmp_path / "run"), want)
 
 
 @pytest.mark.parametrize("quant", ["none", "nf4"])
@@ -184,8 +209,8 @@ def test_fsdp_curve_equals_ddp(tiny_model, reference, tmp_path, quant):
     cfg = config(tiny_model, tmp_path / "run", 2, quant=quant, **{"train.distributed": "fsdp"})
     checked = run_worker(tmp_path, cfg, 2)
     assert checked["steps"] == list(range(1, STEPS + 1))
-    want_losses, want_adapter = reference[quant]
-    assert_same_curve(losses(tmp_path / "run"), want_losses)
+    want_curve, want_adapter = reference[quant]
+    assert_same_curve(logged(tmp_path / "run"), want_curve)
     assert_same_adapter(adapter(tmp_path / "run"), want_adapter)
 
 
@@ -209,13 +234,13 @@ def test_killed_run_resumes_on_other_rank_counts(tiny_model, reference, tmp_path
         time.sleep(0.01)
     killed_at = latest_checkpoint(out).name
     assert killed_at in ("step-000002", "step-000004"), killed_at  # killed mid-run, not after the end
-    want_losses, want_adapter = reference["nf4"]
+    want_curve, want_adapter = reference["nf4"]
 
     one = tmp_path / "one"  # resume on 1 process (grad_accum 6: the same global batch)
     shutil.copytree(out, one)
     result = kindred.train(config(tiny_model, one, 1), resume=True)
     assert result.step == STEPS
-    assert_same_curve(losses(one), want_losses)
+    assert_same_curve(logged(one), want_curve)
     assert_same_adapter(adapter(one), want_adapter)
 
     for engine in ("ddp", "fsdp"):  # resume on 3 ranks (grad_accum 2), with either engine
@@ -225,7 +250,7 @@ def test_killed_run_resumes_on_other_rank_counts(tiny_model, reference, tmp_path
             tmp_path, config(tiny_model, three, 3, **{"train.distributed": engine}), 3, "--resume"
         )
         assert checked["world"] == 3 and checked["steps"] == list(range(int(killed_at[-6:]) + 1, STEPS + 1))
-        assert_same_curve(losses(three), want_losses)
+        assert_same_curve(logged(three), want_curve)
         assert_same_adapter(adapter(three), want_adapter)
 
 
