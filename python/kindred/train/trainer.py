@@ -80,6 +80,11 @@ def _device(name: str, world: int) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise KindredValueError(f"device is {name!r} but CUDA is not available; use device: auto or cpu")
     if dev.type == "cuda" and world > 1:  # one GPU per rank: the one the process group bound
+        if "nccl" not in str(torch.distributed.get_backend()):
+            raise KindredValueError(
+                f"device is {name!r} on {world} ranks, but the process group has no NCCL backend (one GPU "
+                f"per local rank is needed; this host has {torch.cuda.device_count()})"
+            )
         return torch.device("cuda", torch.cuda.current_device())
     return dev
 
