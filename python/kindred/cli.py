@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -52,6 +53,8 @@ def train(args) -> int:
             raise KindredError(f"--set expects key=value (e.g. train.max_steps=100), got {item!r}")
         overrides[key] = yaml.safe_load(value)
     result = run_train(args.config, resume=args.resume, overrides=overrides)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
+        return 0
     evals = ", ".join(f"step {s}: {v:.4f}" for s, v in result.eval_losses)
     print(
         f"kindred train: {result.step} steps; adapter in {result.adapter_dir}"

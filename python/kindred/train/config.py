@@ -5,6 +5,7 @@
     lora: {r: 16, alpha: 32, dropout: 0.05, targets: all-linear, rslora: false}
     data: {path: chats.jsonl, template: qwen3, budget: 4096, pack: 4096, eval_fraction: 0.1}
     train: {epochs: 1, micro_batch_tokens: 4096, grad_accum: 4, lr: 2.0e-4, schedule: cosine, warmup_steps: 5}
+    # under torchrun: train.distributed: ddp (default) | fsdp; the global batch is grad_accum × ranks rows
     output: {dir: runs/first, save_every: 50}
 
 Every key has a default except ``model``, ``data.path`` and ``data.template``. An unknown key, a wrong type
@@ -27,6 +28,7 @@ DTYPES = ("bf16", "fp16", "fp32")
 SCHEDULES = ("cosine", "linear", "constant")
 POLICIES = ("error", "drop", "truncate")
 CHECKPOINTING = ("full", "none")
+DISTRIBUTED = ("ddp", "fsdp")
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -68,6 +70,7 @@ class TrainSection:
     adam_eps: float = 1e-8
     gradient_checkpointing: str = "full"
     seed: int = 0
+    distributed: str = "ddp"  # several ranks: ddp (replicated base) | fsdp (base sharded); see parallel.py
 
 
 @dataclass
@@ -106,6 +109,7 @@ _CHOICES = {
     "train.schedule": SCHEDULES,
     "data.policy": POLICIES,
     "train.gradient_checkpointing": CHECKPOINTING,
+    "train.distributed": DISTRIBUTED,
     "attn_backend": ("auto", "sdpa", "flex"),
 }
 

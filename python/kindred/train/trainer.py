@@ -10,10 +10,16 @@ device (no host sync per micro-step). Rows whose next-token target is ignored ar
 
 Data order: every epoch is a permutation of the packed rows drawn from ``seed + epoch``; the data cursor is
 the number of rows consumed, so a resumed run continues with exactly the rows it would have seen.
+
+Several ranks (torchrun, or an initialized process group): rank r takes rows[r::world] of every optimizer
+step's rows, so the global batch is rows_per_micro × grad_accum × world; gradients are synchronized by DDP
+or the base is sharded by FSDP2 (``train.distributed``, see parallel.py). Checkpoints hold the global
+state and resume on any number of ranks that keeps the global batch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import shutil
@@ -33,6 +39,7 @@ from ..ops.tokens import count_trainable
 from .checkpoint import ADAPTER, latest_checkpoint, load_state, save_checkpoint
 from .config import TrainConfig, load_config
 from .metrics import MetricsLog, Progress, plot_loss
+from .parallel import allreduce_grads, barrier, init_from_env, parallelize
 from .setup import distributed, load_data, load_model
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -56,16 +63,29 @@ class TrainResult:
 
 
 def train(config, *, resume: bool = False, overrides: dict | None = None) -> TrainResult:
-    """Fine-tune with LoRA adapters as ``config`` (a YAML path, dict or TrainConfig) says; see config.py."""
-    return Trainer(config, overrides=overrides).fit(resume=resume)
+    """Fine-tune with LoRA adapters as ``config`` (a YAML path, dict or TrainConfig) says; see config.py.
+    Under torchrun (no process group yet) this joins the group for the run and leaves it at the end."""
+    created = init_from_env()
+    try:
+        return Trainer(config, overrides=overrides).fit(resume=resume)
+    finally:
+        if created:
+            torch.distributed.destroy_process_group()
 
 
-def _device(name: str) -> torch.device:
+def _device(name: str, world: int) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise KindredValueError(f"device is {name!r} but CUDA is not available; use device: auto or cpu")
+    if dev.type == "cuda" and world > 1:  # one GPU per rank: the one the process group bound
+        if "nccl" not in str(torch.distributed.get_backend()):
+            raise KindredValueError(
+                f"device is {name!r} on {world} ranks, but the process group has no NCCL backend (one GPU "
+                f"per local rank is needed; this host has {torch.cuda.device_count()})"
+            )
+        return torch.device("cuda", torch.cuda.current_device())
     return dev
 
 
@@ -95,11 +115,17 @@ class Trainer:
         the config's ``model`` and ``data.path`` are then not needed."""
         injected = model is not None and rows is not None
         cfg = self.cfg = load_config(config, overrides, require_sources=not injected)
-        self.device = _device(cfg.device)
+        self.rank, self.world = distributed()
+        self.device = _device(cfg.device, self.world)
         self.dtype = _DTYPES[cfg.dtype]
         if self.device.type == "cpu" and self.dtype == torch.float16:
             raise KindredValueError("dtype: fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
-        self.rank, self.world = distributed()
+        self.engine = cfg.train.distributed if self.world > 1 else None
+        if self.engine == "fsdp" and cfg.output.merged:
+            raise KindredValueError(
+                "output.merged needs the whole base on one rank; with train.distributed: fsdp merge the "
+                "saved adapter in one process (kindred.export.save_merged)"
+            )
         self.out = Path(cfg.output.dir)
         self.out.mkdir(parents=True, exist_ok=True)
         _seed_all(cfg.train.seed)
@@ -122,6 +148,8 @@ class Trainer:
         lo = cfg.lora
         self.adapted = apply_lora(self.model, lo.targets, lo.r, lo.alpha, lo.dropout, lo.rslora)
         self.model.model.gradient_checkpointing = tr.gradient_checkpointing == "full"
+        # What the loss calls: the model itself, its DDP wrapper, or the model sharded in place by FSDP.
+        self.net = parallelize(self.model, self.engine, self.device) if self.engine else self.model
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.master = [p.detach().float().clone().requires_grad_(True) for p in self.params]
         fused = self.device.type == "cuda"
@@ -175,9 +203,8 @@ class Trainer:
 
     # ---- loss --------------------------------------------------------------------------------------------
     def _loss_sum(self, batch: dict) -> torch.Tensor:
-        hidden = self.model(
-            batch["input_ids"], batch["position_ids"], batch["cu_seqlens"], return_hidden=True
-        )[0, :-1]  # position t predicts token t + 1
+        ids, positions, cu_seqlens = batch["input_ids"], batch["position_ids"], batch["cu_seqlens"]
+        hidden = self.net(ids, positions, cu_seqlens, return_hidden=True)[0, :-1]  # t predicts token t + 1
         cap = self.model.config.final_logit_softcapping
         weight = self.model.lm_head.weight
         return linear_cross_entropy(
@@ -204,6 +231,8 @@ class Trainer:
 
     # ---- one optimizer step ------------------------------------------------------------------------------
     def _train_step(self) -> dict:
+        if self.engine:  # dropout masks differ across ranks, and depend only on (seed, step, rank)
+            torch.manual_seed(self.cfg.train.seed + 1_000_003 * (self.step * self.world + self.rank + 1))
         rows = self._rows(self.cursor, self.rows_per_step)
         self.cursor += self.rows_per_step
         mine = rows[self.rank :: self.world]
@@ -214,14 +243,20 @@ class Trainer:
             torch.distributed.all_reduce(count)
         denom = count.clamp(min=1.0)
         loss = torch.zeros((), dtype=torch.float32, device=self.device)
-        for b in batches:
-            if b["trainable"]:
-                loss_sum = self._loss_sum(b)
-                (loss_sum / denom).backward()
+        for i, b in enumerate(batches):
+            # Several ranks run every micro-step, even one without a trained token (its loss is an empty
+            # sum): the collectives of DDP and FSDP pair up across ranks. DDP syncs on the last one only.
+            if b["trainable"] or self.engine:
+                sync = i == len(batches) - 1 or self.engine != "ddp"
+                with contextlib.nullcontext() if sync else self.net.no_sync():
+                    loss_sum = self._loss_sum(b)
+                    (loss_sum / denom).backward()
                 loss += loss_sum.detach().float()
         for p, m in zip(self.params, self.master, strict=True):
             m.grad = p.grad.float() if p.grad is not None else torch.zeros_like(m)
             p.grad = None
+        if self.engine == "fsdp":  # the adapters are outside FSDP: sum their gradients here
+            allreduce_grads(self.master)
         if self.world > 1:
             torch.distributed.all_reduce(loss)
         max_norm = self.cfg.train.max_grad_norm
@@ -252,6 +287,7 @@ class Trainer:
         state = {
             "step": self.step,
             "cursor": self.cursor,
+            "rows_per_step": self.rows_per_step,
             "master": [m.detach().cpu() for m in self.master],
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -262,13 +298,29 @@ class Trainer:
         torch.save(state, folder / "state.pt")
 
     def save(self) -> Path | None:
-        if self.rank != 0:
-            return None
-        return save_checkpoint(self.out, self.step, self._write_checkpoint, self.cfg.output.keep_checkpoints)
+        """Rank 0 writes the checkpoint (all ranks hold the same LoRA state); the others wait for it."""
+        path = None
+        if self.rank == 0:
+            path = save_checkpoint(
+                self.out, self.step, self._write_checkpoint, self.cfg.output.keep_checkpoints
+            )
+        if self.world > 1:
+            barrier()
+        return path
 
     def restore(self, path: Path) -> None:
         state = load_state(path)
-        _check_same_run(state["config"], self.cfg.to_dict(), path)
+        saved, now = state["config"], self.cfg.to_dict()
+        if "rows_per_step" in state:  # written by a run with another number of ranks: same global batch?
+            if state["rows_per_step"] != self.rows_per_step:
+                per_rank = self.rows_per_micro * self.world
+                raise KindredValueError(
+                    f"{path}: the checkpoint took {state['rows_per_step']} rows per optimizer step, this run "
+                    f"{self.rows_per_step} (rows per micro-step × train.grad_accum × {self.world} ranks); "
+                    f"set train.grad_accum to {state['rows_per_step'] / per_rank:g} to resume"
+                )
+            saved = {**saved, "train": {**saved["train"], "grad_accum": now["train"]["grad_accum"]}}
+        _check_same_run(saved, now, path)
         if len(state["master"]) != len(self.master):
             raise KindredError(
                 f"{path}: checkpoint has {len(state['master'])} LoRA tensors, model {len(self.master)}"
@@ -336,7 +388,10 @@ class Trainer:
                     self.save()
         finally:
             progress.close()
-        return self._finish(log)
+        result = self._finish(log)
+        if self.world > 1:  # no rank leaves before rank 0 has written the outputs
+            barrier()
+        return result
 
     def _row(self, r: dict, tokens_per_s: float, now: float) -> dict:
         mem = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None
@@ -398,7 +453,7 @@ def _real(packed, rows: np.ndarray) -> int:
 
 
 # Keys that may change between a run and its resumption (more steps, another output cadence).
-_RESUMABLE = {"train.max_steps", "train.epochs", "device", "attn_backend"}
+_RESUMABLE = {"train.max_steps", "train.epochs", "train.distributed", "device", "attn_backend"}
 
 
 def _check_same_run(saved: dict, now: dict, path: Path) -> None:
