@@ -7,6 +7,7 @@ import io
 import json
 import math
 
+import pytest
 import torch
 from rich.console import Console
 
@@ -46,3 +47,18 @@ def test_demo_on_the_tiny_model(tmp_path):
     assert len(names) == 2 * 7  # two layers, seven projections
     trained_b = [m.lora_B["default"].weight for _, m in model.named_modules() if hasattr(m, "lora_B")]
     assert len(trained_b) == 14 and all(b.abs().max() > 0 for b in trained_b)  # B starts at zero
+
+
+@pytest.mark.gpu
+def test_demo_on_cuda(tmp_path):
+    """The same command on a GPU: bf16, two 1,024-token rows per step, memory reported per step."""
+    summary = run_demo(
+        tmp_path / "demo", device="cuda", model="tiny", steps=4, console=Console(file=io.StringIO())
+    )
+    assert summary["device"].startswith("cuda") and summary["steps"] == 4
+    assert summary["eval_loss_after"] < summary["eval_loss_before"]
+    metrics = [
+        json.loads(line) for line in (tmp_path / "demo" / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert all(m["gpu_mem_gib"] > 0 and math.isfinite(m["loss"]) for m in metrics)
+    assert max(m["tokens"] for m in metrics) > 1024  # two packed rows per step
