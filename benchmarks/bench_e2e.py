@@ -320,6 +320,16 @@ def profile_step(step, device: torch.device, title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _profile_or_error(trainer: Trainer, device: torch.device, title: str) -> str:
+    """The profile of one more step; a profiler failure is written instead of failing the measurement."""
+    try:
+        with warnings.catch_warnings():  # profiler notices must not fail the measurement either
+            warnings.simplefilter("default")
+            return profile_step(kindred_step(trainer), device, title)
+    except Exception as e:
+        return f"== {title}: profiler failed: {type(e).__name__}: {e} ==\n"
+
+
 _profile_started = False
 
 
@@ -355,9 +365,7 @@ def run_case(name: str, hf: dict, seq: int, batch: int, ckpts, device, warmup: i
                 live = torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else None
                 m = measure(kindred_step(trainer), device, warmup, steps)
                 if os.environ.get("KINDRED_PROFILE_DIR"):
-                    with warnings.catch_warnings():  # profiler notices must not fail the measurement
-                        warnings.simplefilter("default")
-                        write_profile(profile_step(kindred_step(trainer), device, row["shape"]))
+                    write_profile(_profile_or_error(trainer, device, row["shape"]))
             except torch.OutOfMemoryError as e:
                 m, note = None, f"out of memory: {str(e)[:150]}"
             except Exception as e:  # record it, free the memory, run the other configurations, fail below
