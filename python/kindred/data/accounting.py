@@ -18,7 +18,12 @@ as inside the whole string. Two engines build on that and give identical results
   token ever holds prompt text. Short repeated texts (role headers, newlines) are cached.
 
 Either way the segments' tokens concatenated equal the tokenizer's encoding of the whole rendered string,
-special tokens are resolved by name, and the labels are correct by construction.
+special tokens are resolved by name, and the labels are correct by construction. One exception, for the
+``runs`` engine only: a sentencepiece *unigram* model may score two segmentations of a run the same (``...``
+as ``.`` + ``..`` or ``..`` + ``.``); its Viterbi breaks the tie by float rounding, which depends on the score
+of the text before the run, so a run encoded alone can come out as the other, equally good one (same text,
+same token count in every tie seen). ``auto`` encodes whole strings, so its ids are the library's own.
+Sharing the encoding of a common system-prompt prefix across conversations is ruled out for the same reason.
 """
 
 from __future__ import annotations
