@@ -18,11 +18,17 @@ as inside the whole string. Two engines build on that and give identical results
   token ever holds prompt text. Short repeated texts (role headers, newlines) are cached.
 
 Either way the segments' tokens concatenated equal the tokenizer's encoding of the whole rendered string,
-special tokens are resolved by name, and the labels are correct by construction.
+special tokens are resolved by name, and the labels are correct by construction. One exception, for the
+``runs`` engine only: a sentencepiece *unigram* model may score two segmentations of a run the same (``...``
+as ``.`` + ``..`` or ``..`` + ``.``); its Viterbi breaks the tie by float rounding, which depends on the score
+of the text before the run, so a run encoded alone can come out as the other, equally good one (same text,
+same token count in every tie seen). ``auto`` encodes whole strings, so its ids are the library's own.
+Sharing the encoding of a common system-prompt prefix across conversations is ruled out for the same reason.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
@@ -37,6 +43,7 @@ ROLE_CODES = {"template": 0, "system": 1, "user": 2, "assistant": 3}
 ROLE_NAMES = tuple(ROLE_CODES)
 _CACHE_MAX_LEN = 48  # runs up to this many characters are cached per tokenizer
 _CACHE_MAX_ENTRIES = 200_000
+_PLACEHOLDER_RE = re.compile(PLACEHOLDER.format("(\\d+)"))  # message i's content in canonical renderings
 
 
 @dataclass
@@ -481,7 +488,6 @@ class _Structure:
         self.seg_turn = np.array([sg.turn for sg in segs], np.int32)
         self.seg_exchange = np.array([sg.exchange for sg in segs], np.int32)
         self.seg_role = np.array([ROLE_CODES[sg.role] for sg in segs], np.uint8)
-        self.placeholders = {PLACEHOLDER.format(i): i for i in range(len(canonical))}
         special_ids, special_seg = [], []
         gaps: list[list[tuple[str, int]]] = [[]]
         for g, sg in enumerate(segs):
@@ -499,26 +505,61 @@ class _Structure:
         self.special_seg = np.array(special_seg, np.int64)
         self.gap_seg = np.array([gap[0][1] if len(gap) == 1 else -1 for gap in gaps], np.int64)
         self.empty = np.array([not gap for gap in gaps])
-        # multi-segment gaps: (gap, segments in order, prefix templates at each inner boundary)
+        # multi-segment gaps: (gap, segments in order, recipe of the prefix at each inner boundary)
         self.multi = []
         for j, gap in enumerate(gaps):
             if len(gap) > 1:
-                prefixes, acc = [], ""
+                recipes, acc = [], ""
                 for text, _ in gap[:-1]:
                     acc += text
-                    prefixes.append(acc)
-                self.multi.append((j, [g for _, g in gap], prefixes))
+                    recipes.append(self._recipe(acc, canonical))
+                self.multi.append((j, [g for _, g in gap], recipes))
 
-    def prefix(self, template_text: str, messages: Sequence[dict]) -> str | None:
-        """The prefix string for one conversation: placeholders replaced by raw message contents (only the
-        system prompt appears raw inside a run's prefix in kindred's templates); None if another appears."""
-        out = template_text
-        for ph, i in self.placeholders.items():
-            if ph in out:
-                if messages[i]["role"] != "system":
-                    return None
-                out = out.replace(ph, messages[i]["content"])
-        return out
+    @staticmethod
+    def _recipe(template_text: str, canonical: list[dict]) -> tuple[list[str], list[int]] | None:
+        """How a prefix is spelled for one conversation: literal pieces with the raw contents of the listed
+        messages between them. None when a message other than the system prompt appears (only the system
+        prompt appears raw inside a run's prefix in kindred's templates): such gaps go to the run engine."""
+        pieces = _PLACEHOLDER_RE.split(template_text)
+        messages = [int(i) for i in pieces[1::2]]
+        if any(canonical[i]["role"] != "system" for i in messages):
+            return None
+        return pieces[0::2], messages
+
+
+def _spell(literals: list[str], messages: list[int], conversation: Sequence[dict]) -> str:
+    out = literals[0]
+    for k, m in enumerate(messages):
+        out += conversation[m]["content"] + literals[k + 1]
+    return out
+
+
+def _prefix_match(
+    engine: _Engine,
+    ids: np.ndarray,
+    distinct: list[str],
+    code: np.ndarray,
+    start: np.ndarray,
+    room: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(match, cut) per conversation: whether its whole-string tokens from ``start`` (``room`` of them in the
+    gap) begin with the tokens of its prefix ``distinct[code]`` — each distinct prefix encoded once, all
+    conversations compared at once — and that prefix's token count."""
+    engine.encode_cached(distinct)
+    heads = [engine.cache[x] for x in distinct]
+    head_len = np.fromiter(map(len, heads), np.int64, count=len(heads))
+    head_start = np.zeros(len(heads), np.int64)
+    np.cumsum(head_len[:-1], out=head_start[1:])
+    flat = np.concatenate(heads)
+    cut = head_len[code]
+    match = cut <= room
+    rows = np.flatnonzero(match)
+    n = cut[rows]
+    row_of = np.repeat(np.arange(len(rows)), n)  # one entry per compared token
+    k = np.arange(len(row_of)) - np.repeat(np.cumsum(n) - n, n)  # its index within the prefix
+    same = ids[start[rows][row_of] + k] == flat[head_start[code[rows]][row_of] + k]
+    match[rows[row_of[~same]]] = False
+    return match, cut
 
 
 def _fast(engine: _Engine, conversations: Sequence) -> tuple[TokenizedData | None, np.ndarray, np.ndarray]:
@@ -545,7 +586,6 @@ def _fast(engine: _Engine, conversations: Sequence) -> tuple[TokenizedData | Non
     np.cumsum(special_count[:-1], out=first_special[1:])
     good = np.zeros(n, bool)
     aligned = []  # (structure, conversations, their segment lengths)
-    cache = engine.cache
     for key, members in groups.items():
         st = engine.structures.get(key)
         if st is None:
@@ -567,32 +607,27 @@ def _fast(engine: _Engine, conversations: Sequence) -> tuple[TokenizedData | Non
         single = np.flatnonzero(st.gap_seg >= 0)
         np.add.at(seg_len, (slice(None), st.gap_seg[single]), gap_len[:, single])
         np.add.at(seg_len, (slice(None), st.special_seg), 1)
-        for j, segs_in_gap, prefixes in st.multi:
+        for j, segs_in_gap, recipes in st.multi:
             cut_prev = np.zeros(len(idx), np.int64)
-            for b, prefix_tpl in enumerate(prefixes):
-                if not any(ph in prefix_tpl for ph in st.placeholders):
-                    engine.encode_cached([prefix_tpl])
-                    head = cache[prefix_tpl]
-                    h = len(head)
-                    at = np.minimum(lo[:, j][:, None] + np.arange(h), max(len(ids) - 1, 0))
-                    match = (
-                        (gap_len[:, j] >= h) & (ids[at] == head).all(axis=1) if h else np.ones(len(idx), bool)
+            for b, recipe in enumerate(recipes):
+                if recipe is None:
+                    ok[:] = False
+                    break
+                literals, messages = recipe
+                if messages:  # the system prompt inside the prefix: one string per distinct prompt
+                    code_of: dict[str, int] = {}
+                    code = np.fromiter(
+                        (
+                            code_of.setdefault(_spell(literals, messages, conversations[i]), len(code_of))
+                            for i in idx.tolist()
+                        ),
+                        np.int64,
+                        count=len(idx),
                     )
-                    cut = np.full(len(idx), h, np.int64)
-                else:  # the system prompt inside the prefix: per conversation (cached per distinct prompt)
-                    strings = [st.prefix(prefix_tpl, conversations[i]) for i in idx]
-                    if any(x is None for x in strings):
-                        ok[:] = False
-                        break
-                    engine.encode_cached(strings)
-                    cut = np.array([len(cache[x]) for x in strings], np.int64)
-                    match = np.array(
-                        [
-                            c <= gl and np.array_equal(ids[a : a + c], cache[x])
-                            for x, c, a, gl in zip(strings, cut, lo[:, j], gap_len[:, j], strict=True)
-                        ],
-                        bool,
-                    )
+                    distinct = list(code_of)
+                else:
+                    distinct, code = [literals[0]], np.zeros(len(idx), np.int64)
+                match, cut = _prefix_match(engine, ids, distinct, code, lo[:, j], gap_len[:, j])
                 ok &= match & (cut >= cut_prev)
                 seg_len[np.arange(len(idx)), segs_in_gap[b]] += np.where(match, cut - cut_prev, 0)
                 cut_prev = np.where(match, cut, cut_prev)
