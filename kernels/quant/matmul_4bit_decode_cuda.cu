@@ -89,6 +89,13 @@ __device__ __forceinline__ void cp_async_wait() {
 template <typename T>
 constexpr uint32_t kMagic = std::is_same_v<T, __nv_bfloat16> ? 0x43004300u : 0x64006400u;
 
+// (a & b) | c in one LOP3 (the compiler splits it into two when b and c are both immediates).
+__device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+
 template <typename T>
 __device__ __forceinline__ uint32_t sub_pair(uint32_t a, uint32_t b) {
   if constexpr (std::is_same_v<T, __nv_bfloat16>) {
@@ -168,8 +175,8 @@ __device__ __forceinline__ void dequant(uint32_t w, int h, uint32_t mz, uint32_t
     lo = lds32(lut_lane + (__byte_perm(w, 0, 0x4440 + 2 * h) << 7));
     hi = lds32(lut_lane + (__byte_perm(w, 0, 0x4441 + 2 * h) << 7));
   } else {
-    lo = sub_pair<T>(((w >> (8 * h)) & 0x000F000Fu) | kMagic<T>, mz);
-    hi = sub_pair<T>(((w >> (8 * h + 4)) & 0x000F000Fu) | kMagic<T>, mz);
+    lo = sub_pair<T>(and_or(w >> (8 * h), 0x000F000Fu, kMagic<T>), mz);
+    hi = sub_pair<T>(and_or(w >> (8 * h + 4), 0x000F000Fu, kMagic<T>), mz);
   }
 }
 
@@ -227,7 +234,10 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks<kRows16>) matmul_4bit_
   if constexpr (F == DecodeFormat::nf4) {
     static_assert(kWarps * 32 == 256, "one thread per byte value builds the table");
     const uint32_t v = nf4_byte_pair<T>(threadIdx.x);
-    for (int r = 0; r < 32; ++r) lut[threadIdx.x * 32 + (r + threadIdx.x) % 32] = v;
+    const uint4 v4 = make_uint4(v, v, v, v);
+    uint4* entry = reinterpret_cast<uint4*>(lut + threadIdx.x * 32);  // rotated: 4 wavefronts per store
+#pragma unroll
+    for (int r = 0; r < 8; ++r) entry[(r + threadIdx.x) % 8] = v4;
     __syncthreads();
   }
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
