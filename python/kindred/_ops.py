@@ -225,6 +225,10 @@ def dequantize_int4g_out(
     out: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int
 ) -> None:
     """dequantize_int4g into ``out`` ([N, K], contiguous or with strided rows)."""
+    _dequantize_int4g_into(out, packed, scales, zeros, group_size)
+
+
+def _dequantize_int4g_into(out, packed, scales, zeros, group_size) -> None:
     _core.dequantize_int4g(
         view(packed, "packed"),
         view(scales, "scales"),

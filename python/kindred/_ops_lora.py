@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from . import _core
-from ._ops import opt_view, stream, view
+from ._ops import _dequantize_int4g_into, _dequantize_nf4_into, opt_view, stream, view
 from .errors import KindredValueError
 
 BASE_FORMATS = ("dense", "workspace", "nf4", "int4g")
@@ -80,11 +80,17 @@ def _workspace(fmt, base, param, b: torch.Tensor, k: int) -> torch.Tensor:
         if fmt == "dense":
             ws[:, :k].copy_(base[0])
         else:
-            q = quantized_base(fmt, base, param, n, k, b.dtype)
             whole_blocks = k % (param if fmt == "nf4" else 1) == 0
-            if whole_blocks:
-                q.dequantize(b.dtype, out=ws[:, :k])
+            if whole_blocks:  # straight into the workspace, without a second custom-op dispatch
+                if fmt == "nf4":
+                    packed, absmax, nested_absmax, nested_code, offset = base
+                    _dequantize_nf4_into(
+                        ws[:, :k], packed, absmax, _opt(nested_absmax), _opt(nested_code), _opt(offset), param
+                    )
+                else:
+                    _dequantize_int4g_into(ws[:, :k], *base, param)
             else:  # NF4 blocks straddle rows: dequantize flat, then copy
+                q = quantized_base(fmt, base, param, n, k, b.dtype)
                 ws[:, :k].copy_(q.dequantize(b.dtype))
     ws[:, k : k + r].copy_(b)
     return ws[:, : k + r]
