@@ -129,15 +129,17 @@ class Progress:
 
 
 def plot_loss(rows: list[dict], evals: list[tuple[int, float]], path: Path) -> Path | None:
-    """The loss curve (train per step, eval points) as a PNG; None when matplotlib is not installed."""
-    try:
-        import matplotlib
+    """The loss curve (train per step, eval points) as a PNG; None when matplotlib is not installed.
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    Drawn on a bare Figure with the Agg canvas, so a notebook's pyplot backend is left alone."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
     except ImportError:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train loss", lw=1.2)
     if evals:
         ax.plot([s for s, _ in evals], [v for _, v in evals], "o--", label="held-out loss")
@@ -147,5 +149,4 @@ def plot_loss(rows: list[dict], evals: list[tuple[int, float]], path: Path) -> P
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
