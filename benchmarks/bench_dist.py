@@ -27,51 +27,14 @@ import pytest
 import torch
 
 from .harness import append, fmt
+from .shapes import HF_CONFIGS
 
 ROOT = Path(__file__).resolve().parent.parent
 SEQ, MICRO, RANK = 2048, 4, 16
 WARMUP, MEASURED = 2, 5  # optimizer steps: the first ones compile/allocate, then the timed ones
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
-# Hugging Face config.json numbers (python/kindred/plan/catalogue.json has the same architecture figures).
-CONFIGS = {
-    "qwen3-8b": {
-        "model_type": "qwen3",
-        "hidden_size": 4096,
-        "intermediate_size": 12288,
-        "num_hidden_layers": 36,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 8,
-        "head_dim": 128,
-        "vocab_size": 151936,
-        "max_position_embeddings": 40960,
-        "rms_norm_eps": 1e-6,
-        "rope_theta": 1000000.0,
-        "tie_word_embeddings": False,
-        "hidden_act": "silu",
-    },
-    "gemma3-27b": {
-        "model_type": "gemma3_text",
-        "hidden_size": 5376,
-        "intermediate_size": 21504,
-        "num_hidden_layers": 62,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 16,
-        "head_dim": 128,
-        "vocab_size": 262208,
-        "max_position_embeddings": 131072,
-        "rms_norm_eps": 1e-6,
-        "rope_theta": 1000000.0,
-        "rope_local_base_freq": 10000.0,
-        "rope_scaling": {"rope_type": "linear", "factor": 8.0},
-        "query_pre_attn_scalar": 168,
-        "sliding_window": 1024,
-        "sliding_window_pattern": 6,
-        "hidden_activation": "gelu_pytorch_tanh",
-        "final_logit_softcapping": None,
-        "tie_word_embeddings": True,
-    },
-}
+CONFIGS = {name: HF_CONFIGS[name] for name in ("qwen3-8b", "gemma3-27b")}
 # (model, engine): the engine used on 2 GPUs; 1 GPU is always the single-process trainer.
 CASES = {"qwen3-8b": "ddp", "gemma3-27b": "fsdp"}
 # KINDRED_DIST_QUANT=none: a bf16 base (FSDP2 in torch 2.11 cannot shard the 4-bit codes: it makes every

@@ -41,51 +41,14 @@ from kindred.train import Trainer
 
 from . import harness
 from .harness import fmt
+from .shapes import HF_CONFIGS
 
 RUNS_ON_CPU = True  # the tiny-model check below; the benchmark itself is marked gpu
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 RANK = 16
 IGNORED = 0.25  # share of labels set to -100
 
-# The real configurations (numbers as in python/kindred/plan/catalogue.json; checked by the CPU test).
-QWEN3_8B = {
-    "model_type": "qwen3",
-    "vocab_size": 151936,
-    "hidden_size": 4096,
-    "intermediate_size": 12288,
-    "num_hidden_layers": 36,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "head_dim": 128,
-    "hidden_act": "silu",
-    "max_position_embeddings": 40960,
-    "rms_norm_eps": 1e-6,
-    "rope_theta": 1_000_000.0,
-    "tie_word_embeddings": False,
-    "attention_bias": False,
-}
-GEMMA3_12B = {
-    "model_type": "gemma3_text",
-    "vocab_size": 262208,
-    "hidden_size": 3840,
-    "intermediate_size": 15360,
-    "num_hidden_layers": 48,
-    "num_attention_heads": 16,
-    "num_key_value_heads": 8,
-    "head_dim": 256,
-    "hidden_activation": "gelu_pytorch_tanh",
-    "max_position_embeddings": 131072,
-    "rms_norm_eps": 1e-6,
-    "rope_theta": 1_000_000.0,
-    "rope_local_base_freq": 10000.0,
-    "rope_scaling": {"rope_type": "linear", "factor": 8.0},
-    "query_pre_attn_scalar": 256,
-    "sliding_window": 1024,
-    "layer_types": (["sliding_attention"] * 5 + ["full_attention"]) * 8,
-    "final_logit_softcapping": None,
-    "attn_logit_softcapping": None,
-    "tie_word_embeddings": True,
-}
+QWEN3_8B, GEMMA3_12B = HF_CONFIGS["qwen3-8b"], HF_CONFIGS["gemma3-12b"]
 # name -> (HF config, catalogue id, seq, micro-batch rows, [(checkpointing, goal tokens/s, goal GiB)])
 CASES = {
     "qwen3-8b": (QWEN3_8B, "qwen3-8b", 2048, 4, [("full", 10_000, 10), ("none", 13_000, 40)]),

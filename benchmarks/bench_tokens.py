@@ -36,6 +36,8 @@ def _cpu_only():
     (where device time is scarce) they run only when KINDRED_BENCH_CPU=1."""
     if torch.cuda.is_available() and not os.environ.get("KINDRED_BENCH_CPU"):
         pytest.skip("CPU benchmark: runs on CPU machines (KINDRED_BENCH_CPU=1 to run it here)")
+
+
 CONVERSATIONS = int(os.environ.get("KINDRED_BENCH_CONVERSATIONS", 100_000))
 SEED = 2026
 

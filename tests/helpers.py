@@ -9,3 +9,14 @@ def randn(shape, dtype=torch.float32, device="cpu", seed=0, scale=0.02):
     w = torch.randn(shape, generator=g, dtype=torch.float64) * scale
     w = torch.where(w == 0, torch.full_like(w, 1e-6), w)
     return w.to(dtype).to(device)
+
+
+def with_overrides(cfg: dict, over: dict) -> dict:
+    """A trainer config dict with dotted overrides ("train.lr") applied or sections ("lora") replaced."""
+    for key, value in over.items():
+        section, _, name = key.partition(".")
+        if name:
+            cfg[section][name] = value
+        else:
+            cfg[section] = value
+    return cfg

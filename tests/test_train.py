@@ -23,6 +23,8 @@ from kindred.train import checkpoint as ckpt_mod
 from kindred.train import latest_checkpoint, load_config, lr_factor
 from kindred.train.trainer import Trainer
 
+from .helpers import with_overrides
+
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
@@ -40,13 +42,7 @@ def config(model, out, **over) -> dict:
         "train": {"max_steps": 6, "micro_batch_tokens": 512, "grad_accum": 2, "lr": 2e-2, "warmup_steps": 1},
         "output": {"dir": str(out), "save_every": 2, "progress": False, "tensorboard": False},
     }
-    for key, value in over.items():
-        section, _, name = key.partition(".")
-        if name:
-            cfg[section][name] = value
-        else:
-            cfg[section] = value
-    return cfg
+    return with_overrides(cfg, over)
 
 
 def losses(out) -> list[float]:

@@ -23,6 +23,8 @@ import kindred
 from kindred.demo import CALIBRATION, build_tiny_model
 from kindred.train import latest_checkpoint, load_config
 
+from .helpers import with_overrides
+
 GLOBAL_ROWS = 6  # rows per optimizer step, all ranks together (one 512-token row per micro-step)
 STEPS = 6
 
@@ -80,13 +82,7 @@ def config(model, out, world: int, **over) -> dict:
         },
         "output": {"dir": str(out), "save_every": 2, "progress": False, "tensorboard": False, "plot": False},
     }
-    for key, value in over.items():
-        section, _, name = key.partition(".")
-        if name:
-            cfg[section][name] = value
-        else:
-            cfg[section] = value
-    return cfg
+    return with_overrides(cfg, over)
 
 
 def write_config(cfg: dict, path) -> str:

@@ -44,23 +44,6 @@ struct Params {
 };
 
 template <typename T>
-__device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-}
-
-template <typename T>
 struct Pair;
 template <>
 struct Pair<__nv_bfloat16> {
@@ -174,7 +157,8 @@ __device__ __forceinline__ void compute_chunk(const uint32_t* lut_lane, const Ch
       }
       b0 = __hmul2(b0, d.s[t]);
       b1 = __hmul2(b1, d.s[t]);
-      mma<T>(acc[t], a, *reinterpret_cast<const uint32_t*>(&b0), *reinterpret_cast<const uint32_t*>(&b1));
+      cuda::mma_m16n8k16<T>(acc[t], a, *reinterpret_cast<const uint32_t*>(&b0),
+                            *reinterpret_cast<const uint32_t*>(&b1));
     }
   }
 }

@@ -47,23 +47,6 @@ struct Params {
   int m, n, k, chunks, unit, tiles, splits;  // tiles: padded N / 8; splits: warps sharing one tile pair
 };
 
-template <typename T>
-__device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-}
-
 // Asynchronous 16-byte global -> shared copy, cached in L2 only (the weights are read once).
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
   const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
@@ -204,8 +187,8 @@ __device__ __forceinline__ void compute_chunk(const Chunk<F, P>& s, uint32_t lut
         uint32_t a[4];
         dequant<T, F>(reinterpret_cast<const uint32_t*>(&s.codes[0])[q], h, mz[0], lut_lane, a[0], a[2]);
         dequant<T, F>(reinterpret_cast<const uint32_t*>(&s.codes[1])[q], h, mz[1], lut_lane, a[1], a[3]);
-        mma<T>(part[0], a, xa[4 * q + 2 * h], xa[4 * q + 2 * h + 1]);
-        if constexpr (kRows16) mma<T>(part[1], a, xb[4 * q + 2 * h], xb[4 * q + 2 * h + 1]);
+        cuda::mma_m16n8k16<T>(part[0], a, xa[4 * q + 2 * h], xa[4 * q + 2 * h + 1]);
+        if constexpr (kRows16) cuda::mma_m16n8k16<T>(part[1], a, xb[4 * q + 2 * h], xb[4 * q + 2 * h + 1]);
       }
     }
 #pragma unroll
