@@ -73,10 +73,7 @@ def _workspace(fmt, base, param, b: torch.Tensor, k: int) -> torch.Tensor:
     if fmt == "workspace":
         ws = base[0]
     else:
-        key = (b.device, b.dtype, n, padded_width(k, r))
-        ws = _SCRATCH.get(key)
-        if ws is None:
-            ws = _SCRATCH[key] = torch.zeros(n, padded_width(k, r), dtype=b.dtype, device=b.device)
+        ws = _scratch(n, padded_width(k, r), b)
         if fmt == "dense":
             ws[:, :k].copy_(base[0])
         else:
@@ -96,8 +93,20 @@ def _workspace(fmt, base, param, b: torch.Tensor, k: int) -> torch.Tensor:
     return ws[:, : k + r]
 
 
+def _scratch(n: int, width: int, like: torch.Tensor) -> torch.Tensor:
+    """An [n, width] view of the one scratch buffer of like's device and dtype, grown to the largest layer.
+
+    Layers run one after another on one stream, so each dequantizes into the same memory after the previous
+    GEMM that read it was queued: a model costs one largest-layer workspace, not one per layer shape."""
+    key = (like.device, like.dtype)
+    buf = _SCRATCH.get(key)
+    if buf is None or buf.numel() < n * width:
+        buf = _SCRATCH[key] = torch.zeros(n * width, dtype=like.dtype, device=like.device)
+    return buf[: n * width].view(n, width)
+
+
 def scratch_workspaces() -> dict[tuple, torch.Tensor]:
-    """The shared workspaces, keyed by (device, dtype, N, row stride); for tests and memory accounting."""
+    """The shared scratch buffers, keyed by (device, dtype); for tests and memory accounting."""
     return _SCRATCH
 
 
