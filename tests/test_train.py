@@ -129,12 +129,19 @@ def test_finetune_learns_and_writes_everything(tiny_model, tmp_path):
 
 
 def test_resume_after_sigkill_continues_bitwise(tiny_model, tmp_path):
+    # Both runs single-threaded in their own processes: multi-threaded CPU libraries (MKL's dynamic threads)
+    # may split a sum differently when the machine is busy, and bitwise equality is the point here.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     ref_out = tmp_path / "ref"
-    kindred.train(config(tiny_model, ref_out, **{"train.max_steps": 8}))
+    ref_path = tmp_path / "ref.yaml"
+    ref_path.write_text(yaml.safe_dump(config(tiny_model, ref_out, **{"train.max_steps": 8})))
+    ref = subprocess.run(
+        [sys.executable, "-m", "kindred", "train", str(ref_path)], env=env, capture_output=True, text=True
+    )
+    assert ref.returncode == 0, ref.stdout + ref.stderr
     out = tmp_path / "killed"
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(config(tiny_model, out, **{"train.max_steps": 8})))
-    env = dict(os.environ)  # the same thread count as the in-process reference run
     cmd = [sys.executable, "-m", "kindred", "train", str(cfg_path)]
     log = tmp_path / "train.log"
     with log.open("wb") as sink:

@@ -24,6 +24,7 @@ from kindred.demo import CALIBRATION, build_tiny_model
 from kindred.train import latest_checkpoint, load_config
 
 from .helpers import with_overrides
+from .tolerances import rel_err
 
 GLOBAL_ROWS = 6  # rows per optimizer step, all ranks together (one 512-token row per micro-step)
 STEPS = 6
@@ -150,9 +151,11 @@ def assert_same_curve(got: list[tuple], want: list[tuple]) -> None:
 
 
 def assert_same_adapter(a: dict, b: dict) -> None:
+    """Norm-wise per tensor: AdamW turns last-bit gradient differences of near-zero-gradient elements (other
+    summation orders across ranks) into visible elementwise ones, while the tensors agree to 1e-4."""
     assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+        assert rel_err(a[k], b[k]) < 1e-4, k
 
 
 @pytest.fixture(scope="module")
