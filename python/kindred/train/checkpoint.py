@@ -48,7 +48,7 @@ def _fsync_dir(path: Path) -> None:
 
 def save_checkpoint(out_dir: str | Path, step: int, write, keep: int) -> Path:
     """Write checkpoint ``step`` atomically: ``write(folder)`` fills a temporary folder, which is then
-    renamed to ``step-XXXXXX`` and made the latest; older checkpoints beyond ``keep`` are removed."""
+    renamed to ``step-NNNNNN`` (the step number) and made the latest; checkpoints beyond ``keep`` go."""
     root = checkpoint_root(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob("*.tmp-*"):
