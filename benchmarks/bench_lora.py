@@ -6,12 +6,17 @@ shared workspace in the forward and again in the backward), PEFT's LoRA Linear o
 over bitsandbytes' NF4 Linear4bit when bitsandbytes imports. A step is y = layer(x) and
 autograd.grad(y, [x, A, B], dY); dropout 0 (PEFT's default). Goals (issue 5): NF4 r=16 ≤ +15 % for
 4096→14336 and 14336→4096, ≤ +25 % for 4096→4096; bf16 r=64 ≤ +20 %.
+With KINDRED_PROFILE_DIR set, one step of kindred at r = 16 (bf16 and NF4 bases) and of the frozen linear
+runs under torch.profiler per shape; the device time per kernel goes to $KINDRED_PROFILE_DIR/lora_profile.txt.
 Run: python -m pytest benchmarks/bench_lora.py -m benchmark -s
 """
 
 from __future__ import annotations
 
 import copy
+import os
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +24,7 @@ from torch import nn
 
 from kindred.nn import Linear4bit, LoraLinear
 
+from .bench_e2e import profile_step
 from .harness import append, fmt, time_cuda
 from .shapes import LINEARS, TRAIN_TOKENS, shape_id
 
@@ -61,6 +67,12 @@ def _lora_params(layer) -> list[torch.Tensor]:
     return [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
 
 
+def _profile(step, device, title) -> str:
+    with warnings.catch_warnings():  # profiler notices must not fail the benchmark
+        warnings.simplefilter("default")
+        return profile_step(step, device, title)
+
+
 def _measure(fn) -> tuple[float, float]:
     """(median ms, peak MiB allocated beyond what was live before one call)."""
     ms = time_cuda(fn)
@@ -88,6 +100,8 @@ def test_lora_forward_backward(k, n):
         return y, dy @ w
 
     base_ms, base_mib = _measure(frozen)
+    profile_dir = os.environ.get("KINDRED_PROFILE_DIR")
+    profiles = [_profile(frozen, x.device, f"frozen bf16 {k}->{n}")] if profile_dir else []
     rows = [
         {
             "op": "linear_fwd_bwd",
@@ -141,6 +155,8 @@ def test_lora_forward_backward(k, n):
             with torch.no_grad():
                 layer.lora_B["default"].weight.normal_(0, 0.02)
             add("kindred", base, r, layer)
+            if profile_dir and r == 16 and base != "int4g":
+                profiles.append(_profile(step_fn(layer), x.device, f"kindred {base} r=16 {k}->{n}"))
             del layer, layer_base, src
         peft_layer = _peft_layer(copy.deepcopy(linear), r)
         if peft_layer is not None:
@@ -158,6 +174,9 @@ def test_lora_forward_backward(k, n):
             del peft_bnb
         torch.cuda.empty_cache()
     append("lora", rows)
+    if profiles:
+        with open(Path(profile_dir) / "lora_profile.txt", "a") as f:
+            f.write("".join(profiles))
     for row in rows:
         print(
             f"{row['impl']:18s} {row.get('shape', ''):40s} {row.get('ms', ''):>8s} ms "
