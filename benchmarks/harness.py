@@ -12,6 +12,7 @@ import datetime
 import os
 import statistics
 import subprocess
+import time
 from pathlib import Path
 
 import torch
@@ -64,20 +65,50 @@ def flush_l2() -> None:
     _flush_buffer.fill_(0x5A5A)
 
 
+_cycles_per_ms: float | None = None
+
+
+def _sleep_cycles(ms: float) -> int:
+    """GPU clock cycles for torch.cuda._sleep to last about ``ms`` (calibrated once with events)."""
+    global _cycles_per_ms
+    if _cycles_per_ms is None:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.cuda._sleep(2_000_000)
+        end.record()
+        end.synchronize()
+        _cycles_per_ms = 2_000_000 / max(start.elapsed_time(end), 1e-3)
+    return int(ms * _cycles_per_ms)
+
+
+def host_ms(fn, reps: int = 10) -> float:
+    """Median host milliseconds to issue ``fn()`` (Python, dispatch, launches); the device synced between."""
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        times.append(1e3 * (time.perf_counter() - t0))
+    torch.cuda.synchronize()
+    return statistics.median(times)
+
+
 def time_cuda(fn, reps: int = 30, warmup: int = 5, flush: bool = True) -> float:
     """Median device milliseconds of ``fn()`` over ``reps`` runs.
 
-    A ~0.3 ms device sleep is queued before the start event so the host's launch overhead (Python, op
-    dispatch) hides behind it: the events time the device work of ``fn``, not the host.
+    A device sleep is queued before the start event so the host's launch overhead (Python, op dispatch) hides
+    behind it: the events time the device work of ``fn``, not the host. The sleep lasts twice the host time
+    of one call (measured after the warm-up), at least 0.3 ms; ``host_ms`` reports the host time itself.
     """
     for _ in range(warmup):
         fn()
+    cycles = _sleep_cycles(max(0.3, 2.0 * host_ms(fn, reps=5)))
     times = []
     for _ in range(reps):
         if flush:
             flush_l2()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(500_000)
+        torch.cuda._sleep(cycles)
         start.record()
         fn()
         end.record()
