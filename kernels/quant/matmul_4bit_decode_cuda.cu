@@ -2,19 +2,22 @@
 // the tensor cores (mma.sync m16n8k16, fp32 accumulation).
 //
 // The repack put each lane's fragments of one weight row for 8 k16 steps into one 16-byte word group, so the
-// loop has no index arithmetic. A warp owns two 8-row tiles and a contiguous range of 128-wide K chunks. The
-// two tiles are the mma's A operand (16 weight rows) and x its B operand (8 rows of x), so one mma per k16
-// step serves both tiles and M <= 8 (a second one with the same A serves rows 8..15). Per chunk the warp
-// copies the two tiles' units (2 x 512 code bytes plus their scale records) into a 3-slot shared-memory
-// ring with cp.async (sizes are compile-time: two copies per lane and tile, no loop), so two chunks are in
-// flight while one is computed. x is read from L1/L2 with 16-byte loads (the layout's k order makes a
-// lane's B fragments of two k16 steps contiguous). Dequantization stays in registers: NF4 looks up whole
-// code bytes (two codes) in a lane-replicated shared-memory table of T pairs (byte extract + address +
-// load); INT4g ORs the nibbles into the mantissa of a magic number (bf16 128 + q, f16 1024 + q) and
-// subtracts the magic number plus the zero point, exactly. The scale of each block / group is applied to
-// the fp32 partial sums of its period (32..128 k), not to the weights. Registers are bounded for 3 blocks
-// (24 warps) per SM when M <= 8. Split-K, when N is too small to fill the GPU, is between the warps of one
-// block, summed through shared memory in a fixed order (deterministic).
+// loop has no index arithmetic. Work is a list of (tile pair, 128-wide K chunk) items, pair-major. The grid
+// is persistent (at most the resident warps) and each warp takes an equal contiguous run of the list
+// (stream-K): every warp streams the same number of bytes whatever the shape, the memory pipeline is filled
+// once, and a run crosses pair boundaries without a pause. The two tiles of a pair are the mma's A operand (16
+// weight rows) and x its B operand (8 rows of x), so one mma per k16 step serves both tiles and M <= 8 (a
+// second one with the same A serves rows 8..15). Per chunk the warp copies the pair's two units (2 x 512 code
+// bytes plus their scale records) into a 3-slot shared-memory ring with cp.async (sizes are compile-time:
+// two copies per lane and tile, no loop), so two chunks are in flight while one is computed. x is read from
+// L1/L2 with 16-byte loads (the layout's k order makes a lane's B fragments of two k16 steps contiguous).
+// Dequantization stays in registers: NF4 looks up whole code bytes (two codes) in a lane-replicated
+// shared-memory table of T pairs (byte extract + address + load); INT4g ORs the nibbles into the mantissa of
+// a magic number (bf16 128 + q, f16 1024 + q) and subtracts the magic number plus the zero point, exactly.
+// The scale of each block / group is applied to the fp32 partial sums of its period (32..128 k), not to the
+// weights. A pair that lies within one warp's run is written directly; the warps that share a pair write
+// fp32 partials to the workspace and the last to arrive (an atomic counter per pair, reset by it) sums them
+// in warp order, so the result does not depend on timing (deterministic).
 // Test: pytest -m gpu tests/test_matmul_4bit.py
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -31,8 +34,10 @@ namespace kindred {
 namespace {
 
 constexpr int kWarps = 8;
-constexpr int kTiles = 2;   // 8-row tiles per warp: the 16 rows of the mma A operand
-constexpr int kStages = 3;  // chunk slots per warp
+constexpr int kTiles = 2;                                 // 8-row tiles per warp: the 16 rows of the mma A operand
+constexpr int kStages = 3;                                // chunk slots per warp
+constexpr int kMinRun = 3;                                // chunks per warp at least (fewer warps for small weights)
+constexpr int kPartial = kDecodeRowPad * kDecodeMaxRows;  // floats of one warp's partial: [8 C registers][32]
 // Resident blocks per SM the registers are bounded for: 3 (24 warps, <= 80 registers) for <= 8 rows of x;
 // 2 for 16 rows (the second B operand needs 16 more registers; 80 would spill).
 template <bool kRows16>
@@ -44,7 +49,11 @@ struct Params {
   const void* x;
   void* out;
   const uint8_t* data;
-  int m, n, k, chunks, unit, tiles, splits;  // tiles: padded N / 8; splits: warps sharing one tile pair
+  int* counters;    // [pairs], zero between calls
+  float* partials;  // [warps][2][kPartial]: a warp's partial of its first pair, then of its last
+  int m, n, k, chunks, unit, pairs;
+  int warps;      // warps that take a run (the grid's last block may have idle ones)
+  int64_t items;  // pairs * chunks
 };
 
 // Asynchronous 16-byte global -> shared copy, cached in L2 only (the weights are read once).
@@ -206,10 +215,85 @@ __device__ __forceinline__ uint32_t nf4_byte_pair(int byte) {
   return l | u << 16;
 }
 
+// Item position of a run: pair and chunk, advanced one chunk at a time.
+struct Cursor {
+  int pair, ch;
+  __device__ __forceinline__ void next(int chunks) {
+    if (++ch == chunks) ch = 0, ++pair;
+  }
+};
+
+// First item of warp w's run, and the warp whose run holds item f (the largest w with run_start(w) <= f).
+__device__ __forceinline__ int64_t run_start(const Params& p, int64_t w) {
+  return w * p.items / p.warps;
+}
+__device__ __forceinline__ int run_owner(const Params& p, int64_t f) {
+  return static_cast<int>(((f + 1) * p.warps - 1) / p.items);
+}
+
+// Output position of C register r of mma j of a lane: x row m, weight row (column of out) col.
+__device__ __forceinline__ void c_position(int pair, int g, int c, int j, int r, int& m, int& col) {
+  m = 2 * c + (r & 1) + 8 * j;
+  col = pair * kDecodeRowPad + 8 * (r >> 1) + g;
+}
+
+// The pair's sums of this warp's run are complete: write them, or hand them to the split-K reduction.
+template <typename T, bool kRows16>
+__device__ __forceinline__ void finish_pair(const Params& p, int warp, int pair, bool first, int lane,
+                                            const float (&acc)[2][4]) {
+  constexpr int kMmas = kRows16 ? 2 : 1;
+  const int g = lane / 4, c = lane % 4;
+  T* out = static_cast<T*>(p.out);
+  const int w0 = run_owner(p, static_cast<int64_t>(pair) * p.chunks);
+  const int w1 = run_owner(p, static_cast<int64_t>(pair + 1) * p.chunks - 1);
+  float sum[2][4];
+  if (w0 == w1) {  // the whole pair is in this run
+#pragma unroll
+    for (int j = 0; j < kMmas; ++j)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) sum[j][r] = acc[j][r];
+  } else {
+    float* mine = p.partials + (2 * static_cast<int64_t>(warp) + (first ? 0 : 1)) * kPartial;
+#pragma unroll
+    for (int j = 0; j < kMmas; ++j)
+#pragma unroll
+      for (int r = 0; r < 4; ++r)
+        if (2 * c + (r & 1) + 8 * j < p.m) mine[(4 * j + r) * 32 + lane] = acc[j][r];
+    __threadfence();  // the partial is visible device-wide before the counter says so
+    __syncwarp();
+    int arrived = 0;
+    if (lane == 0) arrived = atomicAdd(p.counters + pair, 1);
+    arrived = __shfl_sync(0xffffffffu, arrived, 0);
+    if (arrived != w1 - w0) return;  // another warp of the pair arrives later and sums
+    __threadfence();
+#pragma unroll
+    for (int j = 0; j < kMmas; ++j)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) sum[j][r] = 0.0f;
+    for (int w = w0; w <= w1; ++w) {  // in warp order: the same sum whichever warp arrived last
+      const bool w_first = run_start(p, w) / p.chunks == pair;
+      const float* part = p.partials + (2 * static_cast<int64_t>(w) + (w_first ? 0 : 1)) * kPartial;
+#pragma unroll
+      for (int j = 0; j < kMmas; ++j)
+#pragma unroll
+        for (int r = 0; r < 4; ++r)
+          if (2 * c + (r & 1) + 8 * j < p.m) sum[j][r] += __ldcg(part + (4 * j + r) * 32 + lane);
+    }
+    if (lane == 0) p.counters[pair] = 0;  // every warp of the pair has arrived: ready for the next call
+  }
+#pragma unroll
+  for (int j = 0; j < kMmas; ++j)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      int m = 0, col = 0;
+      c_position(pair, g, c, j, r, m, col);
+      if (m < p.m && col < p.n) out[static_cast<int64_t>(m) * p.n + col] = cuda::from_f32<T>(sum[j][r]);
+    }
+}
+
 template <typename T, DecodeFormat F, int P, bool kRows16>
 __global__ void __launch_bounds__(kWarps * 32, kMinBlocks<kRows16>) matmul_4bit_decode_kernel(const Params p) {
   constexpr int kBytes = kUnit<F, P>, kSlot = kTiles * kBytes;
-  __shared__ float partial[kWarps][8][32];  // [warp][4 * mma + C register][lane]
   // Dynamic shared memory: the NF4 table lut[byte * 32 + lane] (one copy per lane: no bank conflicts), then
   // the warps' chunk rings.
   extern __shared__ __align__(16) uint32_t lut[];
@@ -223,108 +307,99 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks<kRows16>) matmul_4bit_
     for (int r = 0; r < 8; ++r) entry[(r + threadIdx.x) % 8] = v4;
     __syncthreads();
   }
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+  const int lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+  const int warp = blockIdx.x * kWarps + static_cast<int>(threadIdx.x) / 32;
+  if (warp >= p.warps) return;
   const uint32_t lut_lane = static_cast<uint32_t>(__cvta_generic_to_shared(lut)) + 4 * lane;
-  const int groups = kWarps / p.splits, group = warp / p.splits, split = warp % p.splits;
-  const int tile = (blockIdx.x * groups + group) * kTiles;
-  float acc[2][4] = {};
-  if (tile < p.tiles) {
-    const int c0 = split * p.chunks / p.splits, c1 = (split + 1) * p.chunks / p.splits;
-    // A ring of kStages chunk slots per warp: kStages - 1 chunks are in flight while one is computed.
-    uint8_t* ring = ring_base + warp * kStages * kSlot;
-    const uint8_t* src0 = p.data + (static_cast<int64_t>(tile) * p.chunks + c0) * kBytes;
-    const uint8_t* src1 = src0 + static_cast<int64_t>(p.chunks) * kBytes;  // the same chunk of tile + 1
-    const int count = c1 - c0;
+  const int64_t f0 = run_start(p, warp);
+  const int count = static_cast<int>(run_start(p, warp + 1) - f0);
+  const int first_pair = static_cast<int>(f0 / p.chunks);
+  // A ring of kStages chunk slots per warp: kStages - 1 chunks are in flight while one is computed.
+  uint8_t* ring = ring_base + (threadIdx.x / 32) * kStages * kSlot;
+  const int64_t tile_bytes = static_cast<int64_t>(p.chunks) * kBytes;  // one tile's units
+  Cursor load{first_pair, static_cast<int>(f0 % p.chunks)}, at = load;
+  const auto issue = [&](int slot) {  // pair's tiles 2 pair and 2 pair + 1, chunk ch
+    const uint8_t* src0 = p.data + 2 * load.pair * tile_bytes + static_cast<int64_t>(load.ch) * kBytes;
+    issue_chunk<kBytes>(ring + slot * kSlot, src0, src0 + tile_bytes, lane);
+    load.next(p.chunks);
+  };
 #pragma unroll
-    for (int i = 0; i < kStages - 1; ++i) {
-      if (i < count)
-        issue_chunk<kBytes>(ring + i * kSlot, src0 + i * kBytes, src1 + i * kBytes, lane);
-      else
-        cp_async_commit();  // empty group: the wait below counts groups
-    }
-    for (int i = 0; i < count; ++i) {
-      const int ahead = i + kStages - 1;
-      if (ahead < count)
-        issue_chunk<kBytes>(ring + ahead % kStages * kSlot, src0 + ahead * kBytes, src1 + ahead * kBytes, lane);
-      else
-        cp_async_commit();
-      cp_async_wait<kStages - 1>();  // chunk i has landed (this lane's copies)...
-      __syncwarp();                  // ...and every lane's
-      Chunk<F, P> chunk;
-      read_chunk<T, F, P, kRows16>(p, ring + i % kStages * kSlot, c0 + i, g, c, chunk);
-      compute_chunk<T, F, P, kRows16>(chunk, lut_lane, acc);
-      __syncwarp();  // the slot is refilled next iteration
-    }
+  for (int i = 0; i < kStages - 1; ++i) {
+    if (i < count)
+      issue(i);
+    else
+      cp_async_commit();  // empty group: the wait below counts groups
   }
+  float acc[2][4] = {};
+  for (int i = 0; i < count; ++i) {
+    if (i + kStages - 1 < count)
+      issue((i + kStages - 1) % kStages);
+    else
+      cp_async_commit();
+    cp_async_wait<kStages - 1>();  // chunk i has landed (this lane's copies)...
+    __syncwarp();                  // ...and every lane's
+    Chunk<F, P> chunk;
+    read_chunk<T, F, P, kRows16>(p, ring + i % kStages * kSlot, at.ch, g, c, chunk);
+    compute_chunk<T, F, P, kRows16>(chunk, lut_lane, acc);
+    __syncwarp();  // the slot is refilled next iteration
+    if (at.ch == p.chunks - 1 || i == count - 1) {
+      finish_pair<T, kRows16>(p, warp, at.pair, at.pair == first_pair, lane, acc);
 #pragma unroll
-  for (int j = 0; j < 2; ++j)
+      for (int j = 0; j < 2; ++j)
 #pragma unroll
-    for (int r = 0; r < 4; ++r) partial[warp][4 * j + r][lane] = acc[j][r];
-  __syncthreads();
-  // The splits of each tile pair are summed in split order; thread i handles one (group, register, lane).
-  T* out = static_cast<T*>(p.out);
-  for (int i = threadIdx.x; i < groups * 8 * 32; i += kWarps * 32) {
-    const int grp = i / 256, r = i / 32 % 8, l = i % 32;
-    const int m = 2 * (l % 4) + (r & 1) + (r >= 4 ? 8 : 0);
-    const int col = ((blockIdx.x * groups + grp) * kTiles + (r >> 1 & 1)) * 8 + l / 4;
-    if (m >= p.m || col >= p.n) continue;
-    float sum = 0.0f;
-    for (int s = 0; s < p.splits; ++s) sum += partial[grp * p.splits + s][r][l];
-    out[static_cast<int64_t>(m) * p.n + col] = cuda::from_f32<T>(sum);
+        for (int r = 0; r < 4; ++r) acc[j][r] = 0.0f;
+    }
+    at.next(p.chunks);
   }
 }
 
 template <typename T, DecodeFormat F, int P, bool kRows16>
-void launch_kernel(Params p, cudaStream_t stream) {
+void launch_kernel(Params p, int64_t workspace_bytes, cudaStream_t stream) {
   const auto kernel = matmul_4bit_decode_kernel<T, F, P, kRows16>;
   constexpr int kBytes = kUnit<F, P>;
+  static_assert(kWarps * kMinBlocks<false> <= kDecodeMaxWarpsPerSm, "the workspace is sized for 24 warps per SM");
   KINDRED_CHECK(p.unit == kBytes, "matmul_4bit_decode: units of ", p.unit, " bytes, the kernel expects ", kBytes);
   const size_t smem =
       (F == DecodeFormat::nf4 ? kLutBytes : 0) + static_cast<size_t>(kWarps) * kStages * kTiles * kBytes;
-  // Resident blocks on the device (SMs x blocks per SM), looked up once per kernel and device: the shared
-  // memory size is fixed per instantiation (the period fixes the unit size).
+  // Resident blocks on the device (SMs x blocks per SM, at most the workspace's 24 warps per SM), looked up
+  // once per kernel and device: the shared memory size is fixed per instantiation.
   static std::array<std::atomic<int>, 64> resident{};
   int device = 0;
   cuda::check(cudaGetDevice(&device), "cudaGetDevice");
   KINDRED_CHECK(device < static_cast<int>(resident.size()), "matmul_4bit_decode: device index ", device,
                 " is out of range");
+  int sms = 0;
+  cuda::check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
+  const int64_t need = decode_workspace_bytes(p.n, sms);
+  KINDRED_CHECK(workspace_bytes >= need, "workspace must have at least decode_workspace_bytes(", p.n, ", ", sms,
+                ") = ", need, " bytes, got ", workspace_bytes);
   int slots = resident[device].load(std::memory_order_relaxed);
   if (slots == 0) {
-    int sms = 0, per_sm = 0;
+    int per_sm = 0;
     cuda::check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
                 "cudaFuncSetAttribute");
-    cuda::check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
     cuda::check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kWarps * 32, smem),
                 "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
     KINDRED_CHECK(per_sm > 0, "matmul_4bit_decode: the kernel does not fit on an SM (", smem,
                   " bytes of shared memory)");
-    slots = sms * per_sm;
+    slots = sms * std::min<int>(per_sm, kDecodeMaxWarpsPerSm / kWarps);
     resident[device].store(slots, std::memory_order_relaxed);
   }
-  // Splits of K per tile pair: the one whose grid fills the resident block slots most evenly (the last
-  // wave least empty); ties go to fewer splits (longer K runs per warp, less reduction).
-  double best = -1.0;
-  for (int s = 1; s <= kWarps && s <= p.chunks; s *= 2) {
-    const int blocks = (p.tiles + kTiles * (kWarps / s) - 1) / (kTiles * (kWarps / s));
-    const int waves = (blocks + slots - 1) / slots;
-    const double fill = static_cast<double>(blocks) / (static_cast<double>(waves) * slots);
-    if (fill > best + 1e-3) {
-      best = fill;
-      p.splits = s;
-    }
-  }
-  const int blocks = (p.tiles + kTiles * (kWarps / p.splits) - 1) / (kTiles * (kWarps / p.splits));
+  // One run per resident warp, each of at least kMinRun chunks (and at least one).
+  p.items = static_cast<int64_t>(p.pairs) * p.chunks;
+  p.warps = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(int64_t{slots} * kWarps, p.items / kMinRun)));
+  const int blocks = (p.warps + kWarps - 1) / kWarps;
   kernel<<<blocks, kWarps * 32, smem, stream>>>(p);
   cuda::check_launch("matmul_4bit_decode_kernel");
 }
 
 template <typename T, DecodeFormat F>
-void launch_periods(const Params& p, int64_t period, cudaStream_t stream) {
+void launch_periods(const Params& p, int64_t period, int64_t workspace_bytes, cudaStream_t stream) {
   const bool rows16 = p.m > 8;
   const auto go = [&](auto periods) {
     constexpr int kP = decltype(periods)::value;
-    if (rows16) return launch_kernel<T, F, kP, true>(p, stream);
-    launch_kernel<T, F, kP, false>(p, stream);
+    if (rows16) return launch_kernel<T, F, kP, true>(p, workspace_bytes, stream);
+    launch_kernel<T, F, kP, false>(p, workspace_bytes, stream);
   };
   if (period == 128) return go(std::integral_constant<int, 1>{});
   if (period == 64) return go(std::integral_constant<int, 2>{});
@@ -333,26 +408,31 @@ void launch_periods(const Params& p, int64_t period, cudaStream_t stream) {
 
 }  // namespace
 
-void matmul_4bit_decode_cuda(const TensorView& x, const DecodeWeight& w, const TensorView& out, int64_t stream) {
+void matmul_4bit_decode_cuda(const TensorView& x, const DecodeWeight& w, const TensorView& out,
+                             const TensorView& workspace, int64_t stream) {
   cuda::DeviceGuard guard(x);
   cuda::check_aligned(w.data, "data", 16);
   cuda::check_aligned(x, "x", 16);
+  cuda::check_aligned(workspace, "workspace", 16);
+  const int64_t pairs = (w.n + kDecodeRowPad - 1) / kDecodeRowPad;
   Params p{};
   p.x = x.data;
   p.out = out.data;
   p.data = w.data.ptr<uint8_t>();
+  p.counters = reinterpret_cast<int*>(workspace.ptr<uint8_t>());
+  p.partials = reinterpret_cast<float*>(workspace.ptr<uint8_t>() + (pairs * 4 + 255) / 256 * 256);
   p.m = static_cast<int>(x.shape[0]);
   p.n = static_cast<int>(w.n);
   p.k = static_cast<int>(w.k);
   p.chunks = static_cast<int>(w.k / kDecodeChunk);
   p.unit = static_cast<int>(kDecodeCodeBytes + decode_record_bytes(w.format, w.period));
-  p.tiles = static_cast<int>((w.n + kDecodeRowPad - 1) / kDecodeRowPad * kDecodeRowPad / kDecodeTileRows);
-  p.splits = 1;
+  p.pairs = static_cast<int>(pairs);
+  const int64_t bytes = workspace.numel();
   const auto s = cuda::as_stream(stream);
   const auto by_format = [&](auto t) {
     using T = decltype(t);
-    if (w.format == DecodeFormat::nf4) return launch_periods<T, DecodeFormat::nf4>(p, w.period, s);
-    launch_periods<T, DecodeFormat::int4g>(p, w.period, s);
+    if (w.format == DecodeFormat::nf4) return launch_periods<T, DecodeFormat::nf4>(p, w.period, bytes, s);
+    launch_periods<T, DecodeFormat::int4g>(p, w.period, bytes, s);
   };
   if (x.dtype == DType::bf16) return by_format(__nv_bfloat16{});
   by_format(__half{});
