@@ -261,9 +261,7 @@ void unpack_decode(const DecodeWeight& in, const Int4gTensors& out) {
 }
 
 int64_t decode_workspace_bytes(int64_t n, int64_t sms) {
-  // Counters, one per 16-row tile pair (256-byte aligned), then two 16 x 16 fp32 partials per resident warp.
-  const int64_t counters = (padded_rows(n) / kDecodeRowPad * 4 + 255) / 256 * 256;
-  return counters + sms * kDecodeMaxWarpsPerSm * 2 * kDecodeRowPad * kDecodeMaxRows * 4;
+  return sms * kDecodeMaxBlocksPerSm * kDecodePartialBytes + padded_rows(n) / kDecodeRowPad * 4;
 }
 
 void matmul_4bit_decode(const TensorView& x, const DecodeWeight& w, const TensorView& out,

@@ -2,22 +2,23 @@
 // the tensor cores (mma.sync m16n8k16, fp32 accumulation).
 //
 // The repack put each lane's fragments of one weight row for 8 k16 steps into one 16-byte word group, so the
-// loop has no index arithmetic. Work is a list of (tile pair, 128-wide K chunk) items, pair-major. The grid
-// is persistent (at most the resident warps) and each warp takes an equal contiguous run of the list
-// (stream-K): every warp streams the same number of bytes whatever the shape, the memory pipeline is filled
-// once, and a run crosses pair boundaries without a pause. The two tiles of a pair are the mma's A operand (16
-// weight rows) and x its B operand (8 rows of x), so one mma per k16 step serves both tiles and M <= 8 (a
-// second one with the same A serves rows 8..15). Per chunk the warp copies the pair's two units (2 x 512 code
-// bytes plus their scale records) into a 3-slot shared-memory ring with cp.async (sizes are compile-time:
-// two copies per lane and tile, no loop), so two chunks are in flight while one is computed. x is read from
-// L1/L2 with 16-byte loads (the layout's k order makes a lane's B fragments of two k16 steps contiguous).
-// Dequantization stays in registers: NF4 looks up whole code bytes (two codes) in a lane-replicated
-// shared-memory table of T pairs (byte extract + address + load); INT4g ORs the nibbles into the mantissa of
-// a magic number (bf16 128 + q, f16 1024 + q) and subtracts the magic number plus the zero point, exactly.
-// The scale of each block / group is applied to the fp32 partial sums of its period (32..128 k), not to the
-// weights. A pair that lies within one warp's run is written directly; the warps that share a pair write
-// fp32 partials to the workspace and the last to arrive (an atomic counter per pair, reset by it) sums them
-// in warp order, so the result does not depend on timing (deterministic).
+// loop has no index arithmetic. Work is the list of (tile pair, 128-wide K chunk) items, pair-major. The grid
+// is persistent (the resident blocks) and each block takes an equal contiguous run of the list (stream-K), so
+// every SM streams the same bytes whatever the shape and the memory pipeline fills once. A block splits each
+// pair of its run over its 8 warps (chunk c to warp c % 8) and sums the warps' fp32 partials through shared
+// memory in warp order. A run's first and last pairs are usually shared with the neighbouring blocks: the
+// block does those two first, writes its partials to the workspace and counts itself in with a release
+// atomic, and the block that arrives last sums the partials in block order (deterministic) while the others
+// stream their whole pairs. The two tiles of a pair are the mma's A operand (16 weight rows) and x its B
+// operand (8 rows of x), so one mma per k16 step serves both tiles and M <= 8 (a second one with the same A
+// serves rows 8..15). Per chunk a warp copies the pair's two units (2 x 512 code bytes plus their scale
+// records) into a 3-slot shared-memory ring with cp.async (sizes are compile-time: two copies per lane and
+// tile, no loop), so two chunks are in flight while one is computed. x is read from L1/L2 with 16-byte loads
+// (the layout's k order makes a lane's B fragments of two k16 steps contiguous). Dequantization stays in
+// registers: NF4 looks up whole code bytes (two codes) in a lane-replicated shared-memory table of T pairs
+// (byte extract + address + load); INT4g ORs the nibbles into the mantissa of a magic number (bf16 128 + q,
+// f16 1024 + q) and subtracts the magic number plus the zero point, exactly. The scale of each block /
+// group is applied to the fp32 partial sums of its period (32..128 k), not to the weights.
 // Test: pytest -m gpu tests/test_matmul_4bit.py
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -49,10 +50,10 @@ struct Params {
   const void* x;
   void* out;
   const uint8_t* data;
+  float* partials;  // [blocks][2][kPartial]: a block's partial of its first pair, then of its last
   int* counters;    // [pairs], zero between calls
-  float* partials;  // [warps][2][kPartial]: a warp's partial of its first pair, then of its last
   int m, n, k, chunks, unit, pairs;
-  int warps;      // warps that take a run (the grid's last block may have idle ones)
+  int blocks;     // the grid: one run each
   int64_t items;  // pairs * chunks
 };
 
@@ -215,85 +216,99 @@ __device__ __forceinline__ uint32_t nf4_byte_pair(int byte) {
   return l | u << 16;
 }
 
-// Item position of a run: pair and chunk, advanced one chunk at a time.
+// First item of block b's run, and the block whose run holds item f (the largest b with run_start(b) <= f).
+__device__ __forceinline__ int64_t run_start(const Params& p, int64_t b) {
+  return b * p.items / p.blocks;
+}
+__device__ __forceinline__ int run_owner(const Params& p, int64_t f) {
+  return static_cast<int>(((f + 1) * p.blocks - 1) / p.items);
+}
+
+// The pairs of a block's run [lo, hi) in the order it does them: the first pair p0, then the last p1 (both
+// usually shared with a neighbour), then the ones between; chunk range [c0, c1) of each.
+struct Run {
+  int lo, hi, chunks, p0, p1;
+  __device__ __forceinline__ int segments() const { return p1 - p0 + 1; }
+  __device__ __forceinline__ int pair(int s) const { return s == 0 ? p0 : s == 1 ? p1 : p0 + s - 1; }
+  __device__ __forceinline__ int c0(int pair) const { return pair == p0 ? lo - p0 * chunks : 0; }
+  __device__ __forceinline__ int c1(int pair) const { return pair == p1 ? hi - p1 * chunks : chunks; }
+};
+
+// A warp's position in its block's run: segment s, chunk ch (chunks ch = warp, warp + 8, ... of each pair).
 struct Cursor {
-  int pair, ch;
-  __device__ __forceinline__ void next(int chunks) {
-    if (++ch == chunks) ch = 0, ++pair;
+  int s, ch;
+  __device__ __forceinline__ void first(const Run& run, int warp) {
+    s = 0;
+    ch = run.c0(run.pair(0)) + warp;
+    settle(run, warp);
+  }
+  __device__ __forceinline__ void next(const Run& run, int warp) {
+    ch += kWarps;
+    settle(run, warp);
+  }
+  __device__ __forceinline__ bool done(const Run& run) const { return s >= run.segments(); }
+  // Skips segments where this warp has no chunk left.
+  __device__ __forceinline__ void settle(const Run& run, int warp) {
+    while (s < run.segments() && ch >= run.c1(run.pair(s))) {
+      ++s;
+      if (s < run.segments()) ch = run.c0(run.pair(s)) + warp;
+    }
   }
 };
 
-// First item of warp w's run, and the warp whose run holds item f (the largest w with run_start(w) <= f).
-__device__ __forceinline__ int64_t run_start(const Params& p, int64_t w) {
-  return w * p.items / p.warps;
-}
-__device__ __forceinline__ int run_owner(const Params& p, int64_t f) {
-  return static_cast<int>(((f + 1) * p.warps - 1) / p.items);
-}
-
 // Output position of C register r of mma j of a lane: x row m, weight row (column of out) col.
-__device__ __forceinline__ void c_position(int pair, int g, int c, int j, int r, int& m, int& col) {
-  m = 2 * c + (r & 1) + 8 * j;
-  col = pair * kDecodeRowPad + 8 * (r >> 1) + g;
+__device__ __forceinline__ void c_position(int pair, int lane, int j, int r, int& m, int& col) {
+  m = 2 * (lane % 4) + (r & 1) + 8 * j;
+  col = pair * static_cast<int>(kDecodeRowPad) + 8 * (r >> 1) + lane / 4;
 }
 
-// The pair's sums of this warp's run are complete: write them, or hand them to the split-K reduction.
 template <typename T, bool kRows16>
-__device__ __forceinline__ void finish_pair(const Params& p, int warp, int pair, bool first, int lane,
-                                            const float (&acc)[2][4]) {
-  constexpr int kMmas = kRows16 ? 2 : 1;
-  const int g = lane / 4, c = lane % 4;
+__device__ __forceinline__ void store_pair(const Params& p, int pair, int lane, const float (&v)[8]) {
   T* out = static_cast<T*>(p.out);
-  const int w0 = run_owner(p, static_cast<int64_t>(pair) * p.chunks);
-  const int w1 = run_owner(p, static_cast<int64_t>(pair + 1) * p.chunks - 1);
-  float sum[2][4];
-  if (w0 == w1) {  // the whole pair is in this run
 #pragma unroll
-    for (int j = 0; j < kMmas; ++j)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) sum[j][r] = acc[j][r];
-  } else {
-    float* mine = p.partials + (2 * static_cast<int64_t>(warp) + (first ? 0 : 1)) * kPartial;
-#pragma unroll
-    for (int j = 0; j < kMmas; ++j)
-#pragma unroll
-      for (int r = 0; r < 4; ++r)
-        if (2 * c + (r & 1) + 8 * j < p.m) mine[(4 * j + r) * 32 + lane] = acc[j][r];
-    __threadfence();  // the partial is visible device-wide before the counter says so
-    __syncwarp();
-    int arrived = 0;
-    if (lane == 0) arrived = atomicAdd(p.counters + pair, 1);
-    arrived = __shfl_sync(0xffffffffu, arrived, 0);
-    if (arrived != w1 - w0) return;  // another warp of the pair arrives later and sums
-    __threadfence();
-#pragma unroll
-    for (int j = 0; j < kMmas; ++j)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) sum[j][r] = 0.0f;
-    for (int w = w0; w <= w1; ++w) {  // in warp order: the same sum whichever warp arrived last
-      const bool w_first = run_start(p, w) / p.chunks == pair;
-      const float* part = p.partials + (2 * static_cast<int64_t>(w) + (w_first ? 0 : 1)) * kPartial;
-#pragma unroll
-      for (int j = 0; j < kMmas; ++j)
-#pragma unroll
-        for (int r = 0; r < 4; ++r)
-          if (2 * c + (r & 1) + 8 * j < p.m) sum[j][r] += __ldcg(part + (4 * j + r) * 32 + lane);
-    }
-    if (lane == 0) p.counters[pair] = 0;  // every warp of the pair has arrived: ready for the next call
+  for (int i = 0; i < (kRows16 ? 8 : 4); ++i) {
+    int m = 0, col = 0;
+    c_position(pair, lane, i / 4, i % 4, m, col);
+    if (m < p.m && col < p.n) out[static_cast<int64_t>(m) * p.n + col] = cuda::from_f32<T>(v[i]);
   }
+}
+
+// A pair shared with other blocks: this block's partial is in the workspace and `arrived` is what the
+// counter held before this block's increment. The last block to arrive sums every block's partial in block
+// order and writes the pair (one warp).
+struct Shared {
+  int pair = -1, arrived = 0;
+};
+
+template <typename T, bool kRows16>
+__device__ __noinline__ void finish_shared(const Params& p, const Shared& sh, int lane) {
+  const int b0 = run_owner(p, static_cast<int64_t>(sh.pair) * p.chunks);
+  const int b1 = run_owner(p, static_cast<int64_t>(sh.pair + 1) * p.chunks - 1);
+  if (sh.arrived != b1 - b0) return;  // a block still to arrive sums
+  __threadfence();                    // acquire: the other blocks' partials are visible
+  // Block b0's run started before the pair (the pair is its last: slot 1) or at its first item (slot 0); the
+  // runs of the later blocks start inside the pair (slot 0).
+  const bool b0_last = run_start(p, b0) < static_cast<int64_t>(sh.pair) * p.chunks;
+  float v[8] = {};
+  for (int b = b0; b <= b1; ++b) {
+    const float* part = p.partials + (2 * static_cast<int64_t>(b) + (b == b0 && b0_last ? 1 : 0)) * kPartial;
 #pragma unroll
-  for (int j = 0; j < kMmas; ++j)
-#pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      int m = 0, col = 0;
-      c_position(pair, g, c, j, r, m, col);
-      if (m < p.m && col < p.n) out[static_cast<int64_t>(m) * p.n + col] = cuda::from_f32<T>(sum[j][r]);
-    }
+    for (int i = 0; i < (kRows16 ? 8 : 4); ++i) v[i] += __ldcg(part + i * 32 + lane);
+  }
+  store_pair<T, kRows16>(p, sh.pair, lane, v);
+  if (lane == 0) p.counters[sh.pair] = 0;  // every block has arrived: zero for the next call
+}
+
+__device__ __forceinline__ int atomic_add_release(int* addr, int v) {
+  int old;
+  asm volatile("atom.release.gpu.global.add.s32 %0, [%1], %2;\n" : "=r"(old) : "l"(addr), "r"(v) : "memory");
+  return old;
 }
 
 template <typename T, DecodeFormat F, int P, bool kRows16>
 __global__ void __launch_bounds__(kWarps * 32, kMinBlocks<kRows16>) matmul_4bit_decode_kernel(const Params p) {
-  constexpr int kBytes = kUnit<F, P>, kSlot = kTiles * kBytes;
+  constexpr int kBytes = kUnit<F, P>, kSlot = kTiles * kBytes, kRegs = kRows16 ? 8 : 4;
+  __shared__ float partial[kWarps][kRegs][32];  // [warp][4 * mma + C register][lane]
   // Dynamic shared memory: the NF4 table lut[byte * 32 + lane] (one copy per lane: no bank conflicts), then
   // the warps' chunk rings.
   extern __shared__ __align__(16) uint32_t lut[];
@@ -307,99 +322,116 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks<kRows16>) matmul_4bit_
     for (int r = 0; r < 8; ++r) entry[(r + threadIdx.x) % 8] = v4;
     __syncthreads();
   }
-  const int lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
-  const int warp = blockIdx.x * kWarps + static_cast<int>(threadIdx.x) / 32;
-  if (warp >= p.warps) return;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
   const uint32_t lut_lane = static_cast<uint32_t>(__cvta_generic_to_shared(lut)) + 4 * lane;
-  const int64_t f0 = run_start(p, warp);
-  const int count = static_cast<int>(run_start(p, warp + 1) - f0);
-  const int first_pair = static_cast<int>(f0 / p.chunks);
+  Run run;
+  run.lo = static_cast<int>(run_start(p, blockIdx.x));
+  run.hi = static_cast<int>(run_start(p, blockIdx.x + 1));
+  run.chunks = p.chunks;
+  run.p0 = run.lo / p.chunks;
+  run.p1 = (run.hi - 1) / p.chunks;
   // A ring of kStages chunk slots per warp: kStages - 1 chunks are in flight while one is computed.
-  uint8_t* ring = ring_base + (threadIdx.x / 32) * kStages * kSlot;
+  uint8_t* ring = ring_base + warp * kStages * kSlot;
   const int64_t tile_bytes = static_cast<int64_t>(p.chunks) * kBytes;  // one tile's units
-  Cursor load{first_pair, static_cast<int>(f0 % p.chunks)}, at = load;
-  const auto issue = [&](int slot) {  // pair's tiles 2 pair and 2 pair + 1, chunk ch
-    const uint8_t* src0 = p.data + 2 * load.pair * tile_bytes + static_cast<int64_t>(load.ch) * kBytes;
+  Cursor load;
+  load.first(run, warp);
+  const auto issue = [&](int slot) {               // tiles 2 pair and 2 pair + 1 of the cursor's pair, its chunk
+    if (load.done(run)) return cp_async_commit();  // empty group: the waits count groups
+    const uint8_t* src0 = p.data + 2 * run.pair(load.s) * tile_bytes + static_cast<int64_t>(load.ch) * kBytes;
     issue_chunk<kBytes>(ring + slot * kSlot, src0, src0 + tile_bytes, lane);
-    load.next(p.chunks);
+    load.next(run, warp);
   };
 #pragma unroll
-  for (int i = 0; i < kStages - 1; ++i) {
-    if (i < count)
-      issue(i);
-    else
-      cp_async_commit();  // empty group: the wait below counts groups
-  }
-  float acc[2][4] = {};
-  for (int i = 0; i < count; ++i) {
-    if (i + kStages - 1 < count)
+  for (int i = 0; i < kStages - 1; ++i) issue(i);
+  Shared shared[2];  // warp 0: the run's first and last pairs when other blocks share them
+  int i = 0;         // chunks computed by this warp
+  for (int s = 0; s < run.segments(); ++s) {
+    const int pair = run.pair(s);
+    float acc[2][4] = {};
+    for (int ch = run.c0(pair) + warp; ch < run.c1(pair); ch += kWarps, ++i) {
       issue((i + kStages - 1) % kStages);
-    else
-      cp_async_commit();
-    cp_async_wait<kStages - 1>();  // chunk i has landed (this lane's copies)...
-    __syncwarp();                  // ...and every lane's
-    Chunk<F, P> chunk;
-    read_chunk<T, F, P, kRows16>(p, ring + i % kStages * kSlot, at.ch, g, c, chunk);
-    compute_chunk<T, F, P, kRows16>(chunk, lut_lane, acc);
-    __syncwarp();  // the slot is refilled next iteration
-    if (at.ch == p.chunks - 1 || i == count - 1) {
-      finish_pair<T, kRows16>(p, warp, at.pair, at.pair == first_pair, lane, acc);
-#pragma unroll
-      for (int j = 0; j < 2; ++j)
-#pragma unroll
-        for (int r = 0; r < 4; ++r) acc[j][r] = 0.0f;
+      cp_async_wait<kStages - 1>();  // chunk i has landed (this lane's copies)...
+      __syncwarp();                  // ...and every lane's
+      Chunk<F, P> chunk;
+      read_chunk<T, F, P, kRows16>(p, ring + i % kStages * kSlot, ch, g, c, chunk);
+      compute_chunk<T, F, P, kRows16>(chunk, lut_lane, acc);
+      __syncwarp();  // the slot is refilled next iteration
     }
-    at.next(p.chunks);
+    // The block's sum of the pair: warps' partials through shared memory, summed by warp 0 in warp order.
+#pragma unroll
+    for (int r = 0; r < kRegs; ++r) partial[warp][r][lane] = acc[r / 4][r % 4];
+    __syncthreads();
+    float v[8] = {};
+    if (warp == 0) {
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w)
+#pragma unroll
+        for (int r = 0; r < kRegs; ++r) v[r] += partial[w][r][lane];
+    }
+    __syncthreads();  // the partials are read: the next segment may overwrite them
+    if (warp != 0) continue;
+    const bool whole = run_owner(p, static_cast<int64_t>(pair) * p.chunks) ==
+                       run_owner(p, static_cast<int64_t>(pair + 1) * p.chunks - 1);
+    if (whole) {
+      store_pair<T, kRows16>(p, pair, lane, v);
+      continue;
+    }
+    // Shared with other blocks (only the first two segments can be): publish, count in, decide later.
+    float* mine = p.partials + (2 * static_cast<int64_t>(blockIdx.x) + (s == 0 ? 0 : 1)) * kPartial;
+#pragma unroll
+    for (int r = 0; r < kRegs; ++r) mine[r * 32 + lane] = v[r];
+    __syncwarp();  // every lane's partial is written before lane 0's release
+    int arrived = 0;
+    if (lane == 0) arrived = atomic_add_release(p.counters + pair, 1);
+    shared[s].pair = pair;
+    shared[s].arrived = __shfl_sync(0xffffffffu, arrived, 0);
+  }
+  if (warp == 0) {
+#pragma unroll
+    for (int s = 0; s < 2; ++s)
+      if (shared[s].pair >= 0) finish_shared<T, kRows16>(p, shared[s], lane);
   }
 }
 
 template <typename T, DecodeFormat F, int P, bool kRows16>
-void launch_kernel(Params p, int64_t workspace_bytes, cudaStream_t stream) {
+void launch_kernel(Params p, int sms, cudaStream_t stream) {
   const auto kernel = matmul_4bit_decode_kernel<T, F, P, kRows16>;
   constexpr int kBytes = kUnit<F, P>;
-  static_assert(kWarps * kMinBlocks<false> <= kDecodeMaxWarpsPerSm, "the workspace is sized for 24 warps per SM");
   KINDRED_CHECK(p.unit == kBytes, "matmul_4bit_decode: units of ", p.unit, " bytes, the kernel expects ", kBytes);
   const size_t smem =
       (F == DecodeFormat::nf4 ? kLutBytes : 0) + static_cast<size_t>(kWarps) * kStages * kTiles * kBytes;
-  // Resident blocks on the device (SMs x blocks per SM, at most the workspace's 24 warps per SM), looked up
-  // once per kernel and device: the shared memory size is fixed per instantiation.
+  // Resident blocks per SM (at most the workspace's kDecodeMaxBlocksPerSm), looked up once per kernel and
+  // device: the shared memory size is fixed per instantiation.
   static std::array<std::atomic<int>, 64> resident{};
   int device = 0;
   cuda::check(cudaGetDevice(&device), "cudaGetDevice");
   KINDRED_CHECK(device < static_cast<int>(resident.size()), "matmul_4bit_decode: device index ", device,
                 " is out of range");
-  int sms = 0;
-  cuda::check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
-  const int64_t need = decode_workspace_bytes(p.n, sms);
-  KINDRED_CHECK(workspace_bytes >= need, "workspace must have at least decode_workspace_bytes(", p.n, ", ", sms,
-                ") = ", need, " bytes, got ", workspace_bytes);
-  int slots = resident[device].load(std::memory_order_relaxed);
-  if (slots == 0) {
-    int per_sm = 0;
+  int per_sm = resident[device].load(std::memory_order_relaxed);
+  if (per_sm == 0) {
     cuda::check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
                 "cudaFuncSetAttribute");
     cuda::check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kWarps * 32, smem),
                 "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
     KINDRED_CHECK(per_sm > 0, "matmul_4bit_decode: the kernel does not fit on an SM (", smem,
                   " bytes of shared memory)");
-    slots = sms * std::min<int>(per_sm, kDecodeMaxWarpsPerSm / kWarps);
-    resident[device].store(slots, std::memory_order_relaxed);
+    per_sm = std::min<int>(per_sm, kDecodeMaxBlocksPerSm);
+    resident[device].store(per_sm, std::memory_order_relaxed);
   }
-  // One run per resident warp, each of at least kMinRun chunks (and at least one).
+  // One run per resident block, each of at least kMinRun chunks (and at least one).
   p.items = static_cast<int64_t>(p.pairs) * p.chunks;
-  p.warps = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(int64_t{slots} * kWarps, p.items / kMinRun)));
-  const int blocks = (p.warps + kWarps - 1) / kWarps;
-  kernel<<<blocks, kWarps * 32, smem, stream>>>(p);
+  p.blocks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(int64_t{sms} * per_sm, p.items / kMinRun)));
+  kernel<<<p.blocks, kWarps * 32, smem, stream>>>(p);
   cuda::check_launch("matmul_4bit_decode_kernel");
 }
 
 template <typename T, DecodeFormat F>
-void launch_periods(const Params& p, int64_t period, int64_t workspace_bytes, cudaStream_t stream) {
+void launch_periods(const Params& p, int64_t period, int sms, cudaStream_t stream) {
   const bool rows16 = p.m > 8;
   const auto go = [&](auto periods) {
     constexpr int kP = decltype(periods)::value;
-    if (rows16) return launch_kernel<T, F, kP, true>(p, workspace_bytes, stream);
-    launch_kernel<T, F, kP, false>(p, workspace_bytes, stream);
+    if (rows16) return launch_kernel<T, F, kP, true>(p, sms, stream);
+    launch_kernel<T, F, kP, false>(p, sms, stream);
   };
   if (period == 128) return go(std::integral_constant<int, 1>{});
   if (period == 64) return go(std::integral_constant<int, 2>{});
@@ -414,25 +446,29 @@ void matmul_4bit_decode_cuda(const TensorView& x, const DecodeWeight& w, const T
   cuda::check_aligned(w.data, "data", 16);
   cuda::check_aligned(x, "x", 16);
   cuda::check_aligned(workspace, "workspace", 16);
-  const int64_t pairs = (w.n + kDecodeRowPad - 1) / kDecodeRowPad;
+  int device = 0, sms = 0;
+  cuda::check(cudaGetDevice(&device), "cudaGetDevice");
+  cuda::check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
+  const int64_t need = decode_workspace_bytes(w.n, sms);
+  KINDRED_CHECK(workspace.numel() >= need, "workspace must have at least decode_workspace_bytes(", w.n, ", ", sms,
+                ") = ", need, " bytes, got ", workspace.describe());
   Params p{};
   p.x = x.data;
   p.out = out.data;
   p.data = w.data.ptr<uint8_t>();
-  p.counters = reinterpret_cast<int*>(workspace.ptr<uint8_t>());
-  p.partials = reinterpret_cast<float*>(workspace.ptr<uint8_t>() + (pairs * 4 + 255) / 256 * 256);
+  p.partials = reinterpret_cast<float*>(workspace.ptr<uint8_t>());
+  p.counters = reinterpret_cast<int*>(workspace.ptr<uint8_t>() + sms * kDecodeMaxBlocksPerSm * kDecodePartialBytes);
   p.m = static_cast<int>(x.shape[0]);
   p.n = static_cast<int>(w.n);
   p.k = static_cast<int>(w.k);
   p.chunks = static_cast<int>(w.k / kDecodeChunk);
   p.unit = static_cast<int>(kDecodeCodeBytes + decode_record_bytes(w.format, w.period));
-  p.pairs = static_cast<int>(pairs);
-  const int64_t bytes = workspace.numel();
+  p.pairs = static_cast<int>((w.n + kDecodeRowPad - 1) / kDecodeRowPad);
   const auto s = cuda::as_stream(stream);
   const auto by_format = [&](auto t) {
     using T = decltype(t);
-    if (w.format == DecodeFormat::nf4) return launch_periods<T, DecodeFormat::nf4>(p, w.period, bytes, s);
-    launch_periods<T, DecodeFormat::int4g>(p, w.period, bytes, s);
+    if (w.format == DecodeFormat::nf4) return launch_periods<T, DecodeFormat::nf4>(p, w.period, sms, s);
+    launch_periods<T, DecodeFormat::int4g>(p, w.period, sms, s);
   };
   if (x.dtype == DType::bf16) return by_format(__nv_bfloat16{});
   by_format(__half{});
