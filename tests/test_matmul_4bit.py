@@ -327,6 +327,7 @@ def _counters(ws, n):
         (512, 300, 256),
         (128, 4100, 32),  # one chunk per pair: runs of whole pairs
         (256, 2000, 64),  # runs of half a pair, a whole pair, half a pair
+        (14336, 64, 64),  # each pair split over 7 blocks
     ],
 )
 def test_decode_layout_kernel_matches_reference(fmt, dtype, m, k, n, block):
