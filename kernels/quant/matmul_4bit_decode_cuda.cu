@@ -7,9 +7,9 @@
 // every SM streams the same bytes whatever the shape and the memory pipeline fills once. A block splits each
 // pair of its run over its 8 warps (chunk c to warp c % 8) and sums the warps' fp32 partials through shared
 // memory in warp order. A run's first and last pairs are usually shared with the neighbouring blocks: the
-// block does those two first, writes its partials to the workspace and counts itself in with a release
-// atomic, and the block that arrives last sums the partials in block order (deterministic) while the others
-// stream their whole pairs. The two tiles of a pair are the mma's A operand (16 weight rows) and x its B
+// block does those two first and writes its partials to the workspace; after its last chunk it counts
+// itself in with a release atomic, and the block that arrives last sums the partials in block order
+// (deterministic). The two tiles of a pair are the mma's A operand (16 weight rows) and x its B
 // operand (8 rows of x), so one mma per k16 step serves both tiles and M <= 8 (a second one with the same A
 // serves rows 8..15). Per chunk a warp copies the pair's two units (2 x 512 code bytes plus their scale
 // records) into a 3-slot shared-memory ring with cp.async (sizes are compile-time: two copies per lane and
@@ -376,21 +376,24 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks<kRows16>) matmul_4bit_
       store_pair<T, kRows16>(p, pair, lane, v);
       continue;
     }
-    // Shared with other blocks (only the first two segments can be): publish, count in, decide later.
+    // Shared with other blocks (only the first two segments can be): the partial goes to the workspace now;
+    // the block counts itself in after its last chunk, when no copy is in flight for the release to wait on.
     float* mine = p.partials + (2 * static_cast<int64_t>(blockIdx.x) + (s == 0 ? 0 : 1)) * kPartial;
 #pragma unroll
     for (int r = 0; r < kRegs; ++r) mine[r * 32 + lane] = v[r];
-    __syncwarp();  // every lane's partial is written before lane 0's release
-    int arrived = 0;
-    if (lane == 0) arrived = atomic_add_release(p.counters + pair, 1);
     shared[s].pair = pair;
+  }
+  if (warp != 0) return;
+  __syncwarp();  // every lane's partials are written before lane 0's release
+#pragma unroll
+  for (int s = 0; s < 2; ++s) {
+    int arrived = 0;
+    if (lane == 0 && shared[s].pair >= 0) arrived = atomic_add_release(p.counters + shared[s].pair, 1);
     shared[s].arrived = __shfl_sync(0xffffffffu, arrived, 0);
   }
-  if (warp == 0) {
 #pragma unroll
-    for (int s = 0; s < 2; ++s)
-      if (shared[s].pair >= 0) finish_shared<T, kRows16>(p, shared[s], lane);
-  }
+  for (int s = 0; s < 2; ++s)
+    if (shared[s].pair >= 0) finish_shared<T, kRows16>(p, shared[s], lane);
 }
 
 template <typename T, DecodeFormat F, int P, bool kRows16>
