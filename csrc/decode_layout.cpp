@@ -260,12 +260,8 @@ void unpack_decode(const DecodeWeight& in, const Int4gTensors& out) {
   });
 }
 
-int64_t decode_workspace_bytes(int64_t n, int64_t sms) {
-  return sms * kDecodeMaxBlocksPerSm * kDecodePartialBytes + padded_rows(n) / kDecodeRowPad * 4;
-}
-
 void matmul_4bit_decode(const TensorView& x, const DecodeWeight& w, const TensorView& out,
-                        [[maybe_unused]] const TensorView& workspace, [[maybe_unused]] int64_t stream) {
+                        [[maybe_unused]] int64_t stream) {
   check_decode_weight(w);
   check_dtype(x, "x", {DType::f32, DType::f16, DType::bf16});
   check_contiguous(x, "x");
@@ -279,10 +275,7 @@ void matmul_4bit_decode(const TensorView& x, const DecodeWeight& w, const Tensor
   KINDRED_CHECK(x.shape[0] <= kDecodeMaxRows && x.dtype != DType::f32, "the CUDA decode kernel takes at most ",
                 kDecodeMaxRows, " rows of bf16 or f16, got x ", x.describe());
 #ifdef KINDRED_WITH_CUDA
-  check_dtype(workspace, "workspace", {DType::u8});
-  check_contiguous(workspace, "workspace");
-  check_same_device(x, "x", workspace, "workspace");
-  matmul_4bit_decode_cuda(x, w, out, workspace, stream);
+  matmul_4bit_decode_cuda(x, w, out, stream);
 #else
   throw Error("matmul_4bit_decode: kindred was built without CUDA; rebuild with nvcc on the PATH", true);
 #endif

@@ -130,13 +130,11 @@ void bind_quant(py::module_& m) {
   m.def(
       "matmul_4bit_decode",
       [](const TensorView& x, const TensorView& data, int format, int64_t n, int64_t k, int64_t period,
-         const TensorView& out, const TensorView& workspace, int64_t stream) {
-        matmul_4bit_decode(x, DecodeWeight{data, static_cast<DecodeFormat>(format), n, k, period}, out, workspace,
-                           stream);
+         const TensorView& out, int64_t stream) {
+        matmul_4bit_decode(x, DecodeWeight{data, static_cast<DecodeFormat>(format), n, k, period}, out, stream);
       },
       py::arg("x"), py::arg("data"), py::arg("format"), py::arg("n"), py::arg("k"), py::arg("period"), py::arg("out"),
-      py::arg("workspace"), py::arg("stream"), release);
-  m.def("decode_workspace_bytes", &decode_workspace_bytes, py::arg("n"), py::arg("sms"));
+      py::arg("stream"), release);
   m.def(
       "awq_pack",
       [](const TensorView& packed, const TensorView& scales, const TensorView& zeros, int64_t group_size,

@@ -11,8 +11,6 @@ the streaming decode kernel (M <= 16, bf16/f16), on the CPU the reference of tha
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from . import _core
@@ -142,47 +140,13 @@ matmul_4bit_int4g.register_autograd(_int4g_backward, setup_context=_int4g_setup)
 DECODE_FORMATS = {"nf4": 0, "int4g": 1}
 
 
-_DECODE_WORKSPACES: dict[tuple[int, int], torch.Tensor] = {}
-_EMPTY_WORKSPACE = torch.empty(0, dtype=torch.uint8)
-
-
-@functools.cache
-def _sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _decode_workspace(x: torch.Tensor, n: int) -> torch.Tensor:
-    """The decode kernel's workspace for x's device and current stream (quant.h: zeroed counters that each
-    call leaves zero, partial sums), grown to the largest N seen. One per stream: concurrent calls on
-    different streams must not share counters."""
-    if not x.is_cuda:
-        return _EMPTY_WORKSPACE
-    key = (x.device.index or 0, stream(x))
-    nbytes = _core.decode_workspace_bytes(n, _sms(key[0]))
-    ws = _DECODE_WORKSPACES.get(key)
-    if ws is None or ws.numel() < nbytes:
-        ws = _DECODE_WORKSPACES[key] = torch.zeros(nbytes, dtype=torch.uint8, device=x.device)
-    return ws
-
-
 @torch.library.custom_op("kindred::matmul_4bit_decode", mutates_args=())
 def matmul_4bit_decode(
     x: torch.Tensor, data: torch.Tensor, fmt: int, n: int, k: int, period: int
 ) -> torch.Tensor:
     """x [M, K] · dequant(W)ᵀ for W [n, k] in the decode layout ``data`` (format ``fmt``)."""
     out = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
-    ws = _decode_workspace(x, n)
-    _core.matmul_4bit_decode(
-        view(x, "x"),
-        view(data, "data"),
-        fmt,
-        n,
-        k,
-        period,
-        view(out, "out"),
-        view(ws, "workspace"),
-        stream(x),
-    )
+    _core.matmul_4bit_decode(view(x, "x"), view(data, "data"), fmt, n, k, period, view(out, "out"), stream(x))
     return out
 
 

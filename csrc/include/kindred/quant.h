@@ -106,17 +106,9 @@ void unpack_decode(const DecodeWeight& in, const Nf4Tensors& out);
 void unpack_decode(const DecodeWeight& in, const Int4gTensors& out);
 
 // out[M, N] = x[M, K] · dequant(W)ᵀ from the decode layout. CPU: any M (reference of the layout). CUDA:
-// M <= kDecodeMaxRows, bf16/f16 x, and a u8 `workspace` of at least decode_workspace_bytes(N, SMs) bytes
-// on x's device (ignored on the CPU) for the kernel's split-K between blocks: fp32 partial sums (two 16 x 16
-// per resident block), then int32 counters [N / 16] that must be zero before the first call (each call
-// leaves them zero). Calls that run concurrently (on different streams) need different workspaces.
-inline constexpr int64_t kDecodeMaxBlocksPerSm = 3;  // resident blocks per SM the workspace is sized for
-inline constexpr int64_t kDecodePartialBytes = 2 * kDecodeRowPad * kDecodeMaxRows * 4;  // per block
-int64_t decode_workspace_bytes(int64_t n, int64_t sms);
-void matmul_4bit_decode(const TensorView& x, const DecodeWeight& w, const TensorView& out, const TensorView& workspace,
-                        int64_t stream);
+// M <= kDecodeMaxRows, bf16/f16 x.
+void matmul_4bit_decode(const TensorView& x, const DecodeWeight& w, const TensorView& out, int64_t stream);
 void matmul_4bit_decode_cpu(const TensorView& x, const DecodeWeight& w, const TensorView& out);
-void matmul_4bit_decode_cuda(const TensorView& x, const DecodeWeight& w, const TensorView& out,
-                             const TensorView& workspace, int64_t stream);
+void matmul_4bit_decode_cuda(const TensorView& x, const DecodeWeight& w, const TensorView& out, int64_t stream);
 
 }  // namespace kindred
