@@ -13,6 +13,9 @@ W' = [W | B] of shape [N, K + r] (row stride rounded up to 8 elements) shared by
 Saved for the backward: x (not drop(x): the mask is recomputed from its seed) and xs; g is recomputed as part
 of the dX GEMM; nothing [M, N]-sized is kept.
 
+Eager CUDA calls run through ``LoraLinearFunction`` (a plain autograd.Function around the same plan: the
+custom op's dispatch costs more host time than the step's small ops); torch.compile and the CPU use the op.
+
 Base formats: "dense" (base = [W]), "workspace" (base = [W'], a [N, >= K + r] buffer whose first K columns are
 W: the backward writes s·B into columns K..K+r, which are scratch by contract), "nf4" (base = [packed, absmax,
 nested_absmax, nested_code, offset], empty tensors for the absent ones, param = blocksize), "int4g" (base =
@@ -174,6 +177,31 @@ def backward_plan(dy, x, fmt, base, param, a, b, xs, s, p, seed):
 def _check_grad_dtype(dy: torch.Tensor, x: torch.Tensor) -> None:
     if dy.dtype != x.dtype:
         raise KindredValueError(f"the gradient of y has dtype {dy.dtype}, expected {x.dtype}")
+
+
+class LoraLinearFunction(torch.autograd.Function):
+    """kindred::lora_linear's autograd without the custom-op dispatch, for eager CUDA calls: the same plan,
+    saved tensors, outputs (y, xs) and errors. apply(x, base, base_format, base_param, a, b, bias, scaling,
+    dropout_p, seed) with the op's arguments (base a list of frozen tensors)."""
+
+    @staticmethod
+    def forward(ctx, x, base, base_format, base_param, a, b, bias, scaling, dropout_p, seed):
+        y, xs = forward_plan(x, base_format, base, base_param, a, b, bias, scaling, dropout_p, seed)
+        ctx.mark_non_differentiable(xs)
+        ctx.set_materialize_grads(False)  # no zero gradient is built for xs (never differentiable)
+        ctx.meta = (base_format, base_param, scaling, dropout_p)
+        ctx.save_for_backward(x, a, b, xs, seed, *base)
+        return y, xs
+
+    @staticmethod
+    def backward(ctx, dy, _dxs):
+        base_format, base_param, scaling, dropout_p = ctx.meta
+        x, a, b, xs, seed, *base = ctx.saved_tensors
+        _check_grad_dtype(dy, x)
+        dx, da, db = backward_plan(
+            dy.contiguous(), x, base_format, base, base_param, a, b, xs, scaling, dropout_p, seed
+        )
+        return dx, None, None, None, da, db, None, None, None, None
 
 
 def _dx_cuda_view(m: int, k: int, r: int, like: torch.Tensor) -> torch.Tensor:
