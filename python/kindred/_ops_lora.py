@@ -87,7 +87,7 @@ def _weight(fmt, base, param, n: int, k: int, r: int, like: torch.Tensor) -> tor
         return base[0]
     if fmt == "workspace":
         return base[0][:, :k]
-    w = _scratch(n, padded_width(k, r), like)[:, :k]
+    w = _scratch(n, padded_width(k, r), k, like)
     _dequantize_into(fmt, base, param, w)
     return w
 
@@ -96,19 +96,20 @@ def _workspace(fmt, base, param, b: torch.Tensor, s: float, k: int) -> torch.Ten
     """W' = [W | s·B], [N, K + r] (row stride padded_width): W copied or dequantized in, then s·B."""
     n, r = b.shape
     if fmt == "workspace":
-        ws = base[0]
+        ws = base[0][:, : k + r]
     else:
-        ws = _scratch(n, padded_width(k, r), b)
+        ws = _scratch(n, padded_width(k, r), k + r, b)
         if fmt == "dense":
             ws[:, :k].copy_(base[0])
         else:
             _dequantize_into(fmt, base, param, ws[:, :k])
-    torch.mul(b, s, out=ws[:, k : k + r])
-    return ws[:, : k + r]
+    torch.mul(b, s, out=ws[:, k:])
+    return ws
 
 
-def _scratch(n: int, width: int, like: torch.Tensor) -> torch.Tensor:
-    """An [n, width] view of the one scratch buffer of like's device and dtype, grown to the largest layer.
+def _scratch(n: int, width: int, cols: int, like: torch.Tensor) -> torch.Tensor:
+    """An [n, cols] view (row stride ``width``) of the one scratch buffer of like's device and dtype, grown to
+    the largest layer.
 
     Layers run one after another on one stream, so each dequantizes into the same memory after the previous
     GEMM that read it was queued: a model costs one largest-layer workspace, not one per layer shape."""
@@ -116,7 +117,7 @@ def _scratch(n: int, width: int, like: torch.Tensor) -> torch.Tensor:
     buf = _SCRATCH.get(key)
     if buf is None or buf.numel() < n * width:
         buf = _SCRATCH[key] = torch.zeros(n * width, dtype=like.dtype, device=like.device)
-    return buf[: n * width].view(n, width)
+    return buf.as_strided((n, cols), (width, 1))  # one view op: this runs twice per layer and step
 
 
 def scratch_workspaces() -> dict[tuple, torch.Tensor]:
@@ -161,7 +162,7 @@ def backward_plan(dy, x, fmt, base, param, a, b, xs, s, p, seed):
     m, k = x.shape
     r = b.shape[1]
     wp = _workspace(fmt, base, param, b, s, k)
-    full = x.new_empty(m, padded_width(k, r))[:, : k + r]
+    full = x.new_empty_strided((m, k + r), (padded_width(k, r), 1))
     torch.mm(dy, wp, out=full)
     dx, g = full[:, :k], full[:, k:]
     xd = _dropped(x, p, seed)
