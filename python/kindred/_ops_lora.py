@@ -26,6 +26,7 @@ forward and once in the backward.
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import _core
 from ._ops import _dequantize_int4g_into, _dequantize_nf4_into, opt_view, stream, view
@@ -128,9 +129,7 @@ def scratch_workspaces() -> dict[tuple, torch.Tensor]:
 @torch.library.custom_op("kindred::lora_dropout", mutates_args=())
 def lora_dropout(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
     """drop(x) for a 2-D x: kept elements scaled by 1 / (1 − p), the mask a counter hash of (seed, index)."""
-    out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    _core.lora_dropout(view(x, "x"), p, view(seed, "seed"), view(out, "out"), False, stream(x))
-    return out
+    return _dropout(x, p, seed)
 
 
 @lora_dropout.register_fake
@@ -143,8 +142,16 @@ def _dropout_into(src: torch.Tensor, p: float, seed: torch.Tensor, out: torch.Te
     _core.lora_dropout(view(src, "x"), p, view(seed, "seed"), view(out, "out"), True, stream(src))
 
 
+def _dropout(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    _core.lora_dropout(view(x, "x"), p, view(seed, "seed"), view(out, "out"), False, stream(x))
+    return out
+
+
 def _dropped(x: torch.Tensor, p: float, seed: torch.Tensor | None) -> torch.Tensor:
-    return x if p == 0.0 else lora_dropout(x, p, seed)
+    """drop(x) for the plans, which run only as real kernels (inside an op or LoraLinearFunction): the core
+    is called directly, without a second custom-op dispatch."""
+    return x if p == 0.0 else _dropout(x, p, seed)
 
 
 def forward_plan(x, fmt, base, param, a, b, bias, s, p, seed):
@@ -195,6 +202,7 @@ class LoraLinearFunction(torch.autograd.Function):
         return y, xs
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy, _dxs):
         base_format, base_param, scaling, dropout_p = ctx.meta
         x, a, b, xs, seed, *base = ctx.saved_tensors
