@@ -1,8 +1,8 @@
 """The ``kindred::lora_*`` custom ops: y = x·Wᵀ + s·(drop(x)·Aᵀ)·Bᵀ (+ bias) over a frozen W, and backward.
 
 CPU: the C++ reference (csrc/cpu/lora_cpu.cpp). CUDA: cuBLAS GEMMs through torch (``forward_plan``,
-``backward_plan``) plus kindred's dropout kernel; a 4-bit W is dequantized into a scratch workspace
-W' = [W | B] of shape [N, K + r] (row stride rounded up to 8 elements) shared by every layer:
+``backward_plan``) plus kindred's dropout kernel, around a workspace W' = [W | s·B] of shape [N, K + r] (row
+stride rounded up to 8 elements; a 4-bit W is dequantized into a scratch one shared by every layer):
 
 - forward: xs = s·drop(x)·Aᵀ ([M, r]); y = xs·Bᵀ (+ bias), a skinny GEMM (inner size r) that writes y; then
   y += x·Wᵀ with addmm(beta=1), so the main GEMM reads y once in its epilogue. Only W is needed: B is not
