@@ -301,6 +301,62 @@ def test_cuda_plan_run_on_cpu_matches_the_reference(m, k, n, r, kind, p):
     ) < (REL_ERR64 if x.dtype == torch.float64 else 1e-5)
 
 
+def lora_call(x, base, a, b, bias, p, kind, workspace=None):
+    """y, (dx, dA, dB) and y's grad_fn name of ops.lora_linear for dy = cos(index), x, a, b fresh leaves."""
+    x, a, b = (t.detach().clone().requires_grad_() for t in (x, a, b))
+    y = ops.lora_linear(x, base, a, b, 1.5, bias=bias, dropout_p=p, seed=2**33 + 5, workspace=workspace)
+    dy = torch.arange(y.numel(), dtype=y.dtype, device=y.device).reshape(y.shape).cos()
+    y.backward(dy)
+    return y.detach(), (x.grad, a.grad, b.grad), type(y.grad_fn).__name__
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("kind", ["dense", "workspace", "nf4", "int4g"])
+@pytest.mark.parametrize("m,k,n,r", [(3, 37, 29, 8), (117, 45, 61, 16), (5, 64, 96, 8), (9, 96, 40, 16)])
+def test_eager_function_matches_the_custom_op(m, k, n, r, kind, p, monkeypatch):
+    """The eager CUDA path (LoraLinearFunction around the plan), forced on the CPU through ops.lora_linear,
+    against the custom op (the C++ reference on the CPU): the same y and gradients (K > N and K <= N, bias,
+    dropout); and bitwise the plan itself, with the same saved tensors and xs as the op's autograd."""
+    if kind in ("nf4", "int4g") and k % 32:
+        pytest.skip("4-bit bases need K a multiple of 32")
+    x, w, a, b, bias = problem(m, k, n, r, seed=21)
+    base, workspace = w, None
+    if kind == "workspace":
+        workspace = ops.lora_workspace(w, r)
+        workspace[:, k:] = float("nan")  # scratch columns: the backward must write s·B over them
+        base = workspace[:, :k]
+    elif kind != "dense":
+        base, _ = make_base(kind, w)
+        x, a, b, bias = (t.float() for t in (x, a, b, bias))
+    poison_scratch()
+    y_op, grads_op, op_node = lora_call(x, base, a, b, bias, p, kind, workspace)
+    monkeypatch.setattr(ops.lora, "_eager", lambda t: True)
+    poison_scratch()
+    y_fn, grads_fn, fn_node = lora_call(x, base, a, b, bias, p, kind, workspace)
+    assert "LoraLinearFunction" in fn_node and "LoraLinearFunction" not in op_node
+    tol = REL_ERR64 if x.dtype == torch.float64 else REL_ERR[torch.float32]
+    for name, g, ref in zip(("y", "dx", "dA", "dB"), (y_fn, *grads_fn), (y_op, *grads_op), strict=True):
+        assert g.dtype == ref.dtype and g.shape == ref.shape
+        assert rel_err(g, ref) < tol, name
+
+    # Bitwise the plan called directly, and the op's saved tensors and outputs.
+    fmt, parts, param = ops.lora._base_args(base, x, workspace)[:3]
+    seed = ops.lora._seed_tensor(2**33 + 5, None, x.device) if p else None
+    y_plan, xs_plan = _ops_lora.forward_plan(x, fmt, parts, param, a, b, bias, 1.5, p, seed)
+    dy = torch.arange(m * n, dtype=x.dtype).reshape(m, n).cos()
+    grads_plan = _ops_lora.backward_plan(dy, x, fmt, parts, param, a, b, xs_plan, 1.5, p, seed)
+    assert torch.equal(y_fn, y_plan)
+    for g, ref in zip(grads_fn, grads_plan, strict=True):
+        assert torch.equal(g, ref)
+    args = (x, parts, fmt, param, a.clone().requires_grad_(), b, bias, 1.5, p, seed)
+    (y1, xs1), (y2, xs2) = _ops_lora.LoraLinearFunction.apply(*args), torch.ops.kindred.lora_linear(*args)
+    assert torch.equal(xs1, xs_plan) and rel_err(xs1, xs2) < tol and not xs1.requires_grad
+    saved1, saved2 = y1.grad_fn.saved_tensors, y2.grad_fn.saved_tensors
+    assert len(saved1) == len(saved2)
+    for t1, t2 in zip(saved1, saved2, strict=True):  # the inputs themselves; xs by value
+        assert (t1 is None and t2 is None) or t1.data_ptr() == t2.data_ptr() or rel_err(t1, t2) < tol
+
+
 # ---- CUDA: cuBLAS plan and dropout kernel vs the CPU reference --------------------------------------------
 
 GPU_CASES = [(1, 64, 96, 8), (3, 96, 40, 16), (117, 160, 72, 8), (130, 256, 512, 64), (64, 512, 128, 128)]
@@ -364,3 +420,40 @@ def test_cuda_workspace_path_and_poisoned_scratch():
         ops.lora_linear(*(t.double().cuda() for t in (x, w, a, b)), 1.0)
     with pytest.raises(KindredValueError, match="base is on cpu but x is on cuda"):
         ops.lora_linear(x.cuda(), w, a.cuda(), b.cuda(), 1.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("p", [0.0, 0.2])
+@pytest.mark.parametrize("kind", ["dense", "nf4", "int4g"])
+@pytest.mark.parametrize("m,k,n,r", [(130, 256, 512, 64), (64, 512, 128, 16)])
+def test_cuda_eager_function_is_the_custom_op_bitwise(m, k, n, r, kind, p):
+    """Eager CUDA calls take LoraLinearFunction; the custom op (what torch.compile traces) runs the same
+    plan: bitwise the same y and gradients; compiled, the same within bf16 rounding."""
+    x, w, a, b, bias = (t.to(torch.bfloat16).cuda() for t in problem(m, k, n, r, seed=4))
+    base = make_base(kind, w)[0]
+    poison_scratch()
+    y_fn, grads_fn, node = lora_call(x, base, a, b, bias, p, kind)
+    assert "LoraLinearFunction" in node
+    fmt, parts, param = ops.lora._base_args(base, x, None)[:3]
+    seed = ops.lora._seed_tensor(2**33 + 5, None, x.device) if p else None
+    xo, ao, bo = (t.clone().requires_grad_() for t in (x, a, b))
+    y_op, _ = torch.ops.kindred.lora_linear(xo, parts, fmt, param, ao, bo, bias, 1.5, p, seed)
+    assert "LoraLinearFunction" not in type(y_op.grad_fn).__name__
+    dy = torch.arange(m * n, dtype=x.dtype, device=x.device).reshape(m, n).cos()
+    y_op.backward(dy)
+    for name, g, ref in zip(
+        ("y", "dx", "dA", "dB"), (y_fn, *grads_fn), (y_op, xo.grad, ao.grad, bo.grad), strict=True
+    ):
+        assert torch.equal(g, ref), name
+
+    def step(x, a, b):
+        return ops.lora_linear(x, base, a, b, 1.5, bias=bias, dropout_p=p, seed=seed)
+
+    xc, ac, bc = (t.clone().requires_grad_() for t in (x, a, b))
+    torch.compiler.reset()  # a fresh cache per case: each one's closure would count as a recompile
+    y_c = torch.compile(step, backend="aot_eager", fullgraph=True)(xc, ac, bc)
+    y_c.backward(dy)
+    for name, g, ref in zip(
+        ("y", "dx", "dA", "dB"), (y_c, xc.grad, ac.grad, bc.grad), (y_fn, *grads_fn), strict=True
+    ):
+        assert rel_err(g, ref) < REL_ERR[torch.bfloat16], name

@@ -133,6 +133,11 @@ def test_4bit_base_forward_and_merge(quant):
         # ... and unmerging restores the 4-bit tensors exactly.
         layer.unmerge()
         assert layer.base_layer is base and torch.equal(base.quantized.packed, packed)
+        # The module keeps the base's quantized tensors between calls: a load of other weights is seen.
+        other = Linear4bit.from_linear(seeded_linear(128, 48, seed=5), quant=quant)
+        base.load_state_dict(other.state_dict())
+        ref = x @ other.dequantize(torch.float32).T + other.bias + 2.0 * (x @ a.T) @ b.T
+        assert rel_err(layer(x), ref) < 1e-5
 
 
 def test_apply_lora_targets_and_merge_lora():
@@ -296,6 +301,7 @@ def test_cuda_module_matches_cpu(quant):
     randomize_b(cpu, 8)
     with torch.no_grad():
         cpu.lora_B["default"].weight.copy_(cpu.lora_B["default"].weight.bfloat16())
+        cpu(randn((3, 256), torch.bfloat16))  # a call before the move: nothing of it may stay on the CPU
     gpu = copy.deepcopy(cpu).cuda()
     x = randn((2, 65, 256), torch.bfloat16, scale=1.0)
     xc, xg = x.clone().requires_grad_(), x.cuda().requires_grad_()

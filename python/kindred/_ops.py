@@ -29,16 +29,11 @@ def view(t: torch.Tensor, name: str = "tensor") -> _core.TensorView:
     """A TensorView of ``t`` (no copy); ``name`` goes into the error for an unsupported dtype."""
     if not isinstance(t, torch.Tensor):
         raise KindredValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _DTYPE_NAMES:
+    dtype = _DTYPE_NAMES.get(t.dtype)
+    if dtype is None:
         raise KindredValueError(f"{name} has unsupported dtype {t.dtype}")
-    return _core.TensorView(
-        t.data_ptr(),
-        _DTYPE_NAMES[t.dtype],
-        list(t.shape),
-        list(t.stride()),
-        t.device.type,
-        t.device.index or 0,
-    )
+    device = t.device  # read once: each call builds a new torch.device (views are made per kernel call)
+    return _core.TensorView(t.data_ptr(), dtype, t.shape, t.stride(), device.type, device.index or 0)
 
 
 def opt_view(t: torch.Tensor | None, name: str) -> _core.TensorView | None:

@@ -1,29 +1,32 @@
 """The ``kindred::lora_*`` custom ops: y = x·Wᵀ + s·(drop(x)·Aᵀ)·Bᵀ (+ bias) over a frozen W, and backward.
 
-CPU: the C++ reference (csrc/cpu/lora_cpu.cpp). CUDA: cuBLAS GEMMs through torch around a persistent
-workspace W' = [W | B] of shape [N, K + r] (row stride rounded up to 8 elements), plus kindred's dropout
-kernel:
+CPU: the C++ reference (csrc/cpu/lora_cpu.cpp). CUDA: cuBLAS GEMMs through torch (``forward_plan``,
+``backward_plan``) plus kindred's dropout kernel, around a workspace W' = [W | s·B] of shape [N, K + r] (row
+stride rounded up to 8 elements; a 4-bit W is dequantized into a scratch one shared by every layer):
 
-- forward, K <= N: X' = [x | s·drop(x)·Aᵀ] (M × (K + r)) and y = X'·W'ᵀ (+ bias) in one GEMM. The extra cost
-  is one copy of x (M·K read + written).
-- forward, K > N: y = x·Wᵀ (+ bias), then y += (s·drop(x)·Aᵀ)·Bᵀ with addmm(beta=1). The extra cost is one
-  read + write of y (M·N). The rule picks whichever of the two extra passes moves fewer bytes.
-- backward: one GEMM dY·W' = [dY·W | g] with g = dY·B; dX = its first K columns, += s·g·A in place (addmm, or
-  through the dropout mask when p > 0); dA = s·gᵀ·drop(x); dB = dYᵀ·xs.
+- forward: xs = s·drop(x)·Aᵀ ([M, r]); y = xs·Bᵀ (+ bias), a skinny GEMM (inner size r) that writes y; then
+  y += x·Wᵀ with addmm(beta=1), so the main GEMM reads y once in its epilogue. Only W is needed: B is not
+  copied into the workspace, x is not copied either.
+- backward: one GEMM dY·W' = [dY·W | g] with W' = [W | s·B], so g = s·dY·B; dX = its first K columns,
+  += g·A in place (addmm, or through the dropout mask when p > 0); dA = gᵀ·drop(x); dB = dYᵀ·xs.
 
-Saved for the backward: x (not drop(x): the mask is recomputed from its seed) and xs = s·drop(x)·Aᵀ
-([M, r]); g is recomputed as part of the dX GEMM; nothing [M, N]-sized is kept.
+Saved for the backward: x (not drop(x): the mask is recomputed from its seed) and xs; g is recomputed as part
+of the dX GEMM; nothing [M, N]-sized is kept.
+
+Eager CUDA calls run through ``LoraLinearFunction`` (a plain autograd.Function around the same plan: the
+custom op's dispatch costs more host time than the step's small ops); torch.compile and the CPU use the op.
 
 Base formats: "dense" (base = [W]), "workspace" (base = [W'], a [N, >= K + r] buffer whose first K columns are
-W: the op writes B into columns K..K+r, which are scratch by contract), "nf4" (base = [packed, absmax,
+W: the backward writes s·B into columns K..K+r, which are scratch by contract), "nf4" (base = [packed, absmax,
 nested_absmax, nested_code, offset], empty tensors for the absent ones, param = blocksize), "int4g" (base =
-[packed, scales, zeros], param = group_size). A 4-bit base is dequantized into a workspace shared by every
-layer of the same shape, once in the forward and once in the backward.
+[packed, scales, zeros], param = group_size). A 4-bit base is dequantized into the shared scratch once in the
+forward and once in the backward.
 """
 
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import _core
 from ._ops import _dequantize_int4g_into, _dequantize_nf4_into, opt_view, stream, view
@@ -67,34 +70,47 @@ def dense_base(fmt: str, base: list[torch.Tensor], param: int, n: int, k: int, d
     return q.dequantize(dtype)
 
 
-def _workspace(fmt, base, param, b: torch.Tensor, k: int) -> torch.Tensor:
-    """W' = [W | B], [N, K + r] (row stride padded_width), B copied in; for a 4-bit base W is dequantized."""
+def _dequantize_into(fmt, base, param, out: torch.Tensor) -> None:
+    """out [N, K] = the dequantized 4-bit base, written in place (rows of ``out`` may be strided)."""
+    n, k = out.shape
+    if fmt == "nf4" and k % param:  # NF4 blocks straddle rows: dequantize flat, then copy
+        out.copy_(quantized_base(fmt, base, param, n, k, out.dtype).dequantize(out.dtype))
+    elif fmt == "nf4":  # straight into out, without a second custom-op dispatch
+        packed, absmax, nested_absmax, nested_code, offset = base
+        _dequantize_nf4_into(out, packed, absmax, _opt(nested_absmax), _opt(nested_code), _opt(offset), param)
+    else:
+        _dequantize_int4g_into(out, *base, param)
+
+
+def _weight(fmt, base, param, n: int, k: int, r: int, like: torch.Tensor) -> torch.Tensor:
+    """W [N, K]: a view of a dense or workspace base; a 4-bit base dequantized into the scratch workspace."""
+    if fmt == "dense":
+        return base[0]
+    if fmt == "workspace":
+        return base[0][:, :k]
+    w = _scratch(n, padded_width(k, r), k, like)
+    _dequantize_into(fmt, base, param, w)
+    return w
+
+
+def _workspace(fmt, base, param, b: torch.Tensor, s: float, k: int) -> torch.Tensor:
+    """W' = [W | s·B], [N, K + r] (row stride padded_width): W copied or dequantized in, then s·B."""
     n, r = b.shape
     if fmt == "workspace":
-        ws = base[0]
+        ws = base[0][:, : k + r]
     else:
-        ws = _scratch(n, padded_width(k, r), b)
+        ws = _scratch(n, padded_width(k, r), k + r, b)
         if fmt == "dense":
             ws[:, :k].copy_(base[0])
         else:
-            whole_blocks = k % (param if fmt == "nf4" else 1) == 0
-            if whole_blocks:  # straight into the workspace, without a second custom-op dispatch
-                if fmt == "nf4":
-                    packed, absmax, nested_absmax, nested_code, offset = base
-                    _dequantize_nf4_into(
-                        ws[:, :k], packed, absmax, _opt(nested_absmax), _opt(nested_code), _opt(offset), param
-                    )
-                else:
-                    _dequantize_int4g_into(ws[:, :k], *base, param)
-            else:  # NF4 blocks straddle rows: dequantize flat, then copy
-                q = quantized_base(fmt, base, param, n, k, b.dtype)
-                ws[:, :k].copy_(q.dequantize(b.dtype))
-    ws[:, k : k + r].copy_(b)
-    return ws[:, : k + r]
+            _dequantize_into(fmt, base, param, ws[:, :k])
+    torch.mul(b, s, out=ws[:, k:])
+    return ws
 
 
-def _scratch(n: int, width: int, like: torch.Tensor) -> torch.Tensor:
-    """An [n, width] view of the one scratch buffer of like's device and dtype, grown to the largest layer.
+def _scratch(n: int, width: int, cols: int, like: torch.Tensor) -> torch.Tensor:
+    """An [n, cols] view (row stride ``width``) of the one scratch buffer of like's device and dtype, grown to
+    the largest layer.
 
     Layers run one after another on one stream, so each dequantizes into the same memory after the previous
     GEMM that read it was queued: a model costs one largest-layer workspace, not one per layer shape."""
@@ -102,7 +118,7 @@ def _scratch(n: int, width: int, like: torch.Tensor) -> torch.Tensor:
     buf = _SCRATCH.get(key)
     if buf is None or buf.numel() < n * width:
         buf = _SCRATCH[key] = torch.zeros(n * width, dtype=like.dtype, device=like.device)
-    return buf[: n * width].view(n, width)
+    return buf.as_strided((n, cols), (width, 1))  # one view op: this runs twice per layer and step
 
 
 def scratch_workspaces() -> dict[tuple, torch.Tensor]:
@@ -113,9 +129,7 @@ def scratch_workspaces() -> dict[tuple, torch.Tensor]:
 @torch.library.custom_op("kindred::lora_dropout", mutates_args=())
 def lora_dropout(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
     """drop(x) for a 2-D x: kept elements scaled by 1 / (1 − p), the mask a counter hash of (seed, index)."""
-    out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    _core.lora_dropout(view(x, "x"), p, view(seed, "seed"), view(out, "out"), False, stream(x))
-    return out
+    return _dropout(x, p, seed)
 
 
 @lora_dropout.register_fake
@@ -128,47 +142,75 @@ def _dropout_into(src: torch.Tensor, p: float, seed: torch.Tensor, out: torch.Te
     _core.lora_dropout(view(src, "x"), p, view(seed, "seed"), view(out, "out"), True, stream(src))
 
 
+def _dropout(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    _core.lora_dropout(view(x, "x"), p, view(seed, "seed"), view(out, "out"), False, stream(x))
+    return out
+
+
 def _dropped(x: torch.Tensor, p: float, seed: torch.Tensor | None) -> torch.Tensor:
-    return x if p == 0.0 else lora_dropout(x, p, seed)
+    """drop(x) for the plans, which run only as real kernels (inside an op or LoraLinearFunction): the core
+    is called directly, without a second custom-op dispatch."""
+    return x if p == 0.0 else _dropout(x, p, seed)
 
 
 def forward_plan(x, fmt, base, param, a, b, bias, s, p, seed):
     """The CUDA forward as torch ops (runs on any device; tests run it on the CPU against the reference)."""
-    m, k = x.shape
+    k = x.shape[1]
     n, r = b.shape
-    xd = _dropped(x, p, seed)
-    wp = _workspace(fmt, base, param, b, k)
-    if k <= n:
-        xp = torch.empty(m, padded_width(k, r), dtype=x.dtype, device=x.device)[:, : k + r]
-        xp[:, :k].copy_(x)
-        xs = xp[:, k:]
-        torch.mm(xd, a.t(), out=xs)
-        xs.mul_(s)
-        y = torch.mm(xp, wp.t()) if bias is None else torch.addmm(bias, xp, wp.t())
-        return y, xs.clone()
-    w = wp[:, :k]
-    y = torch.mm(x, w.t()) if bias is None else torch.addmm(bias, x, w.t())
-    xs = torch.mm(xd, a.t()).mul_(s)
-    y.addmm_(xs, b.t())
+    xs = torch.mm(_dropped(x, p, seed), a.t()).mul_(s)
+    y = torch.mm(xs, b.t()) if bias is None else torch.addmm(bias, xs, b.t())
+    y.addmm_(x, _weight(fmt, base, param, n, k, r, x).t())
     return y, xs
 
 
 def backward_plan(dy, x, fmt, base, param, a, b, xs, s, p, seed):
-    """The CUDA backward as torch ops: one GEMM dY·[W | B], dX += s·g·A in place (masked when p > 0)."""
+    """The CUDA backward as torch ops: one GEMM dY·[W | s·B], dX += g·A in place (masked when p > 0)."""
     m, k = x.shape
     r = b.shape[1]
-    wp = _workspace(fmt, base, param, b, k)
-    full = x.new_empty(m, padded_width(k, r))[:, : k + r]
+    wp = _workspace(fmt, base, param, b, s, k)
+    full = x.new_empty_strided((m, k + r), (padded_width(k, r), 1))
     torch.mm(dy, wp, out=full)
     dx, g = full[:, :k], full[:, k:]
     xd = _dropped(x, p, seed)
-    da = torch.mm(g.t(), xd).mul_(s)
+    da = torch.mm(g.t(), xd)
     db = torch.mm(dy.t(), xs)
     if p == 0.0:
-        dx.addmm_(g, a, alpha=s)
+        dx.addmm_(g, a)
     else:
-        _dropout_into(torch.mm(g, a).mul_(s), p, seed, dx)
+        _dropout_into(torch.mm(g, a), p, seed, dx)
     return dx, da, db
+
+
+def _check_grad_dtype(dy: torch.Tensor, x: torch.Tensor) -> None:
+    if dy.dtype != x.dtype:
+        raise KindredValueError(f"the gradient of y has dtype {dy.dtype}, expected {x.dtype}")
+
+
+class LoraLinearFunction(torch.autograd.Function):
+    """kindred::lora_linear's autograd without the custom-op dispatch, for eager CUDA calls: the same plan,
+    saved tensors, outputs (y, xs) and errors. apply(x, base, base_format, base_param, a, b, bias, scaling,
+    dropout_p, seed) with the op's arguments (base a list of frozen tensors)."""
+
+    @staticmethod
+    def forward(ctx, x, base, base_format, base_param, a, b, bias, scaling, dropout_p, seed):
+        y, xs = forward_plan(x, base_format, base, base_param, a, b, bias, scaling, dropout_p, seed)
+        ctx.mark_non_differentiable(xs)
+        ctx.set_materialize_grads(False)  # no zero gradient is built for xs (never differentiable)
+        ctx.meta = (base_format, base_param, scaling, dropout_p)
+        ctx.save_for_backward(x, a, b, xs, seed, *base)
+        return y, xs
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy, _dxs):
+        base_format, base_param, scaling, dropout_p = ctx.meta
+        x, a, b, xs, seed, *base = ctx.saved_tensors
+        _check_grad_dtype(dy, x)
+        dx, da, db = backward_plan(
+            dy.contiguous(), x, base_format, base, base_param, a, b, xs, scaling, dropout_p, seed
+        )
+        return dx, None, None, None, da, db, None, None, None, None
 
 
 def _dx_cuda_view(m: int, k: int, r: int, like: torch.Tensor) -> torch.Tensor:
@@ -271,8 +313,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy, _dxs):
     base_format, base_param, scaling, dropout_p, nbase = ctx.meta
     x, a, b, xs, seed, *base = ctx.saved_tensors
-    if dy.dtype != x.dtype:
-        raise KindredValueError(f"the gradient of y has dtype {dy.dtype}, expected {x.dtype}")
+    _check_grad_dtype(dy, x)
     dx, da, db = lora_linear_backward(
         dy.contiguous(), x, base, base_format, base_param, a, b, xs, scaling, dropout_p, seed
     )

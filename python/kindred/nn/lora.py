@@ -14,6 +14,7 @@ from torch import nn
 
 from ..errors import KindredValueError
 from ..ops.lora import lora_linear, lora_scaling, lora_workspace
+from ..ops.quant import Int4gWeight, NF4Weight
 from .linear4bit import Linear4bit
 
 
@@ -65,6 +66,7 @@ class LoraLinear(nn.Module):
         self.merged_adapter: str | None = None
         self._quantized_base: Linear4bit | None = None
         self._workspace: torch.Tensor | None = None
+        self._quantized_cache: tuple | None = None
         self.add_adapter(adapter_name, r, alpha, dropout, rslora)
 
     def _err(self, msg: str) -> KindredValueError:
@@ -198,6 +200,21 @@ class LoraLinear(nn.Module):
         self._workspace = ws
         return ws
 
+    def _quantized(self, layer: Linear4bit) -> NF4Weight | Int4gWeight:
+        """layer.quantized, kept between calls (building it costs host time every step) and rebuilt when the
+        layer's tensors are replaced: .to() swaps the packed buffer, loading or re-quantizing the metadata."""
+        if torch.compiler.is_compiling():
+            return layer.quantized
+        packed, meta = layer._q_packed, layer._meta
+        cached = self._quantized_cache
+        if cached is None or cached[0] is not packed or cached[1] is not meta:
+            cached = self._quantized_cache = (packed, meta, layer.quantized)
+        return cached[2]
+
+    def _apply(self, fn, recurse=True):
+        self._quantized_cache = None  # it would keep the old device's tensors alive
+        return super()._apply(fn, recurse)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disabled or self.merged_adapter is not None:
             return self.base_layer(x)
@@ -207,7 +224,7 @@ class LoraLinear(nn.Module):
         bias = base_layer.bias
         try:
             if isinstance(base_layer, Linear4bit):
-                base, ws = base_layer.quantized, None
+                base, ws = self._quantized(base_layer), None
                 bias = None if bias is None else bias.to(x.dtype)
             else:
                 ws = self._dense_workspace(self.r[name])

@@ -169,11 +169,20 @@ def lora_linear(
         raise KindredValueError(f"scaling must be finite, got {scaling!r}")
     p = float(dropout_p) if training else 0.0
     seed_t = _seed_tensor(seed, generator, x.device) if p > 0.0 else None
-    x2 = x.reshape(-1, k).contiguous()
-    y, _ = torch.ops.kindred.lora_linear(
-        x2, parts, fmt, param, A.contiguous(), B.contiguous(), bias, float(scaling), p, seed_t
-    )
-    return y.reshape(*x.shape[:-1], n)
+    flat = x.dim() == 2  # no reshape either way (each would add an autograd node)
+    x2 = (x if flat else x.reshape(-1, k)).contiguous()
+    a, b, s = A.contiguous(), B.contiguous(), float(scaling)
+    if _eager(x):
+        y, _ = _ops_lora.LoraLinearFunction.apply(x2, parts, fmt, param, a, b, bias, s, p, seed_t)
+    else:
+        y, _ = torch.ops.kindred.lora_linear(x2, parts, fmt, param, a, b, bias, s, p, seed_t)
+    return y if flat else y.reshape(*x.shape[:-1], n)
+
+
+def _eager(x: torch.Tensor) -> bool:
+    """Whether the call takes the autograd.Function around the CUDA plan rather than the custom op: on CUDA
+    outside torch.compile (the op keeps its fake impl for tracing and the C++ reference on the CPU)."""
+    return x.is_cuda and not torch.compiler.is_compiling()
 
 
 def lora_dropout(x: torch.Tensor, p: float, seed: int | torch.Tensor) -> torch.Tensor:
