@@ -1,9 +1,9 @@
 """LoRA linear forward + backward (issue 5) at M = 8192 tokens against the frozen bf16 linear in the same run.
 
 Baseline: the frozen bf16 linear, y = x·Wᵀ forward and dX = dY·W backward (two cuBLAS GEMMs, no dW). Rows:
-kindred over a bf16 base (LoraLinear, [W | B] workspace), over NF4 and INT4g bases (dequantized into the
-shared workspace in the forward and again in the backward), PEFT's LoRA Linear on the bf16 base, and PEFT
-over bitsandbytes' NF4 Linear4bit when bitsandbytes imports. A step is y = layer(x) and
+kindred over a bf16 base (LoraLinear; its [W | s·B] workspace serves the backward), over NF4 and INT4g bases
+(dequantized into the shared workspace in the forward and again in the backward), PEFT's LoRA Linear on the
+bf16 base, and PEFT over bitsandbytes' NF4 Linear4bit when bitsandbytes imports. A step is y = layer(x) and
 autograd.grad(y, [x, A, B], dY); dropout 0 (PEFT's default). Times are device times (harness.time_cuda);
 the host time to issue one step is in the notes. Goals (issue 5): NF4 r=16 ≤ +15 % for
 4096→14336 and 14336→4096, ≤ +25 % for 4096→4096; bf16 r=64 ≤ +20 %.
