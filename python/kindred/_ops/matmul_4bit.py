@@ -1,22 +1,40 @@
-"""``kindred::matmul_4bit_{nf4,int4g}``: x · dequant(W)ᵀ for a frozen 4-bit W, with autograd for x.
+"""Custom ops of the matmul_4bit family: ``kindred::matmul_4bit`` (x · dequant(W)ᵀ for a frozen 4-bit W, with
+autograd for x) and ``kindred::matmul_4bit_decode`` (the same from W's decode layout, inference only).
 
-Paths: CPU → the core's Eigen implementation; CUDA with at most 16 rows (bf16/f16, K % 128 == 0) → the
-core's tensor-core decode kernel, which streams the 4-bit weight once; CUDA otherwise → dequantize into a
-fresh bf16/f16 workspace (≈2.6 TB/s on an H100) and one cuBLAS GEMM. Backward: dX = dY · dequant(W),
-dequantizing again rather than keeping a dense copy (no dW: the base weight is frozen).
+Paths of ``matmul_4bit``: CPU → the core's Eigen implementation; CUDA → dequantize into a fresh bf16/f16
+workspace (≈2.6 TB/s on an H100) and one cuBLAS GEMM. Backward: dX = dY · dequant(W), dequantizing again
+rather than keeping a dense copy (no dW: the base weight is frozen). The weight is a base list in the form of
+``kindred._ops.quant``.
 
-``kindred::matmul_4bit_decode`` reads a weight repacked for decoding (``ops.quant.repack_decode``): on CUDA
-the streaming decode kernel (M <= 16, bf16/f16), on the CPU the reference of that layout. Inference only.
+``matmul_4bit_decode`` reads a weight repacked for decoding (``ops.repack_decode``): on CUDA the streaming
+decode kernel, on the CPU the reference of that layout. ``decode_eligible`` is the one statement of when the
+CUDA decode kernel serves a call.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import _core
-from ._ops import dequantize_int4g, dequantize_nf4, opt_view, stream, view
+from .. import _core
+from .adapter import stream, view
+from .quant import core_weight, dequantize
 
 DECODE_MAX_ROWS: int = _core.DECODE_MAX_ROWS
+DECODE_CHUNK: int = _core.DECODE_CHUNK
+DECODE_FORMATS = {"nf4": _core.DECODE_NF4, "int4g": _core.DECODE_INT4G}
+
+
+def decode_eligible(x: torch.Tensor, rows: int, k: int) -> bool:
+    """Whether the CUDA decode kernel serves ``rows`` rows of ``x`` against in_features ``k``: on CUDA, at
+    most DECODE_MAX_ROWS rows of bf16 / f16, k a multiple of DECODE_CHUNK, and no gradient wanted (the
+    kernel has no backward). The core enforces the same limits (csrc/matmul_4bit.cpp)."""
+    return (
+        x.is_cuda
+        and rows <= DECODE_MAX_ROWS
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and k % DECODE_CHUNK == 0
+        and not (torch.is_grad_enabled() and x.requires_grad)
+    )
 
 
 def _dense_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -24,120 +42,43 @@ def _dense_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype == torch.float64 else dtype
 
 
-def _use_decode_kernel(x: torch.Tensor) -> bool:
-    return (
-        x.is_cuda
-        and x.shape[0] <= DECODE_MAX_ROWS
-        and x.dtype in (torch.bfloat16, torch.float16)
-        and x.shape[1] % 128 == 0
-    )
-
-
-@torch.library.custom_op("kindred::matmul_4bit_nf4", mutates_args=())
-def matmul_4bit_nf4(
-    x: torch.Tensor,
-    packed: torch.Tensor,
-    absmax: torch.Tensor,
-    nested_absmax: torch.Tensor | None,
-    nested_code: torch.Tensor | None,
-    offset: torch.Tensor | None,
-    blocksize: int,
-    n: int,
+@torch.library.custom_op("kindred::matmul_4bit", mutates_args=())
+def matmul_4bit(
+    x: torch.Tensor, base: list[torch.Tensor], base_format: str, base_param: int, n: int
 ) -> torch.Tensor:
-    """x [M, K] · dequant(W)ᵀ for an NF4 W of shape [n, K]."""
+    """x [M, K] · dequant(W)ᵀ for a 4-bit W of shape [n, K]."""
+    k = x.shape[1]
     if x.dtype == torch.float64:  # the float64 reference (gradcheck): the fp32 dequantized values, exactly
-        w = dequantize_nf4(
-            packed, absmax, nested_absmax, nested_code, offset, blocksize, [n, x.shape[1]], torch.float32
-        )
-        return x @ w.double().t()
-    if x.is_cuda and not _use_decode_kernel(x):
-        w = dequantize_nf4(
-            packed, absmax, nested_absmax, nested_code, offset, blocksize, [n, x.shape[1]], x.dtype
-        )
-        return x @ w.t()
+        return x @ dequantize(base, base_format, base_param, (n, k), torch.float32).double().t()
+    if x.is_cuda:
+        return x @ dequantize(base, base_format, base_param, (n, k), x.dtype).t()
     out = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
-    _core.matmul_4bit_nf4(
-        view(x, "x"),
-        view(packed, "packed"),
-        view(absmax, "absmax"),
-        opt_view(nested_absmax, "nested_absmax"),
-        opt_view(nested_code, "nested_code"),
-        opt_view(offset, "offset"),
-        blocksize,
-        n,
-        view(out, "out"),
-        stream(x),
-    )
+    w = core_weight(base, base_format, base_param)
+    if base_format == "nf4":
+        _core.matmul_4bit(view(x, "x"), w, n, view(out, "out"), stream(x))
+    else:
+        _core.matmul_4bit(view(x, "x"), w, view(out, "out"), stream(x))
     return out
 
 
-@matmul_4bit_nf4.register_fake
-def _(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, n):
+@matmul_4bit.register_fake
+def _(x, base, base_format, base_param, n):
     return x.new_empty(x.shape[0], n)
 
 
-def _nf4_setup(ctx, inputs, output):
-    x, packed, absmax, nested_absmax, nested_code, offset, blocksize, n = inputs
-    ctx.save_for_backward(packed, absmax, nested_absmax, nested_code, offset)
-    ctx.meta = (blocksize, n, x.shape[1], x.dtype)
+def _setup(ctx, inputs, output):
+    x, base, base_format, base_param, n = inputs
+    ctx.save_for_backward(*base)
+    ctx.meta = (base_format, base_param, n, x.shape[1], x.dtype)
 
 
-def _nf4_backward(ctx, grad):
-    packed, absmax, nested_absmax, nested_code, offset = ctx.saved_tensors
-    blocksize, n, k, dtype = ctx.meta
-    w = dequantize_nf4(
-        packed, absmax, nested_absmax, nested_code, offset, blocksize, [n, k], _dense_dtype(dtype)
-    )
-    return grad @ w.to(dtype), None, None, None, None, None, None, None
+def _backward(ctx, grad):
+    base_format, base_param, n, k, dtype = ctx.meta
+    w = dequantize(list(ctx.saved_tensors), base_format, base_param, (n, k), _dense_dtype(dtype))
+    return grad @ w.to(dtype), [None] * len(ctx.saved_tensors), None, None, None
 
 
-matmul_4bit_nf4.register_autograd(_nf4_backward, setup_context=_nf4_setup)
-
-
-@torch.library.custom_op("kindred::matmul_4bit_int4g", mutates_args=())
-def matmul_4bit_int4g(
-    x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int
-) -> torch.Tensor:
-    """x [M, K] · dequant(W)ᵀ for an INT4g W of shape [N, K]."""
-    if x.dtype == torch.float64:
-        return x @ dequantize_int4g(packed, scales, zeros, group_size, torch.float32).double().t()
-    if x.is_cuda and not _use_decode_kernel(x):
-        return x @ dequantize_int4g(packed, scales, zeros, group_size, x.dtype).t()
-    out = torch.empty(x.shape[0], packed.shape[0], dtype=x.dtype, device=x.device)
-    _core.matmul_4bit_int4g(
-        view(x, "x"),
-        view(packed, "packed"),
-        view(scales, "scales"),
-        view(zeros, "zeros"),
-        group_size,
-        view(out, "out"),
-        stream(x),
-    )
-    return out
-
-
-@matmul_4bit_int4g.register_fake
-def _(x, packed, scales, zeros, group_size):
-    return x.new_empty(x.shape[0], packed.shape[0])
-
-
-def _int4g_setup(ctx, inputs, output):
-    x, packed, scales, zeros, group_size = inputs
-    ctx.save_for_backward(packed, scales, zeros)
-    ctx.meta = (group_size, x.dtype)
-
-
-def _int4g_backward(ctx, grad):
-    packed, scales, zeros = ctx.saved_tensors
-    group_size, dtype = ctx.meta
-    w = dequantize_int4g(packed, scales, zeros, group_size, _dense_dtype(dtype))
-    return grad @ w.to(dtype), None, None, None, None
-
-
-matmul_4bit_int4g.register_autograd(_int4g_backward, setup_context=_int4g_setup)
-
-
-DECODE_FORMATS = {"nf4": 0, "int4g": 1}
+matmul_4bit.register_autograd(_backward, setup_context=_setup)
 
 
 @torch.library.custom_op("kindred::matmul_4bit_decode", mutates_args=())
@@ -146,7 +87,8 @@ def matmul_4bit_decode(
 ) -> torch.Tensor:
     """x [M, K] · dequant(W)ᵀ for W [n, k] in the decode layout ``data`` (format ``fmt``)."""
     out = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
-    _core.matmul_4bit_decode(view(x, "x"), view(data, "data"), fmt, n, k, period, view(out, "out"), stream(x))
+    w = _core.DecodeWeight(view(data, "data"), fmt, n, k, period)
+    _core.matmul_4bit_decode(view(x, "x"), w, view(out, "out"), stream(x))
     return out
 
 
