@@ -197,3 +197,26 @@ def test_bad_arguments_are_named(family, kwargs, match):
 def test_bad_sampling_config_is_named(kwargs, match):
     with pytest.raises(KindredValueError, match=match):
         SamplingConfig(**kwargs)
+
+
+def test_padded_buckets_equal_the_exact_step(family):
+    """The shapes CUDA graphs run (batch padded to a power of two, attention over a length bucket, the
+    packed prefill padded), here eagerly on the CPU: the same tokens as the exact shapes."""
+    from kindred.generate.runner import Engine
+
+    model = family("gemma3")  # sliding windows: the per-row mask must slide in the padded step too
+    prompts = prompts_of([4, 19, 7, 2, 11], seed=6)
+    cfg = SamplingConfig(max_new_tokens=140)  # past the first length bucket (128)
+    full = generate(model, prompts, cfg)
+    stops = [full[0].tokens[30], full[3].tokens[2]]
+    exact = generate(model, prompts, cfg, stop_token_ids=stops)
+    assert len({c.new_tokens for c in exact}) > 1  # rows finish at different steps: the batch shrinks
+    engine = Engine.for_model(model)
+    engine.padded = True
+    try:
+        padded = generate(model, prompts, cfg, stop_token_ids=stops)
+    finally:
+        engine.padded = False
+        engine.release()
+    assert [c.tokens for c in padded] == [c.tokens for c in exact]
+    assert [c.finish_reason for c in padded] == [c.finish_reason for c in exact]

@@ -26,22 +26,25 @@ _PACK_MULTIPLE = 128  # CUDA prefill rows are padded to a power of two >= this (
 _ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> Engine
 
 
-def _pack_length(n: int, device: torch.device) -> int:
-    return max(_PACK_MULTIPLE, 1 << (n - 1).bit_length()) if device.type == "cuda" else n
+def _pack_length(n: int, padded: bool) -> int:
+    return max(_PACK_MULTIPLE, 1 << (n - 1).bit_length()) if padded else n
 
 
 class Engine:
     """Per-model state that outlives a call: the static cache, captured graphs and their static inputs.
 
-    ``Engine.for_model(model)`` returns the model's engine. ``use_graphs`` (default: on CUDA) switches the
-    CUDA graphs off, for comparison with the eager step; ``captures`` counts graph captures.
+    ``Engine.for_model(model)`` returns the model's engine. ``padded`` (default: on CUDA) runs each step
+    over the batch and length buckets of the graphs (else over the live rows and filled slots exactly);
+    ``use_graphs`` (default: on CUDA) replays the captured steps, off for the eager step over the same
+    shapes; ``captures`` counts graph captures; ``release()`` frees the cache and graphs.
     """
 
     def __init__(self, model: DecoderLM):
         self._model = weakref.ref(model)
         weight = model.model.embed_tokens.weight
         self.device, self.dtype = weight.device, weight.dtype
-        self.use_graphs = self.device.type == "cuda"
+        self.padded = self.device.type == "cuda"
+        self.use_graphs = self.padded
         self.captures = 0
         self.cache: StaticCache | None = None
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -71,7 +74,10 @@ class Engine:
 
     def reserve(self, rows: int, capacity: int) -> StaticCache:
         """A cache of at least ``rows`` × ``capacity`` (a new one drops the graphs that read the old)."""
-        cap = length_bucket(capacity) if self.use_graphs else capacity
+        if self.padded:  # room for the padded batch and the last length bucket
+            rows, cap = batch_bucket(rows), length_bucket(capacity)
+        else:
+            cap = capacity
         if self.cache is None or not self.cache.fits(rows, cap, self.dtype, self.device):
             old = self.cache
             rows = max(rows, old.rows if old else 0)
@@ -82,6 +88,10 @@ class Engine:
             self._tokens = torch.zeros(rows, dtype=torch.long, device=self.device)
             self._lengths = torch.zeros(rows, dtype=torch.long, device=self.device)
         return self.cache
+
+    def release(self) -> None:
+        """Free the cache and the graphs (the next call allocates and captures again)."""
+        self.cache, self.graphs, self._pool = None, {}, None
 
 
 class Runner:
@@ -103,7 +113,7 @@ class Runner:
         device, model = self.engine.device, self.model
         seqs = [self.seqs[r] for r in rows]
         n = sum(len(s) for s in seqs)
-        total = _pack_length(n, device)
+        total = _pack_length(n, self.engine.padded)
         flat = [t for s in seqs for t in s] + [0] * (total - n)
         bounds = [0]
         for s in seqs:
@@ -166,13 +176,16 @@ class Runner:
         e._tokens[:live].copy_(tokens)
         e._lengths[:live].copy_(torch.tensor(self.lens, device=e.device), non_blocking=True)
         self.lens = [n + 1 for n in self.lens]
-        if not e.use_graphs:
-            return self._decode(live, max(self.lens))
-        batch = batch_bucket(live)
-        if batch > live:
+        if e.padded:  # the shapes of the graphs, replayed or not (the same kernels: the same results)
+            batch, length = batch_bucket(live), length_bucket(max(self.lens))
             e._lengths[live:batch].zero_()  # padding rows write slot 0 of unused rows
-        graph, out = self._graph(batch, length_bucket(max(self.lens)))
-        graph.replay()
+        else:
+            batch, length = live, max(self.lens)
+        if e.use_graphs:
+            graph, out = self._graph(batch, length)
+            graph.replay()
+        else:
+            out = self._decode(batch, length)
         return out[:live]
 
     def keep(self, rows: list[int]) -> None:
