@@ -24,6 +24,7 @@ LAYERS = [
     "formats",
     "nn",
     "models",
+    "generate",
     "plan",
     "export",
     "train",

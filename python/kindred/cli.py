@@ -1,4 +1,4 @@
-"""The ``kindred`` command: ``kindred demo | train | tokens | plan | formats | info``."""
+"""The ``kindred`` command: ``kindred demo | train | generate | chat | tokens | plan | formats | info``."""
 
 from __future__ import annotations
 
@@ -48,6 +48,20 @@ def formats(args) -> int:
     return 0
 
 
+def generate(args) -> int:
+    """``kindred generate MODEL (--prompt TEXT | --messages FILE.jsonl)``: replies, time to first token."""
+    from .generate.cli import run_generate
+
+    return run_generate(args)
+
+
+def chat(args) -> int:
+    """``kindred chat MODEL``: an interactive chat in the terminal with the model's template."""
+    from .generate.cli import run_chat
+
+    return run_chat(args)
+
+
 def info(args) -> int:
     import torch
 
@@ -93,6 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="kindred-formats", help="output folder (default ./kindred-formats)")
     p.set_defaults(func=formats)
+    from .generate.cli import add_arguments as add_generation
+
+    p = sub.add_parser("generate", help="reply to a prompt or to each conversation of a chat JSONL file")
+    add_generation(p, chat=False)
+    p.set_defaults(func=generate)
+    p = sub.add_parser("chat", help="chat with a model (and adapter) in the terminal")
+    add_generation(p, chat=True)
+    p.set_defaults(func=chat)
     sub.add_parser("info", help="build and device information").set_defaults(func=info)
     add_plan(sub).set_defaults(func=lambda a: __import__("kindred.plan.cli", fromlist=["run"]).run(a))
     add_tokens(sub)

@@ -12,6 +12,7 @@ import re
 import torch
 from torch import nn
 
+from .._ops.matmul_4bit import decode_eligible
 from ..errors import KindredValueError
 from ..ops.lora import lora_linear, lora_scaling, lora_workspace
 from ..weights import Int4gWeight, NF4Weight
@@ -215,6 +216,16 @@ class LoraLinear(nn.Module):
         self._quantized_cache = None  # it would keep the old device's tensors alive
         return super()._apply(fn, recurse)
 
+    def _serves_decode(self, x: torch.Tensor, a: torch.Tensor) -> bool:
+        """Rows the base's decode kernel serves (``decode_eligible``), without dropout or gradients."""
+        return (
+            x.dtype == a.dtype
+            and x.shape[-1] == self.in_features
+            and decode_eligible(x, x.numel() // self.in_features, self.in_features)
+            and not (torch.is_grad_enabled() and a.requires_grad)
+            and not (self.training and self.lora_dropout[self.active_adapter] > 0)
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disabled or self.merged_adapter is not None:
             return self.base_layer(x)
@@ -222,6 +233,11 @@ class LoraLinear(nn.Module):
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
         base_layer = self.base_layer
         bias = base_layer.bias
+        if isinstance(base_layer, Linear4bit) and self._serves_decode(x, a):
+            # Decoding: the base's 4-bit GEMV (its decode kernel), then the small s·(x·Aᵀ)·Bᵀ on top.
+            x2 = x.reshape(-1, self.in_features)
+            y = base_layer(x2).addmm_(x2 @ a.t(), b.t(), alpha=self.scaling[name])
+            return y.reshape(*x.shape[:-1], self.out_features)
         try:
             if isinstance(base_layer, Linear4bit):
                 base, ws = self._quantized(base_layer), None
