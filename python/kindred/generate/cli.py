@@ -12,7 +12,6 @@ from pathlib import Path
 
 from ..errors import KindredFormatError, KindredValueError
 from .config import SamplingConfig
-from .engine import generate, stop_token_ids
 
 ROLES = ("system", "user", "assistant")
 
@@ -84,6 +83,8 @@ def load(args) -> Loaded:
             merge_lora(model)
     template = get_template(args.template or guess_template(model.config.model_type, tokenizer))
     label = f"{path.name}" + (f" + {Path(args.adapter).name}" if args.adapter else "")
+    from .engine import stop_token_ids
+
     return Loaded(model.eval(), tokenizer, template, stop_token_ids(tokenizer, template.name), label)
 
 
@@ -166,6 +167,8 @@ def _stats(c) -> str:
 
 
 def run_generate(args) -> int:
+    from .engine import generate
+
     if (args.prompt is None) == (args.messages is None):
         raise KindredValueError("give exactly one of --prompt TEXT or --messages FILE.jsonl")
     cfg = sampling(args)  # bad settings fail before the model loads
@@ -219,6 +222,8 @@ HELP = "commands: /reset (forget the conversation), /system TEXT (set the system
 
 
 def run_chat(args) -> int:
+    from .engine import generate
+
     cfg = sampling(args)
     loaded = load(args)
     model = loaded.model
