@@ -8,6 +8,7 @@ packing), ``kindred.train`` (the QLoRA trainer; ``kindred.train(cfg)``), ``kindr
 
 from . import data, export, formats, models, nn, ops, train
 from ._core import cuda_compiled, sentencepiece_compiled
+from .doctor import doctor
 from .errors import KindredError, KindredFormatError, KindredValueError
 
 __version__ = "0.1.0"
@@ -17,6 +18,7 @@ __all__ = [
     "KindredValueError",
     "cuda_compiled",
     "data",
+    "doctor",
     "export",
     "formats",
     "models",
