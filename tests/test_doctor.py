@@ -2,6 +2,7 @@
 toolchain), the kernel-compatibility rules on real GPUs, and on a GPU what the driver actually loads."""
 
 import importlib.metadata
+import importlib.util
 import json
 import os
 import re
@@ -90,8 +91,10 @@ def test_report_matches_independent_sources():
         except importlib.metadata.PackageNotFoundError:
             version = None
         assert report["optional"][name] == version, name
-    gguf = pytest.importorskip("gguf")  # a test extra, quick to import: its own version string agrees
-    assert report["optional"]["gguf"] == gguf.__version__
+        # the import system agrees on what is there (without importing the heavy ones)
+        assert (
+            importlib.util.find_spec(name.replace("-cpp-python", "_cpp").replace("-", "_")) is not None
+        ) == (version is not None), name
     sass, ptx = parse_architectures(report["build"]["cuda_architectures"])
     assert (report["build"]["sass"], report["build"]["ptx"]) == (sass, ptx)
     assert bool(sass or ptx) == report["build"]["cuda"]
