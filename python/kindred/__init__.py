@@ -10,15 +10,17 @@ Subpackages are imported on first use (so ``kindred --help`` does not import tor
 import importlib
 
 from ._core import cuda_compiled, sentencepiece_compiled
+from .doctor import doctor
 from .errors import KindredError, KindredFormatError, KindredValueError
 
 __version__ = "0.1.0"
-_SUBPACKAGES = ("data", "export", "formats", "models", "nn", "ops", "plan", "train")
+_SUBPACKAGES = ("data", "export", "formats", "generate", "models", "nn", "ops", "plan", "train")
 __all__ = [
     "KindredError",
     "KindredFormatError",
     "KindredValueError",
     "cuda_compiled",
+    "doctor",
     "sentencepiece_compiled",
     *_SUBPACKAGES,
 ]

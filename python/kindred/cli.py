@@ -1,8 +1,9 @@
-"""The ``kindred`` command: ``kindred demo | train | generate | chat | tokens | plan | formats | info``."""
+"""The ``kindred`` command: ``demo | train | generate | chat | tokens | plan | formats | info | doctor``."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -75,6 +76,21 @@ def info(args) -> int:
     return 0
 
 
+def doctor(args) -> int:
+    """``kindred doctor [--short | --json]``: versions, CUDA, GPUs, kernel architectures, optional libs."""
+    from .doctor import doctor as make_report
+    from .doctor import print_report, short_line
+
+    report = make_report()
+    if args.json:
+        print(json.dumps(report, indent=2))
+    elif args.short:
+        print(short_line(report))
+    else:
+        print_report(report)
+    return 1 if report["problems"] else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .data.cli import add_parser as add_tokens
     from .plan.cli import add_parser as add_plan
@@ -116,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_generation(p, chat=True)
     p.set_defaults(func=chat)
     sub.add_parser("info", help="build and device information").set_defaults(func=info)
+    p = sub.add_parser("doctor", help="what this installation holds and whether its kernels fit the GPU")
+    p.add_argument("--short", action="store_true", help="one line")
+    p.add_argument("--json", action="store_true", help="the report as JSON")
+    p.set_defaults(func=doctor)
     add_plan(sub).set_defaults(func=lambda a: __import__("kindred.plan.cli", fromlist=["run"]).run(a))
     add_tokens(sub)
     return parser

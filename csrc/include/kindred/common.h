@@ -100,4 +100,14 @@ void check_same_device(const TensorView& a, const char* name_a, const TensorView
 // Set by the build: whether the CUDA implementations were compiled in.
 bool cuda_compiled();
 
+// CUDA builds only (kernels/device_info_cuda.cu): the CUDA runtime and driver versions (1000 * major + 10 *
+// minor; driver 0 when none is installed) and, for one device, the machine code the driver loaded for kindred's
+// kernels: binary sm_XY → XY and the PTX version it was compiled from (binary = 0 and `error` set when none
+// loads, e.g. no kernel image for that GPU).
+struct CudaLoadInfo {
+  int runtime = 0, driver = 0, binary = 0, ptx = 0;
+  std::string error;
+};
+CudaLoadInfo cuda_load_info(int device);
+
 }  // namespace kindred
