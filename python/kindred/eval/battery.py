@@ -76,6 +76,7 @@ class Test:
     description: str = ""
     lines: dict[str, int] = field(default_factory=dict)  # field -> line
     prefix: str = ""  # the test's field path in the file ("tests[3]" in YAML, "" in JSONL)
+    prompt_key: str = "prompt"  # "prompt" or "messages": the field the prompt was written in
 
     def where(self, key: str) -> str:
         """``file:line: field`` of one of this test's fields, for error messages."""
@@ -421,6 +422,7 @@ def _parse_test(lines: _Lines, path: tuple, raw, defaults: dict) -> Test:
         description=description,
         lines=test_lines,
         prefix=prefix,
+        prompt_key="messages" if "messages" in raw else "prompt",
     )
 
 
