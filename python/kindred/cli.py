@@ -1,4 +1,4 @@
-"""The ``kindred`` command: ``kindred demo | train | tokens | plan | formats | info``."""
+"""The ``kindred`` command: ``kindred demo | train | tokens | plan | eval | formats | info``."""
 
 from __future__ import annotations
 
@@ -152,6 +152,7 @@ def info(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .data.cli import add_parser as add_tokens
+    from .eval.cli import add_parser as add_eval
     from .plan.cli import add_parser as add_plan
 
     parser = argparse.ArgumentParser(prog="kindred", description="Fast, lean, predictable QLoRA on one GPU.")
@@ -185,11 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("info", help="build and device information").set_defaults(func=info)
     add_plan(sub).set_defaults(func=lambda a: __import__("kindred.plan.cli", fromlist=["run"]).run(a))
     add_tokens(sub)
+    add_eval(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from .eval.cli import with_default_subcommand
+
+    args = build_parser().parse_args(with_default_subcommand(sys.argv[1:] if argv is None else argv))
     try:
         return args.func(args)
     except KindredError as e:
