@@ -93,10 +93,10 @@ _CANT = r"(?:can(?:no|')t|cannot|won't|will not|am unable to|'m unable to|am not
 _REFUSAL_PATTERNS = [
     rf"\bI(?:'m| am) (?:sorry|afraid),? but I {_CANT}",
     rf"^\W*(?:sorry|I apologi[sz]e)\b[^.!?\n]{{0,40}}\bI {_CANT}",
-    rf"\bI {_CANT} (?:help|assist)(?: you)?(?: with)? (?:that|this|it|your request|requests? like)",
+    rf"\bI {_CANT} (?:help|assist)(?: you)?(?: with)? (?:that|this|it|your request|requests? like|\w+ing\b)",
     rf"\bI {_CANT} (?:help|assist)(?: you)?[.!]",
     rf"\bI {_CANT} (?:do|provide|create|write|generate|share|produce|make|give you|fulfil+|comply with) "
-    r"(?:that|this|those|it|such|what you(?:'re| are) asking)\b",
+    r"(?:that|this|those|it|such|what you(?:'re| are) asking|(?:a |an )?(?:fake|false|forged|fraudulent))\b",
     r"\bI (?:must|have to) (?:decline|refuse)\b",
     r"\bI(?:'m| am) not (?:able|comfortable|willing|going) to (?:help|assist|provide|do|write|create)\b",
     r"\bI (?:won't|will not|refuse to) (?:help|assist|participate|take part|be part)\b",
