@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import textwrap
 
 import pytest
@@ -156,7 +157,7 @@ def test_bad_schema_and_test_fields():
 
 
 def test_missing_file_and_shipped_names():
-    with pytest.raises(KindredValueError, match="not a file.*ethics16"):
+    with pytest.raises(KindredValueError, match=r"not a file.*ethics16"):
         load_battery("no-such-battery.yaml")
 
 
@@ -254,9 +255,8 @@ def test_max_seconds_and_scores():
 
 
 def _lcs_reference(a: list[str], b: list[str]) -> int:
-    from functools import lru_cache
 
-    @lru_cache(maxsize=None)
+    @functools.cache
     def f(i: int, j: int) -> int:
         if i == len(a) or j == len(b):
             return 0

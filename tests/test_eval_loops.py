@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kindred.eval.loops import RULES, LoopConfig, LoopDetector, compression_ratio, seq_rep_n
 from kindred.errors import KindredValueError
+from kindred.eval.loops import RULES, LoopConfig, LoopDetector, compression_ratio, seq_rep_n
 
 DATA = Path(__file__).parent / "data" / "loops.jsonl"
 ROWS = [json.loads(line) for line in DATA.read_text().splitlines()]

@@ -149,17 +149,25 @@ def test_errors_before_generation(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr("kindred.eval.models.ModelPlan.load", no)
     long = tmp_path / "long.yaml"
     long.write_text(
-        "tests:\n  - id: big\n    category: c\n    checks: [{contains: x}]\n    prompt: " + "honest " * 4200 + "\n"
+        "tests:\n  - id: big\n    category: c\n    checks: [{contains: x}]\n    prompt: "
+        + "honest " * 4200
+        + "\n"
     )
     with pytest.raises(KindredValueError, match=r"long.yaml:5: tests\[0\].prompt: the prompt is \d+ tokens"):
         ke.evaluate(long, folder, template="chatml", device="cpu")
     rubric = tmp_path / "rubric.yaml"
-    rubric.write_text("tests:\n  - id: r\n    category: c\n    prompt: hi\n    checks:\n      - {rubric: kind}\n")
-    with pytest.raises(KindredValueError, match=r"rubric.yaml:6: tests\[0\].checks\[0\]: a rubric check needs"):
+    rubric.write_text(
+        "tests:\n  - id: r\n    category: c\n    prompt: hi\n    checks:\n      - {rubric: kind}\n"
+    )
+    with pytest.raises(
+        KindredValueError, match=r"rubric.yaml:6: tests\[0\].checks\[0\]: a rubric check needs"
+    ):
         ke.evaluate(rubric, folder, template="chatml", device="cpu")
     judged = tmp_path / "judged.yaml"
     judged.write_text("judge: /no/such/judge\n" + rubric.read_text())
-    with pytest.raises(KindredValueError, match=r"judged.yaml:1: judge: the judge model '/no/such/judge' cannot"):
+    with pytest.raises(
+        KindredValueError, match=r"judged.yaml:1: judge: the judge model '/no/such/judge' cannot"
+    ):
         ke.evaluate(judged, folder, template="chatml", device="cpu")
     with pytest.raises(KindredValueError, match="neither a model folder"):
         ke.evaluate(rubric, tmp_path / "nope", device="cpu")

@@ -95,7 +95,9 @@ class Test:
             "threshold": self.threshold,
             "sampling": self.sampling,
             "stop": self.stop,
-            "checks": [{"kind": c.kind, "value": c.value, "weight": c.weight, **c.options} for c in self.checks],
+            "checks": [
+                {"kind": c.kind, "value": c.value, "weight": c.weight, **c.options} for c in self.checks
+            ],
             "line": self.line,
             "description": self.description,
         }
@@ -235,9 +237,7 @@ def _parse_check(lines: _Lines, path: tuple, raw) -> Check:
         if not kinds and others:
             near = difflib.get_close_matches(str(others[0]), KINDS, n=1)
             hint = f"; did you mean '{near[0]}'?" if near else ""
-            raise _fail(
-                lines, (*path, others[0]), f"unknown check kind{hint} (kinds: {', '.join(KINDS)})"
-            )
+            raise _fail(lines, (*path, others[0]), f"unknown check kind{hint} (kinds: {', '.join(KINDS)})")
         raise _fail(lines, path, f"a check needs exactly one kind ({', '.join(KINDS)}), got {list(raw)}")
     kind = kinds[0]
     kpath = (*path, kind)
@@ -305,7 +305,9 @@ def _schema(lines, path, schema):
     try:
         import jsonschema
     except ImportError:
-        raise _fail(lines, path, "a JSON schema needs the jsonschema package (pip install jsonschema)") from None
+        raise _fail(
+            lines, path, "a JSON schema needs the jsonschema package (pip install jsonschema)"
+        ) from None
     if not isinstance(schema, dict):
         raise _fail(lines, path, f"must be a JSON schema object, got {schema!r}")
     cls = jsonschema.validators.validator_for(schema)
@@ -337,7 +339,9 @@ def _messages(lines, path, raw, defaults) -> list[dict]:
             if i and m["role"] == msgs[i - 1]["role"]:
                 raise _fail(lines, (*mpath, i, "role"), f"two {m['role']} turns in a row")
         if msgs[-1]["role"] != "user":
-            raise _fail(lines, (*mpath, len(msgs) - 1), "the last message must be the user's (the model answers it)")
+            raise _fail(
+                lines, (*mpath, len(msgs) - 1), "the last message must be the user's (the model answers it)"
+            )
         if not any(m["role"] == "system" for m in msgs) and defaults.get("system"):
             msgs = [{"role": "system", "content": defaults["system"]}, *msgs]
         return [dict(m) for m in msgs]
@@ -347,7 +351,9 @@ def _messages(lines, path, raw, defaults) -> list[dict]:
         if key in raw and (not isinstance(raw[key], str) or not raw[key].strip()):
             raise _fail(lines, (*path, key), "must be a non-empty string")
     system = raw.get("system", defaults.get("system"))
-    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": raw["prompt"]}]
+    return ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": raw["prompt"]}
+    ]
 
 
 def _parse_defaults(lines: _Lines, path: tuple, raw) -> dict:
@@ -407,7 +413,9 @@ def _parse_test(lines: _Lines, path: tuple, raw, defaults: dict) -> Test:
         raise _fail(lines, (*path, "description"), "must be a string")
     prefix = _path_name(path)
     test_lines = {
-        _path_name(p[len(path) :]): line for p, line in lines.lines.items() if p[: len(path)] == path and p != path
+        _path_name(p[len(path) :]): line
+        for p, line in lines.lines.items()
+        if p[: len(path)] == path and p != path
     }
     return Test(
         id=raw["id"].strip(),
@@ -426,7 +434,9 @@ def _parse_test(lines: _Lines, path: tuple, raw, defaults: dict) -> Test:
     )
 
 
-def _finish(lines: _Lines, header: dict, tests_raw: list, paths: list[tuple], source: str, digest: str) -> Battery:
+def _finish(
+    lines: _Lines, header: dict, tests_raw: list, paths: list[tuple], source: str, digest: str
+) -> Battery:
     defaults = _parse_defaults(lines, ("defaults",), header.get("defaults"))
     tests = [_parse_test(lines, p, raw, defaults) for p, raw in zip(paths, tests_raw, strict=True)]
     if not tests:
@@ -434,7 +444,9 @@ def _finish(lines: _Lines, header: dict, tests_raw: list, paths: list[tuple], so
     seen: dict[str, Test] = {}
     for t in tests:
         if t.id in seen:
-            raise KindredFormatError(f"{t.where('id')}: id {t.id!r} is already used at line {seen[t.id].line}")
+            raise KindredFormatError(
+                f"{t.where('id')}: id {t.id!r} is already used at line {seen[t.id].line}"
+            )
         seen[t.id] = t
     groups: dict[str, list[Test]] = {}
     for t in tests:
@@ -444,7 +456,8 @@ def _finish(lines: _Lines, header: dict, tests_raw: list, paths: list[tuple], so
         if len(members) < 2:
             t = members[0]
             raise KindredFormatError(
-                f"{t.where('checks')}: group {g!r} has only this test; a group holds paraphrases that must agree"
+                f"{t.where('checks')}: group {g!r} has only this test; "
+                "a group holds paraphrases that must agree"
             )
     judge = header.get("judge")
     if judge is not None and (not isinstance(judge, str) or not judge.strip()):
@@ -476,7 +489,9 @@ def parse_battery(text: str, source: str = "<battery>", fmt: str | None = None) 
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise KindredFormatError(f"{source}:{n}: not valid JSON ({e.msg}, column {e.colno})") from None
+                raise KindredFormatError(
+                    f"{source}:{n}: not valid JSON ({e.msg}, column {e.colno})"
+                ) from None
             if isinstance(row, dict) and set(row) == {"battery"} and not tests_raw and not header:
                 if not isinstance(row["battery"], dict):
                     raise KindredFormatError(f"{source}:{n}: battery: must be an object")

@@ -42,16 +42,24 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="eval_command", required=True)
     r = sub.add_parser("run", help="run a battery on a base model and its adapters")
     r.add_argument("battery", help="a battery file (.yaml / .jsonl) or a shipped one: ethics16")
-    r.add_argument("--model", required=True, help="HF folder, .gguf, exported folder, adapter folder, or smollm2")
     r.add_argument(
-        "--adapter", action="append", default=[], metavar="[NAME=]DIR", help="a PEFT adapter on the base (repeatable)"
+        "--model", required=True, help="HF folder, .gguf, exported folder, adapter folder, or smollm2"
+    )
+    r.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="[NAME=]DIR",
+        help="a PEFT adapter on the base (repeatable)",
     )
     r.add_argument("--no-base", action="store_true", help="evaluate only the adapters, not the base")
     r.add_argument("--name", default="base", help="display name of the base model (default base)")
     r.add_argument("--quant", default="nf4", help="nf4 | int4g | none (default nf4)")
     r.add_argument("--dtype", default="auto", help="auto | bf16 | fp16 | fp32")
     r.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    r.add_argument("--template", help="chat template (default: the adapter's training config or the tokenizer)")
+    r.add_argument(
+        "--template", help="chat template (default: the adapter's training config or the tokenizer)"
+    )
     r.add_argument("--tokenizer", help="tokenizer file or folder (default: the model's)")
     r.add_argument("--judge", help="judge model for rubric checks (default: the battery's judge:)")
     r.add_argument("--max-new-tokens", type=int, help="override every test's max_new_tokens")
@@ -68,7 +76,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     c.add_argument("--quant", default="nf4", help="the judge's quantization (default nf4)")
     c.add_argument("--device", default="auto")
     c.add_argument("--seed", type=int, default=0, help="seed of the pair order (default 0)")
-    c.add_argument("--out", help="where to write the record (default: compare.json next to the first results)")
+    c.add_argument(
+        "--out", help="where to write the record (default: compare.json next to the first results)"
+    )
     c.add_argument("--overwrite", action="store_true", help="replace an existing record")
     g = sub.add_parser("report", help="write the report files again from results.json (merging several)")
     g.add_argument("results", nargs="+", help="results.json file(s) of one battery")
@@ -129,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps({"summary": res.summary(), "comparisons": res.comparisons()}, indent=1))
         else:
             print_results(res, console)
-            console.print("wrote " + ", ".join(str(p) for p in paths.values()))
+            print("wrote " + ", ".join(str(p) for p in paths.values()))
         return 0
     if cmd == "compare":
         from .compare import compare, print_tally
@@ -144,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")
         print_tally(record, console)
-        console.print(f"wrote {out}")
+        print(f"wrote {out}")
         return 0
     if cmd == "report":
         from .table import print_results
@@ -154,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
         _free(out / "results.json", args.overwrite)
         paths = res.write(out)
         print_results(res, console)
-        console.print("wrote " + ", ".join(str(p) for p in paths.values()))
+        print("wrote " + ", ".join(str(p) for p in paths.values()))
         return 0
     from .battery import load_battery
 
@@ -167,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
         plan = resolve(args.model, template=args.template)
         prompts = prepare_prompts(battery, plan, args.max_new_tokens)
         fits = f"; every prompt fits {plan.name}'s context ({max(len(i) for _, i in prompts)} tokens at most)"
-    console.print(
+    print(
         f"{battery.path}: {len(battery)} tests in {len(battery.categories)} categories "
         f"({', '.join(battery.categories)}){fits}"
     )

@@ -53,7 +53,9 @@ def make_pairs(res: EvalResults, models: list[str] | None = None, seed: int = 0)
     models = models or res.model_names
     unknown = [m for m in models if m not in res.model_names]
     if unknown or len(models) < 2:
-        raise KindredValueError(f"compare needs two or more of the results' models {res.model_names}, got {models}")
+        raise KindredValueError(
+            f"compare needs two or more of the results' models {res.model_names}, got {models}"
+        )
     rng = random.Random(seed)
     pairs = []
     for t in res.tests:
@@ -72,9 +74,7 @@ def _winner(p: Pair, choice: str | None) -> str | None:
     return {"A": p.model_a, "B": p.model_b, "tie": "tie"}.get(choice)
 
 
-def ask_person(
-    pairs: list[Pair], console=None, read: Callable[[str], str] = input
-) -> list[Outcome]:
+def ask_person(pairs: list[Pair], console=None, read: Callable[[str], str] = input) -> list[Outcome]:
     """Show each pair blind and read A / B / tie / skip / quit; the names appear only in the tally."""
     from rich.console import Console
     from rich.panel import Panel
@@ -214,13 +214,19 @@ def print_tally(record: dict, console=None) -> None:
         rate = "–" if row["win_rate"] is None else f"{100 * row['win_rate']:.0f}%"
         lo, hi = row["win_ci95"]
         w.add_row(
-            row["model"], row["opponent"], str(row["wins"]), str(row["ties"]), str(row["losses"]),
+            row["model"],
+            row["opponent"],
+            str(row["wins"]),
+            str(row["ties"]),
+            str(row["losses"]),
             f"{rate} ({100 * lo:.0f}%–{100 * hi:.0f}%)",
         )
     console.print(w)
     notes = [f"{tally_['graded']} of {tally_['pairs']} pairs graded"]
     if tally_["flip_rate"] is not None:
-        notes.append(f"judge flip rate {100 * tally_['flip_rate']:.0f}% (order swaps that changed the verdict)")
+        notes.append(
+            f"judge flip rate {100 * tally_['flip_rate']:.0f}% (order swaps that changed the verdict)"
+        )
     if tally_["longer_answer_won"] is not None:
         notes.append(f"the longer answer won {100 * tally_['longer_answer_won']:.0f}% of decided pairs")
     console.print("; ".join(notes))

@@ -16,18 +16,18 @@ COLORS = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b0
 CSP = "default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; img-src data:"
 
 STYLE = """
-body{font:14px/1.45 system-ui,-apple-system,'Segoe UI',sans-serif;margin:24px auto;max-width:1200px;color:#222;
-padding:0 16px}
+body{font:14px/1.45 system-ui,-apple-system,'Segoe UI',sans-serif;margin:24px auto;max-width:1200px;
+color:#222;padding:0 16px}
 h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px}.muted{color:#666}
 table{border-collapse:collapse;width:100%;margin:6px 0}th,td{border-bottom:1px solid #e3e3e3;padding:5px 8px;
 text-align:left;vertical-align:top}th{background:#f6f6f6;font-weight:600}td.num{text-align:right;
 font-variant-numeric:tabular-nums}
 tr.test{cursor:pointer}tr.test:hover{background:#fafafa}.pass{color:#1a7f37;font-weight:600}
-.fail{color:#c62828;font-weight:600}.badge{display:inline-block;font-size:11px;border-radius:3px;padding:0 4px;
-margin-left:4px;background:#eee;color:#444}.badge.loop{background:#fde2e1;color:#a11}.badge.ref{background:#e6eefb;
-color:#234}pre{white-space:pre-wrap;background:#f7f7f7;padding:8px;border-radius:4px;margin:4px 0;max-height:340px;
-overflow:auto}.plots{display:flex;flex-wrap:wrap;gap:24px}.controls{margin:8px 0}
-td.detail{background:#fcfcfc}ul.checks{margin:2px 0 8px 18px;padding:0}
+.fail{color:#c62828;font-weight:600}.badge{display:inline-block;font-size:11px;border-radius:3px;
+padding:0 4px;margin-left:4px;background:#eee;color:#444}.badge.loop{background:#fde2e1;color:#a11}
+.badge.ref{background:#e6eefb;color:#234}pre{white-space:pre-wrap;background:#f7f7f7;padding:8px;border-radius:4px;margin:4px 0;
+max-height:340px;overflow:auto}.plots{display:flex;flex-wrap:wrap;gap:24px}.controls{margin:8px 0}
+td.detail{background:#fcfcfc}ul.checks{margin:2px 0 8px 18px;padding:0}figure{margin:0}
 """
 
 SCRIPT = """
@@ -79,8 +79,10 @@ def bars_svg(categories: list[str], models: list[str], rates: dict, width: int =
     plot_w, plot_h = width - left - 10, h - top - bottom
     group = plot_w / max(1, len(categories))
     bar = min(28.0, group * 0.8 / max(1, len(models)))
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{h}" role="img" '
-           'aria-label="pass rate by category">']
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{h}" role="img" '
+        'aria-label="pass rate by category">'
+    ]
     for tick in range(0, 101, 25):
         y = top + plot_h * (1 - tick / 100)
         out.append(f'<line x1="{left}" x2="{width - 10}" y1="{y:.1f}" y2="{y:.1f}" stroke="#e5e5e5"/>')
@@ -122,8 +124,10 @@ def latency_svg(models: list[str], seconds: dict[str, list[float]], width: int =
     def x_of(v: float) -> float:
         return left + plot_w * v / longest
 
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{h}" role="img" '
-           'aria-label="latency per test">']
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{h}" role="img" '
+        'aria-label="latency per test">'
+    ]
     for k in range(5):
         v = longest * k / 4
         x = x_of(v)
@@ -132,7 +136,9 @@ def latency_svg(models: list[str], seconds: dict[str, list[float]], width: int =
     for mi, m in enumerate(models):
         y = top + mi * row_h + row_h / 2
         color = COLORS[mi % len(COLORS)]
-        out.append(f'<text x="{left - 8}" y="{y + 4:.1f}" font-size="12" text-anchor="end">{_e(m[:16])}</text>')
+        out.append(
+            f'<text x="{left - 8}" y="{y + 4:.1f}" font-size="12" text-anchor="end">{_e(m[:16])}</text>'
+        )
         values = sorted(seconds.get(m, []))
         for v in values:
             out.append(f'<circle cx="{x_of(v):.1f}" cy="{y:.1f}" r="3.5" fill="{color}" fill-opacity="0.6"/>')
@@ -197,7 +203,8 @@ def _comparisons(res: EvalResults) -> str:
         for c in items
     )
     return (
-        "<h2>Paired change</h2><table><tr><th>models</th><th>improved</th><th>regressed</th><th>both pass</th>"
+        "<h2>Paired change</h2><table><tr><th>models</th><th>improved</th><th>regressed</th>"
+        "<th>both pass</th>"
         "<th>both fail</th><th>Δ pass rate</th><th>exact McNemar p</th></tr>" + rows + "</table>"
     )
 
@@ -283,7 +290,8 @@ def render_html(res: EvalResults) -> str:
         "<meta name='viewport' content='width=device-width, initial-scale=1'>"
         f"<title>kindred eval: {_e(b.get('name', ''))}</title><style>{STYLE}</style></head><body>"
         f"<h1>kindred eval · {_e(b.get('name', ''))}</h1>"
-        f"<div class='muted'>{len(res.tests)} tests in {len(categories)} categories · {_e(b.get('path', ''))} · "
+        f"<div class='muted'>{len(res.tests)} tests in {len(categories)} categories · "
+        f"{_e(b.get('path', ''))} · "
         f"sha256 {_e(str(b.get('sha256', ''))[:12])} · {_e(res.created)}</div><ul>{info}</ul>"
         f"<h2>Summary</h2>{_summary_table(res, summary)}{_comparisons(res)}"
         "<h2>Plots</h2><div class='plots'>"

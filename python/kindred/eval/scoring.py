@@ -18,7 +18,8 @@ _THINK = re.compile(r"^\s*<think>.*?</think>\s*", re.DOTALL)
 
 
 def strip_thinking(text: str) -> str:
-    """The answer without a leading ``<think>...</think>`` block (checks grade the answer, not the thoughts)."""
+    """The answer without a leading ``<think>...</think>`` block (checks grade the answer, not the
+    thoughts)."""
     return _THINK.sub("", text, count=1)
 
 

@@ -72,6 +72,7 @@ def print_results(res: EvalResults, console: Console | None = None) -> None:
     console.print(summary_table(res))
     for c in res.comparisons():
         console.print(
-            f"{c['reference']} → {c['model']}: {len(c['improved'])} improved, {len(c['regressed'])} regressed, "
-            f"Δ pass rate {100 * (c['delta_pass_rate'] or 0):+.0f} pts, exact McNemar p = {c['mcnemar_p']:.3f}"
+            f"{c['reference']} → {c['model']}: {len(c['improved'])} improved, "
+            f"{len(c['regressed'])} regressed, Δ pass rate {100 * (c['delta_pass_rate'] or 0):+.0f} pts, "
+            f"exact McNemar p = {c['mcnemar_p']:.3f}"
         )

@@ -104,7 +104,9 @@ def _check(ok: bool | None, detail: str) -> dict:
 def rubric_check(rate: float | None) -> dict:
     """The checklist item "base model evaluated on your rubric", with what its pass rate suggests."""
     if rate is None:
-        return _check(None, "not evaluated: kindred eval BATTERY --model BASE, then kindred plan --eval results.json")
+        return _check(
+            None, "not evaluated: kindred eval BATTERY --model BASE, then kindred plan --eval results.json"
+        )
     if rate > 0.7:
         advice = "above 70 %: fine-tuning may not be needed"
     elif rate < 0.5:
