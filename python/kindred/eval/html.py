@@ -16,18 +16,19 @@ COLORS = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b0
 CSP = "default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; img-src data:"
 
 STYLE = """
-body{font:14px/1.45 system-ui,-apple-system,'Segoe UI',sans-serif;margin:24px auto;max-width:1200px;
-color:#222;padding:0 16px}
-h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px}.muted{color:#666}
-table{border-collapse:collapse;width:100%;margin:6px 0}th,td{border-bottom:1px solid #e3e3e3;padding:5px 8px;
-text-align:left;vertical-align:top}th{background:#f6f6f6;font-weight:600}td.num{text-align:right;
-font-variant-numeric:tabular-nums}
-tr.test{cursor:pointer}tr.test:hover{background:#fafafa}.pass{color:#1a7f37;font-weight:600}
-.fail{color:#c62828;font-weight:600}.badge{display:inline-block;font-size:11px;border-radius:3px;
-padding:0 4px;margin-left:4px;background:#eee;color:#444}.badge.loop{background:#fde2e1;color:#a11}
-.badge.ref{background:#e6eefb;color:#234}pre{white-space:pre-wrap;background:#f7f7f7;padding:8px;border-radius:4px;margin:4px 0;
-max-height:340px;overflow:auto}.plots{display:flex;flex-wrap:wrap;gap:24px}.controls{margin:8px 0}
-td.detail{background:#fcfcfc}ul.checks{margin:2px 0 8px 18px;padding:0}figure{margin:0}
+body{font:14px/1.45 system-ui,sans-serif;margin:24px auto;max-width:1200px;color:#222;padding:0 16px}
+h1{font-size:22px;margin:0 0 4px} h2{font-size:17px;margin:28px 0 8px} .muted{color:#666}
+table{border-collapse:collapse;width:100%;margin:6px 0}
+th,td{border-bottom:1px solid #e3e3e3;padding:5px 8px;text-align:left;vertical-align:top}
+th{background:#f6f6f6;font-weight:600} td.num{text-align:right;font-variant-numeric:tabular-nums}
+tr.test{cursor:pointer} tr.test:hover{background:#fafafa}
+.pass{color:#1a7f37;font-weight:600} .fail{color:#c62828;font-weight:600}
+.badge{display:inline-block;font-size:11px;border-radius:3px;padding:0 4px;margin-left:4px;background:#eee}
+.badge.loop{background:#fde2e1;color:#a11} .badge.ref{background:#e6eefb;color:#234}
+pre{white-space:pre-wrap;background:#f7f7f7;padding:8px;border-radius:4px;margin:4px 0;max-height:340px;
+overflow:auto}
+.plots{display:flex;flex-wrap:wrap;gap:24px} .controls{margin:8px 0} figure{margin:0}
+td.detail{background:#fcfcfc} ul.checks{margin:2px 0 8px 18px;padding:0}
 """
 
 SCRIPT = """
