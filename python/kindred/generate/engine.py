@@ -12,6 +12,7 @@ from ..errors import KindredValueError
 from ..models import DecoderLM
 from ..nn import lora_modules
 from .config import Completion, SamplingConfig
+from .runner import Engine, Runner
 from .sampling import choose, row_keys
 
 
@@ -95,43 +96,6 @@ def _adapters(mods: dict, adapter: bool | None):
             m.disabled = saved[name]
 
 
-class _EagerRunner:
-    """The reference decode: one row at a time, each with the model's own KVCache (DecoderLM.generate's)."""
-
-    def __init__(self, model: DecoderLM, prompts: list[list[int]], capacity: int):
-        from ..models import KVCache
-
-        self.model = model
-        device = model.model.embed_tokens.weight.device
-        dtype = model.model.embed_tokens.weight.dtype
-        self.caches = [KVCache(model.config, 1, capacity, dtype, device) for _ in prompts]
-        self.seqs = [list(p) for p in prompts]
-        self.device = device
-        rope = model.config.rope
-        self.switch = rope.original_max_position_embeddings if rope.rope_type == "longrope" else None
-
-    def _run(self, i: int, ids: list[int]) -> torch.Tensor:
-        cache = self.caches[i]
-        if self.switch is not None and cache.length <= self.switch < cache.length + len(ids):
-            cache.length, ids = 0, self.seqs[i]  # longrope: re-encode all past the original context
-        x = torch.tensor([ids], device=self.device)
-        return self.model._step(x, cache)[0, -1].float()
-
-    def prefill(self) -> torch.Tensor:
-        return torch.stack([self._run(i, s) for i, s in enumerate(self.seqs)])
-
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        out = []
-        for i, t in enumerate(tokens.tolist()):
-            self.seqs[i].append(t)
-            out.append(self._run(i, [t]))
-        return torch.stack(out)
-
-    def keep(self, rows: list[int]) -> None:
-        self.caches = [self.caches[j] for j in rows]
-        self.seqs = [self.seqs[j] for j in rows]
-
-
 class _Row:
     """The host-side state of one prompt while it generates."""
 
@@ -162,8 +126,7 @@ def _finish_text(row: _Row, tokenizer, stop_ids, stop_strings) -> str | None:
 def _run_batch(model, prompts, first_index, cfg, stop_ids, stop_strings, tokenizer, loop_detector, on_token):
     start = time.perf_counter()
     rows = [_Row(first_index + i, len(p)) for i, p in enumerate(prompts)]
-    capacity = max(len(p) for p in prompts) + cfg.max_new_tokens
-    runner = _EagerRunner(model, prompts, capacity)
+    runner = Runner(Engine.for_model(model), prompts, cfg.max_new_tokens)
     logits = runner.prefill()
     vocab = logits.shape[-1]
     seen = None
@@ -262,6 +225,11 @@ def generate(
         batch_size,
     )
     size = batch_size or len(prompts)
+    rope = model.config.rope
+    if rope.rope_type == "longrope" and max(map(len, prompts)) + cfg.max_new_tokens > (
+        rope.original_max_position_embeddings
+    ):
+        size = 1  # a row past the original context re-encodes itself with the long factors: alone
     was_training = model.training
     model.eval()
     out: list[Completion] = []

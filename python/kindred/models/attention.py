@@ -53,6 +53,8 @@ class AttentionContext:
     """What every layer of one forward needs to attend: documents, offset into a KV cache, the backend.
 
     ``q_len`` new queries follow ``past`` cached keys; documents (packing) apply when ``past`` is 0.
+    ``lengths`` [B] (decoding against a static cache, ``q_len`` 1): row b's query sits at slot lengths[b]
+    and sees slots 0..lengths[b] of the ``kv_len`` attended; later slots are masked.
     """
 
     q_len: int
@@ -60,6 +62,7 @@ class AttentionContext:
     device: torch.device
     doc_ids: torch.Tensor | None = None
     backend: str = "sdpa"
+    lengths: torch.Tensor | None = None
     _masks: dict = dataclasses.field(default_factory=dict)
 
     @property
@@ -75,6 +78,13 @@ class AttentionContext:
         return self._masks[window]
 
     def _bool_mask(self, window: int | None) -> torch.Tensor | None:
+        if self.lengths is not None:  # [B, 1, 1, kv_len]: per-row lengths of a static cache
+            q = self.lengths[:, None]
+            k = torch.arange(self.kv_len, device=self.device)[None, :]
+            allowed = k <= q
+            if window is not None:
+                allowed = allowed & (q - k < window)
+            return allowed[:, None, None, :]
         if self.doc_ids is None and window is None and (self.past == 0 or self.q_len == 1):
             return None  # plain causal (or a single decode step): no mask tensor
         q = torch.arange(self.past, self.kv_len, device=self.device)[:, None]
@@ -127,6 +137,12 @@ def attend(
             warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
             return flex_attention(q, k, v, block_mask=mask, scale=scale, enable_gqa=gqa)
     causal = mask is None and ctx.past == 0
+    if gqa and q.shape[2] == 1 and not causal:
+        # One query per row (decoding): the query heads sharing a kv head become rows against its keys, so
+        # the cache is read once per kv head instead of being repeated for every query head.
+        b, h, _, d = q.shape
+        rows = q.view(b, k.shape[1], h // k.shape[1], d)
+        return F.scaled_dot_product_attention(rows, k, v, attn_mask=mask, scale=scale).view(b, h, 1, d)
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa
     )

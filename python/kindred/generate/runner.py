@@ -1,0 +1,182 @@
+"""The engine behind kindred.generate: packed prefill, a static KV cache, CUDA-graph decode steps.
+
+Prefill packs a batch's prompts into one row with ``cu_seqlens`` (the model's packed attention:
+FlexAttention on CUDA, a document mask on the CPU) and writes each prompt's keys and values to its cache
+row; the logits are computed for the last token of each prompt only. Each decode step feeds one token per
+live row. On CUDA the step is captured once per (batch bucket, length bucket) and replayed; the graphs stay
+with the model's Engine across calls, keyed also by the LoRA state (which layers run their adapters), so a
+steady run captures nothing new (``Engine.captures`` counts). Finished rows leave the batch: live rows move
+to the front of the cache, and the step runs the next smaller batch bucket once it holds them all.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from ..models import DecoderLM
+from ..models.attention import AttentionContext, document_ids, pick_backend
+from ..nn import lora_modules
+from .cache import StaticCache, batch_bucket, length_bucket
+
+_PACK_MULTIPLE = 128  # CUDA prefill rows are padded to a power of two >= this (few FlexAttention compiles)
+
+
+_ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> Engine
+
+
+def _pack_length(n: int, device: torch.device) -> int:
+    return max(_PACK_MULTIPLE, 1 << (n - 1).bit_length()) if device.type == "cuda" else n
+
+
+class Engine:
+    """Per-model state that outlives a call: the static cache, captured graphs and their static inputs.
+
+    ``Engine.for_model(model)`` returns the model's engine. ``use_graphs`` (default: on CUDA) switches the
+    CUDA graphs off, for comparison with the eager step; ``captures`` counts graph captures.
+    """
+
+    def __init__(self, model: DecoderLM):
+        self._model = weakref.ref(model)
+        weight = model.model.embed_tokens.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        self.use_graphs = self.device.type == "cuda"
+        self.captures = 0
+        self.cache: StaticCache | None = None
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pool = None
+        self._tokens = self._lengths = None
+
+    @classmethod
+    def for_model(cls, model: DecoderLM) -> Engine:
+        engine = _ENGINES.get(model)
+        weight = model.model.embed_tokens.weight
+        if engine is None or engine.device != weight.device or engine.dtype != weight.dtype:
+            engine = _ENGINES[model] = cls(model)
+        return engine
+
+    @property
+    def model(self) -> DecoderLM:
+        return self._model()
+
+    def signature(self) -> tuple:
+        """What a captured step depends on besides shapes: the weights' storage, each LoRA layer's mode."""
+        m = self.model
+        loras = tuple(
+            (id(x), x.disabled, x.active_adapter, x.merged_adapter, id(x.base_layer))
+            for x in lora_modules(m).values()
+        )
+        return (m.model.embed_tokens.weight.data_ptr(), m.lm_head.weight.data_ptr(), loras)
+
+    def reserve(self, rows: int, capacity: int) -> StaticCache:
+        """A cache of at least ``rows`` × ``capacity`` (a new one drops the graphs that read the old)."""
+        cap = length_bucket(capacity) if self.use_graphs else capacity
+        if self.cache is None or not self.cache.fits(rows, cap, self.dtype, self.device):
+            old = self.cache
+            rows = max(rows, old.rows if old else 0)
+            cap = max(cap, old.capacity if old else 0)
+            self.cache = self.graphs = None
+            self.cache = StaticCache(self.model.config, rows, cap, self.dtype, self.device)
+            self.graphs = {}
+            self._tokens = torch.zeros(rows, dtype=torch.long, device=self.device)
+            self._lengths = torch.zeros(rows, dtype=torch.long, device=self.device)
+        return self.cache
+
+
+class Runner:
+    """One batch of prompts through the engine: ``prefill()``, then ``step(tokens)`` per new token, and
+    ``keep(rows)`` when rows finish. Each returns float32 logits [live rows, vocab]."""
+
+    def __init__(self, engine: Engine, prompts: list[list[int]], max_new_tokens: int):
+        self.engine, self.model = engine, engine.model
+        self.seqs = [list(p) for p in prompts]
+        self.lens = [len(p) for p in prompts]  # filled cache slots per live row (host copy: no syncs)
+        self.cache = engine.reserve(len(prompts), max(self.lens) + max_new_tokens)
+        self.signature = engine.signature() if engine.use_graphs else None
+        rope = self.model.config.rope
+        self.switch = rope.original_max_position_embeddings if rope.rope_type == "longrope" else None
+
+    def prefill(self, rows: list[int] | None = None) -> torch.Tensor:
+        """Encode self.seqs (or those of ``rows``) from slot 0; logits of each one's last token."""
+        rows = list(range(len(self.seqs))) if rows is None else rows
+        device, model = self.engine.device, self.model
+        seqs = [self.seqs[r] for r in rows]
+        n = sum(len(s) for s in seqs)
+        total = _pack_length(n, device)
+        flat = [t for s in seqs for t in s] + [0] * (total - n)
+        bounds = [0]
+        for s in seqs:
+            bounds.append(bounds[-1] + len(s))
+        if total > n:
+            bounds.append(total)  # the padding is a document of its own
+        ids = torch.tensor([flat], device=device)
+        cu = torch.tensor(bounds, device=device)
+        row_of = torch.tensor([r for r, s in zip(rows, seqs, strict=True) for _ in s], device=device)
+        slots = torch.cat([torch.arange(len(s)) for s in seqs]).to(device)
+        pos = torch.cat([slots, torch.zeros(total - n, dtype=torch.long, device=device)])[None]
+        doc = document_ids(cu, total)
+        backend = pick_backend(model.attn_backend, device, True, cached=False)
+        self.cache.prefill(row_of, slots)
+        hidden = model.model(ids, pos, AttentionContext(total, 0, device, doc, backend), self.cache)
+        last = torch.tensor(bounds[1 : len(seqs) + 1], device=device) - 1
+        for r, s in zip(rows, seqs, strict=True):
+            self.lens[r] = len(s)
+        return model.logits(hidden[0, last]).float()
+
+    def _decode(self, batch: int, length: int) -> torch.Tensor:
+        e = self.engine
+        tokens, lengths = e._tokens[:batch], e._lengths[:batch]
+        self.cache.decode(batch, length, lengths)
+        ctx = AttentionContext(1, length - 1, e.device, None, "sdpa", lengths=lengths)
+        hidden = self.model.model(tokens[:, None], lengths[:, None], ctx, self.cache)
+        return self.model.logits(hidden[:, 0]).float()
+
+    def _graph(self, batch: int, length: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        e = self.engine
+        key = (self.signature, batch, length)
+        if key not in e.graphs:
+            # Warm-up on a side stream (builds the decode weights, cuBLAS handles); it computes this very
+            # step (same tokens, same slots), so the capture below only has to record it.
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self._decode(batch, length)
+            torch.cuda.current_stream().wait_stream(side)
+            if e._pool is None:
+                e._pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=e._pool):
+                out = self._decode(batch, length)
+            e.graphs[key] = (graph, out)
+            e.captures += 1
+        return e.graphs[key]
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed the token [live rows] each live row chose; logits of the next."""
+        live = len(self.seqs)
+        if self.switch is not None:
+            for r, t in enumerate(tokens.tolist()):
+                self.seqs[r].append(t)
+        if self.switch is not None and self.switch in self.lens:
+            # longrope: past the original context every position takes the long factors; re-encode the
+            # row (one per batch: the engine runs longrope models past their switch one row at a time).
+            return self.prefill()
+        e = self.engine
+        e._tokens[:live].copy_(tokens)
+        e._lengths[:live].copy_(torch.tensor(self.lens, device=e.device), non_blocking=True)
+        self.lens = [n + 1 for n in self.lens]
+        if not e.use_graphs:
+            return self._decode(live, max(self.lens))
+        batch = batch_bucket(live)
+        if batch > live:
+            e._lengths[live:batch].zero_()  # padding rows write slot 0 of unused rows
+        graph, out = self._graph(batch, length_bucket(max(self.lens)))
+        graph.replay()
+        return out[:live]
+
+    def keep(self, rows: list[int]) -> None:
+        """Only ``rows`` (indices among the live rows) go on, in that order."""
+        self.cache.keep(rows, max(self.lens))
+        self.seqs = [self.seqs[j] for j in rows]
+        self.lens = [self.lens[j] for j in rows]
