@@ -3,10 +3,11 @@
 The public API: ``kindred.ops`` (functional ops on torch tensors), ``kindred.nn`` (modules),
 ``kindred.formats`` (checkpoint formats), ``kindred.models`` (decoders built from HF configs),
 ``kindred.plan`` (model catalogue and estimates), ``kindred.data`` (chat templates, tokenizers, token budgets,
-packing), ``kindred.train`` (the QLoRA trainer; ``kindred.train(cfg)``), ``kindred.export`` (merged weights).
+packing), ``kindred.train`` (the QLoRA trainer; ``kindred.train(cfg)``), ``kindred.eval`` (test batteries,
+base vs tuned, reports, blind comparison), ``kindred.export`` (merged weights).
 """
 
-from . import data, export, formats, models, nn, ops, train
+from . import data, eval, export, formats, models, nn, ops, train
 from ._core import cuda_compiled, sentencepiece_compiled
 from .errors import KindredError, KindredFormatError, KindredValueError
 
@@ -17,6 +18,7 @@ __all__ = [
     "KindredValueError",
     "cuda_compiled",
     "data",
+    "eval",
     "export",
     "formats",
     "models",

@@ -36,7 +36,7 @@ def demo(args) -> int:
     """The main job: token report, a short QLoRA fine-tune, held-out loss before/after, a sample."""
     from .demo import run_demo
 
-    run_demo(args.out, args.device, args.model, args.steps)
+    run_demo(args.out, args.device, args.model, args.steps, eval_tokens=args.eval_tokens)
     return 0
 
 
@@ -166,6 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
         "smollm2, tiny, or a model folder / .gguf",
     )
     p.add_argument("--steps", type=int, default=12, help="optimizer steps (default 12)")
+    p.add_argument(
+        "--eval-tokens",
+        type=int,
+        help="new tokens per answer in the before/after eval (default 96 on the CPU, 256 on a GPU; 0: skip)",
+    )
     p.add_argument("--out", default="kindred-demo", help="output folder (default ./kindred-demo)")
     p.set_defaults(func=demo)
     p = sub.add_parser("train", help="QLoRA fine-tuning from a YAML config")
