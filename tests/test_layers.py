@@ -25,6 +25,7 @@ LAYERS = [
     "nn",
     "models",
     "generate",
+    "eval",
     "plan",
     "export",
     "train",

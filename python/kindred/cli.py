@@ -1,4 +1,4 @@
-"""The ``kindred`` command: ``demo | train | generate | chat | tokens | plan | formats | info | doctor``."""
+"""The ``kindred`` command: ``demo | train | generate | chat | eval | tokens | plan | formats | doctor``."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ def demo(args) -> int:
     """The main job: token report, a short QLoRA fine-tune, held-out loss before/after, a sample."""
     from .demo import run_demo
 
-    run_demo(args.out, args.device, args.model, args.steps)
+    run_demo(args.out, args.device, args.model, args.steps, eval_tokens=args.eval_tokens)
     return 0
 
 
@@ -93,6 +93,7 @@ def doctor(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .data.cli import add_parser as add_tokens
+    from .eval.cli import add_parser as add_eval
     from .plan.cli import add_parser as add_plan
 
     parser = argparse.ArgumentParser(prog="kindred", description="Fast, lean, predictable QLoRA on one GPU.")
@@ -106,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
         "smollm2, tiny, or a model folder / .gguf",
     )
     p.add_argument("--steps", type=int, default=12, help="optimizer steps (default 12)")
+    p.add_argument(
+        "--eval-tokens",
+        type=int,
+        help="new tokens per answer in the before/after eval (default 96 on the CPU, 256 on a GPU; 0: skip)",
+    )
     p.add_argument("--out", default="kindred-demo", help="output folder (default ./kindred-demo)")
     p.set_defaults(func=demo)
     p = sub.add_parser("train", help="QLoRA fine-tuning from a YAML config")
@@ -138,11 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=doctor)
     add_plan(sub).set_defaults(func=lambda a: __import__("kindred.plan.cli", fromlist=["run"]).run(a))
     add_tokens(sub)
+    add_eval(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from .eval.cli import with_default_subcommand
+
+    args = build_parser().parse_args(with_default_subcommand(sys.argv[1:] if argv is None else argv))
     try:
         return args.func(args)
     except KindredError as e:

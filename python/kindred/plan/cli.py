@@ -11,7 +11,7 @@ from .catalogue import default_catalogue
 from .gpus import custom_gpu, get_gpu
 from .memory import FORMATS, METHODS, inference_memory, training_memory
 from .report import breakdown_table, checklist_table, plot_breakdown, summary_table
-from .score import CRITERIA, PlanSettings, plan
+from .score import CRITERIA, PlanSettings, plan, rubric_check
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -71,6 +71,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="your rubric pass rate (0-1) of a model, used as its base capability",
     )
     p.add_argument(
+        "--eval",
+        action="append",
+        default=[],
+        metavar="[MODEL=]results.json",
+        help="a kindred eval results.json: its base model's pass rate is that model's capability",
+    )
+    p.add_argument(
         "--results",
         default="benchmarks/results",
         metavar="DIR",
@@ -112,6 +119,32 @@ def _token_report(args) -> tuple[int | None, int | None]:
     return report.p95, report.total
 
 
+def eval_pass_rates(items: list[str], catalogue) -> dict[str, tuple[float, str]]:
+    """{catalogue id: (pass rate, how it was measured)} of the base model in each ``[MODEL=]results.json``
+    written by ``kindred eval`` (the model id from MODEL= or the run's ``--plan-id``)."""
+    out = {}
+    for item in items:
+        model, sep, path = item.partition("=")
+        if not sep or not model or "/" in model:
+            model, path = None, item
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise KindredValueError(f"--eval: {path}: not a readable results.json ({e})") from None
+        if not isinstance(data, dict) or data.get("schema") != "kindred.eval.results":
+            raise KindredValueError(f"--eval: {path}: not a kindred eval results.json (schema)")
+        base = next((m for m in data.get("models", []) if m.get("role") in ("base", "model")), None)
+        if base is None:
+            raise KindredValueError(f"--eval: {path}: has no base model (it was run with --no-base)")
+        model = model or base.get("plan_id")
+        if not model:
+            raise KindredValueError(f"--eval: {path}: which catalogue model is it? write --eval MODEL={path}")
+        s = data["summary"][base["name"]]
+        battery = data.get("battery", {}).get("name", "?")
+        out[catalogue.get(model).id] = (s["pass_rate"], f"{s['passed']}/{s['tests']} on {battery} ({path})")
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     """Run `kindred plan` on parsed arguments; prints tables or JSON and returns the exit code."""
     catalogue = default_catalogue()
@@ -128,6 +161,8 @@ def run(args: argparse.Namespace) -> int:
     weights = dict.fromkeys(CRITERIA, 1.0)
     weights.update(_pairs(args.weights, "--weights"))
     rates = {catalogue.get(k).id: v for k, v in _pairs(",".join(args.pass_rate), "--pass-rate").items()}
+    evaluated = eval_pass_rates(args.eval, catalogue)
+    rates.update({k: rate for k, (rate, _) in evaluated.items()})
     settings = PlanSettings(
         method=args.method,
         seq=args.seq,
@@ -172,6 +207,8 @@ def run(args: argparse.Namespace) -> int:
         f"training efficiency {records[0]['efficiency']:.3f} of dense bf16 peak: "
         f"{records[0]['efficiency_source']}"
     )
+    for model_id, (rate, how) in evaluated.items():
+        print(f"rubric: {model_id} passed {how}: {rubric_check(rate)['detail']}")
     for r in records if explicit else []:
         for kind in ("training", "inference"):
             if r["breakdown"][kind]:

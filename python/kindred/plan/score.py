@@ -101,6 +101,21 @@ def _check(ok: bool | None, detail: str) -> dict:
     return {"status": "unknown" if ok is None else ("pass" if ok else "fail"), "detail": detail}
 
 
+def rubric_check(rate: float | None) -> dict:
+    """The checklist item "base model evaluated on your rubric", with what its pass rate suggests."""
+    if rate is None:
+        return _check(
+            None, "not evaluated: kindred eval BATTERY --model BASE, then kindred plan --eval results.json"
+        )
+    if rate > 0.7:
+        advice = "above 70 %: fine-tuning may not be needed"
+    elif rate < 0.5:
+        advice = "below 50 %: fine-tuning should help significantly"
+    else:
+        advice = "between 50 % and 70 %: fine-tuning should help; compare the tuned model on the same battery"
+    return _check(True, f"{100 * rate:.0f} % passed, {advice}")
+
+
 def checklist(spec: ModelSpec, s: PlanSettings, gpu: GPU, train_bytes: int | None) -> dict[str, dict]:
     """The decision checklist, evaluated where the inputs allow."""
     p95 = s.tokens_p95
@@ -125,6 +140,7 @@ def checklist(spec: ModelSpec, s: PlanSettings, gpu: GPU, train_bytes: int | Non
             s.dataset_tokens is not None,
             f"{s.dataset_tokens} tokens" if s.dataset_tokens else "no dataset token count",
         ),
+        "base model evaluated on your rubric": rubric_check(s.pass_rates.get(spec.id)),
     }
 
 
