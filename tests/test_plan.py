@@ -381,3 +381,13 @@ def test_cli_bad_input(tmp_path):
         cli.run(_parse("--gpu", "h100-sxm", "--prices", str(bad)))
     with pytest.raises(KindredValueError, match="--results"):
         cli.run(_parse("--gpu", "h100-sxm", "--results", str(tmp_path / "nowhere")))
+
+
+def test_cli_data_cost_by_context(capsys, hf_tokenizer_path):
+    from kindred.data.samples import calibration_path
+
+    data = ("--data", str(calibration_path()), "--tokenizer", str(hf_tokenizer_path), "--template", "llama3")
+    assert cli.run(_parse("--gpu", "h200", "--model", "qwen3-8b", "--seq", "4096", *data)) == 0
+    text = capsys.readouterr().out
+    # seed 004's relative costs (4K = 1× ... 64K = 16×) in hours and dollars at the H200's listed rate
+    assert "cost by context for your data" in text and "16×" in text and "$" in text

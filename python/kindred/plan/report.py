@@ -79,7 +79,9 @@ def serving_tables(spec, gpu, context: int, utilization: float, price=None) -> s
     gib = 1 << 30
     out = []
     refused = format_refusal(spec, "AWQ-INT4")
-    if refused:
+    if gpu.backend == "metal":
+        out.append("vLLM: not on Apple GPUs (llama.cpp / Ollama below)")
+    elif refused:
         out.append(f"vLLM AWQ: refused ({refused})")
     else:
         v = vllm_kv_cache(spec, gpu.memory_bytes, "AWQ-INT4", context, utilization)

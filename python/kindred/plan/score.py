@@ -158,6 +158,8 @@ def _anchor_times(spec, gpu, s: PlanSettings, cal: dict) -> dict:
         tps = train_tokens_per_s(
             spec, gpu, s.method, s.seq, s.batch, s.rank, "full", trainer=trainer, calibration=cal
         )
+        if tps is None:  # a GPU without a bf16 rate
+            continue
         hours = training_seconds(s.dataset_tokens, s.epochs, tps) / 3600 if tps and s.dataset_tokens else None
         out[trainer] = {"tokens_per_s": tps, "hours": hours, "rows": fit["rows"]}
     return out
