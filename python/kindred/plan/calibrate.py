@@ -32,7 +32,7 @@ import numpy as np
 from ..errors import KindredValueError
 from .catalogue import default_catalogue
 from .gpus import get_gpu
-from .timing import FEATURES, seconds_per_token, step_features
+from .timing import FEATURES, decode_bytes_per_token, seconds_per_token, step_features
 from .training import POLICIES
 
 LOWER = {"gemm": 1.0, "attn": 1.0, "traffic": 0.0}  # no kind of work runs faster than the datasheet peak
@@ -207,9 +207,6 @@ def _memory(runs: list[dict]) -> dict | None:
 
 def _decode(results_dir: Path, lookup) -> dict:
     """Batch-1 decode efficiency: kindred's generation benchmark, else two GEMVs of quant.csv."""
-    from .gpus import get_gpu as gpu_of
-    from .timing import decode_bytes_per_token
-
     gen = results_dir / "generate.csv"
     eff: dict[str, list[float]] = {"bf16": [], "quantized": []}
     if gen.is_file():
@@ -218,7 +215,7 @@ def _decode(results_dir: Path, lookup) -> dict:
             if row.get("impl") != "kindred" or not row.get("tokens_per_s") or int(f.get("batch", 1)) != 1:
                 continue
             try:
-                spec, gpu = lookup(f["model"]), gpu_of(row["gpu"])
+                spec, gpu = lookup(f["model"]), get_gpu(row["gpu"])
                 fmt = {"none": "BF16", "bf16": "BF16"}.get(f.get("quant", "nf4"), "NF4")
                 ctx = int(f.get("context", f.get("prompt", 512)))
                 per = decode_bytes_per_token(spec, fmt, ctx)
@@ -242,7 +239,7 @@ def _decode(results_dir: Path, lookup) -> dict:
             if kind == "quantized" and not row["impl"].startswith("kindred"):
                 continue
             try:
-                e = float(row["gbps"]) / gpu_of(row["gpu"]).bandwidth_gbs
+                e = float(row["gbps"]) / get_gpu(row["gpu"]).bandwidth_gbs
             except (KindredValueError, TypeError, ZeroDivisionError):
                 continue
             prev = best.get(kind)
