@@ -20,7 +20,7 @@ from .report import (
     summary_table,
 )
 from .score import CRITERIA, PlanSettings, plan
-from .support import LICENSES
+from .support import LICENSES, license_ok
 from .timing import load_calibration, train_tokens_per_s
 from .training import POLICIES, trainer_memory
 
@@ -210,6 +210,9 @@ def run(args: argparse.Namespace) -> int:
         f"recompute {settings.policy} · {gpu.name} ({gpu.memory_gb:g} GB) · inference {settings.infer_format}"
     )
     print(summary_table(records, title))
+    dropped = [spec.id for spec in specs if not license_ok(spec, settings.license)]
+    if dropped:
+        print(f"left out by --license {settings.license}: {', '.join(dropped)}")
     fit = cal.get("trainers", {}).get("kindred")
     if fit:
         print(
