@@ -12,8 +12,8 @@ import torch
 from rich.console import Console
 
 from kindred.demo import run_demo
-from kindred.formats import load_adapter
 from kindred.models import from_pretrained
+from kindred.nn import load_adapter
 
 
 def test_demo_on_the_tiny_model(tmp_path):

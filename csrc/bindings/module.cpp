@@ -1,4 +1,4 @@
-// kindred._core: the thin, torch-free binding layer. Python builds TensorViews from tensors (kindred/_ops.py);
+// kindred._core: the thin, torch-free binding layer. Python builds TensorViews from tensors (kindred/_ops/adapter.py);
 // this module converts them, releases the GIL and calls the core. Errors become kindred.errors classes.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -56,6 +56,7 @@ PYBIND11_MODULE(_core, m) {
   m.def("cuda_compiled", &kindred::cuda_compiled, "whether the CUDA kernels were compiled in");
 
   kindred::bind_quant(m);
+  kindred::bind_matmul_4bit(m);
   kindred::bind_lora(m);
   kindred::bind_gguf(m);
   kindred::bind_loss(m);

@@ -1,5 +1,5 @@
 // Shared vocabulary of the kindred core: the one exception type, dtypes, devices and the tensor view
-// that crosses the Python boundary. Torch-free by design (design.md §2).
+// that crosses the Python boundary. Torch-free: the core builds and runs without PyTorch.
 #pragma once
 
 #include <cstdint>
@@ -62,6 +62,9 @@ std::string cat(const Args&... args) {
   do {                                                                      \
     if (!(cond)) throw ::kindred::Error(::kindred::cat(__VA_ARGS__), true); \
   } while (0)
+
+// The label of a token that is not trained (Hugging Face's convention).
+inline constexpr int32_t kIgnoreIndex = -100;
 
 enum class DType : int { u8, i32, f16, bf16, f32, f64, i64 };
 enum class Device : int { cpu, cuda };

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..errors import KindredValueError
 from ..ops.lora import lora_linear, lora_scaling, lora_workspace
-from ..ops.quant import Int4gWeight, NF4Weight
+from ..weights import Int4gWeight, NF4Weight
 from .linear4bit import Linear4bit
 
 
