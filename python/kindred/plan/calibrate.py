@@ -68,9 +68,10 @@ def _read(path: Path):
 
 
 def load_train_rows(results_dir: str | Path, spec_lookup=None) -> list[dict]:
-    """Measured training steps (newest per trainer and configuration) with their parsed configuration."""
+    """Measured training steps with their parsed configuration: per trainer and configuration the newest
+    day's rows, repeated measurements of that day merged (median tokens/s and peak)."""
     lookup = spec_lookup or default_catalogue().get
-    newest: dict[tuple, dict] = {}
+    groups: dict[tuple, list[dict]] = {}
     for path in sorted(Path(results_dir).glob("*.csv")):
         for row in _read(path):
             if row.get("op") != "train_step" or row.get("impl") in MULTI_GPU:
@@ -103,9 +104,19 @@ def load_train_rows(results_dir: str | Path, spec_lookup=None) -> list[dict]:
                 run["peak_mib"] = float(row["peak_extra_mib"])
             run.update({k: v for k, v in _notes(row.get("notes", "")).items() if k.endswith("_mib")})
             key = tuple(run[k] for k in ("impl", "model", "method", "seq", "batch", "rank", "policy", "gpu"))
-            if key not in newest or run["date"] >= newest[key]["date"]:
-                newest[key] = run
-    return list(newest.values())
+            groups.setdefault(key, []).append(run)
+    out = []
+    for runs in groups.values():
+        day = max(r["date"] for r in runs)
+        same = [r for r in runs if r["date"] == day]
+        run = dict(same[-1])
+        for field in ("tokens_per_s", "peak_mib"):
+            values = [r[field] for r in same if field in r]
+            if values:
+                run[field] = statistics.median(values)
+        run["repeats"] = len(same)
+        out.append(run)
+    return out
 
 
 def _features(run: dict, lookup) -> dict[str, float]:
