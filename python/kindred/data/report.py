@@ -214,6 +214,8 @@ class BudgetReport:
             if pl.get("max_exchanges_longest") is not None:
                 t.add_row("max if every exchange were p95-long", str(pl["max_exchanges_longest"]))
             t.add_row("recommended", f"{pl['recommended'][0]}–{pl['recommended'][1]}")
+            if pl.get("warning"):
+                t.add_row("[red]warning[/red]", pl["warning"])
             out.append(t)
         return out
 
