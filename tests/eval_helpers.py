@@ -49,9 +49,8 @@ def build_model_and_adapter(root: Path) -> tuple[Path, Path]:
     import yaml
 
     from kindred.demo import build_tiny_model
-    from kindred.formats import save_adapter
     from kindred.models import from_pretrained
-    from kindred.nn import apply_lora
+    from kindred.nn import apply_lora, save_adapter
 
     folder = build_tiny_model(root / "tiny-model")
     model = from_pretrained(folder, quant=None, dtype=torch.float32)

@@ -15,9 +15,9 @@ import kindred.eval as ke
 from kindred.errors import KindredError, KindredValueError
 from kindred.eval.battery import parse_battery
 from kindred.eval.judge import Judge, parse_rating, parse_verdict
-from kindred.formats import load_adapter
 from kindred.generate import SamplingConfig, generate
 from kindred.models import from_pretrained
+from kindred.nn import load_adapter
 
 from .eval_helpers import SMALL_BATTERY, build_model_and_adapter
 

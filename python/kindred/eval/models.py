@@ -66,7 +66,7 @@ class ModelPlan:
 
     def load(self):
         """The DecoderLM with every adapter loaded onto it (adapter names as in ``adapters``)."""
-        from ..formats import load_adapter
+        from ..nn import load_adapter
 
         path, quant = self.source, None if self.quant == "none" else self.quant
         if path.is_file():
