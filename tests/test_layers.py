@@ -16,6 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "python" / "kindred"
 LAYERS = [
     "errors",
     "_core",
+    "doctor",
     "kindred",
     "_ops",
     "weights",
@@ -122,7 +123,7 @@ def test_import_kindred_loads_no_subpackage_and_no_torch():
     loaded = _run(
         "import sys, kindred; print(sorted(m for m in sys.modules if m.startswith(('kindred.', 'torch'))))"
     )
-    assert loaded == "['kindred._core', 'kindred.errors']"
+    assert loaded == "['kindred._core', 'kindred.doctor', 'kindred.errors']"
     assert _run("import kindred; print(kindred.nn.Linear4bit.__name__)") == "Linear4bit"
 
 
@@ -135,3 +136,15 @@ def test_the_cli_parser_loads_no_torch():
 def test_lazy_exports_resolve(package):
     code = f"import {package} as p; print(all(getattr(p, n) is not None for n in p.__all__))"
     assert _run(code) == "True"
+
+
+def test_lazy_names_are_not_shadowed_by_their_modules():
+    # A lazy export named like its own module is replaced by the module once anything imports it.
+    import importlib
+
+    import kindred.data
+
+    for name, module in kindred.data._EXPORTS.items():
+        importlib.import_module(f"kindred.data.{module}")
+        assert name != module, f"kindred.data.{name} would be shadowed by the module of the same name"
+    assert callable(kindred.data.prepare)

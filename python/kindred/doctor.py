@@ -135,6 +135,8 @@ def doctor() -> dict:
 
     build = dict(_core.build_info())
     cuda = {"torch_cuda": torch.version.cuda, "available": torch.cuda.is_available()}
+    if cuda["available"]:
+        torch.cuda.init()  # torch's CUDA context first: the core's runtime then shares it
     if build["cuda"]:
         load = _core.cuda_load_info(0)
         cuda |= {"runtime": _cuda_version(load["runtime"]), "driver": _cuda_version(load["driver"])}

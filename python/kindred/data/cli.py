@@ -13,7 +13,7 @@ from .jsonl import atomic_write
 from .templates import TEMPLATES
 
 if TYPE_CHECKING:
-    from .prepare import Prepared
+    from .pipeline import Prepared
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -115,7 +115,7 @@ def save_prepared(path, prep: Prepared) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run `kindred tokens` on parsed arguments; prints the report and returns the exit code."""
-    from .prepare import prepare
+    from .pipeline import prepare
     from .report import budget_report
 
     budget = args.budget or None

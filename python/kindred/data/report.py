@@ -20,8 +20,8 @@ import numpy as np
 from ..errors import KindredValueError
 from .budget import DROP, TRUNCATE
 from .jsonl import Skipped, atomic_write
+from .pipeline import Prepared, prepare
 from .planner import ConversationPlan, _k, cost_table, logits_bytes, plan_conversation
-from .prepare import Prepared, prepare
 
 
 def _size(b: int) -> str:

@@ -11,44 +11,49 @@ From the shell: ``kindred eval ethics16 --model path --adapter runs/first/adapte
 the check kinds and the results.json schema: kindred/eval/README.md.
 """
 
-from .battery import Battery, Test, load_battery, parse_battery, shipped_battery
-from .checks import KINDS, Check, CheckResult, is_refusal
-from .judge import Judge, load_judge
-from .loops import RULES, LoopConfig, LoopDetector, LoopReport, compression_ratio, seq_rep_n
-from .results import SCHEMA, SCHEMA_VERSION, EvalResults, merge
-from .run import Variant, evaluate, evaluate_loaded
-from .scoring import Sample
-from .stats import bradley_terry, mcnemar_exact, wilson_interval
-from .table import print_results
+import importlib
 
-__all__ = [
-    "KINDS",
-    "RULES",
-    "SCHEMA",
-    "SCHEMA_VERSION",
-    "Battery",
-    "Check",
-    "CheckResult",
-    "EvalResults",
-    "Judge",
-    "LoopConfig",
-    "LoopDetector",
-    "LoopReport",
-    "Sample",
-    "Test",
-    "Variant",
-    "bradley_terry",
-    "compression_ratio",
-    "evaluate",
-    "evaluate_loaded",
-    "is_refusal",
-    "load_battery",
-    "load_judge",
-    "mcnemar_exact",
-    "merge",
-    "parse_battery",
-    "print_results",
-    "seq_rep_n",
-    "shipped_battery",
-    "wilson_interval",
-]
+# Names load from their modules on first use (the CLI's parser imports no torch).
+_EXPORTS = {
+    "Battery": "battery",
+    "Check": "checks",
+    "CheckResult": "checks",
+    "EvalResults": "results",
+    "Judge": "judge",
+    "KINDS": "checks",
+    "LoopConfig": "loops",
+    "LoopDetector": "loops",
+    "LoopReport": "loops",
+    "RULES": "loops",
+    "SCHEMA": "results",
+    "SCHEMA_VERSION": "results",
+    "Sample": "scoring",
+    "Test": "battery",
+    "Variant": "run",
+    "bradley_terry": "stats",
+    "compression_ratio": "loops",
+    "evaluate": "run",
+    "evaluate_loaded": "run",
+    "is_refusal": "checks",
+    "load_battery": "battery",
+    "load_judge": "judge",
+    "mcnemar_exact": "stats",
+    "merge": "results",
+    "parse_battery": "battery",
+    "print_results": "table",
+    "seq_rep_n": "loops",
+    "shipped_battery": "battery",
+    "wilson_interval": "stats",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kindred.eval' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{module}", __name__), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -5,23 +5,33 @@ quantized on load; bitsandbytes 4-bit checkpoints as stored), ``from_config(conf
 weights, ``from_gguf(path)`` imports a llama.cpp GGUF file. Each returns a :class:`DecoderLM`.
 """
 
-from .config import FAMILIES, DecoderConfig, RopeConfig, load_config
-from .decoder import LINEAR_NAMES, DecoderLM, KVCache
-from .gguf import from_gguf, gguf_chat_template, gguf_tokenizer, smollm2_gguf_path
-from .loading import from_config, from_pretrained
+import importlib
 
-__all__ = [
-    "FAMILIES",
-    "LINEAR_NAMES",
-    "DecoderConfig",
-    "DecoderLM",
-    "KVCache",
-    "RopeConfig",
-    "from_config",
-    "from_gguf",
-    "from_pretrained",
-    "gguf_chat_template",
-    "gguf_tokenizer",
-    "load_config",
-    "smollm2_gguf_path",
-]
+# Names load from their modules on first use (kindred.plan reads the config facts without torch).
+_EXPORTS = {
+    "DecoderConfig": "config",
+    "DecoderLM": "decoder",
+    "FAMILIES": "config",
+    "KVCache": "decoder",
+    "LINEAR_NAMES": "config",
+    "RopeConfig": "config",
+    "from_config": "loading",
+    "from_gguf": "gguf",
+    "from_pretrained": "loading",
+    "gguf_chat_template": "gguf",
+    "gguf_tokenizer": "gguf",
+    "load_config": "config",
+    "smollm2_gguf_path": "gguf",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kindred.models' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{module}", __name__), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -17,6 +17,8 @@ from typing import Any
 from ..errors import KindredValueError
 
 FAMILIES = ("llama", "mistral", "qwen3", "phi3", "gemma3_text")
+# The seven projection linears every family exposes (Phi's fused ones are split on load).
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ROPE_TYPES = ("default", "linear", "llama3", "longrope", "yarn")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu")
 FULL, SLIDING = "full_attention", "sliding_attention"

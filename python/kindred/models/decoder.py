@@ -22,8 +22,6 @@ from .attention import positions_from_cu_seqlens as _positions
 from .config import SLIDING, DecoderConfig
 from .rope import RotaryEmbedding, apply_rotary
 
-LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
 
 class RMSNorm(nn.Module):
     """x / rms(x) · w, or · (1 + w) for Gemma, normalized in float32 as transformers does (Gemma exactly;

@@ -26,8 +26,8 @@ from ..formats.bnb import nf4_from_bnb
 from ..nn.linear4bit import Linear4bit
 from ..ops.quant import INT4G_DEFAULT_GROUP, NF4_DEFAULT_BLOCKSIZE, quantize_int4g, quantize_nf4
 from ..weights import NF4Weight
-from .config import DecoderConfig, load_config
-from .decoder import LINEAR_NAMES, DecoderLM
+from .config import LINEAR_NAMES, DecoderConfig, load_config
+from .decoder import DecoderLM
 
 QUANTS = (None, "nf4", "int4g")
 _BNB_STATE = ".quant_state.bitsandbytes__nf4"

@@ -16,7 +16,7 @@
 from __future__ import annotations
 
 from ..errors import KindredValueError
-from ..models import FAMILIES
+from ..models.config import FAMILIES
 from .catalogue import ModelSpec
 from .gpus import GPU
 from .memory import gguf_tensor_type, normalize_format

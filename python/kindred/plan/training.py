@@ -29,7 +29,7 @@ import functools
 from dataclasses import dataclass, field
 
 from ..errors import KindredValueError
-from ..models import FAMILIES, LINEAR_NAMES
+from ..models.config import FAMILIES, LINEAR_NAMES
 from .catalogue import ModelSpec
 from .memory import GIB, METHODS, Breakdown, check_sequence, logits_bytes
 
