@@ -1,11 +1,13 @@
 """matmul_4bit (issue 4): decode (M = 1, 4, 16) and training forward + dX (M = 8192), NF4 and INT4g, next to
-torch bf16 (cuBLAS) and bitsandbytes' matmul_4bit in the same run. Results: results/quant.csv.
+torch bf16 (cuBLAS) and bitsandbytes' matmul_4bit in the same run. Results: results/matmul_4bit.csv.
 
 Decode is timed two ways: one call with L2 flushed before it (device time; launch overhead hidden behind a
 queued sleep), and CUDA-graph replay of 8 calls over 8 rotated weight copies (so weights never sit in L2),
 reported per call. GB/s counts the bytes that must move: the 4-bit weight with its scales, x and y.
 kindred-*-decode is the streaming kernel over the repacked layout (what Linear4bit runs for M <= 16);
-kindred-nf4 / kindred-int4g the kernel that reads the canonical layouts.
+kindred-nf4-gemm / kindred-int4g-gemm the canonical layouts without it (dequantize + one cuBLAS GEMM).
+Rows before the layout refactor named kindred-nf4 / kindred-int4g measured a first decode kernel that read
+the canonical layouts (removed; benchmarks/notes/matmul_4bit_decode.md).
 With KINDRED_PROFILE_DIR set, each decode implementation also runs once between cudaProfilerStart/Stop
 (for `ncu --profile-from-start off`), and the list of those calls is written there.
 Run: python -m pytest benchmarks/bench_matmul_4bit.py -m benchmark -s
@@ -20,7 +22,6 @@ import pytest
 import torch
 
 from kindred import ops
-from kindred.ops.quant import repack_decode
 
 from .harness import append, fmt, time_cuda
 from .shapes import DECODE_BATCHES, LINEARS, TRAIN_TOKENS, shape_id
@@ -84,7 +85,7 @@ def test_decode(k, n):
         "nf4": [ops.quantize_nf4(w, 64, True) for w in dense],
         "int4g": [ops.quantize_int4g(w, 128) for w in dense],
     }
-    decoded = {name: [repack_decode(q) for q in qs] for name, qs in formats.items()}
+    decoded = {name: [ops.repack_decode(q) for q in qs] for name, qs in formats.items()}
     bnb_states = (
         [F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4") for w in dense]
         if F
@@ -110,10 +111,10 @@ def test_decode(k, n):
                 }
             )
         candidates = [
-            (f"kindred-{name}", qs, lambda q, x=x: ops.matmul_4bit(x, q)) for name, qs in formats.items()
+            (f"kindred-{name}-gemm", qs, lambda q, x=x: ops.matmul_4bit(x, q)) for name, qs in formats.items()
         ]
         candidates += [
-            (f"kindred-{name}-decode", ds, lambda d, x=x: ops.quant.matmul_4bit_decode(x, d))
+            (f"kindred-{name}-decode", ds, lambda d, x=x: ops.matmul_4bit_decode(x, d))
             for name, ds in decoded.items()
         ]
         if bnb is not None:
@@ -150,7 +151,7 @@ def test_decode(k, n):
                         + ("; L2 flushed" if mode == "single" else f"; {COPIES} rotated weight copies"),
                     }
                 )
-    append("quant", rows)
+    append("matmul_4bit", rows)
     for r in rows:
         print(
             f"{r['impl']:18s} {r['shape']:26s} {r['notes'][:14]:14s} {r['ms']:>9s} ms "
@@ -201,7 +202,7 @@ def test_train_forward_dx(k, n):
         }
         for name, ms in times.items()
     ]
-    append("quant", rows)
+    append("matmul_4bit", rows)
     for r in rows:
         print(f"{r['impl']:18s} {r['shape']:26s} {r['ms']:>8s} ms {r['tflops']:>6s} TFLOP/s {r['notes']}")
     assert all(float(r["ms"]) > 0 for r in rows)

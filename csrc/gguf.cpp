@@ -3,6 +3,7 @@
 
 #include <string>
 
+#include "kindred/dispatch.h"
 #include "kindred/formats.h"
 
 namespace kindred {
@@ -18,10 +19,8 @@ void dequantize_gguf(int ggml_type, const TensorView& blocks, const TensorView& 
   check_contiguous(blocks, "blocks");
   check_dtype(out, "out", {DType::f32, DType::f16, DType::bf16});
   check_contiguous(out, "out");
-  KINDRED_CHECK(blocks.device == Device::cpu, "blocks must be on the CPU (GGUF dequantization runs at load time), got ",
-                blocks.describe());
-  KINDRED_CHECK(out.device == Device::cpu, "out must be on the CPU (GGUF dequantization runs at load time), got ",
-                out.describe());
+  check_cpu(blocks, "blocks", "GGUF dequantization runs at load time");
+  check_cpu(out, "out", "GGUF dequantization runs at load time");
   const int64_t n = out.numel();
   KINDRED_CHECK(n > 0 && n % info->block_elems == 0, "out must have a positive multiple of ", info->block_elems,
                 " elements (one ", info->name, " block), got ", out.describe());

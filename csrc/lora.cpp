@@ -3,15 +3,10 @@
 
 #include <cmath>
 
+#include "kindred/dispatch.h"
+
 namespace kindred {
 namespace {
-
-#ifdef KINDRED_WITH_CUDA
-#define KINDRED_CALL_CUDA(op, ...) op##_cuda(__VA_ARGS__)
-#else
-#define KINDRED_CALL_CUDA(op, ...) \
-  throw Error(#op ": kindred was built without CUDA; rebuild with nvcc on the PATH (or -DKINDRED_CUDA=ON)", true)
-#endif
 
 void check_2d(const TensorView& t, const char* name, int64_t rows, int64_t cols, const char* what) {
   KINDRED_CHECK(t.dim() == 2 && t.shape[0] == rows && t.shape[1] == cols, name, " must have shape [", rows, ", ", cols,
@@ -75,10 +70,9 @@ void check_rows(const TensorView& t, const char* name) {
                 " must be 2-D with unit column stride and a row stride >= its width, got ", t.describe());
 }
 
-void check_cpu(const TensorView& x, const char* op) {
-  KINDRED_CHECK(x.device == Device::cpu, op, " is the CPU reference; on CUDA kindred.ops.lora_linear composes ",
-                "cuBLAS GEMMs with lora_dropout (python/kindred/_ops_lora.py), got x ", x.describe());
-}
+constexpr const char* kReference =
+    "lora_linear here is the CPU reference; on CUDA kindred.ops.lora_linear composes cuBLAS GEMMs with "
+    "lora_dropout (python/kindred/_ops/lora.py)";
 
 }  // namespace
 
@@ -95,9 +89,9 @@ void lora_dropout(const TensorView& x, const LoraDropout& dropout, const TensorV
   KINDRED_CALL_CUDA(lora_dropout, x, dropout, out, accumulate, stream);
 }
 
-void lora_forward(const TensorView& x, const TensorView& w, const TensorView& a, const TensorView& b,
-                  const std::optional<TensorView>& bias, double scaling, const LoraDropout& dropout,
-                  const TensorView& y, const TensorView& xs) {
+void lora_linear(const TensorView& x, const TensorView& w, const TensorView& a, const TensorView& b,
+                 const std::optional<TensorView>& bias, double scaling, const LoraDropout& dropout, const TensorView& y,
+                 const TensorView& xs) {
   const Dims d = check_operands(x, w, a, b);
   KINDRED_CHECK(std::isfinite(scaling), "scaling must be finite, got ", scaling);
   if (bias) {
@@ -108,13 +102,13 @@ void lora_forward(const TensorView& x, const TensorView& w, const TensorView& a,
   check_dropout(dropout, x);
   check_out(y, "y", x, d.m, d.n, "[tokens, out_features]");
   check_out(xs, "xs", x, d.m, d.r, "[tokens, r]");
-  check_cpu(x, "lora_forward");
-  lora_forward_cpu(x, w, a, b, bias, scaling, dropout, y, xs);
+  check_cpu(x, "x", kReference);
+  lora_linear_cpu(x, w, a, b, bias, scaling, dropout, y, xs);
 }
 
-void lora_backward(const TensorView& dy, const TensorView& x, const TensorView& w, const TensorView& a,
-                   const TensorView& b, double scaling, const LoraDropout& dropout, const TensorView& dx,
-                   const TensorView& da, const TensorView& db) {
+void lora_linear_backward(const TensorView& dy, const TensorView& x, const TensorView& w, const TensorView& a,
+                          const TensorView& b, double scaling, const LoraDropout& dropout, const TensorView& dx,
+                          const TensorView& da, const TensorView& db) {
   const Dims d = check_operands(x, w, a, b);
   KINDRED_CHECK(std::isfinite(scaling), "scaling must be finite, got ", scaling);
   check_dropout(dropout, x);
@@ -122,8 +116,8 @@ void lora_backward(const TensorView& dy, const TensorView& x, const TensorView& 
   check_out(dx, "dx", x, d.m, d.k, "[tokens, in_features]");
   check_out(da, "da", x, d.r, d.k, "lora_A's gradient");
   check_out(db, "db", x, d.n, d.r, "lora_B's gradient");
-  check_cpu(x, "lora_backward");
-  lora_backward_cpu(dy, x, w, a, b, scaling, dropout, dx, da, db);
+  check_cpu(x, "x", kReference);
+  lora_linear_backward_cpu(dy, x, w, a, b, scaling, dropout, dx, da, db);
 }
 
 }  // namespace kindred

@@ -3,6 +3,8 @@
 
 #include <cmath>
 
+#include "kindred/dispatch.h"
+
 namespace kindred {
 namespace {
 
@@ -61,19 +63,9 @@ DType loss_dtype(const TensorView& hidden) {
   return hidden.dtype == DType::f64 ? DType::f64 : DType::f32;
 }
 
-void check_cpu(const TensorView& t, const char* op) {
-  KINDRED_CHECK(t.device == Device::cpu, op,
-                " is the CPU reference; on CUDA the loss runs as chunked GEMMs and lce_* kernels "
-                "(kindred.ops.linear_cross_entropy), got hidden ",
-                t.describe());
-}
-
-#ifdef KINDRED_WITH_CUDA
-#define KINDRED_CALL_CUDA(op, ...) op##_cuda(__VA_ARGS__)
-#else
-#define KINDRED_CALL_CUDA(op, ...) \
-  throw Error(#op ": kindred was built without CUDA; rebuild with nvcc on the PATH (or -DKINDRED_CUDA=ON)", true)
-#endif
+constexpr const char* kReference =
+    "linear_cross_entropy here is the CPU reference; on CUDA the loss runs as chunked GEMMs and lce_* kernels "
+    "(kindred.ops.linear_cross_entropy)";
 
 // Checks the arguments shared by the chunk steps; returns {T, C}.
 std::pair<int64_t, int64_t> check_chunk(const TensorView& logits, const std::optional<TensorView>& bias,
@@ -103,18 +95,17 @@ void check_aliases_logits(const TensorView& out, const char* name, const TensorV
 
 }  // namespace
 
-void linear_cross_entropy_forward(const TensorView& hidden, const TensorView& weight,
-                                  const std::optional<TensorView>& bias, const TensorView& targets,
-                                  const LceOptions& opt, const TensorView& loss, const TensorView& lse,
-                                  const TensorView& hit) {
-  check_cpu(hidden, "linear_cross_entropy_forward");
+void linear_cross_entropy(const TensorView& hidden, const TensorView& weight, const std::optional<TensorView>& bias,
+                          const TensorView& targets, const LceOptions& opt, const TensorView& loss,
+                          const TensorView& lse, const TensorView& hit) {
+  check_cpu(hidden, "hidden", kReference);
   const Dims dims = check_inputs(hidden, weight, bias, targets, opt);
   const DType ld = loss_dtype(hidden);
   check_tensor(loss, "loss", {ld}, {dims.n}, hidden, "hidden");
   check_tensor(lse, "lse", {ld}, {dims.n}, hidden, "hidden");
   check_tensor(hit, "hit", {DType::u8}, {dims.n}, hidden, "hidden");
   check_target_range(targets, dims.v, opt.ignore_index);
-  linear_cross_entropy_forward_cpu(hidden, weight, bias, targets, opt, loss, lse, hit);
+  linear_cross_entropy_cpu(hidden, weight, bias, targets, opt, loss, lse, hit);
 }
 
 void linear_cross_entropy_backward(const TensorView& hidden, const TensorView& weight,
@@ -122,7 +113,7 @@ void linear_cross_entropy_backward(const TensorView& hidden, const TensorView& w
                                    const TensorView& lse, const TensorView& coef, const LceOptions& opt,
                                    const std::optional<TensorView>& d_hidden, const std::optional<TensorView>& d_weight,
                                    const std::optional<TensorView>& d_bias) {
-  check_cpu(hidden, "linear_cross_entropy_backward");
+  check_cpu(hidden, "hidden", kReference);
   const Dims dims = check_inputs(hidden, weight, bias, targets, opt);
   const DType ld = loss_dtype(hidden);
   check_tensor(lse, "lse", {ld}, {dims.n}, hidden, "hidden");

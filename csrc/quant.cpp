@@ -1,6 +1,7 @@
-// Validation and device dispatch of the quant family, and the AWQ repack (a load-time bit shuffle, CPU).
+// Validation and device dispatch of the quant family (declarations and semantics: kindred/quant.h).
 #include "kindred/quant.h"
 
+#include "kindred/dispatch.h"
 #include "kindred/formats.h"
 
 namespace kindred {
@@ -28,6 +29,8 @@ void check_float_out(const TensorView& t, int64_t blocksize) {
   KINDRED_CHECK(t.shape[1] % blocksize == 0, "a row-strided out needs rows that are whole blocks of ", blocksize,
                 ", got ", t.describe());
 }
+
+}  // namespace
 
 // Checks `q` against a tensor of n elements and returns the number of blocks.
 int64_t check_nf4(const Nf4Tensors& q, int64_t n, const TensorView& dense, const char* dense_name) {
@@ -87,16 +90,6 @@ std::pair<int64_t, int64_t> check_int4g(const Int4gTensors& q, const TensorView&
   return {n, k};
 }
 
-// Calls `<op>_cuda(args...)`, or says the build has no CUDA.
-#ifdef KINDRED_WITH_CUDA
-#define KINDRED_CALL_CUDA(op, ...) op##_cuda(__VA_ARGS__)
-#else
-#define KINDRED_CALL_CUDA(op, ...) \
-  throw Error(#op ": kindred was built without CUDA; rebuild with nvcc on the PATH (or -DKINDRED_CUDA=ON)", true)
-#endif
-
-}  // namespace
-
 void quantize_nf4(const TensorView& weight, const Nf4Tensors& out, const std::optional<TensorView>& workspace,
                   [[maybe_unused]] int64_t stream) {
   check_float_io(weight, "weight");
@@ -142,7 +135,7 @@ void check_awq(const Int4gTensors& q, const TensorView& qweight, const TensorVie
   const std::pair<const TensorView*, const char*> parts[] = {
       {&qweight, "qweight"}, {&qzeros, "qzeros"}, {&scales, "scales"}};
   for (auto [t, name] : parts) {
-    KINDRED_CHECK(t->device == Device::cpu, name, " must be on the CPU for the AWQ repack, got ", t->describe());
+    check_cpu(*t, name, "the AWQ repack runs on the CPU");
     check_contiguous(*t, name);
   }
   check_dtype(qweight, "qweight", {DType::i32});
@@ -167,118 +160,20 @@ TensorView dense_like(const Int4gTensors& q) {
 void awq_pack(const Int4gTensors& in, const TensorView& qweight, const TensorView& qzeros, const TensorView& scales) {
   KINDRED_CHECK(in.packed.dim() == 2, "packed must be 2-D [N, K/2], got ", in.packed.describe());
   const TensorView dense = dense_like(in);
-  KINDRED_CHECK(dense.device == Device::cpu, "the AWQ repack runs on the CPU, got packed ", in.packed.describe());
-  const auto [n, k] = check_int4g(in, dense, "weight");
+  check_cpu(dense, "packed", "the AWQ repack runs on the CPU");
+  check_int4g(in, dense, "weight");
   check_awq(in, qweight, qzeros, scales);
-  const int64_t groups = k / in.group_size;
-  const uint8_t* p = in.packed.ptr<uint8_t>();
-  const uint8_t* z = in.zeros.ptr<uint8_t>();
-  const uint16_t* s = in.scales.ptr<uint16_t>();
-  uint32_t* qw = qweight.ptr<uint32_t>();
-  uint32_t* qz = qzeros.ptr<uint32_t>();
-  uint16_t* so = scales.ptr<uint16_t>();
-#pragma omp parallel for
-  for (int64_t kk = 0; kk < k; ++kk) {
-    for (int64_t c = 0; c < n / 8; ++c) {
-      uint32_t word = 0;
-      for (int i = 0; i < 8; ++i) {
-        const int64_t row = 8 * c + formats::kAwqOrder[i];
-        const uint8_t byte = p[row * (k / 2) + kk / 2];
-        word |= static_cast<uint32_t>(kk % 2 ? byte >> 4 : byte & 0xF) << (4 * i);
-      }
-      qw[kk * (n / 8) + c] = word;
-    }
-  }
-  for (int64_t gi = 0; gi < groups; ++gi) {
-    for (int64_t c = 0; c < n / 8; ++c) {
-      uint32_t word = 0;
-      for (int i = 0; i < 8; ++i)
-        word |= static_cast<uint32_t>(z[(8 * c + formats::kAwqOrder[i]) * groups + gi] & 0xF) << (4 * i);
-      qz[gi * (n / 8) + c] = word;
-    }
-    for (int64_t row = 0; row < n; ++row) so[gi * n + row] = s[row * groups + gi];
-  }
+  awq_pack_cpu(in, qweight, qzeros, scales);
 }
 
 void awq_unpack(const TensorView& qweight, const TensorView& qzeros, const TensorView& scales,
                 const Int4gTensors& out) {
   KINDRED_CHECK(out.packed.dim() == 2, "packed must be 2-D [N, K/2], got ", out.packed.describe());
   const TensorView dense = dense_like(out);
-  KINDRED_CHECK(dense.device == Device::cpu, "the AWQ repack runs on the CPU, got packed ", out.packed.describe());
-  const auto [n, k] = check_int4g(out, dense, "weight");
+  check_cpu(dense, "packed", "the AWQ repack runs on the CPU");
+  check_int4g(out, dense, "weight");
   check_awq(out, qweight, qzeros, scales);
-  const int64_t groups = k / out.group_size;
-  const uint32_t* qw = qweight.ptr<uint32_t>();
-  const uint32_t* qz = qzeros.ptr<uint32_t>();
-  const uint16_t* si = scales.ptr<uint16_t>();
-  uint8_t* p = out.packed.ptr<uint8_t>();
-  uint8_t* z = out.zeros.ptr<uint8_t>();
-  uint16_t* s = out.scales.ptr<uint16_t>();
-#pragma omp parallel for
-  for (int64_t row = 0; row < n; ++row) {
-    const int64_t c = row / 8;
-    int nib = 0;  // nibble of `row` within its packed column
-    while (formats::kAwqOrder[nib] != row % 8) ++nib;
-    for (int64_t kk = 0; kk < k; kk += 2) {
-      const uint32_t lo = (qw[kk * (n / 8) + c] >> (4 * nib)) & 0xF;
-      const uint32_t hi = (qw[(kk + 1) * (n / 8) + c] >> (4 * nib)) & 0xF;
-      p[row * (k / 2) + kk / 2] = static_cast<uint8_t>(lo | hi << 4);
-    }
-    for (int64_t gi = 0; gi < groups; ++gi) {
-      z[row * groups + gi] = static_cast<uint8_t>((qz[gi * (n / 8) + c] >> (4 * nib)) & 0xF);
-      s[row * groups + gi] = si[gi * n + row];
-    }
-  }
-}
-
-}  // namespace kindred
-
-namespace kindred {
-namespace {
-
-// Checks x [M, K] and out [M, N] of matmul_4bit; returns a view standing for the [N, K] weight on x's device.
-TensorView check_matmul_io(const TensorView& x, int64_t n, const TensorView& out) {
-  check_dtype(x, "x", {DType::f32, DType::f16, DType::bf16});
-  check_contiguous(x, "x");
-  KINDRED_CHECK(x.dim() == 2, "x must be 2-D [M, K], got ", x.describe());
-  check_dtype(out, "out", {x.dtype});
-  check_contiguous(out, "out");
-  check_shape(out, "out", {x.shape[0], n});
-  check_same_device(x, "x", out, "out");
-  TensorView dense = x;
-  dense.shape = {n, x.shape[1]};
-  dense.strides = {x.shape[1], 1};
-  return dense;
-}
-
-void check_decode(const TensorView& x) {
-  KINDRED_CHECK(x.shape[0] <= kDecodeMaxRows, "the CUDA matmul_4bit kernel takes at most ", kDecodeMaxRows,
-                " rows (decode); larger M goes through dequantize + GEMM, got x ", x.describe());
-  KINDRED_CHECK(x.dtype != DType::f32, "the CUDA matmul_4bit kernel takes bf16 or f16 activations, got x ",
-                x.describe());
-  KINDRED_CHECK(x.shape[1] % 128 == 0, "the CUDA matmul_4bit kernel needs in_features % 128 == 0, got x ",
-                x.describe());
-}
-
-}  // namespace
-
-void matmul_4bit(const TensorView& x, const Nf4Tensors& w, int64_t n, const TensorView& out,
-                 [[maybe_unused]] int64_t stream) {
-  KINDRED_CHECK(n > 0, "the weight's out_features must be positive, got ", n);
-  const TensorView dense = check_matmul_io(x, n, out);
-  check_nf4(w, dense.numel(), dense, "x");
-  if (x.device == Device::cpu) return matmul_4bit_cpu(x, w, n, out);
-  check_decode(x);
-  KINDRED_CALL_CUDA(matmul_4bit, x, w, n, out, stream);
-}
-
-void matmul_4bit(const TensorView& x, const Int4gTensors& w, const TensorView& out, [[maybe_unused]] int64_t stream) {
-  KINDRED_CHECK(w.packed.dim() == 2, "packed must be 2-D [N, K/2], got ", w.packed.describe());
-  const TensorView dense = check_matmul_io(x, w.packed.shape[0], out);
-  check_int4g(w, dense, "x");
-  if (x.device == Device::cpu) return matmul_4bit_cpu(x, w, out);
-  check_decode(x);
-  KINDRED_CALL_CUDA(matmul_4bit, x, w, out, stream);
+  awq_unpack_cpu(qweight, qzeros, scales, out);
 }
 
 }  // namespace kindred

@@ -4,16 +4,10 @@
 
 #include <tuple>
 #include <utility>
+#include "kindred/dispatch.h"
 
 namespace kindred {
 namespace {
-
-#ifdef KINDRED_WITH_CUDA
-#define KINDRED_CALL_CUDA(op, ...) op##_cuda(__VA_ARGS__)
-#else
-#define KINDRED_CALL_CUDA(op, ...) \
-  throw Error(#op ": kindred was built without CUDA; rebuild with nvcc on the PATH (or -DKINDRED_CUDA=ON)", true)
-#endif
 
 void check_1d(const TensorView& t, const char* name, DType dtype, int64_t n) {
   check_dtype(t, name, {dtype});
@@ -21,9 +15,7 @@ void check_1d(const TensorView& t, const char* name, DType dtype, int64_t n) {
   check_shape(t, name, {n});
 }
 
-void check_cpu(const TensorView& t, const char* name) {
-  KINDRED_CHECK(t.device == Device::cpu, name, " must be on the CPU (data preparation runs there), got ", t.describe());
-}
+constexpr const char* kPrep = "data preparation runs there";
 
 int64_t count_of(const TensorView& t, const char* name) {
   KINDRED_CHECK(t.dim() == 1 && t.shape[0] >= 1, name, " must be 1-D with at least one element (offsets [n + 1]), got ",
@@ -35,7 +27,7 @@ int64_t count_of(const TensorView& t, const char* name) {
 void check_offsets(const TensorView& t, const char* name, int64_t last) {
   check_dtype(t, name, {DType::i64});
   check_contiguous(t, name);
-  check_cpu(t, name);
+  check_cpu(t, name, kPrep);
   const int64_t n = count_of(t, name);
   const int64_t* o = t.ptr<int64_t>();
   KINDRED_CHECK(o[0] == 0, name, "[0] must be 0, got ", o[0]);
@@ -49,7 +41,7 @@ void check_offsets(const TensorView& t, const char* name, int64_t last) {
 int64_t last_offset(const TensorView& t, const char* name) {
   check_dtype(t, name, {DType::i64});
   check_contiguous(t, name);
-  check_cpu(t, name);
+  check_cpu(t, name, kPrep);
   return t.ptr<int64_t>()[count_of(t, name)];
 }
 
@@ -58,7 +50,7 @@ int64_t last_offset(const TensorView& t, const char* name) {
 void count_tokens(const SegmentedTokens& in, const TokenCounts& out) {
   check_dtype(in.ids, "ids", {DType::i32});
   check_contiguous(in.ids, "ids");
-  check_cpu(in.ids, "ids");
+  check_cpu(in.ids, "ids", kPrep);
   KINDRED_CHECK(in.ids.dim() == 1, "ids must be 1-D [T], got ", in.ids.describe());
   const int64_t t = in.ids.numel();
   const int64_t s = count_of(in.seg_offsets, "seg_offsets");
@@ -67,7 +59,7 @@ void count_tokens(const SegmentedTokens& in, const TokenCounts& out) {
        {std::tuple{&in.seg_trainable, "seg_trainable", DType::u8}, std::tuple{&in.seg_turn, "seg_turn", DType::i32},
         std::tuple{&in.seg_exchange, "seg_exchange", DType::i32}}) {
     check_1d(*v, name, dt, s);
-    check_cpu(*v, name);
+    check_cpu(*v, name, kPrep);
   }
   const int64_t n = count_of(in.example_segs, "example_segs");
   check_offsets(in.example_segs, "example_segs", s);
@@ -104,7 +96,7 @@ void count_tokens(const SegmentedTokens& in, const TokenCounts& out) {
   check_1d(out.exchange_tokens, "exchange_tokens", DType::i32, exchanges);
   check_1d(out.exchange_trainable, "exchange_trainable", DType::i32, exchanges);
   for (const TensorView* v : {&out.labels, &out.example_tokens, &out.turn_tokens, &out.exchange_tokens})
-    check_cpu(*v, "outputs");
+    check_cpu(*v, "outputs", kPrep);
   count_tokens_cpu(in, out);
 }
 
@@ -126,7 +118,7 @@ void apply_budget(const BudgetInput& in, int64_t budget, BudgetPolicy policy, co
     check_1d(*v, name, DType::i32, n);
   for (const TensorView* v : {&in.example_tokens, &in.example_fixed, &in.exchange_tokens, &out.action,
                               &out.drop_exchanges, &out.tokens_after})
-    check_cpu(*v, "budget arrays");
+    check_cpu(*v, "budget arrays", kPrep);
   apply_budget_cpu(in, budget, policy, out);
 }
 
@@ -139,7 +131,7 @@ int64_t pack_bfd(const TensorView& lengths, int64_t max_tokens, const TensorView
   check_1d(row, "row", DType::i32, n);
   check_1d(start, "start", DType::i32, n);
   for (auto [v, name] : {std::pair{&lengths, "lengths"}, std::pair{&row, "row"}, std::pair{&start, "start"}})
-    check_cpu(*v, name);
+    check_cpu(*v, name, kPrep);
   const int32_t* len = lengths.ptr<int32_t>();
   for (int64_t i = 0; i < n; ++i)
     KINDRED_CHECK(len[i] >= 1 && len[i] <= max_tokens, "lengths[", i, "] = ", len[i],
@@ -176,7 +168,7 @@ void pack_rows(const TensorView& ids, const TensorView& labels, const TensorView
                 " does not fit the int32 cu_seqlens; pack fewer examples at a time");
   for (const TensorView* v : {&ids, &labels, &row, &start, &out.input_ids, &out.labels, &out.position_ids,
                               &out.cu_seqlens, &out.seq_example, &out.row_seqs, &out.row_trainable})
-    check_cpu(*v, "packing arrays");
+    check_cpu(*v, "packing arrays", kPrep);
   pack_rows_cpu(ids, labels, example_offsets, row, start, pad_id, out);
 }
 

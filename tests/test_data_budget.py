@@ -216,7 +216,7 @@ FIELDS = (
 
 @pytest.mark.parametrize("name", TEMPLATES)
 def test_truncation_by_splicing_equals_rerendering(name, any_tokenizer_path):
-    from kindred.data.accounting import splice_exchanges
+    from kindred.data.tokenized import splice_exchanges
 
     tok = load_tokenizer(any_tokenizer_path)
     tpl = get_template(name)

@@ -12,8 +12,8 @@ import torch
 from rich.console import Console
 
 from kindred.demo import run_demo
-from kindred.formats import load_adapter
 from kindred.models import from_pretrained
+from kindred.nn import load_adapter
 
 
 def test_demo_on_the_tiny_model(tmp_path):
@@ -21,7 +21,7 @@ def test_demo_on_the_tiny_model(tmp_path):
     buf = io.StringIO()
     summary = run_demo(out, device="cpu", model="tiny", steps=4, console=Console(file=buf, width=120))
     text = buf.getvalue()
-    for heading in ("1. token report", "2. QLoRA fine-tune", "3. held-out loss", "4. sample"):
+    for heading in ("1. token report", "2. QLoRA fine-tune", "3. held-out loss", "4. sample", "5. eval"):
         assert heading in text
     assert summary == json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["device"] == "cpu"
@@ -32,6 +32,21 @@ def test_demo_on_the_tiny_model(tmp_path):
     assert summary["eval_loss_after"] < summary["eval_loss_before"]  # four steps at lr 3e-3 already help
     assert f"{summary['eval_loss_before']:.4f}" in text and f"{summary['eval_loss_after']:.4f}" in text
     assert summary["sample_prompt"] and isinstance(summary["sample_after"], str)
+
+    # the before/after eval on the shipped battery: the same base, adapter off then on
+    evaluation = summary["eval"]
+    results = json.loads((out / "eval" / "results.json").read_text())
+    assert [m["name"] for m in results["models"]] == ["before", "after"]
+    assert [results["summary"][k]["passed"] for k in ("before", "after")] == [
+        evaluation["before"]["passed"],
+        evaluation["after"]["passed"],
+    ]
+    assert len(results["samples"]) == 32 and (out / "eval" / "report.html").is_file()
+    assert all(s["new_tokens"] <= 96 for s in results["samples"])
+    before = {s["test_id"]: s["tokens"] for s in results["samples"] if s["model"] == "before"}
+    after = {s["test_id"]: s["tokens"] for s in results["samples"] if s["model"] == "after"}
+    assert before != after  # the trained adapter changes the answers
+    assert "ethics16 pass rate" in text and "before → after" in text
 
     report = json.loads((out / "token_report.json").read_text())
     assert report["examples"] > 0 and 0 < report["trainable"] < report["total"]

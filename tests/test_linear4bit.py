@@ -9,8 +9,8 @@ from safetensors.torch import save_file
 
 from kindred import ops
 from kindred.errors import KindredFormatError, KindredValueError
-from kindred.formats import load_linear4bit, nf4_from_bnb
-from kindred.nn import Linear4bit
+from kindred.formats import nf4_from_bnb
+from kindred.nn import Linear4bit, load_linear4bit
 
 from .helpers import randn
 from .tolerances import REL_ERR, rel_err

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from kindred import _core, _ops, _ops_lora, ops
+from kindred import _core, ops
+from kindred._ops import lora as _ops_lora
+from kindred._ops.adapter import stream, view
 from kindred.errors import KindredValueError
 
 from .helpers import randn
@@ -243,13 +245,9 @@ def test_bad_inputs_name_the_argument():
     # The core's own checks, reached directly.
     y, xs = torch.empty(3, 40, dtype=torch.float64), torch.empty(3, 8, dtype=torch.float64)
     with pytest.raises(KindredValueError, match="needs a seed"):
-        _core.lora_forward(
-            *(_ops.view(t) for t in (x, w, a, b)), None, 1.0, 0.5, None, _ops.view(y), _ops.view(xs)
-        )
+        _core.lora_linear(*(view(t) for t in (x, w, a, b)), None, 1.0, 0.5, None, view(y), view(xs))
     with pytest.raises(KindredValueError, match=r"xs must have shape \[3, 8\]"):
-        _core.lora_forward(
-            *(_ops.view(t) for t in (x, w, a, b)), None, 1.0, 0.0, None, _ops.view(y), _ops.view(xs[:, :4])
-        )
+        _core.lora_linear(*(view(t) for t in (x, w, a, b)), None, 1.0, 0.0, None, view(y), view(xs[:, :4]))
 
 
 @pytest.mark.parametrize("p", [0.0, 0.3])
@@ -397,12 +395,12 @@ def test_cuda_dropout_kernel_is_bit_exact_with_cpu(dtype):
                 gpu_out.copy_(start)
             for out, xx in ((cpu_out, x), (gpu_out, x.cuda())):
                 _core.lora_dropout(
-                    _ops.view(xx),
+                    view(xx),
                     p,
-                    _ops.view(seed.to(xx.device)),
-                    _ops.view(out),
+                    view(seed.to(xx.device)),
+                    view(out),
                     accumulate,
-                    _ops.stream(xx),
+                    stream(xx),
                 )
             torch.cuda.synchronize()
             assert torch.equal(gpu_out.cpu(), cpu_out), (p, accumulate)

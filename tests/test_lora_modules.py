@@ -12,8 +12,8 @@ from torch import nn
 
 import kindred
 from kindred.errors import KindredFormatError, KindredValueError
-from kindred.formats import load_adapter, read_adapter, save_adapter
-from kindred.nn import Linear4bit, LoraLinear, apply_lora, merge_lora
+from kindred.formats import read_adapter
+from kindred.nn import Linear4bit, LoraLinear, apply_lora, load_adapter, merge_lora, save_adapter
 
 from .helpers import randn
 from .tolerances import rel_err

@@ -10,7 +10,9 @@ import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from kindred import _core, _ops, nn, ops
+from kindred import _core, nn, ops
+from kindred._ops import loss as _ops_loss
+from kindred._ops.adapter import view
 from kindred.errors import KindredValueError
 from kindred.ops.loss import _linear_cross_entropy as lce
 
@@ -279,8 +281,6 @@ def test_custom_ops_pass_opcheck_and_compile():
 
 
 def test_plan_stays_in_the_memory_budget():
-    from kindred import _ops_loss
-
     for single in (True, False):
         for n, d, v in [
             (16384, 4096, 262144),
@@ -360,8 +360,6 @@ def test_tokens_outside_valid_rows_count_as_ignored():
 
 
 def test_plan_reserves_the_gathered_rows():
-    from kindred import _ops_loss
-
     for single in (True, False):
         t, c = _ops_loss.plan(16384, 4096, 262144, single, gather_itemsize=2)
         assert 4 * t * c + (4 + 2) * t * 4096 <= 56 * 2**20 and t >= 512 and c >= 4096
@@ -409,7 +407,7 @@ def test_core_checks_name_the_argument():
     y = torch.zeros(3, dtype=torch.int32)
     am = torch.zeros(3, dtype=torch.int32)
     opt = _core.LceOptions(-100, 0.0, 0.0, 0.0)
-    v = _ops.view
+    v = view
     with pytest.raises(KindredValueError, match="the chunk"):
         _core.lce_chunk_update(v(logits), None, v(y), 5, 12, opt, v(state), v(am), None, None, 0)
     with pytest.raises(KindredValueError, match="exp_out must alias logits"):
@@ -443,7 +441,7 @@ def test_core_checks_name_the_argument():
         )
     with pytest.raises(KindredValueError, match="CPU reference"):
         h = torch.zeros(2, 4, device="meta")
-        _core.linear_cross_entropy_forward(
+        _core.linear_cross_entropy(
             _core.TensorView(8, "float32", [2, 4], [4, 1], "cuda", 0),
             v(torch.zeros(3, 4)),
             None,

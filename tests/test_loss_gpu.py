@@ -9,7 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kindred import _core, _ops, _ops_loss, ops
+from kindred import _core, ops
+from kindred._ops import loss as _ops_loss
+from kindred._ops.adapter import stream, view
 from kindred.ops.loss import _linear_cross_entropy as lce
 
 from .loss_reference import linear_cross_entropy_ref
@@ -64,7 +66,7 @@ def _update(dev, logits, bias, y, state, argmax, acc, dtype, single, opt, col0, 
     logits, bias, y, state, argmax, acc = _on(dev, logits, bias, y, state, argmax, acc)
     t, c = logits.shape
     e = _ops_loss._aliased(logits.view(-1), t, c, dtype) if single else None
-    v = _ops.view
+    v = view
     _core.lce_chunk_update(
         v(logits),
         None if bias is None else v(bias),
@@ -76,7 +78,7 @@ def _update(dev, logits, bias, y, state, argmax, acc, dtype, single, opt, col0, 
         v(argmax),
         None if e is None else v(e),
         v(acc) if single else None,
-        _ops.stream(logits),
+        stream(logits),
     )
     return state.cpu(), argmax.cpu(), None if e is None else e.float().cpu(), acc.cpu()
 
@@ -125,14 +127,14 @@ def test_chunk_grad_and_finalize_match_cpu_twins(dtype, opts):
     wsum = weight.float().sum(0)
     scale = torch.tensor([0.01])
     single = opts[2] == 0.0
-    v = _ops.view
+    v = view
     results = {}
     for dev in ("cpu", "cuda"):
         lg, b, yy, ls, cf, st, am, a, w, ws, sc = _on(
             dev, logits, bias, y, lse, coef, state, argmax, acc, weight, wsum, scale
         )
         g = _ops_loss._aliased(lg.view(-1), t, c, dtype)
-        _core.lce_chunk_grad(v(lg), v(b), v(yy), c, vocab, opt, v(ls), v(cf), v(g), _ops.stream(lg))
+        _core.lce_chunk_grad(v(lg), v(b), v(yy), c, vocab, opt, v(ls), v(cf), v(g), stream(lg))
         out = {"grad": g.float().cpu()}
         outs = [torch.full((t,), float("nan"), device=dev) for _ in range(2)]  # poisoned
         hit = torch.full((t,), 0xFF, dtype=torch.uint8, device=dev)
@@ -147,7 +149,7 @@ def test_chunk_grad_and_finalize_match_cpu_twins(dtype, opts):
             v(outs[1]),
             v(hit),
             *((v(a), v(w), v(ws), v(sc), v(dh)) if single else (None,) * 5),
-            _ops.stream(lg),
+            stream(lg),
         )
         out.update(loss=outs[0].cpu(), lse=outs[1].cpu(), hit=hit.cpu())
         if single:

@@ -53,6 +53,11 @@ def _check_quickstart(nb, work: Path) -> None:
     assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 16
     metrics = (work / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(metrics) == 8
+    # the before/after eval on the shipped battery, and its report shown inline
+    assert re.search(r"ethics16 pass rate \d+/16 -> \d+/16", text)
+    assert (work / "eval" / "report.html").is_file() and (work / "eval" / "results.json").is_file()
+    html = [o for c in nb.cells for o in c.get("outputs", []) if "text/html" in o.get("data", {})]
+    assert any("srcdoc" in "".join(o["data"]["text/html"]) for o in html)
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)

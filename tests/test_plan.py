@@ -11,7 +11,7 @@ import pytest
 
 from kindred.errors import KindredValueError
 from kindred.plan import catalogue as cat
-from kindred.plan import cli, gpus, memory, score, timing
+from kindred.plan import cli, gpus, memory, score
 
 GIB = 2**30
 get = cat.get_model
@@ -216,11 +216,15 @@ def test_qwen3_8b_q4_inference_published_figure():
     assert memory.weight_bytes(qwen, "Q4_K_M") / 1e9 == pytest.approx(5.03, rel=0.01)
     # KV per token: 2 (K,V) × 36 layers × 8 kv heads × 128 × 2 B = 147,456 B = 144 KiB
     assert memory.kv_cache_bytes(qwen, 1) == 147_456
-    # the seeds' "Qwen3-8B Q4 ≈ 5.5 GB": weights + KV at 4K context = 5.02 + 0.60 GB; the runtime part is
-    # extra
+    # the seeds' "Qwen3-8B Q4 ≈ 5.5 GB": weights + KV at 4K context = 5.02 + 0.60 GB
     inf = memory.inference_memory(qwen, "Q4_K_M", 4096)
     assert (inf.parts["weights"] + inf.parts["kv_cache"]) / 1e9 == pytest.approx(5.5, rel=0.03)
     assert inf.parts["kv_cache"] == 147_456 * 4096
+    # llama.cpp's compute buffer for a 512-token micro-batch: fp32 logits 512 × 151,936 × 4 B and, without
+    # flash attention, fp32 scores 512 × 4,096 keys × 32 heads × 4 B
+    assert inf.parts["compute_buffer"] == 512 * 151_936 * 4 + 512 * 4096 * 32 * 4
+    flash = memory.inference_memory(qwen, "Q4_K_M", 4096, flash_attention=True)
+    assert flash.parts["compute_buffer"] == 512 * 151_936 * 4
 
 
 def test_gemma3_sliding_window_kv_cache():
@@ -234,169 +238,19 @@ def test_gemma3_sliding_window_kv_cache():
     assert memory.kv_cache_bytes(gemma, 1_000, kv_dtype="q8_0") == round(48 * 8_192 * 1_000 * 8.5 / 16)
 
 
-# ---------------------------------------------------------------- training memory
+# ---------------------------------------------------------------- GPUs the seeds name
 
 
-def test_gemma3_logits_case():
-    # seed 004: 4096 tokens × 262,144 vocab × 4 bytes = 4,294,967,296 B ≈ 4.3 GB of fp32 logits
-    assert memory.logits_bytes(4096, 262_144, 4) == 4_294_967_296
-    assert memory.logits_bytes(4096, 262_144, 4) / 1e9 == pytest.approx(4.3, abs=0.01)
-    unfused = memory.training_memory(get("gemma-3-12b"), "qlora", 4096, 1, fused_loss=False)
-    fused = memory.training_memory(get("gemma-3-12b"), "qlora", 4096, 1, fused_loss=True)
-    # bf16 logits + fp32 upcast + fp32 gradient: 4096 × 262,208 × (2 + 4 + 4) B
-    assert unfused.parts["logits"] == 4096 * 262_208 * 10
-    assert fused.parts["logits"] == 0
-
-
-def test_lora_params_qwen3_8b():
-    # r=16 per layer: q 16·(4096+4096) + k 16·(4096+1024) + v same + o 16·(4096+4096) + 3 × 16·(4096+12288)
-    # = 131,072 + 81,920 + 81,920 + 131,072 + 786,432 = 1,212,416; × 36 = 43,646,976 (pipeline-formats §7.2:
-    # 43.6 M)
-    assert memory.lora_params(get("qwen3-8b"), 16) == 43_646_976
-
-
-def test_training_breakdown_hand_computed(tmp_path):
-    spec = cat.spec_from_config(_write_config(tmp_path, **TINY), "tiny")
-    got = memory.training_memory(spec, "qlora", seq=128, batch=2, rank=8, fused_loss=False, overhead_gib=0)
-    # linears per layer 256·256 + 2·256·128 + 256·256 + 3·256·512 = 589,824; × 2 layers = 1,179,648 at
-    # 4.126953125
-    # bits = 4,868,352 bits = 608,544 B; tied embedding 1000·256·2 = 512,000 B; norms (2·2·256 + 256)·2 =
-    # 2,560 B
-    assert got.parts["base_weights"] == 608_544 + 512_000 + 2_560
-    # LoRA r=8 per layer: 8·(512 + 384 + 384 + 512 + 768 + 768 + 768) = 32,768; × 2 = 65,536 params;
-    # fp32 weights + grads 8 B each, AdamW moments 8 B each
-    assert got.parts["adapters"] == 524_288 and got.parts["optimizer"] == 524_288
-    # 256 tokens: checkpoints 2 B · 256 tokens · 256 hidden · 2 layers
-    assert got.parts["checkpoints"] == 262_144
-    # saved per token: norms 2·4·256 + 2·2·256 = 3,072; attention 2·(256+128+128) + 2·256 = 1,536; MLP 8·512 =
-    # 4,096;
-    # fp32 adapter inputs 4·(256·3 + 256 + 256·2 + 512) = 8,192 -> 16,896; transients 2·(2·256 + 2·512) =
-    # 3,072
-    assert got.parts["activations"] == 256 * (16_896 + 3_072)
-    # logits: 256 tokens × 1000 × 10 B
-    assert got.parts["logits"] == 2_560_000
-    assert got.total == 1_123_104 + 524_288 + 524_288 + 262_144 + 5_111_808 + 2_560_000
-
-
-def test_full_finetune_is_16_bytes_per_param_plus_activations(tmp_path):
-    spec = cat.spec_from_config(_write_config(tmp_path, **TINY), "tiny")
-    got = memory.training_memory(spec, "full", seq=128, batch=2, overhead_gib=0)
-    # Transformer Math 101: bf16 weights 2 + bf16 grads 2 + fp32 moments 8 + fp32 master 4 = 16 B/param;
-    # params = 1,179,648 linears + 256,000 embedding + 1,280 norms = 1,436,928
-    assert got.parts["base_weights"] + got.parts["gradients"] + got.parts["optimizer"] == 16 * 1_436_928
-
-
-@pytest.mark.parametrize(
-    "model_id, method, seq, batch, fused, measured_gib",
-    [
-        # anchors-measured.md, end-to-end step on an H100 (transformers + PEFT [+ bnb NF4], r=16, grad
-        # checkpointing)
-        ("qwen3-8b", "qlora", 2048, 4, False, 22.6),
-        ("qwen3-8b", "qlora", 2048, 4, True, 11.7),  # + Cut Cross-Entropy
-        ("qwen3-8b", "lora", 2048, 4, False, 32.2),  # bf16 base
-        ("gemma-3-12b", "qlora", 4096, 1, False, 23.3),
-        ("gemma-3-12b", "qlora", 4096, 1, True, 13.0),
-    ],
-)
-def test_training_memory_within_10_percent_of_measured(model_id, method, seq, batch, fused, measured_gib):
-    run = {
-        "model": model_id,
-        "method": method,
-        "seq": seq,
-        "batch": batch,
-        "fused_loss": fused,
-        "measured_gib": measured_gib,
-    }
-    (row,) = memory.compare_with_measured([run], get)
-    assert abs(row["error"]) < 0.10
-
-
-def test_no_checkpointing_qwen3_8b_does_not_fit_80gb():
-    # anchors-measured.md: without gradient checkpointing the Qwen3-8B seq 2048 × 4 step runs out of 80 GB
-    assert (
-        memory.training_memory(get("qwen3-8b"), "qlora", 2048, 4, grad_checkpointing=False).total > 80 * GIB
-    )
-
-
-def test_impossible_settings_are_plain_errors():
-    with pytest.raises(KindredValueError, match=r"sequence length 32768 is longer than Phi-4.*16384"):
-        memory.training_memory(get("phi-4"), seq=32_768)
-    with pytest.raises(KindredValueError, match=r"rank 1024 is larger than .*hidden size 576"):
-        memory.training_memory(get("smollm2-135m"), rank=1024)
-    with pytest.raises(KindredValueError, match="batch must be positive"):
-        memory.training_memory(get("qwen3-8b"), batch=-1)
-    with pytest.raises(KindredValueError, match="unknown weight format 'Q3_Z'"):
-        memory.inference_memory(get("qwen3-8b"), "Q3_Z")
-    with pytest.raises(KindredValueError, match="unknown method"):
-        memory.training_memory(get("qwen3-8b"), "dora")
-
-
-# ---------------------------------------------------------------- time
-
-
-def test_flops_per_token_hand_computed(tmp_path):
-    spec = cat.spec_from_config(_write_config(tmp_path, **TINY), "tiny")
-    got = timing.train_flops_per_token(spec, "qlora", seq=128, rank=8)
-    # dense 2 × 1,179,648 = 2,359,296; head 2 × 256 × 1000 = 512,000; attention 4 × 256 (q_dim) × 2 layers ×
-    # mean causal context (128+1)/2 = 132,096; LoRA 2 × 65,536 = 131,072
-    assert got["forward"] == 2_359_296 + 512_000 + 132_096 + 131_072
-    assert got["recompute"] == 2_359_296 + 132_096 + 131_072
-    assert got["backward"] == (2_359_296 + 512_000) + 2 * 132_096 + 2 * 131_072
-
-
-def test_flops_per_token_qwen3_8b_near_anchor():
-    # anchors-measured.md: "FLOPs per token with recomputation ≈ 6 × 8.2 G for Qwen3-8B"
-    assert timing.train_flops_per_token(get("qwen3-8b"), "qlora", 2048)["total"] == pytest.approx(
-        6 * 8.2e9, rel=0.06
-    )
-
-
-def test_default_efficiency_predicts_anchor_throughput(tmp_path):
-    eff, source = timing.training_efficiency("qlora", get, tmp_path)  # empty results dir -> anchors
-    assert "anchors" in source
-    h100 = gpus.get_gpu("h100-sxm")
-    # measured (anchors-measured.md): Qwen3-8B 4,997 tok/s, Gemma 3 12B 2,432 tok/s; one efficiency for both
-    # models lands within 20 %
-    assert timing.train_tokens_per_s(get("qwen3-8b"), h100, eff, "qlora", 2048) == pytest.approx(
-        4997, rel=0.2
-    )
-    assert timing.train_tokens_per_s(get("gemma-3-12b"), h100, eff, "qlora", 4096) == pytest.approx(
-        2432, rel=0.2
-    )
-
-
-def test_efficiency_calibrated_from_results_csv(tmp_path):
-    header = (
-        "date,commit,gpu,family,op,impl,shape,dtype,ms,baseline_impl,baseline_ms,ratio_to_baseline,tflops,"
-        "gbps,tokens_per_s,peak_extra_mib,notes"
-    )
-    row = (
-        "2026-12-01,abc123,NVIDIA H100 80GB HBM3,e2e,train_step,kindred,"
-        '"model=qwen3-8b,method=qlora,seq=2048,batch=4,r=16",bf16,,,,,,,9000,11000,'
-    )
-    (tmp_path / "e2e.csv").write_text(header + "\n" + row + "\n")
-    eff, source = timing.training_efficiency("qlora", get, tmp_path)
-    assert "1 train_step rows" in source and "abc123" in source
-    # calibrated on that very run, the estimator must give back its measured 9,000 tokens/s
-    tps = timing.train_tokens_per_s(get("qwen3-8b"), gpus.get_gpu("h100-sxm"), eff, "qlora", 2048)
-    assert tps == pytest.approx(9000, rel=1e-9)
-    (run,) = timing.load_train_runs(tmp_path, get)
-    assert run["measured_gib"] == pytest.approx(11000 / 1024)
-
-
-def test_decode_tokens_per_s_hand_computed():
-    # bf16 Qwen3-8B reads all params but the input embedding: 2 × (8,190,735,360 − 622,329,856) B
-    # + KV at 4096 tokens 147,456 × 4096 = 15,740,790,784 B; H100 3,350 GB/s × (2.82/3.35) -> 2.82e12 / that
-    tps = timing.decode_tokens_per_s(get("qwen3-8b"), gpus.get_gpu("h100-sxm"), "BF16", 4096)
-    assert tps == pytest.approx(2.82e12 / 15_740_790_784, rel=1e-6)
-    assert timing.decode_tokens_per_s(get("qwen3-8b"), gpus.custom_gpu(24), "BF16", 4096) is None
-
-
-def test_training_seconds():
-    # 3 M tokens × 2 epochs at 5,000 tok/s = 1,200 s
-    assert timing.training_seconds(3_000_000, 2, 5_000) == 1_200
-    with pytest.raises(KindredValueError, match="positive"):
-        timing.training_seconds(-1, 1, 5_000)
+def test_seed_gpus_with_sources():
+    # seeds 000-004 name the RTX 5080, RTX 6000 Ada, A10G, MI300X and an Apple M3 Max
+    for name, memory_gb in (("rtx-5080", 16), ("rtx-6000-ada", 48), ("a10g", 24), ("mi300x", 192)):
+        g = gpus.get_gpu(name)
+        assert g.memory_gb == memory_gb and g.sources and g.bandwidth_gbs > 0 and g.bf16_tflops > 0
+    # RTX 5080: 84 SMs × 2,617 MHz × 512 FLOP per SM-clock (fp32 accumulate) = 112.6 TFLOP/s
+    assert gpus.get_gpu("rtx-5080").bf16_tflops == pytest.approx(84 * 2617e6 * 512 / 1e12, abs=0.05)
+    m3 = gpus.get_gpu("m3-max")
+    assert m3.bf16_tflops is None and m3.backend == "metal" and not m3.kindred_trains  # inference speed only
+    assert not gpus.get_gpu("mi300x").kindred_trains and gpus.get_gpu("h200").kindred_trains
 
 
 # ---------------------------------------------------------------- scoring
@@ -411,19 +265,47 @@ def test_weighted_score_and_context_scale():
         0.6644, abs=1e-4
     )
     assert score.criterion_scores(get("qwen3-8b"), None, None, 0.8)["capability"] == 0.8
+    # quantization: Qwen3-8B Q4_K_M without fallback (1) + official AWQ (1); gpt-oss-20b: Q4_K_M with
+    # fallbacks (0.5) + AWQ refused by its 2880-wide rows (0)
+    assert score.criterion_scores(get("qwen3-8b"), None, None, None)["quantization"] == 1.0
+    assert score.criterion_scores(get("gpt-oss-20b"), None, None, None)["quantization"] == 0.25
 
 
 def test_checklist_and_bad_settings():
-    s = score.PlanSettings(seq=4096, tokens_p95=5000, results_dir=None)
+    s = score.PlanSettings(seq=4096, tokens_p95=5000)
     checks = score.checklist(get("qwen3-8b"), s, gpus.get_gpu("rtx-4090"), 30 * GIB)
     assert checks["context fits data p95"]["status"] == "fail"  # 5000 > seq 4096
     assert checks["training fits GPU incl. logits"]["status"] == "fail"  # 30 GiB > 24 GiB
     assert checks["token budget defined"]["status"] == "fail"
     assert checks["quantized format available"]["status"] == "pass"
+    assert checks["kindred trains it"]["status"] == "pass"
+    # seed 004's practical limit: about half the window per example; Qwen3-8B 40,960 -> 20,480 >= p95 5000
+    assert checks["example within the practical context"]["status"] == "pass"
+    long = score.checklist(get("phi-4"), score.PlanSettings(seq=10000), gpus.get_gpu("h200"), GIB)
+    assert long["example within the practical context"]["status"] == "fail"  # 10000 > 16384 / 2
+    moe = score.checklist(get("qwen3-30b-a3b"), s, gpus.get_gpu("h200"), GIB)
+    assert moe["kindred trains it"]["status"] == "fail" and "qwen3_moe" in moe["kindred trains it"]["detail"]
     with pytest.raises(KindredValueError, match="unknown criteria"):
         score.PlanSettings(weights={"vibes": 1})
     with pytest.raises(KindredValueError, match="seq must be positive"):
         score.PlanSettings(seq=-5)
+    with pytest.raises(KindredValueError, match="unknown license filter"):
+        score.PlanSettings(license="free")
+    with pytest.raises(KindredValueError, match="unknown recomputation policy"):
+        score.PlanSettings(policy="some")
+
+
+def test_plan_records_honesty_and_license_filter():
+    h200 = gpus.get_gpu("h200")
+    specs = [get(m) for m in ("qwen3-8b", "gpt-oss-20b", "gemma-3-12b", "qwen3-30b-a3b")]
+    rows = {r["model"]: r for r in score.plan(specs, h200, score.PlanSettings(infer_format="AWQ"))}
+    # gpt-oss-20b: hidden 2880 = 22.5 × 128, so no AWQ g128 estimate; not a kindred.models family
+    assert rows["gpt-oss-20b"]["infer_gib"] is None and "2880" in rows["gpt-oss-20b"]["format_refused"]
+    assert rows["gpt-oss-20b"]["kindred"] == "plan only" and rows["gpt-oss-20b"]["train_tok_s"] is None
+    assert rows["qwen3-8b"]["kindred"] == "trainable" and rows["qwen3-8b"]["infer_gib"] > 5
+    assert rows["qwen3-30b-a3b"]["kindred"] == "plan only"
+    permissive = score.plan(specs, h200, score.PlanSettings(license="permissive"))
+    assert {r["model"] for r in permissive} == {"qwen3-8b", "gpt-oss-20b", "qwen3-30b-a3b"}  # no Gemma terms
 
 
 # ---------------------------------------------------------------- CLI
@@ -435,19 +317,9 @@ def _parse(*argv):
     return parser.parse_args(["plan", *argv])
 
 
-def test_cli_json_round_trip(capsys, tmp_path):
+def test_cli_json_round_trip(capsys):
     args = _parse(
-        "--vram",
-        "16",
-        "--method",
-        "qlora",
-        "--seq",
-        "2048",
-        "--json",
-        "--results",
-        str(tmp_path),
-        "--dataset-tokens",
-        "1000000",
+        "--vram", "16", "--method", "qlora", "--seq", "2048", "--json", "--dataset-tokens", "1000000"
     )
     assert cli.run(args) == 0
     out = json.loads(capsys.readouterr().out)
@@ -461,39 +333,61 @@ def test_cli_json_round_trip(capsys, tmp_path):
     assert rows["gemma-3-27b"]["fits_train"] is False
 
 
-def test_cli_model_breakdown_and_plot(capsys, tmp_path):
+def test_cli_model_breakdown_serving_and_plot(capsys, tmp_path):
     png = tmp_path / "mem.png"
-    args = _parse(
-        "--gpu",
-        "rtx-4090",
-        "--model",
-        "qwen3-8b",
-        "--seq",
-        "4096",
-        "--plot",
-        str(png),
-        "--results",
-        str(tmp_path),
-    )
+    args = _parse("--gpu", "rtx-4090", "--model", "qwen3-8b", "--seq", "4096", "--plot", str(png))
     assert cli.run(args) == 0
     text = capsys.readouterr().out
-    assert "training memory" in text and "decision checklist" in text and "anchors" in text
+    for part in ("training memory", "host memory", "decision checklist", "vLLM AWQ", "Q5_K_M", "time model"):
+        assert part in text, part
+    assert "what unsloth would take" in text  # Unsloth was measured on Qwen3-8B
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_prices_and_cost(capsys, tmp_path):
+    prices = tmp_path / "prices.json"
+    prices.write_text(json.dumps({"prices": [{"gpu": "RTX 4090", "usd_per_hour": 0.5}]}))
+    base = ("--gpu", "rtx-4090", "--model", "qwen3-8b", "--dataset-tokens", "3000000", "--json")
+    for extra, rate in ((("--prices", str(prices)), 0.5), (("--price", "rtx-4090=0.25"), 0.25)):
+        assert cli.run(_parse(*base, *extra)) == 0
+        (row,) = json.loads(capsys.readouterr().out)["models"]
+        # the cost of the fine-tune is its hours at the overriding rate
+        assert row["serve_usd_per_hour"] == rate
+        assert row["train_usd"] == pytest.approx(row["train_hours"] * rate)
+        assert row["train_hours"] == pytest.approx(3_000_000 / row["train_tok_s"] / 3600)
 
 
 def test_cli_config_model(capsys, tmp_path):
     path = _write_config(tmp_path, **TINY)
     assert cli.run(_parse("--gpu", "l40s", "--model", str(path), "--seq", "512", "--json")) == 0
     (row,) = json.loads(capsys.readouterr().out)["models"]
-    assert row["context"] == 1024
+    assert row["context"] == 1024 and row["kindred"] == "trainable"
 
 
-def test_cli_bad_input():
+def test_cli_bad_input(tmp_path):
     with pytest.raises(KindredValueError, match="longer than"):
         cli.run(_parse("--gpu", "h100-sxm", "--model", "phi-4", "--seq", "20000"))
     with pytest.raises(KindredValueError, match="closest known"):
         cli.run(_parse("--gpu", "h100-sxm", "--model", "lama-3.1-8b"))
     with pytest.raises(KindredValueError, match="--weights: expected NAME=NUMBER"):
         cli.run(_parse("--gpu", "h100-sxm", "--weights", "context"))
-    with pytest.raises(KindredValueError, match="token report"):
+    with pytest.raises(KindredValueError, match="tokenizer"):
         cli.run(_parse("--gpu", "h100-sxm", "--data", "chats.jsonl"))
+    with pytest.raises(KindredValueError, match="--price h100-sxm=-1"):
+        cli.run(_parse("--gpu", "h100-sxm", "--price", "h100-sxm=-1"))
+    bad = tmp_path / "p.json"
+    bad.write_text('{"prices": [{"gpu": "h100-sxm"}]}')
+    with pytest.raises(KindredValueError, match=r"p\.json: prices\[0\]: needs 'gpu' and 'usd_per_hour'"):
+        cli.run(_parse("--gpu", "h100-sxm", "--prices", str(bad)))
+    with pytest.raises(KindredValueError, match="--results"):
+        cli.run(_parse("--gpu", "h100-sxm", "--results", str(tmp_path / "nowhere")))
+
+
+def test_cli_data_cost_by_context(capsys, hf_tokenizer_path):
+    from kindred.data.samples import calibration_path
+
+    data = ("--data", str(calibration_path()), "--tokenizer", str(hf_tokenizer_path), "--template", "llama3")
+    assert cli.run(_parse("--gpu", "h200", "--model", "qwen3-8b", "--seq", "4096", *data)) == 0
+    text = capsys.readouterr().out
+    # seed 004's relative costs (4K = 1× ... 64K = 16×) in hours and dollars at the H200's listed rate
+    assert "cost by context for your data" in text and "16×" in text and "$" in text

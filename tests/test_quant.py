@@ -6,7 +6,9 @@ import pytest
 import torch
 
 import kindred
-from kindred import _core, _ops, ops
+from kindred import _core, ops
+from kindred._ops.adapter import stream, view
+from kindred._ops.quant import core_weight
 from kindred.errors import KindredValueError
 
 from .helpers import randn
@@ -173,17 +175,19 @@ def test_custom_ops_pass_opcheck_and_trace():
     torch.library.opcheck(torch.ops.kindred.quantize_nf4.default, (w, 64, True))
     torch.library.opcheck(torch.ops.kindred.quantize_int4g.default, (w, 128))
     q = ops.quantize_nf4(w, 64, True)
-    args = (q.packed, q.absmax, q.nested_absmax, q.nested_code, q.offset, 64, [16, 256], torch.bfloat16)
-    torch.library.opcheck(torch.ops.kindred.dequantize_nf4.default, args)
-    qi = ops.quantize_int4g(w, 128)
+    base, _, blocksize = q.op_args()
     torch.library.opcheck(
-        torch.ops.kindred.dequantize_int4g.default, (qi.packed, qi.scales, qi.zeros, 128, torch.float16)
+        torch.ops.kindred.dequantize_nf4.default, (base, blocksize, [16, 256], torch.bfloat16)
     )
+    qi = ops.quantize_int4g(w, 128)
+    base, _, group = qi.op_args()
+    torch.library.opcheck(torch.ops.kindred.dequantize_int4g.default, (base, group, torch.float16))
 
     @torch.compile(backend="aot_eager", fullgraph=True)
     def roundtrip(x):
-        packed, absmax, _, _ = torch.ops.kindred.quantize_nf4(x, 64, False)
-        return torch.ops.kindred.dequantize_nf4(packed, absmax, None, None, None, 64, list(x.shape), x.dtype)
+        packed, absmax, empty, _ = torch.ops.kindred.quantize_nf4(x, 64, False)
+        base = [packed, absmax, empty, empty, empty]
+        return torch.ops.kindred.dequantize_nf4(base, 64, list(x.shape), x.dtype)
 
     assert torch.equal(roundtrip(w), ops.quantize_nf4(w, 64, False).dequantize())
 
@@ -260,15 +264,7 @@ def test_nf4_cuda_matches_cpu(shape, blocksize, dtype):
             assert torch.equal(getattr(gpu, name).cpu(), t), name
         for out_dtype in DTYPES:
             out = torch.full(shape, float("nan"), dtype=out_dtype, device="cuda")  # poisoned
-            _core.dequantize_nf4(
-                *(
-                    _ops.opt_view(getattr(gpu, f), f)
-                    for f in ("packed", "absmax", "nested_absmax", "nested_code", "offset")
-                ),
-                blocksize,
-                _ops.view(out),
-                _ops.stream(out),
-            )
+            _core.dequantize_nf4(core_weight(*gpu.op_args()), view(out), stream(out))
             torch.cuda.synchronize()
             assert torch.equal(out.cpu(), cpu.dequantize(out_dtype))
 
@@ -283,14 +279,7 @@ def test_int4g_cuda_matches_cpu(shape, group, dtype):
         assert torch.equal(getattr(gpu, name).cpu(), t), name
     for out_dtype in DTYPES:
         out = torch.full(shape, float("nan"), dtype=out_dtype, device="cuda")
-        _core.dequantize_int4g(
-            _ops.view(gpu.packed),
-            _ops.view(gpu.scales),
-            _ops.view(gpu.zeros),
-            group,
-            _ops.view(out),
-            _ops.stream(out),
-        )
+        _core.dequantize_int4g(core_weight(*gpu.op_args()), view(out), stream(out))
         torch.cuda.synchronize()
         assert torch.equal(out.cpu(), cpu.dequantize(out_dtype))
 
@@ -309,9 +298,8 @@ def test_cuda_bad_inputs():
         dataclasses.replace(q, absmax=q.absmax.cpu()).dequantize()
     packed_on_cpu = q.packed.cpu()
     with pytest.raises(KindredValueError, match="must be on the same device"):
-        _core.quantize_nf4(
-            _ops.view(w), _ops.view(packed_on_cpu), _ops.view(q.absmax), None, None, None, None, 64, 0
-        )
+        out = _core.Nf4Tensors(view(packed_on_cpu), view(q.absmax), None, None, None, 64)
+        _core.quantize_nf4(view(w), out, None, 0)
 
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]

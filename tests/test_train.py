@@ -122,7 +122,7 @@ def test_finetune_learns_and_writes_everything(tiny_model, tmp_path):
     result.model.eval()
     want = result.model(ids)
     fresh = kindred.models.from_pretrained(tiny_model, quant="nf4", dtype=torch.float32)
-    kindred.formats.load_adapter(fresh, out / "adapter")
+    kindred.nn.load_adapter(fresh, out / "adapter")
     torch.testing.assert_close(fresh(ids), want, rtol=1e-5, atol=1e-5)
     merged = kindred.models.from_pretrained(result.merged_dir, dtype=torch.float32)
     torch.testing.assert_close(merged(ids), want, rtol=1e-4, atol=1e-4)

@@ -5,6 +5,7 @@
 
 namespace kindred {
 void bind_quant(pybind11::module_& m);
+void bind_matmul_4bit(pybind11::module_& m);
 void bind_lora(pybind11::module_& m);
 void bind_gguf(pybind11::module_& m);
 void bind_loss(pybind11::module_& m);

@@ -18,19 +18,19 @@ void bind_lora(py::module_& m) {
       },
       py::arg("x"), py::arg("p"), py::arg("seed"), py::arg("out"), py::arg("accumulate"), py::arg("stream"), release);
   m.def(
-      "lora_forward",
+      "lora_linear",
       [](const TensorView& x, const TensorView& w, const TensorView& a, const TensorView& b, const OptView& bias,
          double scaling, double p, const OptView& seed, const TensorView& y, const TensorView& xs) {
-        lora_forward(x, w, a, b, bias, scaling, LoraDropout{p, seed}, y, xs);
+        lora_linear(x, w, a, b, bias, scaling, LoraDropout{p, seed}, y, xs);
       },
       py::arg("x"), py::arg("w"), py::arg("a"), py::arg("b"), py::arg("bias"), py::arg("scaling"), py::arg("p"),
       py::arg("seed"), py::arg("y"), py::arg("xs"), release);
   m.def(
-      "lora_backward",
+      "lora_linear_backward",
       [](const TensorView& dy, const TensorView& x, const TensorView& w, const TensorView& a, const TensorView& b,
          double scaling, double p, const OptView& seed, const TensorView& dx, const TensorView& da,
          const TensorView& db) {
-        lora_backward(dy, x, w, a, b, scaling, LoraDropout{p, seed}, dx, da, db);
+        lora_linear_backward(dy, x, w, a, b, scaling, LoraDropout{p, seed}, dx, da, db);
       },
       py::arg("dy"), py::arg("x"), py::arg("w"), py::arg("a"), py::arg("b"), py::arg("scaling"), py::arg("p"),
       py::arg("seed"), py::arg("dx"), py::arg("da"), py::arg("db"), release);

@@ -21,9 +21,8 @@ void bind_loss(py::module_& m) {
                py::arg("z_target") = static_cast<int>(kLceZy), py::arg("raw_max") = static_cast<int>(kLceRMax));
 
   const auto release = py::call_guard<py::gil_scoped_release>();
-  m.def("linear_cross_entropy_forward", &linear_cross_entropy_forward, py::arg("hidden"), py::arg("weight"),
-        py::arg("bias"), py::arg("targets"), py::arg("options"), py::arg("loss"), py::arg("lse"), py::arg("hit"),
-        release);
+  m.def("linear_cross_entropy", &linear_cross_entropy, py::arg("hidden"), py::arg("weight"), py::arg("bias"),
+        py::arg("targets"), py::arg("options"), py::arg("loss"), py::arg("lse"), py::arg("hit"), release);
   m.def("linear_cross_entropy_backward", &linear_cross_entropy_backward, py::arg("hidden"), py::arg("weight"),
         py::arg("bias"), py::arg("targets"), py::arg("lse"), py::arg("coef"), py::arg("options"), py::arg("d_hidden"),
         py::arg("d_weight"), py::arg("d_bias"), release);

@@ -4,6 +4,7 @@
 #include <pybind11/stl.h>
 
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "bind.h"
@@ -23,10 +24,13 @@ py::array_t<T> to_numpy(std::vector<T>&& v) {
                         owner);
 }
 
+// The budget policies by name (Python's BUDGET_POLICIES).
+constexpr std::pair<const char*, BudgetPolicy> kPolicies[] = {
+    {"error", BudgetPolicy::error}, {"drop", BudgetPolicy::drop}, {"truncate", BudgetPolicy::truncate}};
+
 BudgetPolicy parse_policy(const std::string& name) {
-  if (name == "error") return BudgetPolicy::error;
-  if (name == "drop") return BudgetPolicy::drop;
-  if (name == "truncate") return BudgetPolicy::truncate;
+  for (auto [n, policy] : kPolicies)
+    if (name == n) return policy;
   throw Error(cat("policy must be 'error', 'drop' or 'truncate', got '", name, "'"), true);
 }
 
@@ -49,6 +53,9 @@ std::vector<std::string_view> utf8_views(const py::sequence& texts) {
 
 void bind_tokens(py::module_& m) {
   m.attr("IGNORE_INDEX") = kIgnoreIndex;
+  py::list policies;
+  for (auto [n, policy] : kPolicies) policies.append(n);
+  m.attr("BUDGET_POLICIES") = py::tuple(policies);
   m.attr("BUDGET_KEEP") = static_cast<int>(kKeep);
   m.attr("BUDGET_TRUNCATE") = static_cast<int>(kTruncate);
   m.attr("BUDGET_DROP") = static_cast<int>(kDrop);

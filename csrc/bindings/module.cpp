@@ -1,4 +1,4 @@
-// kindred._core: the thin, torch-free binding layer. Python builds TensorViews from tensors (kindred/_ops.py);
+// kindred._core: the thin, torch-free binding layer. Python builds TensorViews from tensors (kindred/_ops/adapter.py);
 // this module converts them, releases the GIL and calls the core. Errors become kindred.errors classes.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -34,6 +34,19 @@ kindred::TensorView make_view(uintptr_t data, const std::string& dtype, std::vec
   return v;
 }
 
+// What this build holds (compile definitions set by CMakeLists.txt): for kindred.doctor().
+py::dict build_info() {
+  py::dict d;
+  d["cuda"] = kindred::cuda_compiled();
+  d["cuda_architectures"] = std::string(KINDRED_BUILD_CUDA_ARCHS);  // CMake's list, comma-separated
+  d["cuda_compiler"] = std::string(KINDRED_BUILD_CUDA_VERSION);
+  d["eigen"] = std::string(KINDRED_BUILD_EIGEN);
+  d["compiler"] = std::string(KINDRED_BUILD_COMPILER);
+  d["native"] = bool(KINDRED_BUILD_NATIVE);
+  d["openmp"] = bool(KINDRED_BUILD_OPENMP);
+  return d;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -54,8 +67,29 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("shape", [](const kindred::TensorView& v) { return v.shape; })
       .def("__repr__", [](const kindred::TensorView& v) { return "TensorView(" + v.describe() + ")"; });
   m.def("cuda_compiled", &kindred::cuda_compiled, "whether the CUDA kernels were compiled in");
+  m.def("build_info", &build_info, "what this build holds: CUDA architectures, compilers, Eigen, OpenMP");
+#ifdef KINDRED_WITH_CUDA
+  m.def(
+      "cuda_load_info",
+      [](int device) {
+        kindred::CudaLoadInfo info;
+        {
+          py::gil_scoped_release release;
+          info = kindred::cuda_load_info(device);
+        }
+        py::dict d;
+        d["runtime"] = info.runtime;
+        d["driver"] = info.driver;
+        d["binary"] = info.binary;
+        d["ptx"] = info.ptx;
+        d["error"] = info.error;
+        return d;
+      },
+      py::arg("device"), "CUDA runtime/driver versions and the kernel code the driver loads on `device`");
+#endif
 
   kindred::bind_quant(m);
+  kindred::bind_matmul_4bit(m);
   kindred::bind_lora(m);
   kindred::bind_gguf(m);
   kindred::bind_loss(m);

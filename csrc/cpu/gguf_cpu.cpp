@@ -4,6 +4,7 @@
 #include <Eigen/Core>
 #include <cstring>
 
+#include "kindred/dispatch.h"
 #include "kindred/formats.h"
 #include "kindred/gguf.h"
 
@@ -160,16 +161,7 @@ void dequantize_gguf_cpu(int ggml_type, const TensorView& blocks, const TensorVi
   const BlockFn fn = block_fn(ggml_type);
   const int64_t nblocks = out.numel() / info.block_elems;
   const auto* src = blocks.ptr<uint8_t>();
-  switch (out.dtype) {
-    case DType::f32:
-      return run(fn, info, src, out.ptr<float>(), nblocks);
-    case DType::f16:
-      return run(fn, info, src, out.ptr<Eigen::half>(), nblocks);
-    case DType::bf16:
-      return run(fn, info, src, out.ptr<Eigen::bfloat16>(), nblocks);
-    default:
-      KINDRED_CHECK(false, "out has unsupported dtype ", dtype_name(out.dtype));
-  }
+  with_cpu_float(out.dtype, [&](auto tag) { run(fn, info, src, out.ptr<decltype(tag)>(), nblocks); });
 }
 
 }  // namespace kindred

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <type_traits>
 
+#include "kindred/dispatch.h"
 #include "kindred/lora.h"
 
 namespace kindred {
@@ -23,23 +24,6 @@ Eigen::Map<const RowMat<T>, 0, Eigen::OuterStride<>> in(const TensorView& t) {
 template <typename T>
 Eigen::Map<RowMat<T>> out(const TensorView& t) {
   return {t.ptr<T>(), t.shape[0], t.shape[1]};
-}
-
-// Calls fn(T{}) with T the element type of a float dtype.
-template <typename Fn>
-void with_type(DType t, Fn&& fn) {
-  switch (t) {
-    case DType::f32:
-      return fn(float{});
-    case DType::f64:
-      return fn(double{});
-    case DType::f16:
-      return fn(Eigen::half{});
-    case DType::bf16:
-      return fn(Eigen::bfloat16{});
-    default:
-      KINDRED_CHECK(false, "unsupported dtype ", dtype_name(t));
-  }
 }
 
 uint64_t seed_of(const LoraDropout& d) {
@@ -92,7 +76,7 @@ RowMat<S> masked(const RowMat<S>& m, const LoraDropout& d) {
 }  // namespace
 
 void lora_dropout_cpu(const TensorView& x, const LoraDropout& dropout, const TensorView& out, bool accumulate) {
-  with_type(x.dtype, [&](auto tag) {
+  with_cpu_float<true>(x.dtype, [&](auto tag) {
     using T = decltype(tag);
     using S = Acc<T>;
     const int64_t rows = x.shape[0], cols = x.shape[1];
@@ -112,10 +96,10 @@ void lora_dropout_cpu(const TensorView& x, const LoraDropout& dropout, const Ten
   });
 }
 
-void lora_forward_cpu(const TensorView& x, const TensorView& w, const TensorView& a, const TensorView& b,
-                      const std::optional<TensorView>& bias, double scaling, const LoraDropout& dropout,
-                      const TensorView& y, const TensorView& xs) {
-  with_type(x.dtype, [&](auto tag) {
+void lora_linear_cpu(const TensorView& x, const TensorView& w, const TensorView& a, const TensorView& b,
+                     const std::optional<TensorView>& bias, double scaling, const LoraDropout& dropout,
+                     const TensorView& y, const TensorView& xs) {
+  with_cpu_float<true>(x.dtype, [&](auto tag) {
     using T = decltype(tag);
     using S = Acc<T>;
     const RowMat<S> X = in<T>(x).template cast<S>();
@@ -134,10 +118,10 @@ void lora_forward_cpu(const TensorView& x, const TensorView& w, const TensorView
   });
 }
 
-void lora_backward_cpu(const TensorView& dy, const TensorView& x, const TensorView& w, const TensorView& a,
-                       const TensorView& b, double scaling, const LoraDropout& dropout, const TensorView& dx,
-                       const TensorView& da, const TensorView& db) {
-  with_type(x.dtype, [&](auto tag) {
+void lora_linear_backward_cpu(const TensorView& dy, const TensorView& x, const TensorView& w, const TensorView& a,
+                              const TensorView& b, double scaling, const LoraDropout& dropout, const TensorView& dx,
+                              const TensorView& da, const TensorView& db) {
+  with_cpu_float<true>(x.dtype, [&](auto tag) {
     using T = decltype(tag);
     using S = Acc<T>;
     const S s = static_cast<S>(scaling);

@@ -6,8 +6,10 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
+#include "kindred/dispatch.h"
 #include "kindred/loss.h"
 
 namespace kindred {
@@ -19,21 +21,13 @@ constexpr int64_t kVocabTile = 512;  // rows of weight per GEMM: a 64 × 512 log
 template <typename T>
 using Mat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 
-// Calls fn(In{}, Acc{}) for the float dtype of t.
+// Calls fn(In{}, Acc{}) for the float dtype of t: float accumulation, double for double inputs.
 template <typename Fn>
 void with_types(DType t, Fn&& fn) {
-  switch (t) {
-    case DType::f32:
-      return fn(float{}, float{});
-    case DType::f16:
-      return fn(Eigen::half{}, float{});
-    case DType::bf16:
-      return fn(Eigen::bfloat16{}, float{});
-    case DType::f64:
-      return fn(double{}, double{});
-    default:
-      KINDRED_CHECK(false, "unsupported dtype ", dtype_name(t));
-  }
+  with_cpu_float<true>(t, [&](auto in) {
+    using Acc = std::conditional_t<std::is_same_v<decltype(in), double>, double, float>;
+    fn(in, Acc{});
+  });
 }
 
 // Per-token math shared by the reference and the chunk twins (templated on the accumulation type).
@@ -207,20 +201,6 @@ void backward_impl(const TensorView& hidden, const TensorView& weight, const std
 
 // --- chunk twins -------------------------------------------------------------------------------------------
 
-template <typename Fn>
-void with_io_type(DType t, Fn&& fn) {
-  switch (t) {
-    case DType::f32:
-      return fn(float{});
-    case DType::f16:
-      return fn(Eigen::half{});
-    case DType::bf16:
-      return fn(Eigen::bfloat16{});
-    default:
-      KINDRED_CHECK(false, "unsupported dtype ", dtype_name(t));
-  }
-}
-
 // The chunk's row i as final logits z (bias added, softcap applied) and raw logits r.
 template <typename B>
 void chunk_row(const float* l, const B* bias, int64_t c, const Softcap<float>& cap, float* z, float* r) {
@@ -233,7 +213,7 @@ void chunk_row(const float* l, const B* bias, int64_t c, const Softcap<float>& c
 template <typename Fn>
 void with_bias(const std::optional<TensorView>& bias, Fn&& fn) {
   if (!bias) return fn(static_cast<const float*>(nullptr));
-  with_io_type(bias->dtype, [&](auto tag) { fn(bias->ptr<const decltype(tag)>()); });
+  with_cpu_float(bias->dtype, [&](auto tag) { fn(bias->ptr<const decltype(tag)>()); });
 }
 
 int32_t local_target(int32_t y, const LceOptions& o, int64_t col0, int64_t c) {
@@ -242,10 +222,9 @@ int32_t local_target(int32_t y, const LceOptions& o, int64_t col0, int64_t c) {
 
 }  // namespace
 
-void linear_cross_entropy_forward_cpu(const TensorView& hidden, const TensorView& weight,
-                                      const std::optional<TensorView>& bias, const TensorView& targets,
-                                      const LceOptions& opt, const TensorView& loss, const TensorView& lse,
-                                      const TensorView& hit) {
+void linear_cross_entropy_cpu(const TensorView& hidden, const TensorView& weight, const std::optional<TensorView>& bias,
+                              const TensorView& targets, const LceOptions& opt, const TensorView& loss,
+                              const TensorView& lse, const TensorView& hit) {
   with_types(hidden.dtype, [&](auto in, auto acc) {
     forward_impl<decltype(in), decltype(acc)>(hidden, weight, bias, targets, opt, loss, lse, hit);
   });
@@ -278,7 +257,7 @@ void lce_chunk_update_cpu(const TensorView& logits, const std::optional<TensorVi
   float* acc = acc_v ? acc_v->ptr<float>() : nullptr;
   const float margin = exp_out && exp_out->dtype == DType::f16 ? kLceMarginF16 : kLceMargin;
   with_bias(bias, [&](auto* b) {
-    with_io_type(exp_out ? exp_out->dtype : DType::f32, [&](auto tag) {
+    with_cpu_float(exp_out ? exp_out->dtype : DType::f32, [&](auto tag) {
       using E = decltype(tag);
 #pragma omp parallel for
       for (int64_t i = 0; i < t; ++i) {
@@ -331,7 +310,7 @@ void lce_chunk_grad_cpu(const TensorView& logits, const std::optional<TensorView
   const float* lse = lse_v.ptr<float>();
   const float* coef = coef_v.ptr<float>();
   with_bias(bias, [&](auto* b) {
-    with_io_type(grad_out.dtype, [&](auto tag) {
+    with_cpu_float(grad_out.dtype, [&](auto tag) {
       using G = decltype(tag);
 #pragma omp parallel for
       for (int64_t i = 0; i < t; ++i) {
@@ -363,7 +342,7 @@ void lce_finalize_cpu(const TensorView& state_v, const TensorView& argmax_v, con
   const Softcap<float> cap{static_cast<float>(opt.softcap)};
   const float eps = static_cast<float>(opt.label_smoothing), lambda = static_cast<float>(opt.z_loss);
   const float nan = std::numeric_limits<float>::quiet_NaN();
-  with_io_type(weight ? weight->dtype : DType::f32, [&](auto tag) {
+  with_cpu_float(weight ? weight->dtype : DType::f32, [&](auto tag) {
     using W = decltype(tag);
 #pragma omp parallel for
     for (int64_t i = 0; i < t; ++i) {

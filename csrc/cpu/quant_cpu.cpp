@@ -1,10 +1,11 @@
 // CPU implementations of the quant family: the reference the CUDA kernels are checked against.
-// Arguments were validated by the dispatchers in csrc/quant.cpp.
+// Arguments were validated by the dispatchers in csrc/quant.cpp. The AWQ repack is a load-time bit shuffle.
 #include <Eigen/Core>
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
+#include "kindred/dispatch.h"
 #include "kindred/formats.h"
 #include "kindred/quant.h"
 
@@ -20,17 +21,8 @@ float to_f32(T v) {
 
 // Calls fn(T*) with the view's data pointer typed by its float dtype.
 template <typename Fn>
-void with_float_type(const TensorView& t, Fn&& fn) {
-  switch (t.dtype) {
-    case DType::f32:
-      return fn(t.ptr<float>());
-    case DType::f16:
-      return fn(t.ptr<Eigen::half>());
-    case DType::bf16:
-      return fn(t.ptr<Eigen::bfloat16>());
-    default:
-      KINDRED_CHECK(false, "unsupported dtype ", dtype_name(t.dtype));
-  }
+void with_float_ptr(const TensorView& t, Fn&& fn) {
+  with_cpu_float(t.dtype, [&](auto tag) { fn(t.ptr<decltype(tag)>()); });
 }
 
 // Throws naming the first non-finite element; quantizing NaN/Inf would silently poison a whole block.
@@ -67,7 +59,7 @@ void quantize_nf4_cpu(const TensorView& weight, const Nf4Tensors& out, const std
   const int64_t n = weight.numel(), bs = out.blocksize, blocks = n / bs;
   float* absmax = out.nested() ? workspace->ptr<float>() : out.absmax.ptr<float>();
   uint8_t* packed = out.packed.ptr<uint8_t>();
-  with_float_type(weight, [&](auto* w) {
+  with_float_ptr(weight, [&](auto* w) {
     check_finite(w, n, "weight");
 #pragma omp parallel for
     for (int64_t b = 0; b < blocks; ++b) {
@@ -121,7 +113,7 @@ void dequantize_nf4_cpu(const Nf4Tensors& in, const TensorView& out) {
   }
   const uint8_t* packed = in.packed.ptr<uint8_t>();
   const OutIndex at(out);
-  with_float_type(out, [&](auto* o) {
+  with_float_ptr(out, [&](auto* o) {
     using T = std::remove_pointer_t<decltype(o)>;
 #pragma omp parallel for
     for (int64_t b = 0; b < blocks; ++b) {
@@ -141,7 +133,7 @@ void quantize_int4g_cpu(const TensorView& weight, const Int4gTensors& out) {
   uint8_t* packed = out.packed.ptr<uint8_t>();
   Eigen::half* scales = out.scales.ptr<Eigen::half>();
   uint8_t* zeros = out.zeros.ptr<uint8_t>();
-  with_float_type(weight, [&](auto* w) {
+  with_float_ptr(weight, [&](auto* w) {
     check_finite(w, n * k, "weight");
     int64_t overflow = n * groups;
 #pragma omp parallel for reduction(min : overflow)
@@ -175,7 +167,7 @@ void dequantize_int4g_cpu(const Int4gTensors& in, const TensorView& out) {
   const Eigen::half* scales = in.scales.ptr<Eigen::half>();
   const uint8_t* zeros = in.zeros.ptr<uint8_t>();
   const OutIndex at(out);
-  with_float_type(out, [&](auto* o) {
+  with_float_ptr(out, [&](auto* o) {
     using T = std::remove_pointer_t<decltype(o)>;
 #pragma omp parallel for
     for (int64_t rg = 0; rg < n * groups; ++rg) {
@@ -189,6 +181,66 @@ void dequantize_int4g_cpu(const Int4gTensors& in, const TensorView& out) {
       }
     }
   });
+}
+
+void awq_pack_cpu(const Int4gTensors& in, const TensorView& qweight, const TensorView& qzeros,
+                  const TensorView& scales) {
+  const int64_t n = in.packed.shape[0], k = 2 * in.packed.shape[1];
+  const int64_t groups = k / in.group_size;
+  const uint8_t* p = in.packed.ptr<uint8_t>();
+  const uint8_t* z = in.zeros.ptr<uint8_t>();
+  const uint16_t* s = in.scales.ptr<uint16_t>();
+  uint32_t* qw = qweight.ptr<uint32_t>();
+  uint32_t* qz = qzeros.ptr<uint32_t>();
+  uint16_t* so = scales.ptr<uint16_t>();
+#pragma omp parallel for
+  for (int64_t kk = 0; kk < k; ++kk) {
+    for (int64_t c = 0; c < n / 8; ++c) {
+      uint32_t word = 0;
+      for (int i = 0; i < 8; ++i) {
+        const int64_t row = 8 * c + formats::kAwqOrder[i];
+        const uint8_t byte = p[row * (k / 2) + kk / 2];
+        word |= static_cast<uint32_t>(kk % 2 ? byte >> 4 : byte & 0xF) << (4 * i);
+      }
+      qw[kk * (n / 8) + c] = word;
+    }
+  }
+  for (int64_t gi = 0; gi < groups; ++gi) {
+    for (int64_t c = 0; c < n / 8; ++c) {
+      uint32_t word = 0;
+      for (int i = 0; i < 8; ++i)
+        word |= static_cast<uint32_t>(z[(8 * c + formats::kAwqOrder[i]) * groups + gi] & 0xF) << (4 * i);
+      qz[gi * (n / 8) + c] = word;
+    }
+    for (int64_t row = 0; row < n; ++row) so[gi * n + row] = s[row * groups + gi];
+  }
+}
+
+void awq_unpack_cpu(const TensorView& qweight, const TensorView& qzeros, const TensorView& scales,
+                    const Int4gTensors& out) {
+  const int64_t n = out.packed.shape[0], k = 2 * out.packed.shape[1];
+  const int64_t groups = k / out.group_size;
+  const uint32_t* qw = qweight.ptr<uint32_t>();
+  const uint32_t* qz = qzeros.ptr<uint32_t>();
+  const uint16_t* si = scales.ptr<uint16_t>();
+  uint8_t* p = out.packed.ptr<uint8_t>();
+  uint8_t* z = out.zeros.ptr<uint8_t>();
+  uint16_t* s = out.scales.ptr<uint16_t>();
+#pragma omp parallel for
+  for (int64_t row = 0; row < n; ++row) {
+    const int64_t c = row / 8;
+    int nib = 0;  // nibble of `row` within its packed column
+    while (formats::kAwqOrder[nib] != row % 8) ++nib;
+    for (int64_t kk = 0; kk < k; kk += 2) {
+      const uint32_t lo = (qw[kk * (n / 8) + c] >> (4 * nib)) & 0xF;
+      const uint32_t hi = (qw[(kk + 1) * (n / 8) + c] >> (4 * nib)) & 0xF;
+      p[row * (k / 2) + kk / 2] = static_cast<uint8_t>(lo | hi << 4);
+    }
+    for (int64_t gi = 0; gi < groups; ++gi) {
+      z[row * groups + gi] = static_cast<uint8_t>((qz[gi * (n / 8) + c] >> (4 * nib)) & 0xF);
+      s[row * groups + gi] = si[gi * n + row];
+    }
+  }
 }
 
 }  // namespace kindred

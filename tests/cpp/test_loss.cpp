@@ -70,10 +70,9 @@ TEST(LinearCrossEntropy, ForwardMatchesMaterializedLogitsInDoubleAndFloat) {
   const auto want = naive_loss(p, o);
   std::vector<double> loss(p.n, NAN), lse(p.n, NAN);
   std::vector<uint8_t> hit(p.n, 7);
-  linear_cross_entropy_forward(view(p.h, DType::f64, {p.n, p.d}), view(p.w, DType::f64, {p.v, p.d}),
-                               view(p.b, DType::f64, {p.v}), view(p.y, DType::i32, {p.n}), o,
-                               view(loss, DType::f64, {p.n}), view(lse, DType::f64, {p.n}),
-                               view(hit, DType::u8, {p.n}));
+  linear_cross_entropy(view(p.h, DType::f64, {p.n, p.d}), view(p.w, DType::f64, {p.v, p.d}),
+                       view(p.b, DType::f64, {p.v}), view(p.y, DType::i32, {p.n}), o, view(loss, DType::f64, {p.n}),
+                       view(lse, DType::f64, {p.n}), view(hit, DType::u8, {p.n}));
   for (int64_t i = 0; i < p.n; ++i) {
     EXPECT_NEAR(loss[i], want[i], 1e-12 * (1 + std::fabs(want[i]))) << i;
     EXPECT_LE(hit[i], 1);
@@ -82,10 +81,9 @@ TEST(LinearCrossEntropy, ForwardMatchesMaterializedLogitsInDoubleAndFloat) {
   EXPECT_EQ(hit[2], 0);
   std::vector<float> hf(p.h.begin(), p.h.end()), wf(p.w.begin(), p.w.end()), bf(p.b.begin(), p.b.end());
   std::vector<float> lossf(p.n, NAN), lsef(p.n, NAN);
-  linear_cross_entropy_forward(view(hf, DType::f32, {p.n, p.d}), view(wf, DType::f32, {p.v, p.d}),
-                               view(bf, DType::f32, {p.v}), view(p.y, DType::i32, {p.n}), o,
-                               view(lossf, DType::f32, {p.n}), view(lsef, DType::f32, {p.n}),
-                               view(hit, DType::u8, {p.n}));
+  linear_cross_entropy(view(hf, DType::f32, {p.n, p.d}), view(wf, DType::f32, {p.v, p.d}), view(bf, DType::f32, {p.v}),
+                       view(p.y, DType::i32, {p.n}), o, view(lossf, DType::f32, {p.n}), view(lsef, DType::f32, {p.n}),
+                       view(hit, DType::u8, {p.n}));
   for (int64_t i = 0; i < p.n; ++i) EXPECT_NEAR(lossf[i], want[i], 2e-5 * (1 + std::fabs(want[i]))) << i;
 }
 
@@ -106,8 +104,8 @@ TEST(LinearCrossEntropy, BackwardMatchesFiniteDifferences) {
   auto W = view(p.w, DType::f64, {p.v, p.d});
   auto B = view(p.b, DType::f64, {p.v});
   auto Y = view(p.y, DType::i32, {p.n});
-  linear_cross_entropy_forward(H, W, B, Y, o, view(loss, DType::f64, {p.n}), view(lse, DType::f64, {p.n}),
-                               view(hit, DType::u8, {p.n}));
+  linear_cross_entropy(H, W, B, Y, o, view(loss, DType::f64, {p.n}), view(lse, DType::f64, {p.n}),
+                       view(hit, DType::u8, {p.n}));
   linear_cross_entropy_backward(H, W, B, Y, view(lse, DType::f64, {p.n}), view(coef, DType::f64, {p.n}), o,
                                 view(dh, DType::f64, {p.n, p.d}), view(dw, DType::f64, {p.v, p.d}),
                                 view(db, DType::f64, {p.v}));
@@ -205,20 +203,20 @@ TEST(LinearCrossEntropy, ChecksNameTheArgument) {
   const auto Hit = view(hit, DType::u8, {p.n});
   expect_error(
       [&] {
-        linear_cross_entropy_forward(H, view(wf, DType::f32, {p.v, p.d}), {}, Y, {}, L, S, Hit);
+        linear_cross_entropy(H, view(wf, DType::f32, {p.v, p.d}), {}, Y, {}, L, S, Hit);
       },
       "weight must have hidden's dtype");
   expect_error(
       [&] {
-        linear_cross_entropy_forward(H, view(p.w, DType::f64, {p.d, p.v}), {}, Y, {}, L, S, Hit);
+        linear_cross_entropy(H, view(p.w, DType::f64, {p.d, p.v}), {}, Y, {}, L, S, Hit);
       },
       "weight must have shape");
   p.y[4] = static_cast<int32_t>(p.v);
-  expect_error([&] { linear_cross_entropy_forward(H, W, {}, Y, {}, L, S, Hit); }, "targets[4] = 613 is outside");
+  expect_error([&] { linear_cross_entropy(H, W, {}, Y, {}, L, S, Hit); }, "targets[4] = 613 is outside");
   p.y[4] = 0;
   LceOptions bad;
   bad.softcap = -1.0;
-  expect_error([&] { linear_cross_entropy_forward(H, W, {}, Y, bad, L, S, Hit); }, "softcap must be");
+  expect_error([&] { linear_cross_entropy(H, W, {}, Y, bad, L, S, Hit); }, "softcap must be");
   expect_error(
       [&] {
         linear_cross_entropy_backward(H, W, {}, Y, S, L, {}, std::nullopt, std::nullopt, view(lse, DType::f64, {p.n}));

@@ -1,5 +1,5 @@
 // Shared vocabulary of the kindred core: the one exception type, dtypes, devices and the tensor view
-// that crosses the Python boundary. Torch-free by design (design.md §2).
+// that crosses the Python boundary. Torch-free: the core builds and runs without PyTorch.
 #pragma once
 
 #include <cstdint>
@@ -63,6 +63,9 @@ std::string cat(const Args&... args) {
     if (!(cond)) throw ::kindred::Error(::kindred::cat(__VA_ARGS__), true); \
   } while (0)
 
+// The label of a token that is not trained (Hugging Face's convention).
+inline constexpr int32_t kIgnoreIndex = -100;
+
 enum class DType : int { u8, i32, f16, bf16, f32, f64, i64 };
 enum class Device : int { cpu, cuda };
 
@@ -96,5 +99,15 @@ void check_same_device(const TensorView& a, const char* name_a, const TensorView
 
 // Set by the build: whether the CUDA implementations were compiled in.
 bool cuda_compiled();
+
+// CUDA builds only (kernels/device_info_cuda.cu): the CUDA runtime and driver versions (1000 * major + 10 *
+// minor; driver 0 when none is installed) and, for one device, the machine code the driver loaded for kindred's
+// kernels: binary sm_XY → XY and the PTX version it was compiled from (binary = 0 and `error` set when none
+// loads, e.g. no kernel image for that GPU).
+struct CudaLoadInfo {
+  int runtime = 0, driver = 0, binary = 0, ptx = 0;
+  std::string error;
+};
+CudaLoadInfo cuda_load_info(int device);
 
 }  // namespace kindred

@@ -1,4 +1,4 @@
-// The 4-bit weight formats of kindred, each defined once (design.md §2). CPU and CUDA code include this
+// The 4-bit weight formats of kindred, each defined once. CPU and CUDA code include this
 // header; Python reads the tables through kindred._core and never retypes them.
 #pragma once
 
@@ -39,6 +39,12 @@ inline constexpr int64_t kNestedBlocksize = 256;
 // CPU and CUDA paths give the same offset bit for bit.
 inline constexpr int kOffsetLanes = 1024;
 
+// Stored bits per weight: the 4-bit code and an fp32 absmax per block, or with double quantization an 8-bit
+// absmax code per block and an fp32 scale per kNestedBlocksize blocks.
+inline constexpr double nf4_bits_per_weight(int64_t blocksize, bool double_quant) {
+  const double b = static_cast<double>(blocksize);
+  return double_quant ? 4.0 + 8.0 / b + 32.0 / (b * kNestedBlocksize) : 4.0 + 32.0 / b;
+}
 inline bool nf4_blocksize_ok(int64_t b) {
   return b >= kNf4MinBlocksize && b <= kNf4MaxBlocksize && (b & (b - 1)) == 0;
 }
@@ -119,8 +125,8 @@ KINDRED_HD uint8_t dynamic_encode(const float* code, float x) {
 }
 
 // ---------------------------------------------------------------------------------------------------
-// INT4 group-wise asymmetric ("INT4g"), AWQ-compatible. 4.25 bits/weight at group 128 (fp16 scale +
-// 4-bit zero per group).
+// INT4 group-wise asymmetric ("INT4g"), AWQ-compatible. 4.156 bits/weight at group 128 (fp16 scale +
+// 4-bit zero per group: 4 + 20 / 128).
 // - Weight [N, K] (out, in); groups of g consecutive K-elements of one row; g in {32, 64, 128}.
 // - s = fp16(max(wmax - wmin, 1e-5) / 15); z = clamp(rint(-wmin / s), 0, 15);
 //   q = clamp(rint(w / s) + z, 0, 15) (rint: round half to even); w ~ (q - z) * s.
@@ -133,8 +139,15 @@ inline constexpr float kInt4gMinRange = 1e-5f;
 inline constexpr float kInt4gMaxQ = 15.0f;
 inline constexpr int kAwqOrder[8] = {0, 2, 4, 6, 1, 3, 5, 7};
 
+inline constexpr int64_t kInt4gGroups[3] = {32, 64, 128};
 inline bool int4g_group_ok(int64_t g) {
-  return g == 32 || g == 64 || g == 128;
+  for (int64_t ok : kInt4gGroups)
+    if (g == ok) return true;
+  return false;
+}
+// Stored bits per weight at group size g: the 4-bit code, an fp16 scale and a 4-bit zero point per group.
+inline constexpr double int4g_bits_per_weight(int64_t g) {
+  return 4.0 + (16.0 + 4.0) / static_cast<double>(g);
 }
 
 // Unrounded scale of a group; the caller rounds it to fp16 and uses the rounded value from then on.

@@ -1,6 +1,6 @@
 // The lora op family: y = x·Wᵀ + s·(drop(x)·Aᵀ)·Bᵀ (+ bias) over a frozen W, and its gradients.
 // Shapes: x [M, K], W [N, K], A [r, K] (PEFT's lora_A.weight), B [N, r] (lora_B.weight), 1 <= r <= min(K, N).
-// `lora_forward` / `lora_backward` are the CPU reference (Eigen, templated on the scalar; float64 inputs are
+// `lora_linear` / `lora_linear_backward` are the CPU reference (Eigen, templated on the scalar; float64 inputs are
 // computed in float64). On CUDA, kindred composes cuBLAS GEMMs (python/kindred/_ops_lora.py) around the one
 // kernel of its own here, `lora_dropout`, whose mask is the same bit for bit on CPU and CUDA.
 // All buffers are allocated by the caller.
@@ -48,23 +48,23 @@ void lora_dropout(const TensorView& x, const LoraDropout& dropout, const TensorV
 // y [M, N] = x·Wᵀ + s·drop(x)·Aᵀ·Bᵀ (+ bias [N]); xs [M, r] = s·drop(x)·Aᵀ (what the backward needs).
 // W may have strided rows (row stride >= K, unit column stride); everything else is contiguous; all of one
 // float dtype on the CPU.
-void lora_forward(const TensorView& x, const TensorView& w, const TensorView& a, const TensorView& b,
-                  const std::optional<TensorView>& bias, double scaling, const LoraDropout& dropout,
-                  const TensorView& y, const TensorView& xs);
+void lora_linear(const TensorView& x, const TensorView& w, const TensorView& a, const TensorView& b,
+                 const std::optional<TensorView>& bias, double scaling, const LoraDropout& dropout, const TensorView& y,
+                 const TensorView& xs);
 
 // From dy [M, N]: g = dy·B, dx [M, K] = dy·W + s·drop'(g·A) (the A path's gradient goes through the same
 // mask), da [r, K] = s·gᵀ·drop(x), db [N, r] = s·dyᵀ·(drop(x)·Aᵀ).
-void lora_backward(const TensorView& dy, const TensorView& x, const TensorView& w, const TensorView& a,
-                   const TensorView& b, double scaling, const LoraDropout& dropout, const TensorView& dx,
-                   const TensorView& da, const TensorView& db);
+void lora_linear_backward(const TensorView& dy, const TensorView& x, const TensorView& w, const TensorView& a,
+                          const TensorView& b, double scaling, const LoraDropout& dropout, const TensorView& dx,
+                          const TensorView& da, const TensorView& db);
 
 void lora_dropout_cpu(const TensorView& x, const LoraDropout& dropout, const TensorView& out, bool accumulate);
-void lora_forward_cpu(const TensorView& x, const TensorView& w, const TensorView& a, const TensorView& b,
-                      const std::optional<TensorView>& bias, double scaling, const LoraDropout& dropout,
-                      const TensorView& y, const TensorView& xs);
-void lora_backward_cpu(const TensorView& dy, const TensorView& x, const TensorView& w, const TensorView& a,
-                       const TensorView& b, double scaling, const LoraDropout& dropout, const TensorView& dx,
-                       const TensorView& da, const TensorView& db);
+void lora_linear_cpu(const TensorView& x, const TensorView& w, const TensorView& a, const TensorView& b,
+                     const std::optional<TensorView>& bias, double scaling, const LoraDropout& dropout,
+                     const TensorView& y, const TensorView& xs);
+void lora_linear_backward_cpu(const TensorView& dy, const TensorView& x, const TensorView& w, const TensorView& a,
+                              const TensorView& b, double scaling, const LoraDropout& dropout, const TensorView& dx,
+                              const TensorView& da, const TensorView& db);
 
 void lora_dropout_cuda(const TensorView& x, const LoraDropout& dropout, const TensorView& out, bool accumulate,
                        int64_t stream);

@@ -23,7 +23,7 @@
 namespace kindred {
 
 struct LceOptions {
-  int64_t ignore_index = -100;
+  int64_t ignore_index = kIgnoreIndex;
   double label_smoothing = 0.0;  // ε in [0, 1]
   double z_loss = 0.0;           // λ ≥ 0
   double softcap = 0.0;          // c > 0, or 0 for none
@@ -48,10 +48,9 @@ constexpr float kLceMarginF16 = 8.0f;
 // --- CPU reference -------------------------------------------------------------------------------------------
 // hidden [N, D], weight [V, D], bias [V] (same float dtype, contiguous), targets i32 [N] in [0, V) or
 // ignore_index. Outputs (f64 for f64 inputs, else f32): loss [N], lse [N]; hit u8 [N].
-void linear_cross_entropy_forward(const TensorView& hidden, const TensorView& weight,
-                                  const std::optional<TensorView>& bias, const TensorView& targets,
-                                  const LceOptions& opt, const TensorView& loss, const TensorView& lse,
-                                  const TensorView& hit);
+void linear_cross_entropy(const TensorView& hidden, const TensorView& weight, const std::optional<TensorView>& bias,
+                          const TensorView& targets, const LceOptions& opt, const TensorView& loss,
+                          const TensorView& lse, const TensorView& hit);
 // coef [N] (loss dtype) = ∂total/∂loss_n; gradients wanted are passed, in the inputs' dtype.
 void linear_cross_entropy_backward(const TensorView& hidden, const TensorView& weight,
                                    const std::optional<TensorView>& bias, const TensorView& targets,
@@ -87,10 +86,9 @@ void lce_finalize(const TensorView& state, const TensorView& argmax, const Tenso
                   const std::optional<TensorView>& wsum, const std::optional<TensorView>& scale,
                   const std::optional<TensorView>& d_hidden, int64_t stream);
 
-void linear_cross_entropy_forward_cpu(const TensorView& hidden, const TensorView& weight,
-                                      const std::optional<TensorView>& bias, const TensorView& targets,
-                                      const LceOptions& opt, const TensorView& loss, const TensorView& lse,
-                                      const TensorView& hit);
+void linear_cross_entropy_cpu(const TensorView& hidden, const TensorView& weight, const std::optional<TensorView>& bias,
+                              const TensorView& targets, const LceOptions& opt, const TensorView& loss,
+                              const TensorView& lse, const TensorView& hit);
 void linear_cross_entropy_backward_cpu(const TensorView& hidden, const TensorView& weight,
                                        const std::optional<TensorView>& bias, const TensorView& targets,
                                        const TensorView& lse, const TensorView& coef, const LceOptions& opt,

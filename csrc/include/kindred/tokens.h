@@ -18,8 +18,6 @@
 
 namespace kindred {
 
-inline constexpr int32_t kIgnoreIndex = -100;
-
 // ---------------------------------------------------------------------------------------------------------
 // Accounting. N examples, each a run of segments (a rendered chat template yields segments with a role, so
 // the mask is known by construction); S segments tile the T tokens in order.

@@ -10,61 +10,59 @@ Pieces: :func:`read_jsonl` (validation with file:line:field errors), :func:`load
 (tokenizer.json or sentencepiece .model), :func:`get_template` (gemma3, qwen3, llama3, phi4, phi4-mini,
 mistral-nemo, chatml), :func:`tokenize` (labels and counts), :func:`apply_budget`, :func:`pack`,
 :func:`plan_conversation` (seed 004's planner), :func:`token_report` (what ``kindred plan --data`` reads).
+Names are imported from their modules on first use (``kindred tokens --help`` imports no torch).
 """
 
-from .accounting import TokenizedData, tokenize, tokenize_whole
-from .budget import POLICIES, BudgetResult, apply_budget, truncate_conversation
-from .jsonl import ChatData, Skipped, from_conversations, read_jsonl, validate_conversation, write_jsonl
-from .packing import PackedData, pack
-from .planner import (
-    COST_CONTEXTS,
-    ConversationPlan,
-    cost_table,
-    floor_2sig,
-    logits_bytes,
-    plan_conversation,
-    relative_cost,
-)
-from .report import BudgetReport, Prepared, budget_report, prepare, token_report
-from .templates import TEMPLATES, ChatTemplate, Segment, Special, get_template
-from .tokenizers import HFTokenizer, SentencePieceTokenizer, Tokenizer, load_tokenizer, sentencepiece_backend
+import importlib
 
-__all__ = [
-    "COST_CONTEXTS",
-    "POLICIES",
-    "TEMPLATES",
-    "BudgetReport",
-    "BudgetResult",
-    "ChatData",
-    "ChatTemplate",
-    "ConversationPlan",
-    "HFTokenizer",
-    "PackedData",
-    "Prepared",
-    "Segment",
-    "SentencePieceTokenizer",
-    "Skipped",
-    "Special",
-    "TokenizedData",
-    "Tokenizer",
-    "apply_budget",
-    "budget_report",
-    "cost_table",
-    "floor_2sig",
-    "from_conversations",
-    "get_template",
-    "load_tokenizer",
-    "logits_bytes",
-    "pack",
-    "plan_conversation",
-    "prepare",
-    "read_jsonl",
-    "relative_cost",
-    "sentencepiece_backend",
-    "token_report",
-    "tokenize",
-    "tokenize_whole",
-    "truncate_conversation",
-    "validate_conversation",
-    "write_jsonl",
-]
+_EXPORTS = {
+    "tokenize": "accounting",
+    "tokenize_whole": "accounting",
+    "POLICIES": "budget",
+    "BudgetResult": "budget",
+    "apply_budget": "budget",
+    "truncate_conversation": "budget",
+    "ChatData": "jsonl",
+    "Skipped": "jsonl",
+    "from_conversations": "jsonl",
+    "read_jsonl": "jsonl",
+    "validate_conversation": "jsonl",
+    "write_jsonl": "jsonl",
+    "PackedData": "packing",
+    "pack": "packing",
+    "COST_CONTEXTS": "planner",
+    "ConversationPlan": "planner",
+    "cost_table": "planner",
+    "floor_2sig": "planner",
+    "logits_bytes": "planner",
+    "plan_conversation": "planner",
+    "relative_cost": "planner",
+    "Prepared": "prepare",
+    "prepare": "prepare",
+    "BudgetReport": "report",
+    "budget_report": "report",
+    "token_report": "report",
+    "TEMPLATES": "templates",
+    "ChatTemplate": "templates",
+    "Segment": "templates",
+    "Special": "templates",
+    "get_template": "templates",
+    "TokenizedData": "tokenized",
+    "HFTokenizer": "tokenizers",
+    "SentencePieceTokenizer": "tokenizers",
+    "Tokenizer": "tokenizers",
+    "load_tokenizer": "tokenizers",
+    "sentencepiece_backend": "tokenizers",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kindred.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{module}", __name__), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -15,13 +15,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import _core, _ops_tokens
+from .. import _core
+from .._ops import tokens as _tokens
 from ..errors import KindredValueError
-from .accounting import TokenizedData, compose, splice_exchanges, tokenize
+from .accounting import tokenize
 from .templates import ChatTemplate, exchange_index
+from .tokenized import TokenizedData, compose, splice_exchanges
 from .tokenizers import Tokenizer
 
-POLICIES = ("error", "drop", "truncate")
+POLICIES: tuple[str, ...] = tuple(_core.BUDGET_POLICIES)
 KEEP, TRUNCATE, DROP, OVER = _core.BUDGET_KEEP, _core.BUDGET_TRUNCATE, _core.BUDGET_DROP, _core.BUDGET_OVER
 
 
@@ -80,7 +82,7 @@ def apply_budget(
         raise KindredValueError(f"budget must be a positive number of tokens, got {budget}")
     budget = int(budget)
     where = where or (lambda i: f"example {i}")
-    action, drop, after = _ops_tokens.apply_budget(
+    action, drop, after = _tokens.apply_budget(
         data.tokens, data.fixed, data.exchange_tokens, data.exchange_offsets, budget, policy
     )
     if policy == "error" and (action == OVER).any():

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import TYPE_CHECKING
 
-import numpy as np
-
+from .. import _core
 from ..errors import KindredValueError
-from .budget import POLICIES
 from .jsonl import atomic_write
-from .report import Prepared, budget_report, prepare
 from .templates import TEMPLATES
+
+if TYPE_CHECKING:
+    from .prepare import Prepared
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -34,7 +35,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--budget", type=int, default=16384, help="token budget per example (default 16384; 0: none)"
     )
     p.add_argument(
-        "--policy", choices=POLICIES, default="truncate", help="for examples over budget (default truncate)"
+        "--policy",
+        choices=_core.BUDGET_POLICIES,
+        default="truncate",
+        help="for examples over budget (default truncate)",
     )
     p.add_argument(
         "--pack", type=int, metavar="N", help="pack examples best-fit-decreasing into rows of N tokens"
@@ -70,6 +74,7 @@ def save_prepared(path, prep: Prepared) -> None:
     long_ids, long_labels, long_offsets for examples longer than a row, when the budget exceeds N).
     Unpacked: ids, labels, offsets (CSR of the examples), tokens, trainable.
     """
+    import numpy as np
     from safetensors.numpy import save
 
     meta = {
@@ -110,6 +115,9 @@ def save_prepared(path, prep: Prepared) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run `kindred tokens` on parsed arguments; prints the report and returns the exit code."""
+    from .prepare import prepare
+    from .report import budget_report
+
     budget = args.budget or None
     if budget is not None and budget < 0:
         raise KindredValueError(f"--budget must be a positive number of tokens (or 0 for none), got {budget}")

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import _ops_tokens
+from .._ops import tokens as _tokens
 from ..errors import KindredValueError
-from .accounting import TokenizedData
+from .tokenized import TokenizedData
 
 
 @dataclass
@@ -94,6 +94,6 @@ def pack(data: TokenizedData, max_tokens: int, pad_id: int = 0) -> PackedData:
             f"example {i} has {int(lengths[i]):,} tokens, more than the {max_tokens:,} of a packed row; "
             "apply a budget of at most max_tokens first"
         )
-    row, start, rows = _ops_tokens.pack_bfd(lengths, max_tokens)
-    out = _ops_tokens.pack_rows(data.ids, data.labels, data.offsets, row, start, rows, max_tokens, pad_id)
+    row, start, rows = _tokens.pack_bfd(lengths, max_tokens)
+    out = _tokens.pack_rows(data.ids, data.labels, data.offsets, row, start, rows, max_tokens, pad_id)
     return PackedData(example_row=row, example_start=start, max_tokens=max_tokens, **out)

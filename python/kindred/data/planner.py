@@ -51,6 +51,7 @@ class ConversationPlan:
     recommended: tuple[int, int]
     exchange_range: tuple[int, int] | None = None  # shortest / longest measured exchange
     max_exchanges_longest: int | None = None  # if every exchange were the longest measured
+    warning: str | None = None  # the budget leaves no room for one exchange
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -64,7 +65,7 @@ class ConversationPlan:
             f"budget {self.budget:,} − system {self.system_tokens:,} − buffer {self.buffer:,} = "
             f"{self.available:,} available (~{_k(self.available_planning)} for planning) → "
             f"{self.max_exchanges} exchanges max at {self.tokens_per_exchange:,.0f} tokens each{rng}; "
-            f"{lo}–{hi} recommended"
+            f"{lo}–{hi} recommended" + (f"; warning: {self.warning}" if self.warning else "")
         )
 
 
@@ -90,6 +91,17 @@ def plan_conversation(
     hi = math.floor(headroom[1] * maximum)
     hi = max(hi, 1) if maximum >= 1 else 0  # at least one exchange when one fits
     recommended = (min(math.ceil(headroom[0] * maximum), hi), hi)
+    warning = None
+    if available <= 0:
+        warning = (
+            f"the budget of {budget:,} tokens is used up by the system prompt ({system_tokens:,}) and the "
+            f"buffer ({buffer:,}): no exchange fits; raise the budget or shorten the system prompt"
+        )
+    elif maximum == 0:
+        warning = (
+            f"one exchange ({tokens_per_exchange:,.0f} tokens) is longer than the {available:,} tokens "
+            "available: no exchange fits; raise the budget"
+        )
     longest = None
     if exchange_range:
         longest = int(planning // exchange_range[1]) if planning > 0 and exchange_range[1] > 0 else 0
@@ -104,6 +116,7 @@ def plan_conversation(
         recommended=recommended,
         exchange_range=tuple(int(v) for v in exchange_range) if exchange_range else None,
         max_exchanges_longest=longest,
+        warning=warning,
     )
 
 

@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from ..nn import Linear4bit, LoraLinear
+
 
 def _dense(module: nn.Module) -> torch.Tensor:
-    from ..nn import Linear4bit, LoraLinear  # here: kindred.nn and kindred.formats import each other
-
     if isinstance(module, LoraLinear):
         return module.merged_weight()
     if isinstance(module, Linear4bit):
@@ -24,8 +24,6 @@ def _dense(module: nn.Module) -> torch.Tensor:
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's tensors in transformers' names, adapters merged, 4-bit weights dequantized (the model
     itself is not changed). Phi-3/4 get their fused ``qkv_proj`` / ``gate_up_proj`` back."""
-    from ..nn import Linear4bit, LoraLinear
-
     out: dict[str, torch.Tensor] = {}
     linears = {n: m for n, m in model.named_modules() if isinstance(m, (LoraLinear, Linear4bit))}
     linears = {n: m for n, m in linears.items() if not n.endswith(".base_layer")}  # inside a LoraLinear

@@ -14,8 +14,9 @@ import math
 
 import torch
 
+from .. import _core
 from ..errors import KindredFormatError
-from ..ops.quant import NF4_CODEBOOK, NF4Weight
+from ..weights import NF4Weight
 
 _STATE_KEY = "quant_state.bitsandbytes__"
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -36,7 +37,7 @@ def nf4_to_bnb(q: NF4Weight, prefix: str = "weight") -> dict[str, torch.Tensor]:
     out = {
         prefix: q.packed.reshape(-1, 1),
         f"{prefix}.absmax": q.absmax,
-        f"{prefix}.quant_map": torch.tensor(NF4_CODEBOOK, dtype=torch.float32, device=q.device),
+        f"{prefix}.quant_map": torch.tensor(_core.NF4_CODEBOOK, dtype=torch.float32, device=q.device),
     }
     if q.double_quant:
         state.update(nested_blocksize=256, nested_dtype="float32", nested_offset=float(q.offset.cpu()[0]))
@@ -91,7 +92,7 @@ def nf4_from_bnb(
             " (truncated?)"
         )
     quant_map = need(f"{prefix}.quant_map").float().cpu()
-    if quant_map.shape != (16,) or not torch.equal(quant_map, torch.tensor(NF4_CODEBOOK)):
+    if quant_map.shape != (16,) or not torch.equal(quant_map, torch.tensor(_core.NF4_CODEBOOK)):
         raise KindredFormatError(f"{source}: '{prefix}.quant_map' is not the NF4 codebook")
     nested = "nested_offset" in state
     nested_absmax = need(f"{prefix}.nested_absmax").float() if nested else None

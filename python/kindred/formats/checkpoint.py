@@ -1,4 +1,4 @@
-"""Reading quantized linear layers out of safetensors checkpoints (single file or a sharded folder)."""
+"""Reading tensors out of safetensors checkpoints (single file or a sharded folder) by name prefix."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..errors import KindredFormatError
-from .bnb import has_bnb_state, nf4_from_bnb
 
 
 def _shards(path: Path) -> list[Path]:
@@ -40,19 +39,3 @@ def read_prefix(path: str | Path, prefix: str, device: str | torch.device = "cpu
         except (SafetensorError, OSError) as e:
             raise KindredFormatError(f"{shard}: not a readable safetensors file ({e})") from None
     return out
-
-
-def load_linear4bit(path: str | Path, prefix: str, device: str | torch.device = "cpu"):
-    """The Linear4bit stored under ``prefix`` (e.g. "model.layers.0.mlp.up_proj") in a bitsandbytes 4-bit
-    checkpoint written by transformers, loaded as stored (no re-quantization)."""
-    from ..nn.linear4bit import Linear4bit
-
-    tensors = read_prefix(path, prefix, device)
-    if not tensors:
-        raise KindredFormatError(f"{path}: no tensors under '{prefix}'")
-    if not has_bnb_state(tensors, "weight"):
-        raise KindredFormatError(
-            f"{path}: '{prefix}.weight' has no bitsandbytes quant_state: not a 4-bit layer"
-        )
-    q = nf4_from_bnb(tensors, "weight", source=f"{path}")
-    return Linear4bit(q, tensors.get("bias"))

@@ -7,6 +7,15 @@ out[0].text, out[0].finish_reason, out[0].tokens_per_s
 """
 
 from .config import FINISH_REASONS, Completion, SamplingConfig
-from .engine import generate, stop_token_ids
+
+
+def __getattr__(name: str):
+    # The engine needs torch: imported on first use, so the CLI's parser stays torch-free.
+    if name in ("generate", "stop_token_ids"):
+        from . import engine
+
+        return getattr(engine, name)
+    raise AttributeError(f"module 'kindred.generate' has no attribute {name!r}")
+
 
 __all__ = ["FINISH_REASONS", "Completion", "SamplingConfig", "generate", "stop_token_ids"]

@@ -12,7 +12,6 @@ from pathlib import Path
 
 from ..errors import KindredFormatError, KindredValueError
 from .config import SamplingConfig
-from .engine import generate, stop_token_ids
 
 ROLES = ("system", "user", "assistant")
 
@@ -53,9 +52,8 @@ def load(args) -> Loaded:
 
     from ..data import get_template, load_tokenizer
     from ..data.tokenizers import HFTokenizer
-    from ..formats import load_adapter
     from ..models import from_gguf, from_pretrained, gguf_tokenizer, smollm2_gguf_path
-    from ..nn import merge_lora
+    from ..nn import load_adapter, merge_lora
 
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -85,6 +83,8 @@ def load(args) -> Loaded:
             merge_lora(model)
     template = get_template(args.template or guess_template(model.config.model_type, tokenizer))
     label = f"{path.name}" + (f" + {Path(args.adapter).name}" if args.adapter else "")
+    from .engine import stop_token_ids
+
     return Loaded(model.eval(), tokenizer, template, stop_token_ids(tokenizer, template.name), label)
 
 
@@ -167,6 +167,8 @@ def _stats(c) -> str:
 
 
 def run_generate(args) -> int:
+    from .engine import generate
+
     if (args.prompt is None) == (args.messages is None):
         raise KindredValueError("give exactly one of --prompt TEXT or --messages FILE.jsonl")
     cfg = sampling(args)  # bad settings fail before the model loads
@@ -220,6 +222,8 @@ HELP = "commands: /reset (forget the conversation), /system TEXT (set the system
 
 
 def run_chat(args) -> int:
+    from .engine import generate
+
     cfg = sampling(args)
     loaded = load(args)
     model = loaded.model

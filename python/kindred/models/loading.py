@@ -24,7 +24,8 @@ from torch import nn
 from ..errors import KindredFormatError, KindredValueError
 from ..formats.bnb import nf4_from_bnb
 from ..nn.linear4bit import Linear4bit
-from ..ops.quant import INT4G_DEFAULT_GROUP, NF4_DEFAULT_BLOCKSIZE, NF4Weight, quantize_int4g, quantize_nf4
+from ..ops.quant import INT4G_DEFAULT_GROUP, NF4_DEFAULT_BLOCKSIZE, quantize_int4g, quantize_nf4
+from ..weights import NF4Weight
 from .config import DecoderConfig, load_config
 from .decoder import LINEAR_NAMES, DecoderLM
 

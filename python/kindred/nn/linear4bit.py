@@ -8,26 +8,25 @@ weight for the streaming decode kernel once and keeps it as a non-persistent buf
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
-from .._ops_matmul import DECODE_MAX_ROWS
-from ..errors import KindredValueError
+from .._ops.matmul_4bit import decode_eligible
+from ..errors import KindredFormatError, KindredValueError
 from ..formats.bnb import has_bnb_state, nf4_from_bnb, nf4_to_bnb
+from ..formats.checkpoint import read_prefix
+from ..ops.matmul_4bit import has_decode_layout, matmul_4bit, repack_decode
 from ..ops.quant import (
     INT4G_DEFAULT_GROUP,
     NF4_DEFAULT_BLOCKSIZE,
-    DecodeWeight,
-    Int4gWeight,
-    NF4Weight,
-    decode_eligible,
     int4g_from_awq,
     int4g_to_awq,
-    matmul_4bit,
     quantize_int4g,
     quantize_nf4,
-    repack_decode,
 )
+from ..weights import DecodeWeight, Int4gWeight, NF4Weight
 
 QUANT_TYPES = ("nf4", "int4g")
 _AWQ_KEYS = ("qweight", "qzeros", "scales")
@@ -118,7 +117,7 @@ class Linear4bit(nn.Module):
         if self._decode_meta is not None:
             return DecodeWeight(self._decode_data, **self._decode_meta)
         q = self.quantized
-        if not (build and q.device.type == "cuda" and decode_eligible(q)):
+        if not (build and q.device.type == "cuda" and has_decode_layout(q)):
             return None
         if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
             return None
@@ -144,13 +143,7 @@ class Linear4bit(nn.Module):
         if x.device != self._q_packed.device:
             raise KindredValueError(f"input is on {x.device} but the weight is on {self._q_packed.device}")
         rows = x.numel() // self.in_features
-        wants_decode = (
-            x.is_cuda
-            and rows <= DECODE_MAX_ROWS
-            and x.dtype in (torch.bfloat16, torch.float16)
-            and not (torch.is_grad_enabled() and x.requires_grad)
-        )
-        decode = self.decode_weight() if wants_decode else None
+        decode = self.decode_weight() if decode_eligible(x, rows, self.in_features) else None
         return matmul_4bit(x, self.quantized, self.bias, decode=decode)
 
     def extra_repr(self) -> str:
@@ -208,3 +201,17 @@ class Linear4bit(nn.Module):
         for k in mine:
             if k not in consumed and k != "bias":
                 unexpected_keys.append(prefix + k)
+
+
+def load_linear4bit(path: str | Path, prefix: str, device: str | torch.device = "cpu") -> Linear4bit:
+    """The Linear4bit stored under ``prefix`` (e.g. "model.layers.0.mlp.up_proj") in a bitsandbytes 4-bit
+    checkpoint written by transformers, loaded as stored (no re-quantization)."""
+    tensors = read_prefix(path, prefix, device)
+    if not tensors:
+        raise KindredFormatError(f"{path}: no tensors under '{prefix}'")
+    if not has_bnb_state(tensors, "weight"):
+        raise KindredFormatError(
+            f"{path}: '{prefix}.weight' has no bitsandbytes quant_state: not a 4-bit layer"
+        )
+    q = nf4_from_bnb(tensors, "weight", source=f"{path}")
+    return Linear4bit(q, tensors.get("bias"))

@@ -12,10 +12,11 @@ import re
 import torch
 from torch import nn
 
+from .._ops.matmul_4bit import decode_eligible
 from ..errors import KindredValueError
 from ..ops.lora import lora_linear, lora_scaling, lora_workspace
-from ..ops.quant import Int4gWeight, NF4Weight
-from .linear4bit import DECODE_MAX_ROWS, Linear4bit
+from ..weights import Int4gWeight, NF4Weight
+from .linear4bit import Linear4bit
 
 
 def _name_ok(name: str) -> bool:
@@ -216,14 +217,12 @@ class LoraLinear(nn.Module):
         return super()._apply(fn, recurse)
 
     def _serves_decode(self, x: torch.Tensor, a: torch.Tensor) -> bool:
-        """Inference on at most DECODE_MAX_ROWS half-precision CUDA rows, without dropout or gradients."""
+        """Rows the base's decode kernel serves (``decode_eligible``), without dropout or gradients."""
         return (
-            x.is_cuda
-            and x.dtype in (torch.bfloat16, torch.float16)
-            and x.dtype == a.dtype
+            x.dtype == a.dtype
             and x.shape[-1] == self.in_features
-            and x.numel() <= DECODE_MAX_ROWS * self.in_features
-            and not (torch.is_grad_enabled() and (x.requires_grad or a.requires_grad))
+            and decode_eligible(x, x.numel() // self.in_features, self.in_features)
+            and not (torch.is_grad_enabled() and a.requires_grad)
             and not (self.training and self.lora_dropout[self.active_adapter] > 0)
         )
 

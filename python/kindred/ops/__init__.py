@@ -1,8 +1,10 @@
 """kindred's functional API (ops that take and return torch tensors)."""
 
+from ..weights import DecodeWeight, Int4gWeight, NF4Weight
 from .gguf import GGUF_BLOCK_TYPES, dequantize_gguf
 from .lora import lora_dropout, lora_linear, lora_scaling, lora_workspace
 from .loss import LinearCrossEntropyStats, linear_cross_entropy
+from .matmul_4bit import has_decode_layout, matmul_4bit, matmul_4bit_decode, repack_decode, unpack_decode
 from .quant import (
     AWQ_ORDER,
     DYNAMIC_MAP,
@@ -10,13 +12,10 @@ from .quant import (
     INT4G_GROUPS,
     NF4_CODEBOOK,
     NF4_DEFAULT_BLOCKSIZE,
-    Int4gWeight,
-    NF4Weight,
     dequantize_int4g,
     dequantize_nf4,
     int4g_from_awq,
     int4g_to_awq,
-    matmul_4bit,
     quantize_int4g,
     quantize_nf4,
 )
@@ -31,6 +30,7 @@ __all__ = [
     "INT4G_GROUPS",
     "NF4_CODEBOOK",
     "NF4_DEFAULT_BLOCKSIZE",
+    "DecodeWeight",
     "Int4gWeight",
     "LinearCrossEntropyStats",
     "NF4Weight",
@@ -39,6 +39,7 @@ __all__ = [
     "dequantize_gguf",
     "dequantize_int4g",
     "dequantize_nf4",
+    "has_decode_layout",
     "int4g_from_awq",
     "int4g_to_awq",
     "linear_cross_entropy",
@@ -47,8 +48,11 @@ __all__ = [
     "lora_scaling",
     "lora_workspace",
     "matmul_4bit",
+    "matmul_4bit_decode",
     "pack_bfd",
     "position_ids",
     "quantize_int4g",
     "quantize_nf4",
+    "repack_decode",
+    "unpack_decode",
 ]

@@ -10,7 +10,8 @@ import math
 
 import torch
 
-from .. import _core, _ops_gguf
+from .. import _core
+from .._ops import gguf as _gguf
 from ..errors import KindredValueError
 
 # name -> (ggml_type id, elements per block, bytes per block), from formats.h.
@@ -69,4 +70,4 @@ def dequantize_gguf(
             f"blocks must hold {expected} bytes for {numel} {gguf_type_name(ggml_type)} elements, "
             f"got {blocks.numel()} (truncated tensor data or a wrong shape?)"
         )
-    return _ops_gguf.dequantize_gguf(blocks.contiguous(), ggml_type, numel, dtype).reshape(shape)
+    return _gguf.dequantize_gguf(blocks.contiguous(), ggml_type, numel, dtype).reshape(shape)

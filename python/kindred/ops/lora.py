@@ -2,7 +2,7 @@
 
 y = x·Wᵀ (+ bias) + s·(drop(x)·Aᵀ)·Bᵀ with A = PEFT's lora_A.weight [r, K], B = lora_B.weight [N, r] and
 s = α/r (α/√r with rsLoRA). The backward saves x and the small s·drop(x)·Aᵀ and recomputes the dropout
-mask from its seed (kindred/_ops_lora.py has the CUDA plan).
+mask from its seed (kindred/_ops/lora.py has the CUDA plan).
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import math
 
 import torch
 
-from .. import _ops_lora
+from .._ops import lora as _lora
 from ..errors import KindredValueError
-from .quant import Int4gWeight, NF4Weight
+from ..weights import Int4gWeight, NF4Weight
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -36,23 +36,18 @@ def lora_workspace(weight: torch.Tensor, r: int) -> torch.Tensor:
     n, k = weight.shape
     if not isinstance(r, int) or not 1 <= r <= min(n, k):
         raise KindredValueError(f"r must be an int in [1, min(K, N) = {min(n, k)}], got {r!r}")
-    ws = torch.zeros(n, _ops_lora.padded_width(k, r), dtype=weight.dtype, device=weight.device)
+    ws = torch.zeros(n, _lora.padded_width(k, r), dtype=weight.dtype, device=weight.device)
     ws[:, :k].copy_(weight.detach())
     return ws
 
 
 def _base_args(base, x: torch.Tensor, workspace: torch.Tensor | None):
     """(format, tensors, param, [N, K]) of a base weight, checked against x."""
-    if isinstance(base, NF4Weight):
-        if len(base.shape) != 2:
-            raise KindredValueError(f"base (NF4) must be 2-D [out_features, in_features], got {base.shape}")
-        empty = base.absmax.new_empty(0, dtype=torch.float32)
-        parts = [base.packed, base.absmax] + [
-            empty if t is None else t for t in (base.nested_absmax, base.nested_code, base.offset)
-        ]
-        return "nf4", parts, base.blocksize, tuple(base.shape), base.device
-    if isinstance(base, Int4gWeight):
-        return "int4g", [base.packed, base.scales, base.zeros], base.group_size, base.shape, base.device
+    if isinstance(base, NF4Weight) and len(base.shape) != 2:
+        raise KindredValueError(f"base (NF4) must be 2-D [out_features, in_features], got {base.shape}")
+    if isinstance(base, (NF4Weight, Int4gWeight)):
+        parts, fmt, param = base.op_args()
+        return fmt, parts, param, tuple(base.shape), base.device
     if not isinstance(base, torch.Tensor):
         raise KindredValueError(
             f"base must be a weight tensor [N, K], an NF4Weight or an Int4gWeight, got {type(base).__name__}"
@@ -173,7 +168,7 @@ def lora_linear(
     x2 = (x if flat else x.reshape(-1, k)).contiguous()
     a, b, s = A.contiguous(), B.contiguous(), float(scaling)
     if _eager(x):
-        y, _ = _ops_lora.LoraLinearFunction.apply(x2, parts, fmt, param, a, b, bias, s, p, seed_t)
+        y, _ = _lora.LoraLinearFunction.apply(x2, parts, fmt, param, a, b, bias, s, p, seed_t)
     else:
         y, _ = torch.ops.kindred.lora_linear(x2, parts, fmt, param, a, b, bias, s, p, seed_t)
     return y if flat else y.reshape(*x.shape[:-1], n)

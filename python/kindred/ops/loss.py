@@ -2,7 +2,7 @@
 
 ``linear_cross_entropy(hidden, weight, targets)`` equals
 ``F.cross_entropy(softcap(hidden @ weight.T + bias).float(), targets, ...) + z_loss · mean(lse²)`` and never
-holds more than a chunk of logits (see kindred/_ops_loss.py for the algorithm and its memory budget).
+holds more than a chunk of logits (see kindred/_loss.py for the algorithm and its memory budget).
 
 Rules:
 - reduction "mean" averages over the non-ignored tokens, counted on the device; with none (an all-ignored
@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 import torch
 
-from .. import _ops_loss
+from .._ops import loss as _loss
 from ..errors import KindredValueError
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -78,7 +78,7 @@ def _check(hidden, weight, targets, bias, reduction, label_smoothing, z_loss, so
                 f"bias must have hidden's dtype and device ({hidden.dtype}, {hidden.device}), "
                 f"got {bias.dtype} on {bias.device}"
             )
-    if reduction not in _ops_loss.REDUCTIONS:
+    if reduction not in _loss.REDUCTIONS:
         raise KindredValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     if not 0.0 <= float(label_smoothing) <= 1.0:
         raise KindredValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
@@ -144,7 +144,7 @@ def _linear_cross_entropy(
         and reduction != "none"
         and not (label_smoothing > 0 and cap > 0)
     )
-    loss, token_loss, _, hit, _ = _ops_loss.linear_cross_entropy(
+    loss, token_loss, _, hit, _ = _loss.linear_cross_entropy(
         h2,
         w,
         b,

@@ -16,10 +16,10 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .. import _ops_tokens
+from .._ops import tokens as _tokens
 from ..errors import KindredValueError
 
-IGNORE_INDEX: int = _ops_tokens.IGNORE_INDEX
+IGNORE_INDEX: int = _tokens.IGNORE_INDEX
 
 
 class TrainableCounts(NamedTuple):
@@ -43,7 +43,7 @@ def count_trainable(labels: torch.Tensor, cu_seqlens: torch.Tensor) -> Trainable
     """
     _check_tensor(labels, "labels")
     _check_tensor(cu_seqlens, "cu_seqlens")
-    return TrainableCounts(*_ops_tokens.count_trainable(labels, cu_seqlens))
+    return TrainableCounts(*_tokens.count_trainable(labels, cu_seqlens))
 
 
 def position_ids(cu_seqlens: torch.Tensor, num_tokens: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
@@ -56,7 +56,7 @@ def position_ids(cu_seqlens: torch.Tensor, num_tokens: int, dtype: torch.dtype =
         raise KindredValueError(f"dtype must be torch.int32 or torch.int64, got {dtype}")
     if int(num_tokens) < 0:
         raise KindredValueError(f"num_tokens must be >= 0, got {num_tokens}")
-    return _ops_tokens.position_ids(cu_seqlens, int(num_tokens), dtype)
+    return _tokens.position_ids(cu_seqlens, int(num_tokens), dtype)
 
 
 def pack_bfd(lengths, max_tokens: int) -> tuple[np.ndarray, np.ndarray, int]:
@@ -69,4 +69,4 @@ def pack_bfd(lengths, max_tokens: int) -> tuple[np.ndarray, np.ndarray, int]:
     """
     if isinstance(lengths, torch.Tensor):
         lengths = lengths.detach().cpu().numpy()
-    return _ops_tokens.pack_bfd(np.asarray(lengths), max_tokens)
+    return _tokens.pack_bfd(np.asarray(lengths), max_tokens)

@@ -22,10 +22,20 @@ class GPU:
     bf16_tflops: float | None = None
     driver_names: tuple[str, ...] = ()
     sources: tuple[str, ...] = ()
+    backend: str = (
+        "cuda"  # cuda: kindred trains here; rocm / metal: estimates only (kindred's kernels are CUDA)
+    )
+    decode_measured: dict | None = (
+        None  # a measured batch-1 decode {model, format, context, tokens_per_s, source}
+    )
 
     @property
     def memory_bytes(self) -> int:
         return int(self.memory_gb * GIB)
+
+    @property
+    def kindred_trains(self) -> bool:
+        return self.backend == "cuda"
 
     def to_dict(self) -> dict:
         return {
@@ -34,6 +44,7 @@ class GPU:
             "memory_gb": self.memory_gb,
             "bandwidth_gbs": self.bandwidth_gbs,
             "bf16_tflops": self.bf16_tflops,
+            "backend": self.backend,
             "sources": list(self.sources),
         }
 
@@ -49,6 +60,8 @@ def load_gpus(path: str | Path = _DATA) -> dict[str, GPU]:
             g["bf16_tflops"],
             tuple(g.get("driver_names", ())),
             tuple(g["sources"]),
+            g.get("backend", "cuda"),
+            g.get("decode_measured"),
         )
         for g in data["gpus"]
     }

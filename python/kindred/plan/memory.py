@@ -1,10 +1,10 @@
-"""Memory estimators for inference and training, each returning a breakdown by part (bytes).
+"""Weight and inference memory by part (bytes); training memory is training.py's (kindred's trainer).
 
 Conventions (python/kindred/plan/README.md has the derivations and the checks against published figures):
 - weights per tensor at its format's bits per weight; GGUF mixes follow llama.cpp's per-tensor rules;
 - KV cache per layer, sliding-window layers holding only `min(tokens, window)` entries;
-- training = frozen base + trainable state + gradient-checkpoint inputs + one layer's working set + logits
-  (unless the loss is fused) + runtime; the parts are summed (no overlap assumed): errs on the safe side.
+- inference = weights + KV cache + llama.cpp's compute buffer for one micro-batch (the output logits and,
+  without flash attention, the attention scores); the CUDA context is not included.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import KindredValueError
-from .catalogue import Linear, ModelSpec
+from .catalogue import ModelSpec
 
 GIB = 1 << 30
 
@@ -56,21 +56,7 @@ _FORMAT_ALIASES = {
 METHODS = ("qlora", "lora", "full")
 # Bytes per KV-cache element: bf16, or llama.cpp's quantized caches (block bits / 8).
 KV_BYTES = {"bf16": 2.0, "q8_0": 8.5 / 8, "q4_0": 4.5 / 8}
-# Unfused loss, bytes per (token, vocab) element: bf16 logits (2) + the fp32 upcast transformers'
-# ForCausalLMLoss
-# makes (4) + fp32 log-softmax / its gradient (4). Pipeline-formats.md §7.2 counts "fp32 logits plus the same
-# again".
-LOGITS_BYTES_UNFUSED = 2 + 4 + 4
-# Runtime not owned by tensors: CUDA context, cuBLAS workspaces, allocator slack. Estimates inside the 0.3-2
-# GiB
-# range cited in pipeline-formats.md §7.1 (vram.asmirnov.xyz): llama.cpp/vLLM decode 0.5 GiB, torch training 1
-# GiB.
-INFERENCE_OVERHEAD_GIB = 0.5
-TRAINING_OVERHEAD_GIB = 1.0
-# LoRA targets: all seven projections (the anchors' setting); MoE experts are not targeted (PEFT adapts
-# nn.Linear,
-# fused expert weights are 3-D parameters), so MoE models get attention-only adapters.
-LORA_TARGETS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+LLAMA_CPP_UBATCH = 512  # llama.cpp's default micro-batch (n_ubatch): the tokens one compute graph holds
 
 
 @dataclass
@@ -197,21 +183,29 @@ def check_sequence(spec: ModelSpec, seq: int) -> None:
         )
 
 
+def compute_buffer_bytes(spec: ModelSpec, context: int, flash_attention: bool = False) -> int:
+    """llama.cpp's compute buffer for one micro-batch: its two largest graph nodes, the output logits
+    [n_ubatch, vocab] and, without flash attention, the attention scores [n_ubatch, context] per head, fp32.
+    """
+    ub = min(LLAMA_CPP_UBATCH, context)
+    return 4 * ub * spec.vocab + (0 if flash_attention else 4 * ub * context * spec.heads)
+
+
 def inference_memory(
     spec: ModelSpec,
     fmt: str = "Q4_K_M",
     context: int = 4096,
     batch: int = 1,
     kv_dtype: str = "bf16",
-    overhead_gib: float = INFERENCE_OVERHEAD_GIB,
+    flash_attention: bool = False,
 ) -> Breakdown:
-    """Weights at `fmt` + KV cache for `context` tokens × `batch` + runtime."""
+    """Weights at `fmt` + KV cache for `context` tokens × `batch` + llama.cpp's compute buffer."""
     fmt = normalize_format(fmt)
     check_sequence(spec, context)
     parts = {
         "weights": weight_bytes(spec, fmt),
         "kv_cache": kv_cache_bytes(spec, context, batch, kv_dtype),
-        "runtime": round(overhead_gib * GIB),
+        "compute_buffer": compute_buffer_bytes(spec, context, flash_attention),
     }
     notes = {
         "weights": f"{fmt} at {bits_per_weight(spec, fmt):.2f} bits/weight overall",
@@ -221,129 +215,7 @@ def inference_memory(
             if spec.sliding_window
             else ""
         ),
-        "runtime": "CUDA context and compute buffers (estimate)",
+        "compute_buffer": f"logits{'' if flash_attention else ' + attention scores'} of a "
+        f"{LLAMA_CPP_UBATCH}-token micro-batch, fp32 (CUDA context not included)",
     }
     return Breakdown(parts, notes, {"format": fmt, "context": context, "batch": batch})
-
-
-def lora_targets(spec: ModelSpec) -> list[Linear]:
-    return [t for t in spec.layer_linears() if t.name in LORA_TARGETS and not t.expert]
-
-
-def lora_params(spec: ModelSpec, rank: int) -> int:
-    """Σ over adapted projections of r·(in + out), all layers."""
-    return spec.layers * sum(rank * (t.k_in + t.n_out) for t in lora_targets(spec))
-
-
-def layer_activation_bytes(spec: ModelSpec, method: str, fp32_adapter_inputs: bool = True) -> tuple[int, int]:
-    """(bytes saved for backward, bytes of backward transients) per token for one decoder layer.
-
-    Saved, counting what autograd keeps in a transformers + PEFT decoder layer (bf16 = 2 B, fp32 = 4 B):
-    each RMSNorm's fp32 input (HF norms compute in fp32) and the two bf16 normed inputs of attention and MLP;
-    fp32 q/k-norm inputs; attention q, k, v and output (flash/SDPA kernels keep no s×s scores); the gated
-    MLP's gate, up, act(gate) and product (4 × ff per routed expert); PEFT's fp32 copy of every adapted
-    projection's input (`_cast_input_dtype` outside autocast). Transients: gradients of the residual stream
-    and of the MLP's two widest tensors while that layer's backward runs (estimate).
-    """
-    h, q, kv = spec.hidden, spec.q_dim, spec.kv_dim
-    ff = spec.intermediate * (spec.experts_per_token if spec.is_moe else 1)
-    saved = spec.norms_per_layer * 4 * h + 2 * 2 * h
-    saved += 4 * (q + kv) if spec.qk_norm else 0
-    saved += 2 * (q + 2 * kv) + 2 * q
-    saved += 4 * 2 * ff + (4 * spec.experts if spec.is_moe else 0)  # + fp32 router logits
-    if method != "full" and fp32_adapter_inputs:
-        saved += 4 * sum(t.k_in for t in lora_targets(spec))
-    transient = 2 * (2 * h + 2 * ff)
-    return saved, transient
-
-
-def training_memory(
-    spec: ModelSpec,
-    method: str = "qlora",
-    seq: int = 2048,
-    batch: int = 1,
-    rank: int = 16,
-    grad_checkpointing: bool = True,
-    fused_loss: bool = True,
-    optimizer: str = "adamw",
-    fp32_adapter_inputs: bool = True,
-    overhead_gib: float = TRAINING_OVERHEAD_GIB,
-) -> Breakdown:
-    """Peak memory of one training step (forward + backward + AdamW) by part."""
-    if method not in METHODS:
-        raise KindredValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
-    if optimizer not in ("adamw", "adamw8bit"):
-        raise KindredValueError(f"unknown optimizer {optimizer!r}; known: adamw, adamw8bit")
-    check_sequence(spec, seq)
-    _check_positive(batch=batch, rank=rank)
-    if method != "full" and rank > spec.hidden:
-        raise KindredValueError(f"LoRA rank {rank} is larger than {spec.name}'s hidden size {spec.hidden}")
-    tokens = seq * batch
-    counts = spec.param_counts()
-    moments = 8 if optimizer == "adamw" else 2  # fp32 m and v, or bitsandbytes 8-bit states
-    parts: dict[str, int] = {}
-    notes: dict[str, str] = {}
-    if method == "qlora":
-        parts["base_weights"] = weight_bytes(spec, "NF4")
-        notes["base_weights"] = "NF4 linears (4.127 bits), bf16 embeddings, lm_head and norms"
-    else:
-        parts["base_weights"] = 2 * counts["total"]
-        notes["base_weights"] = "bf16"
-    if method == "full":
-        trainable = counts["total"]
-        parts["gradients"] = 2 * trainable
-        parts["optimizer"] = (moments + 4) * trainable
-        notes["optimizer"] = "AdamW moments + fp32 master weights (Transformer Math 101: 16 B/param in all)"
-    else:
-        trainable = lora_params(spec, rank)
-        parts["adapters"] = 4 * trainable + 4 * trainable  # fp32 weights and gradients
-        parts["optimizer"] = moments * trainable
-        notes["adapters"] = f"{trainable / 1e6:.1f} M fp32 LoRA params r={rank} + gradients"
-        notes["optimizer"] = f"AdamW states, {moments} B/param"
-    saved, transient = layer_activation_bytes(spec, method, fp32_adapter_inputs)
-    if grad_checkpointing:
-        parts["checkpoints"] = 2 * tokens * spec.hidden * spec.layers
-        parts["activations"] = tokens * (saved + transient)
-        notes["checkpoints"] = "bf16 input of every layer"
-        notes["activations"] = "one recomputed layer's saved tensors + backward transients"
-    else:
-        parts["activations"] = tokens * (spec.layers * saved + transient)
-        notes["activations"] = "every layer's saved tensors + backward transients"
-    parts["logits"] = 0 if fused_loss else logits_bytes(tokens, spec.vocab, LOGITS_BYTES_UNFUSED)
-    notes["logits"] = (
-        "fused linear cross-entropy: logits never materialized"
-        if fused_loss
-        else f"{tokens} tokens × {spec.vocab} vocab × {LOGITS_BYTES_UNFUSED} B (bf16 + fp32 + fp32 grad)"
-    )
-    parts["runtime"] = round(overhead_gib * GIB)
-    notes["runtime"] = "CUDA context, cuBLAS workspace, allocator slack (estimate)"
-    info = {
-        "method": method,
-        "seq": seq,
-        "batch": batch,
-        "rank": rank,
-        "trainable_params": trainable,
-        "grad_checkpointing": grad_checkpointing,
-        "fused_loss": fused_loss,
-    }
-    return Breakdown(parts, notes, info)
-
-
-def compare_with_measured(runs: list[dict], spec_lookup) -> list[dict]:
-    """Estimate vs measured peak for runs {model, method, seq, batch, rank, fused_loss, grad_checkpointing,
-    measured_gib}; `spec_lookup` maps a model name to its ModelSpec. Returns records with the relative
-    error."""
-    out = []
-    for run in runs:
-        spec = spec_lookup(run["model"])
-        est = training_memory(
-            spec,
-            run.get("method", "qlora"),
-            run["seq"],
-            run.get("batch", 1),
-            run.get("rank", 16),
-            run.get("grad_checkpointing", True),
-            run.get("fused_loss", False),
-        ).total_gib
-        out.append({**run, "estimate_gib": est, "error": est / run["measured_gib"] - 1})
-    return out

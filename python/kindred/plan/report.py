@@ -11,11 +11,13 @@ SUMMARY_COLUMNS = (
     ("model", "model"),
     ("params_b", "params B"),
     ("context", "context"),
+    ("kindred", "kindred"),
     ("train_gib", "train GiB"),
     ("fits_train", "fits"),
     ("infer_gib", "infer GiB"),
     ("train_tok_s", "train tok/s"),
     ("train_hours", "train h"),
+    ("train_usd", "train $"),
     ("decode_tok_s", "decode tok/s"),
     ("score", "score"),
     ("license", "license"),
@@ -59,7 +61,47 @@ def summary_table(records: list[dict], title: str = "") -> str:
     rows = [[r.get(key) for key, _ in SUMMARY_COLUMNS] for r in records]
     text = render_table(rows, [label for _, label in SUMMARY_COLUMNS], title)
     notes = [f"{r['model']}: {r['error']}" for r in records if r.get("error")]
+    notes += [
+        f"{r['model']}: format refused: {r['format_refused']}" for r in records if r.get("format_refused")
+    ]
+    notes += [
+        f"{r['model']}: plan only: {r['kindred_why']}" for r in records if r.get("kindred") == "plan only"
+    ]
     return text + "".join(f"  note: {n}\n" for n in notes)
+
+
+def serving_tables(spec, gpu, context: int, utilization: float, price=None) -> str:
+    """vLLM's KV-cache pool and slots on ``gpu`` (AWQ), and llama.cpp / Ollama memory per GGUF type."""
+    from .serving import gguf_table, vllm_kv_cache
+    from .support import format_refusal
+
+    context = min(context, spec.context)
+    gib = 1 << 30
+    out = []
+    refused = format_refusal(spec, "AWQ-INT4")
+    if gpu.backend == "metal":
+        out.append("vLLM: not on Apple GPUs (llama.cpp / Ollama below)")
+    elif refused:
+        out.append(f"vLLM AWQ: refused ({refused})")
+    else:
+        v = vllm_kv_cache(spec, gpu.memory_bytes, "AWQ-INT4", context, utilization)
+        out.append(
+            f"vLLM AWQ at {utilization:g} of {gpu.memory_gb:g} GB: weights "
+            f"{v['weights_bytes'] / gib:.2f} GiB, "
+            f"profiling activations {v['activation_bytes'] / gib:.2f} GiB, KV pool {v['pool_gib']:.2f} GiB = "
+            f"{v['slots']:,} blocks of {v['block_size']} tokens, {v['concurrent_requests']:.1f} requests of "
+            f"{context:,} tokens at once (CUDA graphs and the runtime not counted)"
+        )
+    parts = ("weights_bytes", "kv_cache_bytes", "compute_buffer_bytes")
+    rows = [
+        [g["format"], *(g[k] / gib for k in parts), g["total_gib"], g["total_bytes"] <= gpu.memory_bytes]
+        for g in gguf_table(spec, context)
+    ]
+    head = ["GGUF", "weights GiB", "KV GiB", "compute GiB", "total GiB", "fits"]
+    out.append(render_table(rows, head, f"{spec.name}: llama.cpp / Ollama at {context:,} tokens (f16 KV)"))
+    if price:
+        out.append(f"an hour of serving on {gpu.name}: ${price.usd_per_hour:g} ({price.provider})")
+    return "\n".join(out)
 
 
 def breakdown_table(breakdown: dict, title: str) -> str:

@@ -32,8 +32,8 @@ import torch
 
 from ..data import get_template
 from ..errors import KindredError, KindredValueError
-from ..formats.peft import save_adapter
 from ..nn.lora import apply_lora
+from ..nn.peft import save_adapter
 from ..ops.loss import linear_cross_entropy
 from ..ops.tokens import count_trainable
 from .checkpoint import ADAPTER, latest_checkpoint, load_state, save_checkpoint

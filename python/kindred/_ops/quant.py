@@ -1,7 +1,11 @@
-"""torch attached to the core: TensorViews for ``kindred._core`` and the ``kindred::*`` custom ops.
+"""Custom ops of the quant family: ``kindred::quantize_nf4``, ``kindred::dequantize_nf4``, their INT4g twins.
 
-Each op is registered with ``torch.library.custom_op`` and a fake implementation, so ``torch.compile`` can
-trace through it; the real implementation hands TensorViews and the current CUDA stream to the core.
+A 4-bit weight crosses every custom op as one argument ``base`` (a list of tensors) with its format and one
+integer parameter, the form ``weights.NF4Weight.op_args()`` / ``Int4gWeight.op_args()`` hand over:
+"nf4" → [packed, absmax, nested_absmax, nested_code, offset] (empty tensors for the three absent without
+double quantization), param = blocksize; "int4g" → [packed, scales, zeros], param = group_size.
+Each op has a fake implementation, so ``torch.compile`` traces through it; the real one hands TensorViews and
+the current CUDA stream to the core.
 """
 
 from __future__ import annotations
@@ -11,37 +15,21 @@ import math
 
 import torch
 
-from . import _core
-from .errors import KindredValueError
+from .. import _core
+from ..errors import KindredValueError
+from .adapter import stream, view
 
-_DTYPE_NAMES = {
-    torch.uint8: "uint8",
-    torch.int32: "int32",
-    torch.float16: "float16",
-    torch.bfloat16: "bfloat16",
-    torch.float32: "float32",
-    torch.float64: "float64",
-    torch.int64: "int64",
-}
+QUANT_FORMATS = ("nf4", "int4g")
 
 
-def view(t: torch.Tensor, name: str = "tensor") -> _core.TensorView:
-    """A TensorView of ``t`` (no copy); ``name`` goes into the error for an unsupported dtype."""
-    if not isinstance(t, torch.Tensor):
-        raise KindredValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    dtype = _DTYPE_NAMES.get(t.dtype)
-    if dtype is None:
-        raise KindredValueError(f"{name} has unsupported dtype {t.dtype}")
-    device = t.device  # read once: each call builds a new torch.device (views are made per kernel call)
-    return _core.TensorView(t.data_ptr(), dtype, t.shape, t.stride(), device.type, device.index or 0)
-
-
-def opt_view(t: torch.Tensor | None, name: str) -> _core.TensorView | None:
-    return None if t is None else view(t, name)
-
-
-def stream(t: torch.Tensor) -> int:
-    return torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0
+def core_weight(base: list[torch.Tensor], fmt: str, param: int) -> _core.Nf4Tensors | _core.Int4gTensors:
+    """The core's view of a 4-bit ``base`` (the tensors must outlive the call)."""
+    if fmt == "nf4":
+        names = ("nested_absmax", "nested_code", "offset")
+        nested = [None if t.numel() == 0 else view(t, name) for t, name in zip(base[2:], names, strict=True)]
+        return _core.Nf4Tensors(view(base[0], "packed"), view(base[1], "absmax"), *nested, param)
+    packed, scales, zeros = base
+    return _core.Int4gTensors(view(packed, "packed"), view(scales, "scales"), view(zeros, "zeros"), param)
 
 
 @functools.cache
@@ -68,33 +56,17 @@ def quantize_nf4(
     packed = torch.empty(weight.numel() // 2, dtype=torch.uint8, device=dev)
     if not double_quant:
         absmax = torch.empty(blocks, dtype=torch.float32, device=dev)
-        _core.quantize_nf4(
-            view(weight, "weight"),
-            view(packed),
-            view(absmax),
-            None,
-            None,
-            None,
-            None,
-            blocksize,
-            stream(weight),
-        )
+        out = _core.Nf4Tensors(view(packed), view(absmax), None, None, None, blocksize)
+        _core.quantize_nf4(view(weight, "weight"), out, None, stream(weight))
         return packed, absmax, absmax.new_empty(0), absmax.new_empty(0)
     absmax = torch.empty(blocks, dtype=torch.uint8, device=dev)
     nested_absmax = torch.empty(math.ceil(blocks / _core.NESTED_BLOCKSIZE), dtype=torch.float32, device=dev)
     offset = torch.empty(1, dtype=torch.float32, device=dev)
     workspace = torch.empty(blocks, dtype=torch.float32, device=dev)
-    _core.quantize_nf4(
-        view(weight, "weight"),
-        view(packed),
-        view(absmax),
-        view(nested_absmax),
-        view(dynamic_map(dev)),
-        view(offset),
-        view(workspace),
-        blocksize,
-        stream(weight),
+    out = _core.Nf4Tensors(
+        view(packed), view(absmax), view(nested_absmax), view(dynamic_map(dev)), view(offset), blocksize
     )
+    _core.quantize_nf4(view(weight, "weight"), out, view(workspace), stream(weight))
     return packed, absmax, nested_absmax, offset
 
 
@@ -119,51 +91,23 @@ def _(weight, blocksize, double_quant):
 
 @torch.library.custom_op("kindred::dequantize_nf4", mutates_args=())
 def dequantize_nf4(
-    packed: torch.Tensor,
-    absmax: torch.Tensor,
-    nested_absmax: torch.Tensor | None,
-    nested_code: torch.Tensor | None,
-    offset: torch.Tensor | None,
-    blocksize: int,
-    shape: list[int],
-    dtype: torch.dtype,
+    base: list[torch.Tensor], blocksize: int, shape: list[int], dtype: torch.dtype
 ) -> torch.Tensor:
-    """The dense tensor of ``shape`` and ``dtype`` that NF4 codes and scales stand for."""
-    out = torch.empty(shape, dtype=dtype, device=packed.device)
-    _dequantize_nf4_into(out, packed, absmax, nested_absmax, nested_code, offset, blocksize)
+    """The dense tensor of ``shape`` and ``dtype`` that an "nf4" base stands for."""
+    out = torch.empty(shape, dtype=dtype, device=base[0].device)
+    dequantize_into(out, base, "nf4", blocksize)
     return out
 
 
-def _dequantize_nf4_into(out, packed, absmax, nested_absmax, nested_code, offset, blocksize) -> None:
-    _core.dequantize_nf4(
-        view(packed, "packed"),
-        view(absmax, "absmax"),
-        opt_view(nested_absmax, "nested_absmax"),
-        opt_view(nested_code, "nested_code"),
-        opt_view(offset, "offset"),
-        blocksize,
-        view(out, "out"),
-        stream(packed),
-    )
-
-
 @dequantize_nf4.register_fake
-def _(packed, absmax, nested_absmax, nested_code, offset, blocksize, shape, dtype):
-    return packed.new_empty(shape, dtype=dtype)
+def _(base, blocksize, shape, dtype):
+    return base[0].new_empty(shape, dtype=dtype)
 
 
 @torch.library.custom_op("kindred::dequantize_nf4_out", mutates_args=("out",))
-def dequantize_nf4_out(
-    out: torch.Tensor,
-    packed: torch.Tensor,
-    absmax: torch.Tensor,
-    nested_absmax: torch.Tensor | None,
-    nested_code: torch.Tensor | None,
-    offset: torch.Tensor | None,
-    blocksize: int,
-) -> None:
+def dequantize_nf4_out(out: torch.Tensor, base: list[torch.Tensor], blocksize: int) -> None:
     """dequantize_nf4 into ``out``: contiguous, or a 2-D view with strided rows (a slice of a workspace)."""
-    _dequantize_nf4_into(out, packed, absmax, nested_absmax, nested_code, offset, blocksize)
+    dequantize_into(out, base, "nf4", blocksize)
 
 
 @torch.library.custom_op("kindred::quantize_int4g", mutates_args=())
@@ -175,9 +119,8 @@ def quantize_int4g(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor,
     groups = k // group_size if group_size > 0 else 0
     scales = torch.empty(n, groups, dtype=torch.float16, device=dev)
     zeros = torch.empty(n, groups, dtype=torch.uint8, device=dev)
-    _core.quantize_int4g(
-        view(weight, "weight"), view(packed), view(scales), view(zeros), group_size, stream(weight)
-    )
+    out = _core.Int4gTensors(view(packed), view(scales), view(zeros), group_size)
+    _core.quantize_int4g(view(weight, "weight"), out, stream(weight))
     return packed, scales, zeros
 
 
@@ -201,34 +144,41 @@ def _(weight, group_size):
 
 
 @torch.library.custom_op("kindred::dequantize_int4g", mutates_args=())
-def dequantize_int4g(
-    packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int, dtype: torch.dtype
-) -> torch.Tensor:
-    """The dense [N, K] weight that INT4g codes stand for."""
+def dequantize_int4g(base: list[torch.Tensor], group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """The dense [N, K] weight that an "int4g" base stands for."""
+    packed = base[0]
     out = torch.empty(packed.shape[0], packed.shape[1] * 2, dtype=dtype, device=packed.device)
-    dequantize_int4g_out(out, packed, scales, zeros, group_size)
+    dequantize_into(out, base, "int4g", group_size)
     return out
 
 
 @dequantize_int4g.register_fake
-def _(packed, scales, zeros, group_size, dtype):
+def _(base, group_size, dtype):
+    packed = base[0]
     return packed.new_empty(packed.shape[0], packed.shape[1] * 2, dtype=dtype)
 
 
 @torch.library.custom_op("kindred::dequantize_int4g_out", mutates_args=("out",))
-def dequantize_int4g_out(
-    out: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int
-) -> None:
+def dequantize_int4g_out(out: torch.Tensor, base: list[torch.Tensor], group_size: int) -> None:
     """dequantize_int4g into ``out`` ([N, K], contiguous or with strided rows)."""
-    _dequantize_int4g_into(out, packed, scales, zeros, group_size)
+    dequantize_into(out, base, "int4g", group_size)
 
 
-def _dequantize_int4g_into(out, packed, scales, zeros, group_size) -> None:
-    _core.dequantize_int4g(
-        view(packed, "packed"),
-        view(scales, "scales"),
-        view(zeros, "zeros"),
-        group_size,
-        view(out, "out"),
-        stream(packed),
-    )
+def dequantize(base: list[torch.Tensor], fmt: str, param: int, shape, dtype: torch.dtype) -> torch.Tensor:
+    """The dense [N, K] (``shape``) weight of a 4-bit base in ``dtype``, through the format's custom op."""
+    if fmt == "nf4":
+        return dequantize_nf4(base, param, list(shape), dtype)
+    return dequantize_int4g(base, param, dtype)
+
+
+def dequantize_into(out: torch.Tensor, base: list[torch.Tensor], fmt: str, param: int) -> None:
+    """out [N, K] = the dequantized base, written in place by the core (no custom-op dispatch; rows of ``out``
+    may be strided). NF4 blocks that straddle rows cannot be written row by row: dequantized flat, copied."""
+    if fmt == "nf4" and not out.is_contiguous() and out.shape[-1] % param:
+        out.copy_(dequantize_nf4(base, param, list(out.shape), out.dtype))
+        return
+    w = core_weight(base, fmt, param)
+    if fmt == "nf4":
+        _core.dequantize_nf4(w, view(out, "out"), stream(out))
+    else:
+        _core.dequantize_int4g(w, view(out, "out"), stream(out))

@@ -28,9 +28,10 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import _core
-from ._ops import _dequantize_int4g_into, _dequantize_nf4_into, opt_view, stream, view
-from .errors import KindredValueError
+from .. import _core
+from ..errors import KindredValueError
+from .adapter import opt_view, stream, view
+from .quant import dequantize, dequantize_into
 
 BASE_FORMATS = ("dense", "workspace", "nf4", "int4g")
 _SCRATCH: dict[tuple, torch.Tensor] = {}
@@ -41,45 +42,15 @@ def padded_width(k: int, r: int) -> int:
     return (k + r + 7) // 8 * 8
 
 
-def _opt(t: torch.Tensor) -> torch.Tensor | None:
-    return None if t.numel() == 0 else t
-
-
-def quantized_base(fmt: str, base: list[torch.Tensor], param: int, n: int, k: int, dtype: torch.dtype):
-    """The NF4Weight / Int4gWeight that a "nf4" / "int4g" base list stands for."""
-    from .ops.quant import Int4gWeight, NF4Weight
-
-    if fmt == "nf4":
-        packed, absmax, nested_absmax, nested_code, offset = base
-        return NF4Weight(
-            packed, absmax, _opt(nested_absmax), _opt(nested_code), _opt(offset), param, (n, k), dtype
-        )
-    packed, scales, zeros = base
-    return Int4gWeight(packed, scales, zeros, param, dtype)
-
-
 def dense_base(fmt: str, base: list[torch.Tensor], param: int, n: int, k: int, dtype: torch.dtype):
     """The [N, K] base weight in ``dtype`` (a view for "dense" and "workspace"; dequantized otherwise)."""
     if fmt == "dense":
         return base[0]
     if fmt == "workspace":
         return base[0][:, :k]
-    q = quantized_base(fmt, base, param, n, k, dtype)
     if dtype == torch.float64:  # the float64 reference path: dequantize exactly in float32, then widen
-        return q.dequantize(torch.float32).double()
-    return q.dequantize(dtype)
-
-
-def _dequantize_into(fmt, base, param, out: torch.Tensor) -> None:
-    """out [N, K] = the dequantized 4-bit base, written in place (rows of ``out`` may be strided)."""
-    n, k = out.shape
-    if fmt == "nf4" and k % param:  # NF4 blocks straddle rows: dequantize flat, then copy
-        out.copy_(quantized_base(fmt, base, param, n, k, out.dtype).dequantize(out.dtype))
-    elif fmt == "nf4":  # straight into out, without a second custom-op dispatch
-        packed, absmax, nested_absmax, nested_code, offset = base
-        _dequantize_nf4_into(out, packed, absmax, _opt(nested_absmax), _opt(nested_code), _opt(offset), param)
-    else:
-        _dequantize_int4g_into(out, *base, param)
+        return dequantize(base, fmt, param, (n, k), torch.float32).double()
+    return dequantize(base, fmt, param, (n, k), dtype)
 
 
 def _weight(fmt, base, param, n: int, k: int, r: int, like: torch.Tensor) -> torch.Tensor:
@@ -89,7 +60,7 @@ def _weight(fmt, base, param, n: int, k: int, r: int, like: torch.Tensor) -> tor
     if fmt == "workspace":
         return base[0][:, :k]
     w = _scratch(n, padded_width(k, r), k, like)
-    _dequantize_into(fmt, base, param, w)
+    dequantize_into(w, base, fmt, param)
     return w
 
 
@@ -103,7 +74,7 @@ def _workspace(fmt, base, param, b: torch.Tensor, s: float, k: int) -> torch.Ten
         if fmt == "dense":
             ws[:, :k].copy_(base[0])
         else:
-            _dequantize_into(fmt, base, param, ws[:, :k])
+            dequantize_into(ws[:, :k], base, fmt, param)
     torch.mul(b, s, out=ws[:, k:])
     return ws
 
@@ -238,7 +209,7 @@ def lora_linear(
     w = dense_base(base_format, base, base_param, n, k, x.dtype)
     y = x.new_empty(m, n)
     xs = x.new_empty(m, r)
-    _core.lora_forward(
+    _core.lora_linear(
         view(x, "x"),
         view(w, "base"),
         view(a, "A"),
@@ -280,7 +251,7 @@ def lora_linear_backward(
         return backward_plan(dy, x, base_format, base, base_param, a, b, xs, scaling, dropout_p, seed)
     w = dense_base(base_format, base, base_param, n, k, x.dtype)
     dx, da, db = x.new_empty(m, k), a.new_empty(r, k), b.new_empty(n, r)
-    _core.lora_backward(
+    _core.lora_linear_backward(
         view(dy, "dy"),
         view(x, "x"),
         view(w, "base"),

@@ -1,4 +1,4 @@
-// matmul_4bit_decode: out[M, N] = x[M, K] · dequant(W)ᵀ for M <= 16 from the decode layout (quant.h), on
+// matmul_4bit_decode: out[M, N] = x[M, K] · dequant(W)ᵀ for M <= 16 from the decode layout (kindred/matmul_4bit.h), on
 // the tensor cores (mma.sync m16n8k16, fp32 accumulation).
 //
 // The repack put each lane's fragments of one weight row for 8 k16 steps into one 16-byte word group, so the
@@ -25,7 +25,7 @@
 
 #include "../common.cuh"
 #include "kindred/formats.h"
-#include "kindred/quant.h"
+#include "kindred/matmul_4bit.h"
 
 namespace kindred {
 namespace {
@@ -46,27 +46,6 @@ struct Params {
   const uint8_t* data;
   int m, n, k, chunks, unit, tiles, splits;  // tiles: padded N / 8; splits: warps sharing one tile pair
 };
-
-// Asynchronous 16-byte global -> shared copy, cached in L2 only (the weights are read once).
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem));
-}
-
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::);
-}
-
-__device__ __forceinline__ uint32_t lds32(uint32_t addr) {
-  uint32_t v;
-  asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(v) : "r"(addr));
-  return v;
-}
-
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
-}
 
 // T pair with the integer value 128 + q (bf16) or 1024 + q (f16) in each half when q < 16 is OR'ed in.
 template <typename T>
@@ -91,7 +70,8 @@ __device__ __forceinline__ uint32_t sub_pair(uint32_t a, uint32_t b) {
   }
 }
 
-// Bytes of one unit (8 rows x 128 k): 512 code bytes and the scale record (quant.h), per format and period.
+// Bytes of one unit (8 rows x 128 k): 512 code bytes and the scale record (kindred/matmul_4bit.h), per format and
+// period.
 template <DecodeFormat F, int P>
 constexpr int kUnit = static_cast<int>(kDecodeCodeBytes) +
                       (F == DecodeFormat::nf4 ? P * 8 * 4 : (P * 8 * 3 + 15) / 16 * 16);
@@ -102,13 +82,13 @@ template <int kBytes>
 __device__ __forceinline__ void issue_chunk(uint8_t* slot, const uint8_t* src0, const uint8_t* src1, int lane) {
   constexpr int kRest = kBytes / 16 - 32;
   static_assert(kBytes % 16 == 0 && kRest > 0 && kRest <= 32, "a unit is 32 to 64 pieces of 16 bytes");
-  cp_async16(slot + 16 * lane, src0 + 16 * lane);
-  cp_async16(slot + kBytes + 16 * lane, src1 + 16 * lane);
+  cuda::cp_async16(slot + 16 * lane, src0 + 16 * lane);
+  cuda::cp_async16(slot + kBytes + 16 * lane, src1 + 16 * lane);
   if (lane < kRest) {
-    cp_async16(slot + 512 + 16 * lane, src0 + 512 + 16 * lane);
-    cp_async16(slot + kBytes + 512 + 16 * lane, src1 + 512 + 16 * lane);
+    cuda::cp_async16(slot + 512 + 16 * lane, src0 + 512 + 16 * lane);
+    cuda::cp_async16(slot + kBytes + 512 + 16 * lane, src1 + 512 + 16 * lane);
   }
-  cp_async_commit();
+  cuda::cp_async_commit();
 }
 
 // What a lane reads for one chunk: its code words of both tiles and the scales (periods P) of its weight
@@ -155,8 +135,8 @@ __device__ __forceinline__ void read_chunk(const Params& p, const uint8_t* slot,
 template <typename T, DecodeFormat F>
 __device__ __forceinline__ void dequant(uint32_t w, int h, uint32_t mz, uint32_t lut_lane, uint32_t& lo, uint32_t& hi) {
   if constexpr (F == DecodeFormat::nf4) {
-    lo = lds32(lut_lane + (__byte_perm(w, 0, 0x4440 + 2 * h) << 7));
-    hi = lds32(lut_lane + (__byte_perm(w, 0, 0x4441 + 2 * h) << 7));
+    lo = cuda::lds32(lut_lane + (__byte_perm(w, 0, 0x4440 + 2 * h) << 7));
+    hi = cuda::lds32(lut_lane + (__byte_perm(w, 0, 0x4441 + 2 * h) << 7));
   } else {
     lo = sub_pair<T>(and_or(w >> (8 * h), 0x000F000Fu, kMagic<T>), mz);
     hi = sub_pair<T>(and_or(w >> (8 * h + 4), 0x000F000Fu, kMagic<T>), mz);
@@ -240,16 +220,16 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks<kRows16>) matmul_4bit_
       if (i < count)
         issue_chunk<kBytes>(ring + i * kSlot, src0 + i * kBytes, src1 + i * kBytes, lane);
       else
-        cp_async_commit();  // empty group: the wait below counts groups
+        cuda::cp_async_commit();  // empty group: the wait below counts groups
     }
     for (int i = 0; i < count; ++i) {
       const int ahead = i + kStages - 1;
       if (ahead < count)
         issue_chunk<kBytes>(ring + ahead % kStages * kSlot, src0 + ahead * kBytes, src1 + ahead * kBytes, lane);
       else
-        cp_async_commit();
-      cp_async_wait<kStages - 1>();  // chunk i has landed (this lane's copies)...
-      __syncwarp();                  // ...and every lane's
+        cuda::cp_async_commit();
+      cuda::cp_async_wait<kStages - 1>();  // chunk i has landed (this lane's copies)...
+      __syncwarp();                        // ...and every lane's
       Chunk<F, P> chunk;
       read_chunk<T, F, P, kRows16>(p, ring + i % kStages * kSlot, c0 + i, g, c, chunk);
       compute_chunk<T, F, P, kRows16>(chunk, lut_lane, acc);
@@ -318,18 +298,30 @@ void launch_kernel(Params p, cudaStream_t stream) {
   cuda::check_launch("matmul_4bit_decode_kernel");
 }
 
-template <typename T, DecodeFormat F>
-void launch_periods(const Params& p, int64_t period, cudaStream_t stream) {
-  const bool rows16 = p.m > 8;
-  const auto go = [&](auto periods) {
-    constexpr int kP = decltype(periods)::value;
-    if (rows16) return launch_kernel<T, F, kP, true>(p, stream);
-    launch_kernel<T, F, kP, false>(p, stream);
-  };
-  if (period == 128) return go(std::integral_constant<int, 1>{});
-  if (period == 64) return go(std::integral_constant<int, 2>{});
-  go(std::integral_constant<int, 4>{});
-}
+// The kernels this file instantiates, the only ones the dispatch can pick: activation dtype x format x period
+// (the K span of one scale; P = 128 / period per chunk), each for <= 8 and for <= 16 rows of x.
+struct Instance {
+  DType dtype;
+  DecodeFormat format;
+  int64_t period;
+  void (*rows8)(Params, cudaStream_t);
+  void (*rows16)(Params, cudaStream_t);
+};
+
+#define KINDRED_DECODE_INSTANCE(T, DT, F, PERIOD)                                                        \
+  Instance {                                                                                             \
+    DType::DT, DecodeFormat::F, PERIOD, launch_kernel<T, DecodeFormat::F, kDecodeChunk / PERIOD, false>, \
+        launch_kernel<T, DecodeFormat::F, kDecodeChunk / PERIOD, true>                                   \
+  }
+#define KINDRED_DECODE_PERIODS(T, DT, F) \
+  KINDRED_DECODE_INSTANCE(T, DT, F, 128), KINDRED_DECODE_INSTANCE(T, DT, F, 64), KINDRED_DECODE_INSTANCE(T, DT, F, 32)
+
+const Instance kInstances[] = {KINDRED_DECODE_PERIODS(__nv_bfloat16, bf16, nf4),
+                               KINDRED_DECODE_PERIODS(__nv_bfloat16, bf16, int4g),
+                               KINDRED_DECODE_PERIODS(__half, f16, nf4), KINDRED_DECODE_PERIODS(__half, f16, int4g)};
+
+#undef KINDRED_DECODE_PERIODS
+#undef KINDRED_DECODE_INSTANCE
 
 }  // namespace
 
@@ -346,16 +338,13 @@ void matmul_4bit_decode_cuda(const TensorView& x, const DecodeWeight& w, const T
   p.k = static_cast<int>(w.k);
   p.chunks = static_cast<int>(w.k / kDecodeChunk);
   p.unit = static_cast<int>(kDecodeCodeBytes + decode_record_bytes(w.format, w.period));
-  p.tiles = static_cast<int>((w.n + kDecodeRowPad - 1) / kDecodeRowPad * kDecodeRowPad / kDecodeTileRows);
+  p.tiles = static_cast<int>(decode_padded_rows(w.n) / kDecodeTileRows);
   p.splits = 1;
-  const auto s = cuda::as_stream(stream);
-  const auto by_format = [&](auto t) {
-    using T = decltype(t);
-    if (w.format == DecodeFormat::nf4) return launch_periods<T, DecodeFormat::nf4>(p, w.period, s);
-    launch_periods<T, DecodeFormat::int4g>(p, w.period, s);
-  };
-  if (x.dtype == DType::bf16) return by_format(__nv_bfloat16{});
-  by_format(__half{});
+  for (const Instance& in : kInstances) {
+    if (in.dtype != x.dtype || in.format != w.format || in.period != w.period) continue;
+    return (p.m > 8 ? in.rows16 : in.rows8)(p, cuda::as_stream(stream));
+  }
+  KINDRED_CHECK(false, "matmul_4bit_decode: no kernel for x ", x.describe(), " and period ", w.period);
 }
 
 }  // namespace kindred

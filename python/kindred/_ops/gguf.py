@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from . import _core
-from ._ops import view
+from .. import _core
+from .adapter import view
 
 
 @torch.library.custom_op("kindred::dequantize_gguf", mutates_args=())

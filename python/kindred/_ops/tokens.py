@@ -11,31 +11,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import _core
-from ._ops import stream, view
-from .errors import KindredValueError
+from .. import _core
+from .adapter import np_view, stream, view
 
 IGNORE_INDEX: int = _core.IGNORE_INDEX
-_NP_NAMES = {
-    np.dtype(np.uint8): "uint8",
-    np.dtype(np.int32): "int32",
-    np.dtype(np.int64): "int64",
-    np.dtype(np.float32): "float32",
-    np.dtype(np.float64): "float64",
-}
-
-
-def np_view(a: np.ndarray, name: str = "array") -> _core.TensorView:
-    """A TensorView of a numpy array (no copy); the array must outlive the call."""
-    if not isinstance(a, np.ndarray):
-        raise KindredValueError(f"{name} must be a numpy array, got {type(a).__name__}")
-    if a.dtype not in _NP_NAMES:
-        raise KindredValueError(f"{name} has unsupported dtype {a.dtype}")
-    if a.size == 0:  # numpy gives empty arrays arbitrary strides
-        strides = [int(np.prod(a.shape[i + 1 :], dtype=np.int64)) for i in range(a.ndim)]
-    else:
-        strides = [s // a.itemsize for s in a.strides]
-    return _core.TensorView(a.ctypes.data, _NP_NAMES[a.dtype], list(a.shape), strides, "cpu", 0)
 
 
 def _i32(a, name: str) -> np.ndarray:

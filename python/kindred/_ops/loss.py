@@ -27,9 +27,9 @@ import math
 
 import torch
 
-from . import _core
-from ._ops import opt_view, stream, view
-from .errors import KindredValueError
+from .. import _core
+from ..errors import KindredValueError
+from .adapter import opt_view, stream, view
 
 REDUCTIONS = ("none", "sum", "mean")
 _STATE = _core.LCE_STATE
@@ -309,7 +309,7 @@ def _reference_forward(hidden, weight, bias, t32, opt):
     rows_loss = torch.empty(n, dtype=ld)
     lse = torch.empty(n, dtype=ld)
     hit = torch.empty(n, dtype=torch.uint8)
-    _core.linear_cross_entropy_forward(
+    _core.linear_cross_entropy(
         view(hidden, "hidden"),
         view(weight, "weight"),
         opt_view(bias, "bias"),
