@@ -236,7 +236,7 @@ def test_truncation_by_splicing_equals_rerendering(name, any_tokenizer_path):
 
 
 def test_compose_replaces_and_drops_rows(hf_tokenizer_path):
-    from kindred.data.accounting import compose
+    from kindred.data.tokenized import compose
 
     convs = load_calibration()[:8]
     data = tokenize(convs, hf_tokenizer_path, "llama3")
