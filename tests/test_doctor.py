@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import kindred
-from kindred.doctor import OPTIONAL, assess, kernel_support, parse_architectures
+from kindred.installation import OPTIONAL, assess, kernel_support, parse_architectures
 
 FAT = "80-real,86-real,89-real,90-real,100-real,120-real,80-virtual"  # the CMake default with nvcc 13
 
@@ -118,7 +118,7 @@ def test_build_info_matches_toolchain():
 
 def test_cli_json_short_and_table(capsys):
     from kindred.cli import main
-    from kindred.doctor import kernels_line
+    from kindred.installation import kernels_line
 
     report = kindred.doctor()
     assert main(["doctor", "--json"]) == (1 if report["problems"] else 0)

@@ -16,7 +16,6 @@ PACKAGE = Path(__file__).resolve().parents[1] / "python" / "kindred"
 LAYERS = [
     "errors",
     "_core",
-    "doctor",
     "kindred",
     "_ops",
     "weights",
@@ -30,6 +29,7 @@ LAYERS = [
     "plan",
     "export",
     "train",
+    "installation",
     "demo",
     "format_compare",
     "cli",
@@ -123,7 +123,7 @@ def test_import_kindred_loads_no_subpackage_and_no_torch():
     loaded = _run(
         "import sys, kindred; print(sorted(m for m in sys.modules if m.startswith(('kindred.', 'torch'))))"
     )
-    assert loaded == "['kindred._core', 'kindred.doctor', 'kindred.errors']"
+    assert loaded == "['kindred._core', 'kindred.errors']"
     assert _run("import kindred; print(kindred.nn.Linear4bit.__name__)") == "Linear4bit"
 
 

@@ -11,7 +11,6 @@ Subpackages are imported on first use (so ``kindred --help`` does not import tor
 import importlib
 
 from ._core import cuda_compiled, sentencepiece_compiled
-from .doctor import doctor
 from .errors import KindredError, KindredFormatError, KindredValueError
 
 __version__ = "0.1.0"
@@ -28,6 +27,8 @@ __all__ = [
 
 
 def __getattr__(name: str):
+    if name == "doctor":  # kindred.doctor() reads every layer: imported on first use
+        return importlib.import_module(".installation", __name__).doctor
     if name in _SUBPACKAGES:
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'kindred' has no attribute {name!r}")

@@ -78,8 +78,8 @@ def info(args) -> int:
 
 def doctor(args) -> int:
     """``kindred doctor [--short | --json]``: versions, CUDA, GPUs, kernel architectures, optional libs."""
-    from .doctor import doctor as make_report
-    from .doctor import print_report, short_line
+    from .installation import doctor as make_report
+    from .installation import print_report, short_line
 
     report = make_report()
     if args.json:
