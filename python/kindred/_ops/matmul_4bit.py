@@ -74,8 +74,9 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, grad):
     base_format, base_param, n, k, dtype = ctx.meta
-    w = dequantize(list(ctx.saved_tensors), base_format, base_param, (n, k), _dense_dtype(dtype))
-    return grad @ w.to(dtype), [None] * len(ctx.saved_tensors), None, None, None
+    base = list(ctx.saved_tensors)  # unpacked once: checkpointing allows a single unpack
+    w = dequantize(base, base_format, base_param, (n, k), _dense_dtype(dtype))
+    return grad @ w.to(dtype), [None] * len(base), None, None, None
 
 
 matmul_4bit.register_autograd(_backward, setup_context=_setup)
