@@ -31,7 +31,7 @@ for step in "$@"; do
   SECONDS=0
   case $name in
     tests) "${PYTEST[@]}" tests -m gpu >"$log" 2>&1 ;;
-    doctor) python3 -m kindred doctor --json >"$log" 2>&1 ;;
+    doctor) python3 -X faulthandler -m kindred doctor --json >"$log" 2>&1 ;;
     memcheck) compute-sanitizer --tool memcheck --error-exitcode 3 --target-processes all \
       "${PYTEST[@]}" tests -m gpu -k "$arg" >"$log" 2>&1 ;;
     bench) file=${arg%%:*} expr=${arg#*:}

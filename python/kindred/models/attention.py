@@ -31,8 +31,14 @@ except ImportError:  # torch without FlexAttention: SDPA only
     HAVE_FLEX = False
 
 
+# Each packed length and prefill bucket is one static-shape compile; past dynamo's default of 8 per function
+# it silently falls back to the unfused path (the whole score matrix) for the rest of the process.
+FLEX_COMPILES = 64
+
+
 @functools.cache
 def _compiled_flex():
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, FLEX_COMPILES)
     return torch.compile(flex_attention, dynamic=False)
 
 
