@@ -11,7 +11,8 @@ model built in bf16 on the device, its seven projections swapped for bitsandbyte
 quantization, bf16 compute) when bitsandbytes imports, PEFT LoRA, gradient checkpointing, SDPA, AdamW.
 Timing: 2 warm-up steps, then ``KINDRED_E2E_STEPS`` (default 5) steps between ``torch.cuda.synchronize()``
 calls; tokens/s = tokens / time. Memory: ``max_memory_allocated`` over the timed steps, i.e. the whole peak
-(weights, optimizer state and the step), written to ``peak_extra_mib`` as design.md §6 says for this file.
+(weights, optimizer state and the step), written to
+``peak_extra_mib`` (in this file the whole peak, not the extra).
 With ``KINDRED_PROFILE_DIR`` set, one more kindred step per configuration runs under torch.profiler and
 ``$KINDRED_PROFILE_DIR/e2e_profile.txt`` gets the device time per kernel name and per op.
 

@@ -1,4 +1,4 @@
-"""The one registry of benchmark shapes: real model dimensions (design.md §6)."""
+"""The one registry of benchmark shapes: real model dimensions."""
 
 # name -> (hidden, intermediate, vocab)
 MODELS = {

@@ -1,5 +1,5 @@
-"""Chat templates: the exact string each family renders for a multi-turn conversation with a system prompt
-(pipeline-formats.md §5), the trainable segments (assistant content + end-of-turn token, nothing else), and
+"""Chat templates: the exact string each family renders for a multi-turn conversation with a system prompt,
+the trainable segments (assistant content + end-of-turn token, nothing else), and
 the family-specific rules: Qwen3's <think> handling, Llama's pinned date, NeMo's system prompt placement."""
 
 import pytest

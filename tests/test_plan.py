@@ -49,7 +49,7 @@ def test_catalogue_has_every_issue_model_with_all_fields():
 
 
 def test_moe_and_sliding_fields_match_the_configs():
-    # pipeline-formats.md §6: Qwen3-30B-A3B 128 experts top-8; gpt-oss-20b 32 experts top-4, window 128 on
+    # Qwen3-30B-A3B 128 experts top-8; gpt-oss-20b 32 experts top-4, window 128 on
     # alternating layers (24 / 2 = 12); Gemma 3 12B 5 local : 1 global over 48 layers -> 48 - 48 // 6 = 40
     # local.
     assert (get("qwen3-30b-a3b").experts, get("qwen3-30b-a3b").experts_per_token) == (128, 8)
@@ -230,7 +230,7 @@ def test_qwen3_8b_q4_inference_published_figure():
 def test_gemma3_sliding_window_kv_cache():
     gemma = get("gemma-3-12b")
     # per layer per token 2 × 8 × 256 × 2 B = 8,192 B; at 32,768 tokens: 8 global layers × 8,192 × 32,768
-    # + 40 local layers × 8,192 × 1,024 = 2,147,483,648 + 335,544,320 (pipeline-formats.md §7.1: 12.0 -> 2.3
+    # + 40 local layers × 8,192 × 1,024 = 2,147,483,648 + 335,544,320 (12.0 -> 2.3
     # GiB)
     assert memory.kv_cache_bytes(gemma, 32_768) == 2_483_027_968
     assert 48 * 8_192 * 32_768 / GIB == 12.0
@@ -279,7 +279,7 @@ def test_checklist_and_bad_settings():
     assert checks["token budget defined"]["status"] == "fail"
     assert checks["quantized format available"]["status"] == "pass"
     assert checks["kindred trains it"]["status"] == "pass"
-    # seed 004's practical limit: about half the window per example; Qwen3-8B 40,960 -> 20,480 >= p95 5000
+    # the users' practical limit: about half the window per example; Qwen3-8B 40,960 -> 20,480 >= p95 5000
     assert checks["example within the practical context"]["status"] == "pass"
     long = score.checklist(get("phi-4"), score.PlanSettings(seq=10000), gpus.get_gpu("h200"), GIB)
     assert long["example within the practical context"]["status"] == "fail"  # 10000 > 16384 / 2
@@ -389,5 +389,5 @@ def test_cli_data_cost_by_context(capsys, hf_tokenizer_path):
     data = ("--data", str(calibration_path()), "--tokenizer", str(hf_tokenizer_path), "--template", "llama3")
     assert cli.run(_parse("--gpu", "h200", "--model", "qwen3-8b", "--seq", "4096", *data)) == 0
     text = capsys.readouterr().out
-    # seed 004's relative costs (4K = 1× ... 64K = 16×) in hours and dollars at the H200's listed rate
+    # the users' relative costs (4K = 1× ... 64K = 16×) in hours and dollars at the H200's listed rate
     assert "cost by context for your data" in text and "16×" in text and "$" in text

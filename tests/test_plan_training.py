@@ -175,7 +175,7 @@ def test_moe_takes_experts_from_the_catalogue():
 def test_unfused_loss_and_phases(tiny):
     fused = training.trainer_memory(get("gemma-3-12b"), "qlora", 4096, 1)
     unfused = training.trainer_memory(get("gemma-3-12b"), "qlora", 4096, 1, fused_loss=False)
-    # seed 004: 4096 tokens × 262,208 vocab; an unfused loss holds bf16 logits, their fp32 copy and gradient
+    # 4096 tokens × 262,208 vocab; an unfused loss holds bf16 logits, their fp32 copy and gradient
     assert unfused.total - fused.total == 4096 * 262_208 * 10
     # a tiny model on a long row: FlexAttention's [T, T] mask (10 B per pair) is the largest phase
     long = training.trainer_memory(dataclasses.replace(tiny, context=8192), "qlora", 4096, 1, 8)

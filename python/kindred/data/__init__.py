@@ -9,7 +9,7 @@
 Pieces: :func:`read_jsonl` (validation with file:line:field errors), :func:`load_tokenizer`
 (tokenizer.json or sentencepiece .model), :func:`get_template` (gemma3, qwen3, llama3, phi4, phi4-mini,
 mistral-nemo, chatml), :func:`tokenize` (labels and counts), :func:`apply_budget`, :func:`pack`,
-:func:`plan_conversation` (seed 004's planner), :func:`token_report` (what ``kindred plan --data`` reads).
+:func:`plan_conversation` (conversation lengths), :func:`token_report` (what ``kindred plan --data`` reads).
 Names are imported from their modules on first use (``kindred tokens --help`` imports no torch).
 """
 
