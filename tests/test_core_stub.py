@@ -18,5 +18,7 @@ def test_stub_lists_every_public_name_of_the_core():
     defined = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
     public = {n for n in dir(_core) if not n.startswith("_")}
     cuda_only = set() if _core.cuda_compiled() else {"cuda_load_info"}  # bound only in a CUDA build
-    assert set(listed) - cuda_only == public, "regenerate python/kindred/_core.pyi: pybind11-stubgen kindred._core"
+    assert set(listed) - cuda_only == public, (
+        "regenerate python/kindred/_core.pyi: pybind11-stubgen kindred._core"
+    )
     assert {n for n in public if callable(getattr(_core, n))} <= defined
