@@ -1,4 +1,5 @@
-"""DecoderLM: one compact decoder for Llama 3.x, Mistral / NeMo, Qwen3, Phi-3 / Phi-4 and Gemma 3 text.
+"""DecoderLM: one compact decoder for Llama 3.x, Mistral / NeMo, Qwen3, Phi-3 / Phi-4, Gemma 3 text and
+Qwen3 MoE (its routed-experts MLP in ``moe.py``).
 
 Module names follow transformers' (``model.layers.N.self_attn.q_proj``, ``mlp.gate_proj``, ``lm_head``), so
 state dicts, PEFT target names and adapters carry over. Phi-3/4's fused ``qkv_proj`` and ``gate_up_proj``
@@ -20,6 +21,7 @@ from ..errors import KindredValueError
 from .attention import AttentionContext, attend, document_ids, pick_backend
 from .attention import positions_from_cu_seqlens as _positions
 from .config import SLIDING, DecoderConfig
+from .moe import MoeBlock, router_aux_loss
 from .rope import RotaryEmbedding, apply_rotary
 
 
@@ -124,7 +126,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, g)
         self.self_attn = Attention(c, layer_idx)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, g)
-        self.mlp = MLP(c)
+        self.mlp = MoeBlock(c) if c.moe_layers and c.moe_layers[layer_idx] else MLP(c)
         if g:
             self.pre_feedforward_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, g)
             self.post_feedforward_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, g)
@@ -216,6 +218,11 @@ class DecoderLM(nn.Module):
         ctx = AttentionContext(t, 0, ids.device, doc_ids, backend)
         hidden = self.model(ids, position_ids, ctx)
         return hidden if return_hidden else self.logits(hidden)
+
+    def router_aux_loss(self) -> torch.Tensor:
+        """The MoE load-balancing loss of the last training-mode forward (0 for a dense model); the trainer
+        adds ``config.router_aux_loss_coef`` times it, as transformers does with output_router_logits."""
+        return router_aux_loss(self)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """lm_head(hidden), with the final softcap cap·tanh(x / cap) when the config has one."""

@@ -28,6 +28,7 @@ from ..ops.quant import INT4G_DEFAULT_GROUP, NF4_DEFAULT_BLOCKSIZE, quantize_int
 from ..weights import NF4Weight
 from .config import LINEAR_NAMES, DecoderConfig, load_config
 from .decoder import DecoderLM
+from .moe import ExpertWeight, Router
 
 QUANTS = (None, "nf4", "int4g")
 _BNB_STATE = ".quant_state.bitsandbytes__nf4"
@@ -113,6 +114,10 @@ def from_pretrained(
 
         def fetch(name: str) -> torch.Tensor:
             key, rows = plan[name]
+            if isinstance(key, tuple):  # one expert per row of parts: stacked into [E, out, in]
+                cache.clear()
+                experts = [torch.cat([index.read(k) for k in parts]) for parts in key]
+                return torch.stack(experts).to(device=device, dtype=dtype)
             if rows is None:
                 cache.clear()
                 return index.read(key).to(device=device, dtype=dtype)
@@ -172,6 +177,20 @@ def _materialize(model, names, fetch, fetch_bnb, quant, opts, dtype, device) -> 
             continue
         mod_name, pname = name.rsplit(".", 1)
         module = modules[mod_name]
+        if isinstance(module, ExpertWeight):  # [E, out, in], quantized as E · out rows
+            w = fetch(name)
+            if quant is None:
+                _set(module, "weight", w)
+            else:
+                module.set_quantized(
+                    _quantize(w.reshape(-1, w.shape[-1]).contiguous(), quant, opts, mod_name)
+                )
+            done.add(name)
+            continue
+        if isinstance(module, Router):  # routing runs in float32
+            _set(module, pname, fetch(name).float())
+            done.add(name)
+            continue
         if isinstance(module, nn.Linear) and mod_name.rsplit(".", 1)[-1] in LINEAR_NAMES:
             bias_name = f"{mod_name}.bias"
             bias = fetch(bias_name) if module.bias is not None else None
@@ -288,6 +307,11 @@ def _plan(index: _Index, cfg: DecoderConfig, names: list[str], shapes: dict, pat
             if name in by_name:
                 used.add(by_name[name])  # some tied checkpoints store a copy; the tie wins
             continue
+        if name.endswith(_EXPERT_NAMES):
+            key = _expert_source(name, by_name, index, shapes[name], missing, mismatched, used)
+            if key is not None:
+                plan[name] = (key, None)
+            continue
         key, rows, total = by_name.get(name), None, None
         for fused_suffix, (fused_rows, parts) in fused.items():
             for part, part_rows in parts.items():
@@ -320,6 +344,44 @@ def _plan(index: _Index, cfg: DecoderConfig, names: list[str], shapes: dict, pat
             f"{path}: the checkpoint does not match its {cfg.model_type} config.json — " + "; ".join(problems)
         )
     return plan, bnb
+
+
+_EXPERT_NAMES = (".experts.gate_up_proj.weight", ".experts.down_proj.weight")
+# The per-expert tensors (the hub's layout) that make up each fused projection, concatenated along rows.
+_EXPERT_PARTS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
+
+
+def _expert_source(name, by_name, index, shape, missing, mismatched, used):
+    """Where a layer's [E, out, in] expert projection is: one fused tensor (transformers v5's
+    ``experts.gate_up_proj``) or E · parts per-expert tensors (``experts.7.gate_proj.weight``). Problems go
+    to ``missing`` / ``mismatched`` with the tensor's name and expected shape; None then."""
+    prefix, proj = name[: -len(".weight")].rsplit(".", 1)
+    fused = by_name.get(f"{prefix}.{proj}")
+    if fused is not None:
+        used.add(fused)
+        if index.shapes[fused] != tuple(shape):
+            mismatched.append(f"{fused}: checkpoint {list(index.shapes[fused])} vs model {list(shape)}")
+            return None
+        return fused
+    experts, out, k = shape
+    parts = _EXPERT_PARTS[proj]
+    rows = out // len(parts)
+    keys, ok = [], True
+    for e in range(experts):
+        row = []
+        for part in parts:
+            key = by_name.get(f"{prefix}.{e}.{part}.weight")
+            used.add(key)
+            if key is None:
+                missing.append(f"{prefix}.{e}.{part}.weight {[rows, k]}")
+                ok = False
+            elif index.shapes[key] != (rows, k):
+                mismatched.append(f"{key}: checkpoint {list(index.shapes[key])} vs model {[rows, k]}")
+                ok = False
+            else:
+                row.append(key)
+        keys.append(tuple(row))
+    return tuple(keys) if ok else None
 
 
 def _fused_parts(cfg: DecoderConfig) -> dict[str, tuple[int, dict[str, tuple[int, int]]]]:
