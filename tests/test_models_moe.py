@@ -14,42 +14,18 @@ from kindred.errors import KindredFormatError, KindredValueError
 from kindred.models.moe import ExpertWeight, apply_expert_lora, grouped_mm
 from kindred.nn import apply_lora, save_adapter
 
-from .model_helpers import VOCAB, random_ids
+from .model_helpers import MOE_CONFIGS, VOCAB, hf_model, random_ids
 from .tolerances import REL_ERR, rel_err
 
 transformers = pytest.importorskip("transformers")
 # transformers' own deprecation notices (is_gradient_checkpointing …) are not kindred's concern here.
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
-# Awkward on purpose: head_dim ≠ hidden / heads, GQA, an odd expert count and width, a dense layer between
-# sparse ones (mlp_only_layers), renormalized top-k.
-QWEN3_MOE = dict(
-    model_type="qwen3_moe",
-    vocab_size=VOCAB,
-    hidden_size=64,
-    intermediate_size=96,
-    moe_intermediate_size=40,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=24,
-    num_experts=7,
-    num_experts_per_tok=3,
-    norm_topk_prob=True,
-    mlp_only_layers=[1],
-    rope_theta=1_000_000.0,
-)
+QWEN3_MOE = {"vocab_size": VOCAB, **MOE_CONFIGS["qwen3_moe"]}
 
 
 def hf_moe(seed=0, **overrides):
-    cfg = transformers.AutoConfig.for_model(**{**QWEN3_MOE, **overrides})
-    torch.manual_seed(seed)
-    hf = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="eager")
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.1)
-    return hf.eval()
+    return hf_model("qwen3_moe", seed, **overrides)
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,8 @@
 """DecoderConfig: one description of every supported dense decoder family, read from a HF ``config.json``.
 
 Supported ``model_type`` values: llama (Llama 3.x, SmolLM2), mistral (Mistral, Mistral NeMo), qwen3, phi3
-(Phi-3, Phi-4, Phi-4-mini), gemma3_text (or gemma3, whose ``text_config`` is used) and the mixture-of-experts
-qwen3_moe (Qwen3-30B-A3B, Qwen3-Coder-30B-A3B). Keys a config.json may
+(Phi-3, Phi-4, Phi-4-mini), gemma3_text (or gemma3, whose ``text_config`` is used) and the mixtures of
+experts qwen3_moe (Qwen3-30B-A3B, Qwen3-Coder-30B-A3B) and gpt_oss (gpt-oss-20b). Keys a config.json may
 omit take the defaults of the family's transformers configuration class, so a config written by any
 transformers version (``rope_theta``/``rope_scaling`` of v4 or ``rope_parameters`` of v5) reads the same.
 """
@@ -17,8 +17,8 @@ from typing import Any
 
 from ..errors import KindredValueError
 
-FAMILIES = ("llama", "mistral", "qwen3", "phi3", "gemma3_text", "qwen3_moe")
-MOE_FAMILIES = ("qwen3_moe",)
+FAMILIES = ("llama", "mistral", "qwen3", "phi3", "gemma3_text", "qwen3_moe", "gpt_oss")
+MOE_FAMILIES = ("qwen3_moe", "gpt_oss")
 # The seven projection linears every family exposes (Phi's fused ones are split on load).
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ROPE_TYPES = ("default", "linear", "llama3", "longrope", "yarn")
@@ -52,6 +52,20 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
         "decoder_sparse_step": 1,
         "router_aux_loss_coef": 0.001,
     },
+    "gpt_oss": {
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "rope_theta": 150000.0,
+        "head_dim": 64,
+        "sliding_window": 128,
+        "attention_bias": True,
+        "num_local_experts": 128,
+        "num_experts_per_tok": 4,
+        "decoder_sparse_step": 1,
+        "swiglu_alpha": 1.702,
+        "swiglu_limit": 7.0,
+        "router_aux_loss_coef": 0.001,
+    },
     "phi3": {
         "rms_norm_eps": 1e-5,
         "tie_word_embeddings": False,
@@ -69,6 +83,15 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
         "sliding_window_pattern": 6,
         "hidden_activation": "gelu_pytorch_tanh",
     },
+}
+# transformers' GptOssConfig default when a config names no rope scaling
+_GPT_OSS_ROPE = {
+    "rope_type": "yarn",
+    "factor": 32.0,
+    "beta_fast": 32.0,
+    "beta_slow": 1.0,
+    "truncate": False,
+    "original_max_position_embeddings": 4096,
 }
 
 
@@ -131,6 +154,12 @@ class DecoderConfig:
     moe_layers: tuple[bool, ...] = ()
     norm_topk_prob: bool = False  # Qwen3 MoE: the k routing weights renormalized to sum to 1
     router_aux_loss_coef: float = 0.0
+    # gpt-oss: router and expert biases, softmax over the k largest router logits, SwiGLU with clamped
+    # inputs, (up + 1) and x·σ(alpha·x), gate and up interleaved in gate_up_proj; a learned sink per head.
+    gpt_oss_moe: bool = False
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+    attention_sinks: bool = False
 
     @property
     def is_moe(self) -> bool:
@@ -286,13 +315,25 @@ def _moe(c: dict, model_type: str, layers: int, positive_int, source: str) -> di
         raise KindredValueError(
             f"{source}: mlp_only_layers must list layer indices in [0, {layers}), got {dense!r}"
         )
-    return {
+    fields = {
         "num_experts": experts,
         "experts_per_token": k,
-        "moe_intermediate_size": positive_int("moe_intermediate_size"),
         "moe_layers": tuple(i not in dense and (i + 1) % step == 0 for i in range(layers)),
-        "norm_topk_prob": bool(c.get("norm_topk_prob")),
         "router_aux_loss_coef": float(c.get("router_aux_loss_coef") or 0.0),
+    }
+    if model_type == "gpt_oss":  # every layer routed; intermediate_size is the experts' width
+        return {
+            **fields,
+            "moe_intermediate_size": positive_int("intermediate_size"),
+            "gpt_oss_moe": True,
+            "swiglu_alpha": float(c["swiglu_alpha"]),
+            "swiglu_limit": float(c["swiglu_limit"]),
+            "attention_sinks": True,
+        }
+    return {
+        **fields,
+        "moe_intermediate_size": positive_int("moe_intermediate_size"),
+        "norm_topk_prob": bool(c.get("norm_topk_prob")),
     }
 
 
@@ -304,6 +345,8 @@ def _layer_types(c: dict, model_type: str, layers: int, source: str) -> tuple[in
     types = c.get("layer_types")
     if types is None and model_type == "qwen3_moe":  # one mask for all layers: sliding when configured
         types = [SLIDING if window is not None else FULL] * layers
+    if types is None and model_type == "gpt_oss":  # sliding and full attention alternate
+        types = [SLIDING if (i + 1) % 2 else FULL for i in range(layers)]
     if types is None:
         if model_type == "gemma3_text":
             pattern = int(c.get("sliding_window_pattern") or 6)
@@ -339,6 +382,8 @@ def _ropes(c: dict, model_type: str, source: str) -> tuple[RopeConfig, RopeConfi
         local.setdefault("rope_theta", c["rope_local_base_freq"])
         return _rope(full, c, partial, source), _rope(local, c, partial, source)
     merged = {**(c.get("rope_scaling") or {}), **(params or {})}
+    if model_type == "gpt_oss" and merged.get("rope_type", merged.get("type", "default")) == "default":
+        merged = {**merged, **_GPT_OSS_ROPE}
     merged.setdefault("rope_theta", c["rope_theta"])
     rope = _rope(merged, c, partial, source)
     return rope, rope

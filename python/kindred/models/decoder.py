@@ -1,5 +1,5 @@
-"""DecoderLM: one compact decoder for Llama 3.x, Mistral / NeMo, Qwen3, Phi-3 / Phi-4, Gemma 3 text and
-Qwen3 MoE (its routed-experts MLP in ``moe.py``).
+"""DecoderLM: one compact decoder for Llama 3.x, Mistral / NeMo, Qwen3, Phi-3 / Phi-4, Gemma 3 text, Qwen3
+MoE and gpt-oss (their routed-experts MLP in ``moe.py``).
 
 Module names follow transformers' (``model.layers.N.self_attn.q_proj``, ``mlp.gate_proj``, ``lm_head``), so
 state dicts, PEFT target names and adapters carry over. Phi-3/4's fused ``qkv_proj`` and ``gate_up_proj``
@@ -7,7 +7,8 @@ are split into q/k/v_proj and gate/up_proj at load time: every family exposes th
 
 Family differences, all read from the DecoderConfig: q/k RMSNorm per head (Qwen3, Gemma 3); Gemma's
 (1 + w) norms in float32, four per layer, √d embedding scale, query_pre_attn_scalar, local rope base and
-sliding-window layers; partial rotary (Phi-4-mini); final logit softcapping when configured.
+sliding-window layers; partial rotary (Phi-4-mini); final logit softcapping when configured; attention
+sinks (gpt-oss).
 """
 
 from __future__ import annotations
@@ -83,6 +84,8 @@ class Attention(nn.Module):
         if c.qk_norm:
             self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, c.gemma_norm)
             self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, c.gemma_norm)
+        # gpt-oss: a learned logit per head that joins every softmax and takes probability, not a value
+        self.sinks = nn.Parameter(torch.zeros(c.num_heads)) if c.attention_sinks else None
 
     def forward(self, x, rope, ctx: AttentionContext, cache: KVCache | None = None) -> torch.Tensor:
         b, t, _ = x.shape
@@ -96,7 +99,7 @@ class Attention(nn.Module):
         v = v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        out = attend(q, k, v, ctx, self.window, self.scale)
+        out = attend(q, k, v, ctx, self.window, self.scale, self.sinks)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
 

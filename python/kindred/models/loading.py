@@ -13,6 +13,7 @@ a frozen base; call ``model.requires_grad_(True)`` for full fine-tuning of a den
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -23,6 +24,7 @@ from torch import nn
 
 from ..errors import KindredFormatError, KindredValueError
 from ..formats.bnb import nf4_from_bnb
+from ..formats.mxfp4 import MXFP4_BLOCK, dequantize_mxfp4, mxfp4_shape
 from ..nn.linear4bit import Linear4bit
 from ..ops.quant import INT4G_DEFAULT_GROUP, NF4_DEFAULT_BLOCKSIZE, quantize_int4g, quantize_nf4
 from ..weights import NF4Weight
@@ -114,10 +116,9 @@ def from_pretrained(
 
         def fetch(name: str) -> torch.Tensor:
             key, rows = plan[name]
-            if isinstance(key, tuple):  # one expert per row of parts: stacked into [E, out, in]
+            if isinstance(key, _Experts):  # one layer's experts, [E, out, in]
                 cache.clear()
-                experts = [torch.cat([index.read(k) for k in parts]) for parts in key]
-                return torch.stack(experts).to(device=device, dtype=dtype)
+                return key.read(index).to(device=device, dtype=dtype)
             if rows is None:
                 cache.clear()
                 return index.read(key).to(device=device, dtype=dtype)
@@ -308,7 +309,8 @@ def _plan(index: _Index, cfg: DecoderConfig, names: list[str], shapes: dict, pat
                 used.add(by_name[name])  # some tied checkpoints store a copy; the tie wins
             continue
         if name.endswith(_EXPERT_NAMES):
-            key = _expert_source(name, by_name, index, shapes[name], missing, mismatched, used)
+            problems = (missing, mismatched, used)
+            key = _expert_source(name, by_name, index, shapes[name], cfg.gpt_oss_moe, problems)
             if key is not None:
                 plan[name] = (key, None)
             continue
@@ -351,19 +353,58 @@ _EXPERT_NAMES = (".experts.gate_up_proj.weight", ".experts.down_proj.weight")
 _EXPERT_PARTS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
 
 
-def _expert_source(name, by_name, index, shape, missing, mismatched, used):
-    """Where a layer's [E, out, in] expert projection is: one fused tensor (transformers v5's
-    ``experts.gate_up_proj``) or E · parts per-expert tensors (``experts.7.gate_proj.weight``). Problems go
-    to ``missing`` / ``mismatched`` with the tensor's name and expected shape; None then."""
+@dataclasses.dataclass(frozen=True)
+class _Experts:
+    """Where a layer's [E, out, in] expert projection is stored: "fused" (one [E, out, in] tensor,
+    transformers v5's Qwen3 MoE), "transposed" (one [E, in, out], gpt-oss in bf16), "mxfp4" (gpt-oss'
+    blocks and scales of [E, out, in]) or "stack" (keys[e] the per-expert parts, the hub's Qwen3 MoE)."""
+
+    kind: str
+    keys: tuple
+
+    def read(self, index: _Index) -> torch.Tensor:
+        if self.kind == "stack":
+            return torch.stack([torch.cat([index.read(k) for k in parts]) for parts in self.keys])
+        if self.kind == "mxfp4":
+            return dequantize_mxfp4(index.read(self.keys[0]), index.read(self.keys[1]), name=self.keys[2])
+        w = index.read(self.keys[0])
+        return w.transpose(1, 2) if self.kind == "transposed" else w
+
+
+def _expert_source(name, by_name, index, shape, transposed, problems) -> _Experts | None:
+    """The _Experts of parameter ``name`` (shape [E, out, in]); what is missing or mis-shaped goes to
+    ``problems`` ("missing", "mismatched", "used" lists) with the tensor's name and expected shape."""
+    missing, mismatched, used = problems
     prefix, proj = name[: -len(".weight")].rsplit(".", 1)
-    fused = by_name.get(f"{prefix}.{proj}")
+    base = f"{prefix}.{proj}"
+    experts, out, k = shape
+    if f"{base}_blocks" in by_name or f"{base}_scales" in by_name:
+        blocks, scales = by_name.get(f"{base}_blocks"), by_name.get(f"{base}_scales")
+        used.update(key for key in (blocks, scales) if key is not None)
+        expected = [experts, out, k // MXFP4_BLOCK]
+        if blocks is None or scales is None:
+            part = "blocks" if blocks is None else "scales"
+            missing.append(f"{base}_{part} {[*expected, MXFP4_BLOCK // 2] if blocks is None else expected}")
+            return None
+        try:
+            got = mxfp4_shape(index.shapes[blocks], index.shapes[scales], blocks[: -len("_blocks")])
+        except KindredFormatError as e:
+            mismatched.append(str(e))
+            return None
+        if got != tuple(shape):
+            mismatched.append(
+                f"{blocks}: checkpoint {list(index.shapes[blocks])} vs model {[*expected, MXFP4_BLOCK // 2]}"
+            )
+            return None
+        return _Experts("mxfp4", (blocks, scales, base))
+    fused = by_name.get(base)
     if fused is not None:
         used.add(fused)
-        if index.shapes[fused] != tuple(shape):
-            mismatched.append(f"{fused}: checkpoint {list(index.shapes[fused])} vs model {list(shape)}")
+        want = (experts, k, out) if transposed else tuple(shape)
+        if index.shapes[fused] != want:
+            mismatched.append(f"{fused}: checkpoint {list(index.shapes[fused])} vs model {list(want)}")
             return None
-        return fused
-    experts, out, k = shape
+        return _Experts("transposed" if transposed else "fused", (fused,))
     parts = _EXPERT_PARTS[proj]
     rows = out // len(parts)
     keys, ok = [], True
@@ -371,17 +412,17 @@ def _expert_source(name, by_name, index, shape, missing, mismatched, used):
         row = []
         for part in parts:
             key = by_name.get(f"{prefix}.{e}.{part}.weight")
-            used.add(key)
             if key is None:
                 missing.append(f"{prefix}.{e}.{part}.weight {[rows, k]}")
                 ok = False
-            elif index.shapes[key] != (rows, k):
+                continue
+            used.add(key)
+            if index.shapes[key] != (rows, k):
                 mismatched.append(f"{key}: checkpoint {list(index.shapes[key])} vs model {[rows, k]}")
                 ok = False
-            else:
-                row.append(key)
+            row.append(key)
         keys.append(tuple(row))
-    return tuple(keys) if ok else None
+    return _Experts("stack", tuple(keys)) if ok else None
 
 
 def _fused_parts(cfg: DecoderConfig) -> dict[str, tuple[int, dict[str, tuple[int, int]]]]:

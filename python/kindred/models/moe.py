@@ -1,11 +1,12 @@
 """Routed experts: a float32 top-k router, tokens grouped per expert, and one grouped GEMM per projection.
 
-Layout follows transformers v5 (``mlp.gate.weight`` [E, H], ``mlp.experts.gate_up_proj`` [E, 2I, H] and
-``mlp.experts.down_proj`` [E, H, I], each [experts, out, in]). A layer's expert weights are frozen, held
-dense or 4-bit (one NF4 / INT4g tensor of [E · out, in] rows per projection); for a forward or a dX they
-are dequantized into one workspace shared by all layers and multiplied by the token groups in one
-grouped GEMM (``torch._grouped_mm`` on CUDA for bf16, a loop of GEMMs over the groups elsewhere). Only the
-4-bit weights are kept for the backward pass, never the dense workspace.
+Names follow transformers v5: ``mlp.gate`` (Qwen3 MoE) or ``mlp.router`` (gpt-oss),
+``mlp.experts.gate_up_proj`` and ``mlp.experts.down_proj``; kindred holds both projections as
+[experts, out, in] ([E, 2I, H], [E, H, I]). A layer's expert weights are frozen, held dense or 4-bit (one
+NF4 / INT4g tensor of [E · out, in] rows per projection); for a forward or a dX they are dequantized into
+one workspace shared by all layers and multiplied by the token groups in one grouped GEMM
+(``torch._grouped_mm`` on CUDA for bf16, a loop of GEMMs over the groups elsewhere). Only the 4-bit weights
+are kept for the backward pass, never the workspace.
 
 LoRA on the experts (:func:`apply_expert_lora`) follows PEFT's ``target_parameters`` adapters of the same
 3-D parameters: per expert, ΔW_e = B_e A_e · scaling.
@@ -174,16 +175,31 @@ class ExpertLora(nn.Module):
 
 
 class Experts(nn.Module):
-    """The experts of one layer: SiLU-gated MLPs on the tokens routed to each, weighted and summed."""
+    """The experts of one layer: gated MLPs on the tokens routed to each, weighted and summed.
+
+    Qwen3 MoE: silu(gate) · up with gate_up_proj = [gate; up]. gpt-oss: biases, gate and up interleaved
+    (rows 2j and 2j + 1), (clamp(up, ±limit) + 1) · g · σ(alpha · g) with g = min(gate, limit).
+    """
 
     def __init__(self, config: DecoderConfig):
         super().__init__()
         c = config
         e, i, h = c.num_experts, c.moe_intermediate_size, c.hidden_size
         self.num_experts, self.intermediate = e, i
+        self.gpt_oss, self.alpha, self.limit = c.gpt_oss_moe, c.swiglu_alpha, c.swiglu_limit
         self.gate_up_proj = ExpertWeight(torch.empty(e, 2 * i, h), e)
         self.down_proj = ExpertWeight(torch.empty(e, h, i), e)
+        if self.gpt_oss:
+            self.gate_up_proj_bias = nn.Parameter(torch.zeros(e, 2 * i), requires_grad=False)
+            self.down_proj_bias = nn.Parameter(torch.zeros(e, h), requires_grad=False)
         self.lora = nn.ModuleDict()  # projection name -> ExpertLora (apply_expert_lora)
+
+    def _act(self, h: torch.Tensor) -> torch.Tensor:
+        if not self.gpt_oss:
+            gate, up = h.split(self.intermediate, dim=-1)
+            return F.silu(gate) * up
+        gate, up = h[..., ::2].clamp(max=self.limit), h[..., 1::2].clamp(-self.limit, self.limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
 
     def peft_parameter_adapters(self) -> dict[str, tuple]:
         """This layer's expert LoRA as PEFT saves ``target_parameters`` adapters: {module path relative to
@@ -214,24 +230,35 @@ class Experts(nn.Module):
         token = order // k
         offsets = torch.bincount(flat, minlength=self.num_experts).cumsum(0).to(torch.int32)
         xs = x[token]
-        gate, up = self._linear("gate_up_proj", xs, offsets).split(self.intermediate, dim=-1)
-        ys = self._linear("down_proj", F.silu(gate) * up, offsets)
+        h = self._linear("gate_up_proj", xs, offsets)
+        if self.gpt_oss:
+            rows = flat[order]  # the expert of each grouped row
+            h = h + self.gate_up_proj_bias[rows].to(h.dtype)
+        ys = self._linear("down_proj", self._act(h), offsets)
+        if self.gpt_oss:
+            ys = ys + self.down_proj_bias[rows].to(ys.dtype)
         ys = ys * weights.reshape(-1)[order, None]
         return torch.zeros_like(x).index_add_(0, token, ys)
 
 
 class Router(nn.Module):
-    """Top-k of softmax(x Wᵀ) in float32 (renormalized over the k with norm_topk_prob)."""
+    """Routing in float32. Qwen3 MoE: top-k of softmax(x Wᵀ), renormalized over the k with norm_topk_prob;
+    gpt-oss: softmax over the k largest of x Wᵀ + b."""
 
     def __init__(self, config: DecoderConfig):
         super().__init__()
         self.top_k, self.norm_topk_prob = config.experts_per_token, config.norm_topk_prob
         self.weight = nn.Parameter(torch.zeros(config.num_experts, config.hidden_size))
+        self.bias = nn.Parameter(torch.zeros(config.num_experts)) if config.gpt_oss_moe else None
 
     def forward(self, x: torch.Tensor):
         """(routing weights [T, k] in x's dtype, expert ids [T, k], probabilities f32 [T, E])."""
-        logits = F.linear(x.float(), self.weight.float())
+        bias = None if self.bias is None else self.bias.float()
+        logits = F.linear(x.float(), self.weight.float(), bias)
         probs = logits.softmax(-1)
+        if self.bias is not None:
+            top, ids = logits.topk(self.top_k, dim=-1)
+            return top.softmax(-1).to(x.dtype), ids, probs
         top, ids = probs.topk(self.top_k, dim=-1)
         if self.norm_topk_prob:
             top = top / top.sum(-1, keepdim=True)
@@ -244,14 +271,15 @@ class MoeBlock(nn.Module):
 
     def __init__(self, config: DecoderConfig):
         super().__init__()
-        self.gate = Router(config)
+        self.router_name = "router" if config.gpt_oss_moe else "gate"  # transformers' module names
+        self.add_module(self.router_name, Router(config))
         self.experts = Experts(config)
         self.stats: tuple[torch.Tensor, torch.Tensor, int] | None = None
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         shape = h.shape
         x = h.reshape(-1, shape[-1])
-        weights, ids, probs = self.gate(x)
+        weights, ids, probs = getattr(self, self.router_name)(x)
         if self.training and torch.is_grad_enabled():
             counts = torch.zeros(probs.shape[1], device=x.device).index_add_(
                 0, ids.reshape(-1), torch.ones(ids.numel(), device=x.device)
