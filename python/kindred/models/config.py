@@ -1,7 +1,8 @@
 """DecoderConfig: one description of every supported dense decoder family, read from a HF ``config.json``.
 
 Supported ``model_type`` values: llama (Llama 3.x, SmolLM2), mistral (Mistral, Mistral NeMo), qwen3, phi3
-(Phi-3, Phi-4, Phi-4-mini) and gemma3_text (or gemma3, whose ``text_config`` is used). Keys a config.json may
+(Phi-3, Phi-4, Phi-4-mini), gemma3_text (or gemma3, whose ``text_config`` is used) and the mixtures of
+experts qwen3_moe (Qwen3-30B-A3B, Qwen3-Coder-30B-A3B) and gpt_oss (gpt-oss-20b). Keys a config.json may
 omit take the defaults of the family's transformers configuration class, so a config written by any
 transformers version (``rope_theta``/``rope_scaling`` of v4 or ``rope_parameters`` of v5) reads the same.
 """
@@ -16,7 +17,8 @@ from typing import Any
 
 from ..errors import KindredValueError
 
-FAMILIES = ("llama", "mistral", "qwen3", "phi3", "gemma3_text")
+FAMILIES = ("llama", "mistral", "qwen3", "phi3", "gemma3_text", "qwen3_moe", "gpt_oss")
+MOE_FAMILIES = ("qwen3_moe", "gpt_oss")
 # The seven projection linears every family exposes (Phi's fused ones are split on load).
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ROPE_TYPES = ("default", "linear", "llama3", "longrope", "yarn")
@@ -38,6 +40,32 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
         "sliding_window": 4096,
     },
     "qwen3": {"rms_norm_eps": 1e-6, "tie_word_embeddings": False, "rope_theta": 10000.0, "head_dim": 128},
+    "qwen3_moe": {
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+        "rope_theta": 10000.0,
+        "intermediate_size": 6144,
+        "moe_intermediate_size": 768,
+        "num_experts": 128,
+        "num_experts_per_tok": 8,
+        "norm_topk_prob": False,
+        "decoder_sparse_step": 1,
+        "router_aux_loss_coef": 0.001,
+    },
+    "gpt_oss": {
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "rope_theta": 150000.0,
+        "head_dim": 64,
+        "sliding_window": 128,
+        "attention_bias": True,
+        "num_local_experts": 128,
+        "num_experts_per_tok": 4,
+        "decoder_sparse_step": 1,
+        "swiglu_alpha": 1.702,
+        "swiglu_limit": 7.0,
+        "router_aux_loss_coef": 0.001,
+    },
     "phi3": {
         "rms_norm_eps": 1e-5,
         "tie_word_embeddings": False,
@@ -55,6 +83,15 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
         "sliding_window_pattern": 6,
         "hidden_activation": "gelu_pytorch_tanh",
     },
+}
+# transformers' GptOssConfig default when a config names no rope scaling
+_GPT_OSS_ROPE = {
+    "rope_type": "yarn",
+    "factor": 32.0,
+    "beta_fast": 32.0,
+    "beta_slow": 1.0,
+    "truncate": False,
+    "original_max_position_embeddings": 4096,
 }
 
 
@@ -110,6 +147,23 @@ class DecoderConfig:
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
+    # Mixture of experts (0 experts: dense). moe_layers[i]: layer i's MLP is a routed block of experts.
+    num_experts: int = 0
+    experts_per_token: int = 0
+    moe_intermediate_size: int = 0
+    moe_layers: tuple[bool, ...] = ()
+    norm_topk_prob: bool = False  # Qwen3 MoE: the k routing weights renormalized to sum to 1
+    router_aux_loss_coef: float = 0.0
+    # gpt-oss: router and expert biases, softmax over the k largest router logits, SwiGLU with clamped
+    # inputs, (up + 1) and x·σ(alpha·x), gate and up interleaved in gate_up_proj; a learned sink per head.
+    gpt_oss_moe: bool = False
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+    attention_sinks: bool = False
+
+    @property
+    def is_moe(self) -> bool:
+        return any(self.moe_layers)
 
     @property
     def attn_scale(self) -> float:
@@ -208,6 +262,7 @@ def _parse(cfg: dict[str, Any], source: str) -> DecoderConfig:
         raise KindredValueError(f"{source}: partial_rotary_factor gives an odd number of rotary dimensions")
     max_pos = c.get("max_position_embeddings") or 131072
     softcap = c.get("final_logit_softcapping")
+    moe = _moe(c, model_type, layers, positive_int, source)
     return DecoderConfig(
         model_type=model_type,
         vocab_size=positive_int("vocab_size"),
@@ -227,7 +282,7 @@ def _parse(cfg: dict[str, Any], source: str) -> DecoderConfig:
         sliding_window=window,
         attention_bias=bool(c.get("attention_bias", False)),
         mlp_bias=bool(c.get("mlp_bias", False)),
-        qk_norm=model_type in ("qwen3", "gemma3_text"),
+        qk_norm=model_type in ("qwen3", "gemma3_text", "qwen3_moe"),
         gemma_norm=gemma,
         embed_scale=math.sqrt(hidden) if gemma else None,
         query_pre_attn_scalar=float(c["query_pre_attn_scalar"]) if gemma else None,
@@ -238,15 +293,60 @@ def _parse(cfg: dict[str, Any], source: str) -> DecoderConfig:
         if isinstance(c.get("eos_token_id"), list)
         else c.get("eos_token_id"),
         pad_token_id=c.get("pad_token_id"),
+        **moe,
     )
+
+
+def _moe(c: dict, model_type: str, layers: int, positive_int, source: str) -> dict[str, Any]:
+    """The routed-experts fields of a MoE family (Qwen3 MoE: every decoder_sparse_step-th layer not listed
+    in mlp_only_layers), checked against each other."""
+    if model_type not in MOE_FAMILIES:
+        return {}
+    # transformers v5 writes num_local_experts, the hub's configs num_experts
+    named = "num_local_experts" if c.get("num_local_experts") is not None else "num_experts"
+    experts, k = positive_int(named), positive_int("num_experts_per_tok")
+    if k > experts:
+        raise KindredValueError(
+            f"{source}: num_experts_per_tok ({k}) must not exceed num_experts ({experts})"
+        )
+    step = positive_int("decoder_sparse_step")
+    dense = c.get("mlp_only_layers") or []
+    if not isinstance(dense, list) or any(not isinstance(i, int) or not 0 <= i < layers for i in dense):
+        raise KindredValueError(
+            f"{source}: mlp_only_layers must list layer indices in [0, {layers}), got {dense!r}"
+        )
+    fields = {
+        "num_experts": experts,
+        "experts_per_token": k,
+        "moe_layers": tuple(i not in dense and (i + 1) % step == 0 for i in range(layers)),
+        "router_aux_loss_coef": float(c.get("router_aux_loss_coef") or 0.0),
+    }
+    if model_type == "gpt_oss":  # every layer routed; intermediate_size is the experts' width
+        return {
+            **fields,
+            "moe_intermediate_size": positive_int("intermediate_size"),
+            "gpt_oss_moe": True,
+            "swiglu_alpha": float(c["swiglu_alpha"]),
+            "swiglu_limit": float(c["swiglu_limit"]),
+            "attention_sinks": True,
+        }
+    return {
+        **fields,
+        "moe_intermediate_size": positive_int("moe_intermediate_size"),
+        "norm_topk_prob": bool(c.get("norm_topk_prob")),
+    }
 
 
 def _layer_types(c: dict, model_type: str, layers: int, source: str) -> tuple[int | None, tuple[str, ...]]:
     """The sliding window and each layer's attention kind, as the family's transformers model decides them."""
     window = c.get("sliding_window")
-    if model_type == "qwen3" and not c.get("use_sliding_window", False):
+    if model_type in ("qwen3", "qwen3_moe") and not c.get("use_sliding_window", False):
         window = None
     types = c.get("layer_types")
+    if types is None and model_type == "qwen3_moe":  # one mask for all layers: sliding when configured
+        types = [SLIDING if window is not None else FULL] * layers
+    if types is None and model_type == "gpt_oss":  # sliding and full attention alternate
+        types = [SLIDING if (i + 1) % 2 else FULL for i in range(layers)]
     if types is None:
         if model_type == "gemma3_text":
             pattern = int(c.get("sliding_window_pattern") or 6)
@@ -282,6 +382,8 @@ def _ropes(c: dict, model_type: str, source: str) -> tuple[RopeConfig, RopeConfi
         local.setdefault("rope_theta", c["rope_local_base_freq"])
         return _rope(full, c, partial, source), _rope(local, c, partial, source)
     merged = {**(c.get("rope_scaling") or {}), **(params or {})}
+    if model_type == "gpt_oss" and merged.get("rope_type", merged.get("type", "default")) == "default":
+        merged = {**merged, **_GPT_OSS_ROPE}
     merged.setdefault("rope_theta", c["rope_theta"])
     rope = _rope(merged, c, partial, source)
     return rope, rope

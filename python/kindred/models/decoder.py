@@ -1,4 +1,5 @@
-"""DecoderLM: one compact decoder for Llama 3.x, Mistral / NeMo, Qwen3, Phi-3 / Phi-4 and Gemma 3 text.
+"""DecoderLM: one compact decoder for Llama 3.x, Mistral / NeMo, Qwen3, Phi-3 / Phi-4, Gemma 3 text, Qwen3
+MoE and gpt-oss (their routed-experts MLP in ``moe.py``).
 
 Module names follow transformers' (``model.layers.N.self_attn.q_proj``, ``mlp.gate_proj``, ``lm_head``), so
 state dicts, PEFT target names and adapters carry over. Phi-3/4's fused ``qkv_proj`` and ``gate_up_proj``
@@ -6,7 +7,8 @@ are split into q/k/v_proj and gate/up_proj at load time: every family exposes th
 
 Family differences, all read from the DecoderConfig: q/k RMSNorm per head (Qwen3, Gemma 3); Gemma's
 (1 + w) norms in float32, four per layer, √d embedding scale, query_pre_attn_scalar, local rope base and
-sliding-window layers; partial rotary (Phi-4-mini); final logit softcapping when configured.
+sliding-window layers; partial rotary (Phi-4-mini); final logit softcapping when configured; attention
+sinks (gpt-oss).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from ..errors import KindredValueError
 from .attention import AttentionContext, attend, document_ids, pick_backend
 from .attention import positions_from_cu_seqlens as _positions
 from .config import SLIDING, DecoderConfig
+from .moe import MoeBlock, router_aux_loss
 from .rope import RotaryEmbedding, apply_rotary
 
 
@@ -81,6 +84,8 @@ class Attention(nn.Module):
         if c.qk_norm:
             self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, c.gemma_norm)
             self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, c.gemma_norm)
+        # gpt-oss: a learned logit per head that joins every softmax and takes probability, not a value
+        self.sinks = nn.Parameter(torch.zeros(c.num_heads)) if c.attention_sinks else None
 
     def forward(self, x, rope, ctx: AttentionContext, cache: KVCache | None = None) -> torch.Tensor:
         b, t, _ = x.shape
@@ -94,7 +99,7 @@ class Attention(nn.Module):
         v = v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        out = attend(q, k, v, ctx, self.window, self.scale)
+        out = attend(q, k, v, ctx, self.window, self.scale, self.sinks)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
 
@@ -124,7 +129,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, g)
         self.self_attn = Attention(c, layer_idx)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, g)
-        self.mlp = MLP(c)
+        self.mlp = MoeBlock(c) if c.moe_layers and c.moe_layers[layer_idx] else MLP(c)
         if g:
             self.pre_feedforward_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, g)
             self.post_feedforward_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, g)
@@ -216,6 +221,11 @@ class DecoderLM(nn.Module):
         ctx = AttentionContext(t, 0, ids.device, doc_ids, backend)
         hidden = self.model(ids, position_ids, ctx)
         return hidden if return_hidden else self.logits(hidden)
+
+    def router_aux_loss(self) -> torch.Tensor:
+        """The MoE load-balancing loss of the last training-mode forward (0 for a dense model); the trainer
+        adds ``config.router_aux_loss_coef`` times it, as transformers does with output_router_logits."""
+        return router_aux_loss(self)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """lm_head(hidden), with the final softcap cap·tanh(x / cap) when the config has one."""

@@ -13,6 +13,7 @@ a frozen base; call ``model.requires_grad_(True)`` for full fine-tuning of a den
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -23,11 +24,13 @@ from torch import nn
 
 from ..errors import KindredFormatError, KindredValueError
 from ..formats.bnb import nf4_from_bnb
+from ..formats.mxfp4 import MXFP4_BLOCK, dequantize_mxfp4, mxfp4_shape
 from ..nn.linear4bit import Linear4bit
 from ..ops.quant import INT4G_DEFAULT_GROUP, NF4_DEFAULT_BLOCKSIZE, quantize_int4g, quantize_nf4
 from ..weights import NF4Weight
 from .config import LINEAR_NAMES, DecoderConfig, load_config
 from .decoder import DecoderLM
+from .moe import ExpertWeight, Router
 
 QUANTS = (None, "nf4", "int4g")
 _BNB_STATE = ".quant_state.bitsandbytes__nf4"
@@ -113,6 +116,9 @@ def from_pretrained(
 
         def fetch(name: str) -> torch.Tensor:
             key, rows = plan[name]
+            if isinstance(key, _Experts):  # one layer's experts, [E, out, in]
+                cache.clear()
+                return key.read(index).to(device=device, dtype=dtype)
             if rows is None:
                 cache.clear()
                 return index.read(key).to(device=device, dtype=dtype)
@@ -172,6 +178,20 @@ def _materialize(model, names, fetch, fetch_bnb, quant, opts, dtype, device) -> 
             continue
         mod_name, pname = name.rsplit(".", 1)
         module = modules[mod_name]
+        if isinstance(module, ExpertWeight):  # [E, out, in], quantized as E · out rows
+            w = fetch(name)
+            if quant is None:
+                _set(module, "weight", w)
+            else:
+                module.set_quantized(
+                    _quantize(w.reshape(-1, w.shape[-1]).contiguous(), quant, opts, mod_name)
+                )
+            done.add(name)
+            continue
+        if isinstance(module, Router):  # routing runs in float32
+            _set(module, pname, fetch(name).float())
+            done.add(name)
+            continue
         if isinstance(module, nn.Linear) and mod_name.rsplit(".", 1)[-1] in LINEAR_NAMES:
             bias_name = f"{mod_name}.bias"
             bias = fetch(bias_name) if module.bias is not None else None
@@ -288,6 +308,12 @@ def _plan(index: _Index, cfg: DecoderConfig, names: list[str], shapes: dict, pat
             if name in by_name:
                 used.add(by_name[name])  # some tied checkpoints store a copy; the tie wins
             continue
+        if name.endswith(_EXPERT_NAMES):
+            problems = (missing, mismatched, used)
+            key = _expert_source(name, by_name, index, shapes[name], cfg.gpt_oss_moe, problems)
+            if key is not None:
+                plan[name] = (key, None)
+            continue
         key, rows, total = by_name.get(name), None, None
         for fused_suffix, (fused_rows, parts) in fused.items():
             for part, part_rows in parts.items():
@@ -320,6 +346,83 @@ def _plan(index: _Index, cfg: DecoderConfig, names: list[str], shapes: dict, pat
             f"{path}: the checkpoint does not match its {cfg.model_type} config.json — " + "; ".join(problems)
         )
     return plan, bnb
+
+
+_EXPERT_NAMES = (".experts.gate_up_proj.weight", ".experts.down_proj.weight")
+# The per-expert tensors (the hub's layout) that make up each fused projection, concatenated along rows.
+_EXPERT_PARTS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Experts:
+    """Where a layer's [E, out, in] expert projection is stored: "fused" (one [E, out, in] tensor,
+    transformers v5's Qwen3 MoE), "transposed" (one [E, in, out], gpt-oss in bf16), "mxfp4" (gpt-oss'
+    blocks and scales of [E, out, in]) or "stack" (keys[e] the per-expert parts, the hub's Qwen3 MoE)."""
+
+    kind: str
+    keys: tuple
+
+    def read(self, index: _Index) -> torch.Tensor:
+        if self.kind == "stack":
+            return torch.stack([torch.cat([index.read(k) for k in parts]) for parts in self.keys])
+        if self.kind == "mxfp4":
+            return dequantize_mxfp4(index.read(self.keys[0]), index.read(self.keys[1]), name=self.keys[2])
+        w = index.read(self.keys[0])
+        return w.transpose(1, 2) if self.kind == "transposed" else w
+
+
+def _expert_source(name, by_name, index, shape, transposed, problems) -> _Experts | None:
+    """The _Experts of parameter ``name`` (shape [E, out, in]); what is missing or mis-shaped goes to
+    ``problems`` ("missing", "mismatched", "used" lists) with the tensor's name and expected shape."""
+    missing, mismatched, used = problems
+    prefix, proj = name[: -len(".weight")].rsplit(".", 1)
+    base = f"{prefix}.{proj}"
+    experts, out, k = shape
+    if f"{base}_blocks" in by_name or f"{base}_scales" in by_name:
+        blocks, scales = by_name.get(f"{base}_blocks"), by_name.get(f"{base}_scales")
+        used.update(key for key in (blocks, scales) if key is not None)
+        expected = [experts, out, k // MXFP4_BLOCK]
+        if blocks is None or scales is None:
+            part = "blocks" if blocks is None else "scales"
+            missing.append(f"{base}_{part} {[*expected, MXFP4_BLOCK // 2] if blocks is None else expected}")
+            return None
+        try:
+            got = mxfp4_shape(index.shapes[blocks], index.shapes[scales], blocks[: -len("_blocks")])
+        except KindredFormatError as e:
+            mismatched.append(str(e))
+            return None
+        if got != tuple(shape):
+            mismatched.append(
+                f"{blocks}: checkpoint {list(index.shapes[blocks])} vs model {[*expected, MXFP4_BLOCK // 2]}"
+            )
+            return None
+        return _Experts("mxfp4", (blocks, scales, base))
+    fused = by_name.get(base)
+    if fused is not None:
+        used.add(fused)
+        want = (experts, k, out) if transposed else tuple(shape)
+        if index.shapes[fused] != want:
+            mismatched.append(f"{fused}: checkpoint {list(index.shapes[fused])} vs model {list(want)}")
+            return None
+        return _Experts("transposed" if transposed else "fused", (fused,))
+    parts = _EXPERT_PARTS[proj]
+    rows = out // len(parts)
+    keys, ok = [], True
+    for e in range(experts):
+        row = []
+        for part in parts:
+            key = by_name.get(f"{prefix}.{e}.{part}.weight")
+            if key is None:
+                missing.append(f"{prefix}.{e}.{part}.weight {[rows, k]}")
+                ok = False
+                continue
+            used.add(key)
+            if index.shapes[key] != (rows, k):
+                mismatched.append(f"{key}: checkpoint {list(index.shapes[key])} vs model {[rows, k]}")
+                ok = False
+            row.append(key)
+        keys.append(tuple(row))
+    return _Experts("stack", tuple(keys)) if ok else None
 
 
 def _fused_parts(cfg: DecoderConfig) -> dict[str, tuple[int, dict[str, tuple[int, int]]]]:

@@ -66,6 +66,22 @@ def save_adapter(
         name: {"lora_A": m.lora_A[adapter_name].weight, "lora_B": m.lora_B[adapter_name].weight}
         for name, m in modules.items()
     }
+    # LoRA on 3-D parameters (MoE experts: kindred.models.moe), PEFT's target_parameters.
+    params: list[str] = []
+    for name, m in model.named_modules():
+        export = getattr(m, "peft_parameter_adapters", None)
+        for rel, (param, r_p, alpha_p, rslora_p, tensors) in (export() if callable(export) else {}).items():
+            if (r_p, alpha_p, rslora_p) != (r, alpha, config["use_rslora"]):
+                raise KindredValueError(
+                    f"{name}.{param}: LoRA r={r_p}, alpha={alpha_p}, rslora={rslora_p} differs from the "
+                    f"adapter's r={r}, alpha={alpha}, rslora={config['use_rslora']}: PEFT has one of each"
+                )
+            parts[f"{name}.{rel}" if rel else name] = tensors
+            target = ".".join([*name.split(".")[-2:], param])
+            if target not in params:
+                params.append(target)
+    if params:
+        config["target_parameters"] = params
     return write_adapter(path, config, parts)
 
 
