@@ -8,7 +8,8 @@
 
 Pieces: :func:`read_jsonl` (validation with file:line:field errors), :func:`load_tokenizer`
 (tokenizer.json or sentencepiece .model), :func:`get_template` (gemma3, qwen3, llama3, phi4, phi4-mini,
-mistral-nemo, chatml), :func:`tokenize` (labels and counts), :func:`apply_budget`, :func:`pack`,
+mistral-nemo, chatml; or a path: the model's own Jinja template, :func:`load_chat_template`), :func:`tokenize`
+(labels and counts), :func:`apply_budget`, :func:`pack`,
 :func:`plan_conversation` (seed 004's planner), :func:`token_report` (what ``kindred plan --data`` reads).
 Names are imported from their modules on first use (``kindred tokens --help`` imports no torch).
 """
@@ -17,6 +18,8 @@ import importlib
 
 _EXPORTS = {
     "tokenize": "accounting",
+    "JinjaTemplate": "chat_template",
+    "load_chat_template": "chat_template",
     "tokenize_whole": "accounting",
     "POLICIES": "budget",
     "BudgetResult": "budget",
