@@ -6,7 +6,8 @@
     prep = kd.prepare("data.jsonl", "tokenizer.model", "gemma3", budget=8192, pack_to=8192)
     batch = prep.packed.batch([0, 1], device="cuda")   # input_ids, labels, position_ids, cu_seqlens, ...
 
-Pieces: :func:`read_jsonl` (validation with file:line:field errors), :func:`load_tokenizer`
+Pieces: :func:`read_chat` (chat messages, ShareGPT, Alpaca, prompt-completion in JSONL / JSON / Parquet /
+CSV / ``datasets``, detected), :func:`read_jsonl` (validation with file:line:field errors), :func:`load_tokenizer`
 (tokenizer.json or sentencepiece .model), :func:`get_template` (gemma3, qwen3, llama3, phi4, phi4-mini,
 mistral-nemo, chatml; or a path: the model's own Jinja template, :func:`load_chat_template`), :func:`tokenize`
 (labels and counts), :func:`apply_budget`, :func:`pack`,
@@ -25,6 +26,8 @@ _EXPORTS = {
     "BudgetResult": "budget",
     "apply_budget": "budget",
     "truncate_conversation": "budget",
+    "detect_format": "formats",
+    "read_chat": "formats",
     "ChatData": "jsonl",
     "Skipped": "jsonl",
     "from_conversations": "jsonl",
