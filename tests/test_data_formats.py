@@ -123,9 +123,9 @@ def test_errors_name_file_line_field_and_detected_format(tmp_path):
     with pytest.raises(KindredFormatError) as e:
         read_chat(path)
     assert str(e.value) == (
-        f"{path}:2: conversations[1].from: unknown speaker 'robot' (expected one of system, human, user, gpt, "
-        "assistant, model, chatgpt) (format: ShareGPT ({'conversations': [{'from', 'value'}]}), detected from "
-        "line 1)"
+        f"{path}:2: conversations[1].from: unknown speaker 'robot' (expected one of system, human, user, "
+        "gpt, assistant, model, chatgpt) (format: ShareGPT ({'conversations': [{'from', 'value'}]}), "
+        "detected from line 1)"
     )
     (tmp_path / "a.json").write_text('[\n  {"instruction": "x", "output": "y"},\n  {"instruction": "x"}\n]')
     with pytest.raises(KindredFormatError, match=r"a\.json:3: output: missing \(format: Alpaca"):
@@ -140,7 +140,7 @@ def test_errors_name_file_line_field_and_detected_format(tmp_path):
     with pytest.raises(KindredFormatError, match="data file not found"):
         read_chat(tmp_path / "missing.parquet")
     (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
-    with pytest.raises(KindredFormatError, match="broken.parquet: not a readable Parquet file"):
+    with pytest.raises(KindredFormatError, match=r"broken\.parquet: not a readable Parquet file"):
         read_chat(tmp_path / "broken.parquet")
     with pytest.raises(KindredValueError, match="unknown chat data format 'axolotl'"):
         read_chat(ALPACA, format="axolotl")
