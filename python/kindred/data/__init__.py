@@ -6,10 +6,13 @@
     prep = kd.prepare("data.jsonl", "tokenizer.model", "gemma3", budget=8192, pack_to=8192)
     batch = prep.packed.batch([0, 1], device="cuda")   # input_ids, labels, position_ids, cu_seqlens, ...
 
-Pieces: :func:`read_jsonl` (validation with file:line:field errors), :func:`load_tokenizer`
-(tokenizer.json or sentencepiece .model), :func:`get_template` (gemma3, qwen3, llama3, phi4, phi4-mini,
-mistral-nemo, chatml), :func:`tokenize` (labels and counts), :func:`apply_budget`, :func:`pack`,
-:func:`plan_conversation` (conversation lengths), :func:`token_report` (what ``kindred plan --data`` reads).
+Pieces: :func:`read_chat` (chat messages, ShareGPT, Alpaca, prompt-completion in JSONL / JSON / Parquet /
+CSV / ``datasets``, detected), :func:`read_jsonl` (validation with file:line:field errors),
+:func:`load_tokenizer` (tokenizer.json or sentencepiece .model), :func:`get_template` (gemma3, qwen3,
+llama3, phi4, phi4-mini, mistral-nemo, chatml; or a path: the model's own Jinja template,
+:func:`load_chat_template`), :func:`tokenize` (labels and counts), :func:`apply_budget`, :func:`pack`,
+:func:`plan_conversation` (conversation lengths), :func:`token_report` (what ``kindred plan
+--data`` reads).
 Names are imported from their modules on first use (``kindred tokens --help`` imports no torch).
 """
 
@@ -17,11 +20,15 @@ import importlib
 
 _EXPORTS = {
     "tokenize": "accounting",
+    "JinjaTemplate": "chat_template",
+    "load_chat_template": "chat_template",
     "tokenize_whole": "accounting",
     "POLICIES": "budget",
     "BudgetResult": "budget",
     "apply_budget": "budget",
     "truncate_conversation": "budget",
+    "detect_format": "formats",
+    "read_chat": "formats",
     "ChatData": "jsonl",
     "Skipped": "jsonl",
     "from_conversations": "jsonl",

@@ -3,14 +3,14 @@ policy → (optionally) pack. ``budget_report`` (report.py) reports on what it c
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
 
 from .accounting import tokenize
 from .budget import BudgetResult, apply_budget
-from .jsonl import ChatData, from_conversations, read_jsonl
+from .formats import read_chat
+from .jsonl import ChatData
 from .packing import PackedData, pack
 from .templates import ChatTemplate, get_template
 from .tokenized import TokenizedData
@@ -20,9 +20,7 @@ from .tokenizers import Tokenizer, load_tokenizer
 def _load(data, skip_invalid: bool) -> ChatData:
     if isinstance(data, ChatData):
         return data
-    if isinstance(data, (str, os.PathLike)):
-        return read_jsonl(data, skip_invalid=skip_invalid)
-    return from_conversations(data, skip_invalid=skip_invalid)
+    return read_chat(data, skip_invalid=skip_invalid)  # JSONL, JSON, Parquet, CSV, datasets; any FORMATS
 
 
 @dataclass

@@ -32,6 +32,8 @@ trained (the model must not learn to skip thinking from data that has no reasoni
 from __future__ import annotations
 
 import abc
+import difflib
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -533,14 +535,27 @@ TEMPLATES: tuple[str, ...] = tuple(_TEMPLATES)
 
 
 def get_template(name: str | ChatTemplate, **options) -> ChatTemplate:
-    """The template called ``name`` (see TEMPLATES; aliases such as ``llama-3.1`` accepted)."""
+    """The template called ``name`` (see TEMPLATES; aliases such as ``llama-3.1`` accepted), or a model's own
+    Jinja template from a path: a model folder, tokenizer_config.json, a .jinja or a .gguf file
+    (:func:`kindred.data.chat_template.load_chat_template`)."""
     if isinstance(name, ChatTemplate):
         return name
+    if isinstance(name, os.PathLike) or (
+        isinstance(name, str) and (name.endswith((".jinja", ".gguf", ".json")) or os.path.isdir(name))
+    ):
+        from .chat_template import load_chat_template
+
+        return load_chat_template(name, **options)
     if not isinstance(name, str) or not name:
         raise KindredValueError(f"a chat template name is needed: one of {', '.join(TEMPLATES)}")
     key = _ALIASES.get(name.lower(), name.lower())
     if key not in _TEMPLATES:
-        raise KindredValueError(f"unknown chat template {name!r}; known: {', '.join(TEMPLATES)}")
+        near = difflib.get_close_matches(key, [*TEMPLATES, *_ALIASES], n=1, cutoff=0.6)
+        hint = f"; did you mean {_ALIASES.get(near[0], near[0])!r}?" if near else ""
+        raise KindredValueError(
+            f"unknown chat template {name!r}{hint} (known: {', '.join(TEMPLATES)}, or a model folder / "
+            "tokenizer_config.json / .jinja / .gguf path for the model's own template)"
+        )
     try:
         return _TEMPLATES[key](**options)
     except TypeError as e:
