@@ -59,7 +59,7 @@ def build_tiny_model(folder: str | Path, seed: int = 0, vocab_size: int = 640) -
     model = from_config(config, dtype=torch.float32, seed=seed)
     with torch.no_grad():  # std 0.02 tied embeddings give near-uniform logits that LoRA can barely move
         model.model.embed_tokens.weight.mul_(5.0)
-    save_merged(model, config, folder)
+    save_merged(model, config, folder, overwrite=True)
     tok.save(str(folder / "tokenizer.json"))
     return folder
 

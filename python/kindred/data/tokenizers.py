@@ -219,3 +219,39 @@ def special_tokens_of(path: str | os.PathLike) -> dict[str, int]:
     with open(path, encoding="utf-8") as f:
         obj = json.load(f)
     return {t["content"]: t["id"] for t in obj.get("added_tokens", [])}
+
+
+# A Hugging Face tokenizer's files (and a processor's, for multimodal models) as they sit in a model folder.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+)
+
+
+def save_tokenizer_files(tokenizer: Tokenizer, folder: str | os.PathLike) -> list[str]:
+    """Copy ``tokenizer``'s file and the tokenizer files beside it (TOKENIZER_FILES) into ``folder``; a
+    tokenizer whose file is gone (built from a GGUF) is written from memory. Returns the names written."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    src = Path(tokenizer.path)
+    written = []
+    if src.is_file():
+        siblings = [src.parent / n for n in TOKENIZER_FILES if (src.parent / n).is_file()]
+        for f in dict.fromkeys([src, *siblings]):
+            (folder / f.name).write_bytes(f.read_bytes())
+            written.append(f.name)
+    elif isinstance(tokenizer, HFTokenizer):
+        tokenizer.library.save(str(folder / "tokenizer.json"))
+        written.append("tokenizer.json")
+    else:
+        raise KindredFormatError(f"{src}: the tokenizer file is gone; cannot save the tokenizer")
+    return written

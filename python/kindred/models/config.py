@@ -144,6 +144,7 @@ class DecoderConfig:
     query_pre_attn_scalar: float | None = None  # Gemma: attention scale is its -1/2 power
     final_logit_softcapping: float | None = None
     fused_checkpoint: bool = False  # Phi-3/4 store qkv_proj and gate_up_proj fused
+    multimodal: bool = False  # Gemma 3 with vision (model_type gemma3): the decoder is its language model
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
@@ -209,7 +210,8 @@ def _parse(cfg: dict[str, Any], source: str) -> DecoderConfig:
     if not isinstance(cfg, dict):
         raise KindredValueError(f"{source}: a config must be a JSON object, got {type(cfg).__name__}")
     model_type = cfg.get("model_type")
-    if model_type == "gemma3":  # the multimodal checkpoint: its language model is the text decoder
+    multimodal = model_type == "gemma3"
+    if multimodal:  # the multimodal checkpoint: its language model is the text decoder
         text = cfg.get("text_config")
         if not isinstance(text, dict):
             raise KindredValueError(f"{source}: model_type 'gemma3' needs a 'text_config' object")
@@ -288,6 +290,7 @@ def _parse(cfg: dict[str, Any], source: str) -> DecoderConfig:
         query_pre_attn_scalar=float(c["query_pre_attn_scalar"]) if gemma else None,
         final_logit_softcapping=None if softcap is None else float(softcap),
         fused_checkpoint=model_type == "phi3",
+        multimodal=multimodal,
         bos_token_id=c.get("bos_token_id"),
         eos_token_id=tuple(c["eos_token_id"])
         if isinstance(c.get("eos_token_id"), list)

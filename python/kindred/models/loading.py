@@ -24,6 +24,7 @@ from torch import nn
 
 from ..errors import KindredFormatError, KindredValueError
 from ..formats.bnb import nf4_from_bnb
+from ..formats.checkpoint import FUSED_LINEARS, canonical_name
 from ..formats.mxfp4 import MXFP4_BLOCK, dequantize_mxfp4, mxfp4_shape
 from ..nn.linear4bit import Linear4bit
 from ..ops.quant import INT4G_DEFAULT_GROUP, NF4_DEFAULT_BLOCKSIZE, quantize_int4g, quantize_nf4
@@ -36,9 +37,6 @@ QUANTS = (None, "nf4", "int4g")
 _BNB_STATE = ".quant_state.bitsandbytes__nf4"
 _BNB_PARTS = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", _BNB_STATE)
 _BNB_OTHER = re.compile(r"\.quant_state\.bitsandbytes__(?!nf4$)\w+$")  # FP4 and other 4-bit types
-# Checkpoint name prefixes of Gemma 3's multimodal layout (transformers v4 and v5) -> kindred's names.
-_RENAMES = (("model.language_model.", "model."), ("language_model.model.", "model."), ("language_model.", ""))
-_SKIPPED = re.compile(r"^(model\.)?(vision_tower|multi_modal_projector)\.|\.rotary_emb\.inv_freq$")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -274,23 +272,13 @@ class _Index:
             raise KindredFormatError(f"{self.files[key]}: cannot read tensor '{key}' ({e})") from None
 
 
-def _canonical(key: str) -> str | None:
-    """kindred's name for a checkpoint key, or None for tensors the decoder does not use."""
-    if _SKIPPED.search(key):
-        return None
-    for old, new in _RENAMES:
-        if key.startswith(old):
-            return new + key[len(old) :]
-    return key
-
-
 def _plan(index: _Index, cfg: DecoderConfig, names: list[str], shapes: dict, path: Path):
     """Map each model parameter to (checkpoint key, row range or None); check names and shapes up front."""
     by_name: dict[str, str] = {}
     for key in index.shapes:
         if any(key.endswith(p) for p in _BNB_PARTS):
             continue
-        canon = _canonical(key)
+        canon = canonical_name(key)
         if canon is not None:
             by_name[canon] = key
     bnb = any(k.endswith(_BNB_STATE) for k in index.shapes)
@@ -301,7 +289,7 @@ def _plan(index: _Index, cfg: DecoderConfig, names: list[str], shapes: dict, pat
         )
     plan: dict[str, tuple[str, tuple[int, int] | None]] = {}
     used: set[str] = set()
-    fused = _fused_parts(cfg) if cfg.fused_checkpoint else {}
+    fused = fused_layout(cfg) if cfg.fused_checkpoint else {}
     missing, mismatched = [], []
     for name in [*names, *([] if "lm_head.weight" in names else ["lm_head.weight"])]:
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
@@ -330,7 +318,7 @@ def _plan(index: _Index, cfg: DecoderConfig, names: list[str], shapes: dict, pat
             mismatched.append(f"{key}: checkpoint {list(stored)} vs model {list(expected)}")
             continue
         plan[name] = (key, rows)
-    unexpected = [k for k, canon in ((k, _canonical(k)) for k in index.shapes) if canon and k not in used]
+    unexpected = [k for k, canon in ((k, canonical_name(k)) for k in index.shapes) if canon and k not in used]
     unexpected = [k for k in unexpected if not any(k.endswith(p) for p in _BNB_PARTS)]
     if missing or mismatched or unexpected:
         problems = []
@@ -425,13 +413,18 @@ def _expert_source(name, by_name, index, shape, transposed, problems) -> _Expert
     return _Experts("stack", tuple(keys)) if ok else None
 
 
-def _fused_parts(cfg: DecoderConfig) -> dict[str, tuple[int, dict[str, tuple[int, int]]]]:
+def fused_layout(cfg: DecoderConfig) -> dict[str, tuple[int, dict[str, tuple[int, int]]]]:
     """Rows of Phi-3/4's fused tensors and of their parts: qkv_proj = [q; k; v], gate_up_proj = [gate; up]."""
     q, kv, ff = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
-    qkv = {"self_attn.q_proj.weight": (0, q), "self_attn.k_proj.weight": (q, q + kv)}
-    qkv["self_attn.v_proj.weight"] = (q + kv, q + 2 * kv)
-    gate_up = {"mlp.gate_proj.weight": (0, ff), "mlp.up_proj.weight": (ff, 2 * ff)}
-    return {"self_attn.qkv_proj.weight": (q + 2 * kv, qkv), "mlp.gate_up_proj.weight": (2 * ff, gate_up)}
+    rows = {"q_proj": q, "k_proj": kv, "v_proj": kv, "gate_proj": ff, "up_proj": ff}
+    out = {}
+    for fused, parts in FUSED_LINEARS.items():
+        start, spans = 0, {}
+        for part in parts:
+            n = rows[part.rsplit(".", 1)[1]]
+            spans[part + ".weight"], start = (start, start + n), start + n
+        out[fused + ".weight"] = (start, spans)
+    return out
 
 
 def _stored_shape(index: _Index, key: str, path: Path) -> tuple[int, ...]:

@@ -40,7 +40,7 @@ from .checkpoint import ADAPTER, latest_checkpoint, load_state, save_checkpoint
 from .config import TrainConfig, load_config
 from .metrics import MetricsLog, Progress, plot_loss
 from .parallel import allreduce_grads, barrier, init_from_env, parallelize
-from .setup import distributed, load_data, load_model
+from .setup import distributed, load_data, load_model, model_source
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -132,10 +132,12 @@ class Trainer:
         self.prepared = self.eval_prepared = None
         if injected:
             self.model, self.tokenizer, self.hf_config = model, tokenizer, None
+            self.base = None
             self.rows_data, self.eval_rows = rows, None
             self.template = get_template(cfg.data.template) if cfg.data.template else None
         else:
             self.model, self.tokenizer, self.hf_config = load_model(cfg, self.device, self.dtype, self.out)
+            self.base = model_source(cfg.model).resolve()  # what the adapter names as its base
             self.prepared, self.eval_prepared, self.template = load_data(cfg, self.tokenizer)
             self.rows_data = self.prepared.packed
             self.eval_rows = self.eval_prepared.packed if self.eval_prepared is not None else None
@@ -280,7 +282,7 @@ class Trainer:
 
     # ---- checkpoints -------------------------------------------------------------------------------------
     def _write_checkpoint(self, folder: Path) -> None:
-        save_adapter(self.model, folder / ADAPTER, base_model_name_or_path=self.cfg.model)
+        self._save_adapter(folder / ADAPTER)
         rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -296,6 +298,10 @@ class Trainer:
             "config": self.cfg.to_dict(),
         }
         torch.save(state, folder / "state.pt")
+
+    def _save_adapter(self, folder: Path) -> None:
+        base = str(self.base) if self.base is not None else self.cfg.model
+        save_adapter(self.model, folder, base_model_name_or_path=base, tokenizer=self.tokenizer)
 
     def save(self) -> Path | None:
         """Rank 0 writes the checkpoint (all ranks hold the same LoRA state); the others wait for it."""
@@ -413,7 +419,7 @@ class Trainer:
         merged_dir = plot = None
         metrics = log.rows if log is not None else []
         if self.rank == 0:
-            save_adapter(self.model, adapter_dir, base_model_name_or_path=self.cfg.model)
+            self._save_adapter(adapter_dir)
             _write_yaml(self.cfg.to_dict(), self.out / "config.yaml")
             if self.cfg.output.plot and metrics:
                 plot = plot_loss(metrics, self.eval_losses, self.out / "loss.png")
@@ -425,7 +431,17 @@ class Trainer:
                         "output.merged needs the config.json of a model loaded from a path"
                     )
 
-                merged_dir = save_merged(self.model, self.hf_config, self.out / "merged", self.tokenizer)
+                # onto the 16-bit base folder; a GGUF base has only its dequantized weights (warned)
+                merged_dir = save_merged(
+                    self.model,
+                    self.hf_config,
+                    self.out / "merged",
+                    self.tokenizer,
+                    base=self.base,
+                    allow_quantized_base=True,
+                    template=self.cfg.data.template,
+                    overwrite=True,
+                )
             log.close()
         return TrainResult(
             self.out,
