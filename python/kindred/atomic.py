@@ -58,11 +58,21 @@ class WriteError(KindredError):
     """A write into an output folder failed (disk full, I/O error); the message names the folder."""
 
 
-def write_error(folder: Path, what: str, e: OSError) -> WriteError:
-    """The error for a failed write of ``what`` into ``folder``."""
-    full = e.errno in (errno.ENOSPC, errno.EDQUOT)
-    reason = "no space left on device" if full else e.strerror or str(e)
+def write_error(folder: Path, what: str, e: Exception) -> WriteError:
+    """The error for a failed write of ``what`` into ``folder``: ``e`` an OSError, or a safetensors error
+    (its Rust I/O error comes as text: "IoError(Os { code: 28, kind: StorageFull, ... })")."""
+    if isinstance(e, OSError):
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        reason = "no space left on device" if full else e.strerror or str(e)
+    else:
+        full = "StorageFull" in str(e) or f"code: {errno.ENOSPC}," in str(e)
+        reason = "no space left on device" if full else str(e)
     return WriteError(f"{folder}: cannot write {what}: {reason}")
+
+
+def is_write_failure(e: Exception) -> bool:
+    """An OSError, a WriteError, or the error safetensors raises when it cannot write its file."""
+    return isinstance(e, (OSError, WriteError)) or type(e).__name__ == "SafetensorError"
 
 
 def refuse_symlink(path: Path) -> Path:
@@ -159,6 +169,21 @@ def temp_folder(parent: Path, name: str) -> Path:
     except OSError as e:
         raise write_error(Path(parent), name, e) from e
     return tmp
+
+
+def write_folder(final: Path, fill) -> Path:
+    """``fill(folder)`` fills a new temporary folder, which then replaces ``final`` (publish_folder). On any
+    failure the temporary folder goes; a write failure becomes a WriteError naming ``final``'s folder."""
+    final = Path(final)
+    tmp = temp_folder(final.parent, final.name)
+    try:
+        fill(tmp)
+    except Exception as e:
+        remove_tree(tmp)
+        if is_write_failure(e) and not isinstance(e, WriteError):
+            raise write_error(final.parent, final.name, e) from e
+        raise
+    return publish_folder(tmp, final)
 
 
 def _exchange(a: Path, b: Path) -> bool:

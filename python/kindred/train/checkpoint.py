@@ -23,18 +23,17 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 
 from ..atomic import (
     WriteError,
     clean_temp,
     fault_point,
-    publish_folder,
+    is_write_failure,
     refuse_symlink,
     remove_tree,
-    temp_folder,
     write_bytes,
     write_error,
+    write_folder,
 )
 from ..errors import KindredError, KindredFormatError
 
@@ -69,28 +68,25 @@ def save_checkpoint(out_dir: str | Path, step: int, write, keep: int) -> Path:
     interrupted run that this one has rewound) are removed."""
     root = checkpoint_root(out_dir)
     refuse_symlink(root)
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise write_error(root.parent, root.name, e) from e
-    clean_temp(root)
     final = root / f"step-{step:06d}"
-    tmp = temp_folder(root, final.name)
-    try:
-        write(tmp)
+
+    def fill(folder: Path) -> None:
+        write(folder)
         fault_point("checkpoint-files")
-        publish_folder(tmp, final)
+
+    try:
+        if not root.is_dir():
+            root.mkdir(parents=True)
+        clean_temp(root)
+        write_folder(final, fill)
         fault_point("checkpoint-rename")
         write_bytes(root / LATEST, (final.name + "\n").encode(), fault="latest")
-    except (OSError, WriteError, SafetensorError) as e:
-        remove_tree(tmp)
+    except Exception as e:
+        if not is_write_failure(e):
+            raise
         kept = _latest_name(root) or "none yet"
-        raise WriteError(
-            f"{root}: cannot write {final.name} ({e}); the last good checkpoint ({kept}) is kept"
-        ) from e
-    except BaseException:
-        remove_tree(tmp)
-        raise
+        failure = e if isinstance(e, WriteError) else write_error(root, final.name, e)
+        raise WriteError(f"{failure}; the last good checkpoint ({kept}) is kept") from e
     ordered = [f for n, f in _steps(root) if n <= step]
     stale = [f for n, f in _steps(root) if n > step] + ordered[: max(len(ordered) - keep, 0)]
     for folder in stale:

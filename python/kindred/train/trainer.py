@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..atomic import fault_point, publish_folder, temp_folder, write_text
+from ..atomic import fault_point, write_folder, write_text
 from ..data import get_template
 from ..errors import KindredError, KindredFormatError, KindredValueError
 from ..nn.lora import apply_lora
@@ -47,7 +47,6 @@ from .run_folder import (
     config_differences,
     config_fingerprint,
     data_fingerprint,
-    run_files,
 )
 from .setup import distributed, load_data, load_model
 
@@ -401,8 +400,8 @@ class Trainer:
             print(f"kindred train: no checkpoint in {self.out / 'checkpoints'}; starting from step 0")
         if start is not None:
             self.restore(start)
-        elif self.rank == 0:  # a fresh run: never mixed with another run's files
-            check_fresh(self.out, overwrite or (resume and "checkpoints" not in run_files(self.out)))
+        elif self.rank == 0:  # a fresh run (or a resumed one that had no checkpoint yet): never mixed
+            check_fresh(self.out, overwrite or resume)
         if self.world > 1:
             barrier()
         log = (
@@ -467,9 +466,9 @@ class Trainer:
         merged_dir = plot = None
         metrics = log.rows if log is not None else []
         if self.rank == 0:
-            tmp = temp_folder(self.out, ADAPTER)
-            save_adapter(self.model, tmp, base_model_name_or_path=self.cfg.model)
-            publish_folder(tmp, adapter_dir)
+            write_folder(
+                adapter_dir, lambda d: save_adapter(self.model, d, base_model_name_or_path=self.cfg.model)
+            )
             _write_yaml(self.cfg.to_dict(), self.out / "config.yaml")
             if self.cfg.output.plot and metrics:
                 plot = plot_loss(metrics, self.eval_losses, self.out / "loss.png")
@@ -481,9 +480,9 @@ class Trainer:
                         "output.merged needs the config.json of a model loaded from a path"
                     )
 
-                tmp = temp_folder(self.out, "merged")
-                save_merged(self.model, self.hf_config, tmp, self.tokenizer)
-                merged_dir = publish_folder(tmp, self.out / "merged")
+                merged_dir = write_folder(
+                    self.out / "merged", lambda d: save_merged(self.model, self.hf_config, d, self.tokenizer)
+                )
             log.close()
         return TrainResult(
             self.out,
