@@ -182,7 +182,8 @@ def test_interrupted_checkpoint_never_replaces_the_last_good_one(tiny_model, tmp
         return real_save(out_dir, step, write, keep)
 
     monkeypatch.setattr("kindred.train.trainer.save_checkpoint", failing_save)
-    with pytest.raises(OSError, match="disk full"):
+    message = r"checkpoints: cannot write step-000004: disk full \(simulated\); the last good checkpoint"
+    with pytest.raises(kindred.KindredError, match=message + r" \(step-000002\) is kept"):
         kindred.train(cfg)
     assert latest_checkpoint(out).name == "step-000002"
     monkeypatch.undo()

@@ -147,7 +147,7 @@ def run_demo(
         f"{cfg['dtype']} on {trainer.device}"
     )
     t_train = time.perf_counter()
-    result = trainer.fit()
+    result = trainer.fit(overwrite=True)  # a demo run again in the same folder replaces the last one
     train_s = time.perf_counter() - t_train
     after = sample_reply(trainer, prompt_msgs)
     (loss0, loss1) = result.eval_losses[0][1], result.eval_losses[-1][1]
