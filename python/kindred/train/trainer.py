@@ -35,7 +35,7 @@ from ..errors import KindredError, KindredFormatError, KindredValueError
 from ..nn.lora import apply_lora
 from ..nn.peft import save_adapter
 from ..ops.loss import linear_cross_entropy
-from ..ops.tokens import count_trainable
+from ..ops.tokens import IGNORE_INDEX, count_trainable
 from .checkpoint import ADAPTER, latest_checkpoint, load_state, save_checkpoint, write_state
 from .config import TrainConfig, load_config
 from .metrics import MetricsLog, Progress, plot_loss
@@ -198,7 +198,7 @@ class Trainer:
         """A micro-batch on the device: one flattened row, the trained positions and their targets."""
         b = packed.batch(rows)
         labels = b["labels"].reshape(-1)
-        keep = torch.nonzero(labels[1:] != -100).reshape(-1)  # host tensors: no device sync
+        keep = torch.nonzero(labels[1:] != IGNORE_INDEX).reshape(-1)  # host tensors: no device sync
         pin = self.device.type == "cuda"
 
         def dev(t):
