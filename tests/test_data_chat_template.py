@@ -210,3 +210,8 @@ def test_unknown_names_suggest_the_nearest_and_paths_must_exist(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text("{}")
     with pytest.raises(KindredFormatError, match="no chat template"):
         get_template(str(tmp_path))
+
+
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_end_of_turn_is_the_trained_stop_token(name, hf_tokenizer_path):
+    assert family_template(name, hf_tokenizer_path).end_of_turn == get_template(name).end_of_turn

@@ -29,6 +29,7 @@ LAYERS = [
     "plan",
     "export",
     "train",
+    "bakeoff",
     "installation",
     "demo",
     "format_compare",

@@ -145,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan(sub).set_defaults(func=lambda a: __import__("kindred.plan.cli", fromlist=["run"]).run(a))
     add_tokens(sub)
     add_eval(sub)
+    from .bakeoff.cli import add_parser as add_bakeoff
+
+    add_bakeoff(sub)
     return parser
 
 

@@ -61,7 +61,7 @@ class ModelPlan:
     def stop_ids(self) -> list[int]:
         from ..generate import stop_token_ids
 
-        ids = stop_token_ids(self.tokenizer, self.template.name)
+        ids = stop_token_ids(self.tokenizer, self.template)
         return ids + [i for i in self.config.eos_token_ids if i not in ids]
 
     def load(self):

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data import get_template, load_tokenizer, prepare, read_jsonl
+from ..data import get_template, load_tokenizer, prepare, read_chat
 from ..data.jsonl import ChatData
 from ..data.tokenizers import HFTokenizer
 from ..errors import KindredFormatError, KindredValueError
@@ -71,10 +71,10 @@ def load_data(cfg: TrainConfig, tokenizer):
     """(train Prepared, held-out Prepared or None, template): read, split, tokenize, budget, pack."""
     d = cfg.data
     template = get_template(d.template)
-    chat = read_jsonl(d.path, skip_invalid=d.skip_invalid)
+    chat = read_chat(d.path, skip_invalid=d.skip_invalid)  # any kindred.data.formats format
     held = None
     if d.eval_path:
-        held = read_jsonl(d.eval_path, skip_invalid=d.skip_invalid)
+        held = read_chat(d.eval_path, skip_invalid=d.skip_invalid)
     elif d.eval_fraction > 0:
         n_eval = max(1, round(len(chat) * d.eval_fraction))
         if n_eval >= len(chat):
