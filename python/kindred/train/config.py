@@ -114,6 +114,21 @@ _CHOICES = {
 }
 
 
+def config_keys() -> list[tuple[str, Any, tuple | None]]:
+    """(dotted key, default, allowed values or None) of every config key, in file order (for --help)."""
+    out = []
+    defaults = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        section = _SECTIONS.get(f.name)
+        if section is None:
+            out.append((f.name, getattr(defaults, f.name), _CHOICES.get(f.name)))
+            continue
+        for g in dataclasses.fields(section):
+            key = f"{f.name}.{g.name}"
+            out.append((key, getattr(getattr(defaults, f.name), g.name), _CHOICES.get(key)))
+    return out
+
+
 def load_config(
     source: TrainConfig | dict | str | Path, overrides: dict | None = None, *, require_sources: bool = True
 ) -> TrainConfig:
