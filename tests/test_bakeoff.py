@@ -186,3 +186,77 @@ def test_a_killed_bakeoff_continues_where_it_stopped(models, tmp_path):
     assert train["resumed"] and train["steps"] == 8
     assert [s for s, _ in train["loss_curve"]] == list(range(1, 9))  # one continuous run
     assert report["winner"] in ("tiny-a", "tiny-b")
+
+
+REAL_SHAPES = {  # two real model shapes (Qwen3-0.6B, Llama-3.2-1B) with random weights
+    "qwen3-0.6b-shape": {
+        "model_type": "qwen3",
+        "architectures": ["Qwen3ForCausalLM"],
+        "vocab_size": 151936,
+        "hidden_size": 1024,
+        "intermediate_size": 3072,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "max_position_embeddings": 40960,
+        "tie_word_embeddings": True,
+    },
+    "llama-3.2-1b-shape": {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": 128256,
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+        "max_position_embeddings": 131072,
+        "tie_word_embeddings": True,
+    },
+}
+
+
+@pytest.mark.gpu
+def test_bakeoff_on_cuda_two_real_shapes(models, tmp_path):
+    """The whole protocol on the GPU: two real shapes with random weights (the tiny tokenizer's ids fit their
+    vocabularies), the shipped battery, QLoRA in bf16; writes its report to $KINDRED_BAKEOFF_OUT if set."""
+    import shutil
+
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from kindred.export import save_merged
+    from kindred.models import from_config
+
+    cands = []
+    for i, (name, cfg) in enumerate(REAL_SHAPES.items()):
+        folder = tmp_path / name
+        tok = json.loads((models / "tiny-a" / "tokenizer.json").read_text())
+        ids = {t["content"]: t["id"] for t in tok["added_tokens"]}
+        cfg = {**cfg, "bos_token_id": ids["<|im_start|>"], "eos_token_id": ids["<|im_end|>"]}
+        save_merged(from_config(cfg, dtype=torch.bfloat16, seed=i), cfg, folder)
+        shutil.copy(models / "tiny-a" / "tokenizer.json", folder / "tokenizer.json")
+        cands.append({"model": str(folder), "template": "chatml"})
+    out = Path(os.environ.get("KINDRED_BAKEOFF_OUT", tmp_path / "out"))
+    cfg = config(models, out, device="cuda", gpu="auto", candidates=cands, battery="ethics16")
+    cfg.update(
+        data={**cfg["data"], "budget": 1024},
+        train={"max_steps": 20, "lr": 2e-4, "micro_batch_tokens": 2048},
+        eval={"max_new_tokens": 64},
+        compare={"judge": cands[0]["model"], "max_new_tokens": 16},
+        save_every=10,
+    )
+    report = kb.run(cfg)
+    for name, c in report["candidates"].items():
+        assert [c["stages"][s]["status"] for s in kb.STAGES] == ["done"] * 4, name
+        train = c["stages"]["train"]["result"]
+        assert train["device"] == "cuda" and train["gpu_mem_gib_peak"] > 0
+        assert c["checklist"]["Training memory fits your GPU (check vocab size!)"]["status"] == "pass"
+    assert report["compare"]["status"] == "done" and report["winner"] in REAL_SHAPES
+    print(Path(report["paths"]["markdown"]).read_text())
