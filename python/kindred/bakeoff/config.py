@@ -36,6 +36,7 @@ from ..errors import KindredValueError
 
 CRITERIA = ("context", "capability", "quantization", "speed", "community", "preference")
 EXPORT_FORMATS = ("merged",)
+RESERVED = ("state", "export", "compare-input", "_all")  # folders of the output that are not candidates
 
 
 @dataclass
@@ -211,7 +212,7 @@ def load_config(source, overrides: dict | None = None) -> BakeoffConfig:
         raise KindredValueError(
             f"{where}: candidate names must differ; repeated: {', '.join(dup)} (set name:)"
         )
-    bad = [n for n in names if not n or any(ch in n for ch in "/\\:") or n.startswith(".")]
+    bad = [n for n in names if not n or any(ch in n for ch in "/\\:") or n.startswith(".") or n in RESERVED]
     if bad:
         raise KindredValueError(f"{where}: candidate name {bad[0]!r} cannot be a folder name (set name:)")
     data = _mapping(raw.get("data"), "data", where)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ..errors import KindredError
 from . import preflight as pf
-from .config import BakeoffConfig, load_config
+from .config import BakeoffConfig, load_config, to_dict
 from .state import GLOBAL, StateStore, write_json
 
 STAGES = ("plan", "base_eval", "train", "tuned_eval")
@@ -121,11 +121,13 @@ class Bakeoff:
             return record
         t0 = time.perf_counter()
         self.log(f"{who}: {stage} ...")
+        import torch
+
         try:
             result, status = fn(), "done"
-        except KindredError as e:
-            result, status = {"error": str(e)}, "failed"
-            self.log(f"{who}: {stage}: FAILED: {e}")
+        except (KindredError, torch.OutOfMemoryError) as e:  # this candidate stops here; the others go on
+            result, status = {"error": str(e).splitlines()[0] if str(e) else type(e).__name__}, "failed"
+            self.log(f"{who}: {stage}: FAILED: {result['error']}")
         _free()
         record = self.store.put(who, stage, settings, result, status, time.perf_counter() - t0)
         if status == "done" and result.get("line"):
@@ -293,12 +295,12 @@ class Bakeoff:
                 device=self.device,
                 max_new_tokens=cfg.max_new_tokens,
             )
-        elif not sys.stdin.isatty():
+        merged.write(self.out / "compare-input", html=False)
+        if judge is None and not sys.stdin.isatty():
             raise KindredError(
                 "no compare.judge and no terminal for a person to choose: set compare.judge, or run "
-                f"kindred eval compare on the merged results ({self.out / 'compare-input.json'})"
+                f"kindred eval compare {self.out / 'compare-input' / 'results.json'}"
             )
-        merged.write(self.out / "compare-input", html=False)
         record = compare(merged, models=done, judge=judge, seed=cfg.seed)
         write_json(self.out / "compare.json", record)
         tally = record["tally"]
@@ -337,9 +339,7 @@ class Bakeoff:
                 shutil.rmtree(folder, ignore_errors=True)
         self.preflight()
         self.out.mkdir(parents=True, exist_ok=True)
-        write_json(
-            self.out / "config.json", {"where": cfg.where, "candidates": [vars(c) for c in cfg.candidates]}
-        )
+        write_json(self.out / "bakeoff-config.json", to_dict(cfg))  # what this bake-off ran with
         records: dict[str, dict] = {}
         for r in self.resolved:
             rec: dict = {}
