@@ -166,6 +166,20 @@ class JinjaTemplate(ChatTemplate):
     def render_text(self, messages: Sequence[dict]) -> str:
         return self._render(messages)[0]
 
+    def render_prompt(self, messages: Sequence[dict]) -> str:
+        """What the model reads before it answers ``messages`` (ending with a user turn), exactly as in
+        training: the rendering of the conversation with one more assistant turn, up to where that turn's
+        trained tokens begin (Qwen3's empty think block included, Phi-4-mini's closing eos not)."""
+        probe = [*messages, {"role": "assistant", "content": "x"}]
+        text = []
+        for seg in self.render(probe):
+            if seg.turn == len(messages) and seg.trainable:
+                return "".join(text)
+            text.append(seg.text)
+        raise KindredValueError(
+            f"{self.origin}: the template trains nothing of an answer to this conversation"
+        )
+
     @property
     def end_of_turn(self) -> str:
         """The trained end-of-turn token (what generation stops at): the last special token of the trained
