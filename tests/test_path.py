@@ -137,6 +137,9 @@ def test_version_and_train_help_list_the_keys_without_torch():
     ):
         assert line in out, line
     assert out.rstrip().endswith("no torch")
+    out = _cli("bakeoff", "--help").stdout
+    assert "config keys:" in out and "candidates:" in out and "save_every: 25" in out
+    assert out.rstrip().endswith("no torch")
 
 
 def _output_strings(path: Path):

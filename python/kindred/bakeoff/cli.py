@@ -5,12 +5,22 @@ from __future__ import annotations
 import argparse
 
 
+class _KeysHelp(argparse.RawDescriptionHelpFormatter):
+    """The help text followed by the config's keys (kindred.bakeoff.config's docstring), read when shown."""
+
+    def format_help(self) -> str:
+        from . import config
+
+        return super().format_help() + "\nconfig keys:\n" + config.__doc__.split("\n\nUnknown keys")[0] + "\n"
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "bakeoff",
         help="candidate models through the same plan, eval, fine-tune, eval and blind comparison; one report",
         description="Run (or continue) a bake-off from a YAML config (keys: kindred.bakeoff.config). "
         "A killed bake-off started again continues where it stopped.",
+        formatter_class=_KeysHelp,
     )
     p.add_argument("config", help="bake-off YAML")
     p.add_argument("--restart", action="store_true", help="forget finished stages and start over")
