@@ -210,3 +210,25 @@ def test_unknown_names_suggest_the_nearest_and_paths_must_exist(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text("{}")
     with pytest.raises(KindredFormatError, match="no chat template"):
         get_template(str(tmp_path))
+
+
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_end_of_turn_is_the_trained_stop_token(name, hf_tokenizer_path):
+    assert family_template(name, hf_tokenizer_path).end_of_turn == get_template(name).end_of_turn
+
+
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_the_prompt_is_what_training_put_before_the_answer(name, hf_tokenizer_path):
+    hf = hf_tokenizer(
+        hf_tokenizer_path, (FIXTURES / f"{name}.jinja").read_text(), BOS.get(name, ""), EOS[name]
+    )
+    jinja, own = family_template(name, hf_tokenizer_path), get_template(name)
+    for c in cases(name):
+        question = c[:-1]
+        prompt = jinja.render_prompt(question)
+        # transformers' generation prompt (Qwen3 with thinking off: the empty think block training rendered)
+        extra = {"enable_thinking": False} if name == "qwen3" else {}
+        assert prompt == hf.apply_chat_template(question, tokenize=False, add_generation_prompt=True, **extra)
+        if name != "phi4-mini":  # kindred's phi4-mini prompt keeps the eos its template closes a chat with
+            think = "<think>\n\n</think>\n\n" if name == "qwen3" else ""
+            assert prompt == own.render_text(question) + own.generation_prompt() + think

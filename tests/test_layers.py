@@ -30,6 +30,7 @@ LAYERS = [
     "plan",
     "export",
     "train",
+    "bakeoff",
     "installation",
     "demo",
     "format_compare",

@@ -39,6 +39,36 @@ def test_notebook_runs(path, tmp_path):
     assert not errors
     if path.name == "01_quickstart.ipynb":
         _check_quickstart(nb, tmp_path / "kindred-quickstart")
+    if path.name in CHECKS:
+        CHECKS[path.name](_text(nb), tmp_path)
+
+
+def _check_plan_and_data(text: str, work: Path) -> None:
+    assert "same ids: True | same labels: True" in text  # the model's own template equals kindred's chatml
+    assert "detected from line 1" in text  # the ShareGPT error names the detected format
+
+
+def _check_evaluate(text: str, work: Path) -> None:
+    assert (work / "kindred-evaluate" / "report" / "report.html").is_file()
+    assert re.search(r"\d+ pairs; \d+ graded", text)
+
+
+def _check_export(text: str, work: Path) -> None:
+    assert "top-1 agreement 100.0 %" in text  # the merged model agrees with the adapter model
+
+
+def _check_bakeoff(text: str, work: Path) -> None:
+    report = json.loads((work / "kindred-bakeoff" / "out" / "report.json").read_text())
+    assert f"winner: {report['winner']}" in text and report["winner"] in ("tiny-a", "tiny-b")
+    assert (work / "kindred-bakeoff" / "out" / "export" / report["winner"] / "model.safetensors").is_file()
+
+
+CHECKS = {  # what each notebook must have shown, beyond running without an error
+    "02_plan_and_data.ipynb": _check_plan_and_data,
+    "03_evaluate.ipynb": _check_evaluate,
+    "04_export.ipynb": _check_export,
+    "05_bakeoff.ipynb": _check_bakeoff,
+}
 
 
 def _check_quickstart(nb, work: Path) -> None:

@@ -4,7 +4,8 @@ The public API: ``kindred.ops`` (functional ops on torch tensors), ``kindred.nn`
 ``kindred.formats`` (checkpoint formats), ``kindred.models`` (decoders built from HF configs),
 ``kindred.plan`` (model catalogue and estimates), ``kindred.data`` (chat templates, tokenizers, token budgets,
 packing), ``kindred.train`` (the QLoRA trainer; ``kindred.train(cfg)``), ``kindred.generate`` (batched
-generation), ``kindred.eval`` (test batteries, base vs tuned, reports, blind comparison), ``kindred.export``.
+generation), ``kindred.eval`` (test batteries, base vs tuned, reports, blind comparison), ``kindred.export``,
+``kindred.bakeoff`` (candidate models through one protocol: plan, eval, fine-tune, eval, blind comparison).
 Subpackages are imported on first use (so ``kindred --help`` does not import torch).
 """
 
@@ -14,7 +15,19 @@ from ._core import cuda_compiled, sentencepiece_compiled
 from .errors import KindredError, KindredFormatError, KindredValueError
 
 __version__ = "0.1.0"
-_SUBPACKAGES = ("data", "eval", "export", "formats", "generate", "models", "nn", "ops", "plan", "train")
+_SUBPACKAGES = (
+    "bakeoff",
+    "data",
+    "eval",
+    "export",
+    "formats",
+    "generate",
+    "models",
+    "nn",
+    "ops",
+    "plan",
+    "train",
+)
 __all__ = [
     "KindredError",
     "KindredFormatError",

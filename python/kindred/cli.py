@@ -68,10 +68,15 @@ def info(args) -> int:
 
     from . import __version__, cuda_compiled, sentencepiece_compiled
 
+    gpu = torch.cuda.is_available()
+    kernels = "CUDA kernels: " + (
+        ("compiled" if gpu else "compiled, unused: no CUDA device here (the CPU paths run)")
+        if cuda_compiled()
+        else "none (CPU build)"
+    )
     print(
-        f"kindred {__version__}; CUDA kernels compiled: {cuda_compiled()}; "
-        f"sentencepiece C++ library: {sentencepiece_compiled()}; torch {torch.__version__}; "
-        f"CUDA device: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}"
+        f"kindred {__version__}; {kernels}; sentencepiece C++ library: {sentencepiece_compiled()}; "
+        f"torch {torch.__version__}; CUDA device: {torch.cuda.get_device_name(0) if gpu else 'none'}"
     )
     return 0
 
@@ -91,12 +96,33 @@ def doctor(args) -> int:
     return 1 if report["problems"] else 0
 
 
+def _train_keys() -> str:
+    """The config keys and their defaults, for ``kindred train --help`` (kindred.train.config; no torch)."""
+    from .train.config import config_keys
+
+    required = {"model", "data.path", "data.template"}
+    lines = ["config keys (default; `kindred.train.config` documents each):"]
+    for key, default, choices in config_keys():
+        shown = "required" if key in required else json.dumps(default)
+        lines.append(f"  {key} = {shown}" + (f"  ({' | '.join(choices)})" if choices else ""))
+    return "\n".join(lines)
+
+
+class _KeysHelp(argparse.RawDescriptionHelpFormatter):
+    """Help text with the train config keys, computed only when the help is shown."""
+
+    def format_help(self) -> str:
+        return super().format_help() + "\n" + _train_keys() + "\n"
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
     from .data.cli import add_parser as add_tokens
     from .eval.cli import add_parser as add_eval
     from .plan.cli import add_parser as add_plan
 
     parser = argparse.ArgumentParser(prog="kindred", description="Fast, lean, predictable QLoRA on one GPU.")
+    parser.add_argument("--version", action="version", version=f"kindred {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="the main job: token report and a short QLoRA fine-tune on shipped data")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
@@ -114,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="kindred-demo", help="output folder (default ./kindred-demo)")
     p.set_defaults(func=demo)
-    p = sub.add_parser("train", help="QLoRA fine-tuning from a YAML config")
+    p = sub.add_parser("train", help="QLoRA fine-tuning from a YAML config", formatter_class=_KeysHelp)
     p.add_argument("config", help="YAML config (see kindred.train.config)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output.dir")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in output.dir")
@@ -146,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan(sub).set_defaults(func=lambda a: __import__("kindred.plan.cli", fromlist=["run"]).run(a))
     add_tokens(sub)
     add_eval(sub)
+    from .bakeoff.cli import add_parser as add_bakeoff
+
+    add_bakeoff(sub)
     return parser
 
 

@@ -123,10 +123,9 @@ class JinjaTemplate(ChatTemplate):
         # Only spellings that can occur matter; longest first so "<|im_end|>" wins over a prefix of it.
         self.specials = tuple(sorted({s for s in specials if s}, key=lambda s: (-len(s), s)))
         self._special_re = re.compile("|".join(map(re.escape, self.specials))) if self.specials else None
-        eot = [s for s in self.specials if eos_token and s == eos_token]
-        self.end_of_turn = eot[0] if eot else ""
         self._cache: dict[str, list[Segment]] = {}
         self._prompt: str | None = None
+        self._eot: str | None = None
 
     # -- rendering ---------------------------------------------------------------------------------------
     def _render_raw(self, messages: Sequence[dict], add_generation_prompt: bool) -> str:
@@ -166,6 +165,35 @@ class JinjaTemplate(ChatTemplate):
 
     def render_text(self, messages: Sequence[dict]) -> str:
         return self._render(messages)[0]
+
+    def render_prompt(self, messages: Sequence[dict]) -> str:
+        """What the model reads before it answers ``messages`` (ending with a user turn), exactly as in
+        training: the rendering of the conversation with one more assistant turn, up to where that turn's
+        trained tokens begin (Qwen3's empty think block included, Phi-4-mini's closing eos not)."""
+        probe = [*messages, {"role": "assistant", "content": "x"}]
+        text = []
+        for seg in self.render(probe):
+            if seg.turn == len(messages) and seg.trainable:
+                return "".join(text)
+            text.append(seg.text)
+        raise KindredValueError(
+            f"{self.origin}: the template trains nothing of an answer to this conversation"
+        )
+
+    @property
+    def end_of_turn(self) -> str:
+        """The trained end-of-turn token (what generation stops at): the last special token of the trained
+        span of a probe conversation's answer; the eos token when there is none."""
+        if self._eot is None:
+            probe = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+            try:
+                trained = [
+                    p for s in self.render(probe) if s.trainable for p in s.parts if type(p) is Special
+                ]
+            except KindredValueError:
+                trained = []
+            self._eot = trained[-1] if trained else self.eos_token
+        return self._eot
 
     def generation_prompt(self) -> str:
         if self._prompt is None:

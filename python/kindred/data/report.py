@@ -168,7 +168,7 @@ class BudgetReport:
                 )
             out.append(t)
         t = Table(
-            title="relative training cost (seed 004: 4K = 1×, 8K = 2×, 16K = 4×, 32K = 8×, 64K = 16×)",
+            title="relative training cost (4K = 1×, 8K = 2×, 16K = 4×, 32K = 8×, 64K = 16×)",
             title_justify="left",
         )
         for c in (

@@ -55,13 +55,16 @@ class ModelPlan:
 
     def render(self, messages: list[dict]) -> str:
         """The prompt text the model answers: the training template exactly, plus its generation prompt."""
+        exact = getattr(self.template, "render_prompt", None)  # a model's own template: as in training
+        if exact is not None:
+            return exact(messages)
         text = self.template.render_text(messages) + self.template.generation_prompt()
         return text + THINK_OFF if self.template.name == "qwen3" else text
 
     def stop_ids(self) -> list[int]:
         from ..generate import stop_token_ids
 
-        ids = stop_token_ids(self.tokenizer, self.template.name)
+        ids = stop_token_ids(self.tokenizer, self.template)
         return ids + [i for i in self.config.eos_token_ids if i not in ids]
 
     def load(self):
@@ -127,7 +130,9 @@ def _trained_template(adapter: Path) -> str | None:
     except yaml.YAMLError:
         return None
     template = (cfg or {}).get("data", {}).get("template") if isinstance(cfg, dict) else None
-    return template if template in TEMPLATES else None
+    return (
+        template if template in TEMPLATES or (isinstance(template, str) and Path(template).exists()) else None
+    )
 
 
 def _template(name, tokenizer, config: DecoderConfig, adapters: dict[str, Path]) -> tuple[ChatTemplate, str]:

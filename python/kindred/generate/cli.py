@@ -85,7 +85,7 @@ def load(args) -> Loaded:
     label = f"{path.name}" + (f" + {Path(args.adapter).name}" if args.adapter else "")
     from .engine import stop_token_ids
 
-    return Loaded(model.eval(), tokenizer, template, stop_token_ids(tokenizer, template.name), label)
+    return Loaded(model.eval(), tokenizer, template, stop_token_ids(tokenizer, template), label)
 
 
 def encode_chat(loaded: Loaded, messages: list[dict]) -> list[int]:

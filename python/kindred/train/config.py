@@ -114,6 +114,21 @@ _CHOICES = {
 }
 
 
+def config_keys() -> list[tuple[str, Any, tuple | None]]:
+    """(dotted key, default, allowed values or None) of every config key, in file order (for --help)."""
+    out = []
+    defaults = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        section = _SECTIONS.get(f.name)
+        if section is None:
+            out.append((f.name, getattr(defaults, f.name), _CHOICES.get(f.name)))
+            continue
+        for g in dataclasses.fields(section):
+            key = f"{f.name}.{g.name}"
+            out.append((key, getattr(getattr(defaults, f.name), g.name), _CHOICES.get(key)))
+    return out
+
+
 def load_config(
     source: TrainConfig | dict | str | Path, overrides: dict | None = None, *, require_sources: bool = True
 ) -> TrainConfig:
@@ -166,9 +181,41 @@ def _set_dotted(raw: dict, key: str, value: Any, where: str) -> None:
         raw[head] = value
 
 
+# TRL / Axolotl / transformers spellings of config keys, and kindred's name for each.
+FOREIGN_KEYS = {
+    "learning_rate": "train.lr",
+    "num_epochs": "train.epochs",
+    "num_train_epochs": "train.epochs",
+    "sequence_len": "data.budget",
+    "max_seq_length": "data.budget",
+    "max_length": "data.budget",
+    "lora_r": "lora.r",
+    "lora_alpha": "lora.alpha",
+    "lora_dropout": "lora.dropout",
+    "lora_target_modules": "lora.targets",
+    "target_modules": "lora.targets",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "micro_batch_size": "train.micro_batch_tokens",
+    "per_device_train_batch_size": "train.micro_batch_tokens",
+    "lr_scheduler": "train.schedule",
+    "lr_scheduler_type": "train.schedule",
+    "output_dir": "output.dir",
+    "save_steps": "output.save_every",
+    "logging_steps": "output.log_every",
+    "base_model": "model",
+    "datasets": "data.path",
+    "dataset": "data.path",
+    "chat_template": "data.template",
+    "load_in_4bit": "quant",
+}
+
+
 def _unknown(key: str, allowed: list[str], where: str) -> KindredValueError:
-    close = difflib.get_close_matches(key.rpartition(".")[2], allowed, n=1)
+    leaf = key.rpartition(".")[2]
+    close = difflib.get_close_matches(leaf, allowed, n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
+    if leaf in FOREIGN_KEYS:
+        hint = f" (did you mean '{FOREIGN_KEYS[leaf]}'? kindred's name for it)"
     return KindredValueError(f"{where}: unknown key '{key}'{hint}; allowed: {', '.join(allowed)}")
 
 

@@ -1,5 +1,5 @@
-"""What a run reports while it trains: a progress bar, metrics files (CSV and JSONL), TensorBoard when
-installed, and a loss-curve PNG at the end."""
+"""What a run records while it trains: metrics files (CSV and JSONL), TensorBoard when installed, and a
+loss-curve PNG at the end (what it prints: kindred.train.progress)."""
 
 from __future__ import annotations
 
@@ -104,41 +104,6 @@ def read_metrics(path: Path) -> list[dict]:
             raise KindredFormatError(f"{path}: line {number} is not a metrics row ({str(e)[:80]})") from None
         rows.append(row)
     return rows
-
-
-class Progress:
-    """A rich progress bar with loss, lr, tokens/s and GPU memory (or nothing when disabled)."""
-
-    def __init__(self, total: int, start: int, enabled: bool):
-        self.bar = None
-        if not enabled:
-            return
-        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
-        from rich.progress import Progress as RichProgress
-
-        self.bar = RichProgress(
-            TextColumn("train"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[info]}"),
-        )
-        self.task = self.bar.add_task("train", total=total, completed=start, info="")
-        self.bar.start()
-
-    def update(self, step: int, row: dict | None) -> None:
-        if self.bar is None:
-            return
-        info = ""
-        if row is not None:
-            info = f"loss {row['loss']:.4f}  lr {row['lr']:.2e}  {row['tokens_per_s']:,.0f} tok/s"
-            if row.get("gpu_mem_gib") is not None:
-                info += f"  {row['gpu_mem_gib']:.1f} GiB"
-        self.bar.update(self.task, completed=step, **({"info": info} if info else {}))
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
 
 
 def plot_loss(rows: list[dict], evals: list[tuple[int, float]], path: Path) -> Path | None:

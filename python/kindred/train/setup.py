@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data import get_template, load_tokenizer, prepare, read_jsonl
+from ..data import get_template, load_tokenizer, prepare, read_chat
 from ..data.jsonl import ChatData
 from ..data.tokenizers import HFTokenizer
 from ..errors import KindredFormatError, KindredValueError
@@ -67,15 +67,24 @@ def _subset(chat: ChatData, index) -> ChatData:
     return ChatData([chat.conversations[i] for i in index], [chat.lines[i] for i in index], chat.path)
 
 
-def load_data(cfg: TrainConfig, tokenizer):
-    """(train Prepared, held-out Prepared or None, template): read, split, tokenize, budget, pack."""
+def _read(key: str, path: str, skip_invalid: bool) -> ChatData:
+    try:
+        return read_chat(path, skip_invalid=skip_invalid)  # any kindred.data.formats format
+    except KindredValueError as e:
+        raise type(e)(f"{key}: {e}") from None
+
+
+def read_sources(cfg: TrainConfig) -> tuple[ChatData, ChatData | None, object]:
+    """(training conversations, held-out conversations or None, template): read, validated and split
+    before the model loads, so a bad data file or template name is reported in seconds."""
     d = cfg.data
-    template = get_template(d.template)
-    chat = read_jsonl(d.path, skip_invalid=d.skip_invalid)
-    held = None
-    if d.eval_path:
-        held = read_jsonl(d.eval_path, skip_invalid=d.skip_invalid)
-    elif d.eval_fraction > 0:
+    try:
+        template = get_template(d.template)
+    except KindredValueError as e:
+        raise type(e)(f"data.template: {e}") from None
+    chat = _read("data.path", d.path, d.skip_invalid)
+    held = _read("data.eval_path", d.eval_path, d.skip_invalid) if d.eval_path else None
+    if held is None and d.eval_fraction > 0:
         n_eval = max(1, round(len(chat) * d.eval_fraction))
         if n_eval >= len(chat):
             raise KindredValueError(
@@ -85,6 +94,14 @@ def load_data(cfg: TrainConfig, tokenizer):
         held, chat = _subset(chat, sorted(order[:n_eval])), _subset(chat, sorted(order[n_eval:]))
     if len(chat) == 0:
         raise KindredFormatError(f"{d.path}: no valid conversation to train on")
+    return chat, held, template
+
+
+def load_data(cfg: TrainConfig, tokenizer, sources=None):
+    """(train Prepared, held-out Prepared or None, template): tokenize, budget, pack the conversations of
+    :func:`read_sources` (read here when not given)."""
+    d = cfg.data
+    chat, held, template = sources or read_sources(cfg)
     row = d.pack or d.budget
 
     def prep(data: ChatData):

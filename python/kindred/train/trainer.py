@@ -38,8 +38,9 @@ from ..ops.loss import linear_cross_entropy
 from ..ops.tokens import IGNORE_INDEX, count_trainable
 from .checkpoint import ADAPTER, latest_checkpoint, load_state, save_checkpoint, write_state
 from .config import TrainConfig, load_config
-from .metrics import MetricsLog, Progress, plot_loss
+from .metrics import MetricsLog, plot_loss
 from .parallel import allreduce_grads, barrier, init_from_env, parallelize
+from .progress import Progress
 from .run_folder import (
     RunLock,
     check_fresh,
@@ -48,7 +49,7 @@ from .run_folder import (
     config_fingerprint,
     data_fingerprint,
 )
-from .setup import distributed, load_data, load_model, model_source
+from .setup import distributed, load_data, load_model, model_source, read_sources
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -148,9 +149,10 @@ class Trainer:
             self.rows_data, self.eval_rows = rows, None
             self.template = get_template(cfg.data.template) if cfg.data.template else None
         else:
+            sources = read_sources(cfg)  # data and template checked before the model loads
             self.model, self.tokenizer, self.hf_config = load_model(cfg, self.device, self.dtype, self.out)
             self.base = model_source(cfg.model).resolve()  # what the adapter names as its base
-            self.prepared, self.eval_prepared, self.template = load_data(cfg, self.tokenizer)
+            self.prepared, self.eval_prepared, self.template = load_data(cfg, self.tokenizer, sources)
             self.rows_data = self.prepared.packed
             self.eval_rows = self.eval_prepared.packed if self.eval_prepared is not None else None
         self.row = self.rows_data.max_tokens
@@ -421,6 +423,8 @@ class Trainer:
         progress = Progress(self.total_steps, self.step, out.progress and self.rank == 0)
         pending: list[dict] = []
         self._t0 = last_time = time.perf_counter()
+        if start is not None and log is not None and log.rows:  # elapsed_s goes on from the checkpoint
+            self._t0 -= log.rows[-1]["elapsed_s"]
         try:
             while self.step < self.total_steps:
                 try:
