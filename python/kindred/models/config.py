@@ -1,8 +1,9 @@
 """DecoderConfig: one description of every supported dense decoder family, read from a HF ``config.json``.
 
 Supported ``model_type`` values: llama (Llama 3.x, SmolLM2), mistral (Mistral, Mistral NeMo), qwen3, phi3
-(Phi-3, Phi-4, Phi-4-mini), gemma3_text (or gemma3, whose ``text_config`` is used) and the mixtures of
-experts qwen3_moe (Qwen3-30B-A3B, Qwen3-Coder-30B-A3B) and gpt_oss (gpt-oss-20b). Keys a config.json may
+(Phi-3, Phi-4, Phi-4-mini), gemma3_text (or gemma3, whose ``text_config`` is used), qwen3_vl (its
+``text_config``: the text decoder is a Qwen3) and the mixtures of experts qwen3_moe (Qwen3-30B-A3B,
+Qwen3-Coder-30B-A3B) and gpt_oss (gpt-oss-20b). Keys a config.json may
 omit take the defaults of the family's transformers configuration class, so a config written by any
 transformers version (``rope_theta``/``rope_scaling`` of v4 or ``rope_parameters`` of v5) reads the same.
 """
@@ -217,6 +218,13 @@ def _parse(cfg: dict[str, Any], source: str) -> DecoderConfig:
         for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
             cfg.setdefault(k, None)
         model_type = "gemma3_text"
+    if model_type == "qwen3_vl":  # Qwen3-VL: its text decoder is a Qwen3 (text-only M-RoPE is plain RoPE)
+        text = cfg.get("text_config")
+        if not isinstance(text, dict):
+            raise KindredValueError(f"{source}: model_type 'qwen3_vl' needs a 'text_config' object")
+        tie = cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
+        cfg = {**text, "model_type": "qwen3", "tie_word_embeddings": tie}
+        model_type = "qwen3"
     if model_type not in FAMILIES:
         raise KindredValueError(
             f"{source}: model_type {model_type!r} is not supported; supported: {FAMILIES}"

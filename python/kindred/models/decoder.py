@@ -189,6 +189,8 @@ class DecoderLM(nn.Module):
         pick_backend(attn_backend, torch.device("cpu"), False, False)  # validates the name
         self.config = config
         self.attn_backend = attn_backend
+        # checkpoint tensors the decoder does not use (a vision tower): name -> file, for export to copy back
+        self.kept_aside: dict[str, str] = {}
         self.model = DecoderModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:

@@ -38,7 +38,9 @@ _BNB_PARTS = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", _B
 _BNB_OTHER = re.compile(r"\.quant_state\.bitsandbytes__(?!nf4$)\w+$")  # FP4 and other 4-bit types
 # Checkpoint name prefixes of Gemma 3's multimodal layout (transformers v4 and v5) -> kindred's names.
 _RENAMES = (("model.language_model.", "model."), ("language_model.model.", "model."), ("language_model.", ""))
-_SKIPPED = re.compile(r"^(model\.)?(vision_tower|multi_modal_projector)\.|\.rotary_emb\.inv_freq$")
+# Vision towers and projectors of multimodal checkpoints (Gemma 3, Qwen3-VL): kept aside, by name, for export.
+_ASIDE = re.compile(r"^(model\.)?(vision_tower|multi_modal_projector|visual)\.")
+_SKIPPED = re.compile(rf"{_ASIDE.pattern}|\.rotary_emb\.inv_freq$")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -142,7 +144,9 @@ def from_pretrained(
             part = q.dequantize(dtype).reshape(q.shape)[rows[0] : rows[1]].contiguous()
             return quantize_nf4(part, q.blocksize, q.double_quant)
 
-        return _materialize(model, names, fetch, fetch_bnb if bnb else None, quant, opts, dtype, device)
+        model = _materialize(model, names, fetch, fetch_bnb if bnb else None, quant, opts, dtype, device)
+        model.kept_aside = {k: str(index.where(k)) for k in index.shapes if _ASIDE.match(k)}
+        return model
 
 
 def _check_args(quant, dtype, device) -> tuple[torch.device, torch.dtype]:
