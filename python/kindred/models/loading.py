@@ -28,7 +28,7 @@ from ..formats.mxfp4 import MXFP4_BLOCK, dequantize_mxfp4, mxfp4_shape
 from ..nn.linear4bit import Linear4bit
 from ..ops.quant import INT4G_DEFAULT_GROUP, NF4_DEFAULT_BLOCKSIZE, quantize_int4g, quantize_nf4
 from ..weights import NF4Weight
-from .config import LINEAR_NAMES, DecoderConfig, load_config
+from .config import QUANTIZED_NAMES, DecoderConfig, load_config
 from .decoder import DecoderLM
 from .moe import ExpertWeight, Router
 
@@ -69,8 +69,9 @@ def from_config(
 
     def fetch(name: str) -> torch.Tensor:
         shape = shapes[name]
-        if name.endswith("norm.weight"):
-            return (torch.zeros if cfg.gemma_norm else torch.ones)(shape, device=device, dtype=dtype)
+        if name.endswith("norm.weight"):  # neutral: w = 0 in (1 + w) norms, 1 elsewhere (the gated norm)
+            zero = cfg.gemma_norm and not name.endswith("linear_attn.norm.weight")
+            return (torch.zeros if zero else torch.ones)(shape, device=device, dtype=dtype)
         if name.endswith(".bias"):
             return torch.zeros(shape, device=device, dtype=dtype)
         g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + names.index(name))
@@ -196,7 +197,7 @@ def _materialize(model, names, fetch, fetch_bnb, quant, opts, dtype, device) -> 
             _set(module, pname, fetch(name).float())
             done.add(name)
             continue
-        if isinstance(module, nn.Linear) and mod_name.rsplit(".", 1)[-1] in LINEAR_NAMES:
+        if isinstance(module, nn.Linear) and mod_name.rsplit(".", 1)[-1] in QUANTIZED_NAMES:
             bias_name = f"{mod_name}.bias"
             bias = fetch(bias_name) if module.bias is not None else None
             q = fetch_bnb(f"{mod_name}.weight") if fetch_bnb is not None else None
