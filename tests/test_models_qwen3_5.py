@@ -125,3 +125,14 @@ def test_adapter_reloads_through_peft(saved, tmp_path):
         ref = peft_model(ids).logits
         assert rel_err(hf(ids).logits, ref) > 1e-3
     assert rel_err(model(ids), ref) < REL_ERR[torch.float32]
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu(saved):
+    _, path = saved
+    cpu = models.from_pretrained(path, dtype=torch.float32)
+    gpu = models.from_pretrained(path, dtype=torch.float32, device="cuda")
+    lengths = [70, 1, 130]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    ids = random_ids((1, sum(lengths)), seed=2)
+    assert rel_err(gpu(ids.cuda(), cu_seqlens=cu.cuda()), cpu(ids, cu_seqlens=cu)) < 5e-4
