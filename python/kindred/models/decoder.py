@@ -149,6 +149,11 @@ class DecoderLayer(nn.Module):
     def forward(self, h, rope, ctx: AttentionContext, cache: KVCache | None = None) -> torch.Tensor:
         x = self.input_layernorm(h)
         if hasattr(self, "linear_attn"):
+            if cache is not None:  # a KV cache holds no recurrent state: decoding would silently restart it
+                raise KindredValueError(
+                    "Qwen3.5's linear-attention layers need a recurrent-state cache, which kindred's KV cache "
+                    "does not hold yet"
+                )
             attn = self.linear_attn(x, ctx.cu_seqlens)
         else:
             attn = self.self_attn(x, rope, ctx, cache)
@@ -269,11 +274,6 @@ class DecoderLM(nn.Module):
         it while other rows go on; generation ends when every row has stopped.
         """
         ids = self._check_ids(input_ids)
-        if LINEAR in self.config.layer_types:
-            raise KindredValueError(
-                "generate: Qwen3.5's linear-attention layers need a recurrent-state cache, which kindred's "
-                "KV cache does not hold yet"
-            )
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise KindredValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
         if temperature < 0:
