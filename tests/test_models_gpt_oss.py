@@ -195,3 +195,16 @@ def test_adapter_reloads_through_peft(saved, tmp_path):
         ref = peft_model(ids).logits
         assert rel_err(hf(ids).logits, ref) > 1e-3
     assert rel_err(model(ids), ref) < REL_ERR[torch.float32]
+
+
+@pytest.mark.gpu
+def test_cuda_flex_sinks_match_cpu(saved):
+    """FlexAttention's logsumexp form of the sinks (compiled, CUDA) against the explicit softmax (CPU)."""
+    _, path = saved
+    cpu = models.from_pretrained(path, dtype=torch.float32, attn_backend="sdpa")
+    gpu = models.from_pretrained(path, dtype=torch.float32, device="cuda", attn_backend="flex")
+    lengths = [70, 1, 130, 55]
+    docs = [random_ids((1, n), seed=i) for i, n in enumerate(lengths)]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    packed = torch.cat(docs, dim=1)
+    assert rel_err(gpu(packed.cuda(), cu_seqlens=cu.cuda()), cpu(packed, cu_seqlens=cu)) < 5e-4

@@ -5,6 +5,7 @@ source; none is copied from the implementation's output.
 """
 
 import argparse
+import dataclasses
 import json
 
 import pytest
@@ -283,8 +284,14 @@ def test_checklist_and_bad_settings():
     assert checks["example within the practical context"]["status"] == "pass"
     long = score.checklist(get("phi-4"), score.PlanSettings(seq=10000), gpus.get_gpu("h200"), GIB)
     assert long["example within the practical context"]["status"] == "fail"  # 10000 > 16384 / 2
+    other = dataclasses.replace(get("qwen3-30b-a3b"), model_type="deepseek_v3")  # not a kindred.models family
+    checks = score.checklist(other, s, gpus.get_gpu("h200"), GIB)
+    assert (
+        checks["kindred trains it"]["status"] == "fail"
+        and "deepseek_v3" in checks["kindred trains it"]["detail"]
+    )
     moe = score.checklist(get("qwen3-30b-a3b"), s, gpus.get_gpu("h200"), GIB)
-    assert moe["kindred trains it"]["status"] == "fail" and "qwen3_moe" in moe["kindred trains it"]["detail"]
+    assert moe["kindred trains it"]["status"] == "pass"
     with pytest.raises(KindredValueError, match="unknown criteria"):
         score.PlanSettings(weights={"vibes": 1})
     with pytest.raises(KindredValueError, match="seq must be positive"):
@@ -299,11 +306,10 @@ def test_plan_records_honesty_and_license_filter():
     h200 = gpus.get_gpu("h200")
     specs = [get(m) for m in ("qwen3-8b", "gpt-oss-20b", "gemma-3-12b", "qwen3-30b-a3b")]
     rows = {r["model"]: r for r in score.plan(specs, h200, score.PlanSettings(infer_format="AWQ"))}
-    # gpt-oss-20b: hidden 2880 = 22.5 × 128, so no AWQ g128 estimate; not a kindred.models family
+    # gpt-oss-20b: hidden 2880 = 22.5 × 128, so no AWQ g128 estimate
     assert rows["gpt-oss-20b"]["infer_gib"] is None and "2880" in rows["gpt-oss-20b"]["format_refused"]
-    assert rows["gpt-oss-20b"]["kindred"] == "plan only" and rows["gpt-oss-20b"]["train_tok_s"] is None
     assert rows["qwen3-8b"]["kindred"] == "trainable" and rows["qwen3-8b"]["infer_gib"] > 5
-    assert rows["qwen3-30b-a3b"]["kindred"] == "plan only"
+    assert rows["gpt-oss-20b"]["kindred"] == rows["qwen3-30b-a3b"]["kindred"] == "trainable"
     permissive = score.plan(specs, h200, score.PlanSettings(license="permissive"))
     assert {r["model"] for r in permissive} == {"qwen3-8b", "gpt-oss-20b", "qwen3-30b-a3b"}  # no Gemma terms
 

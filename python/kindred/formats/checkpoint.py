@@ -13,13 +13,15 @@ from safetensors import SafetensorError, safe_open
 from ..errors import KindredFormatError
 
 # Where Gemma 3's multimodal checkpoints keep the language model (transformers v4 and v5 layouts) -> the
-# text decoder's own names; the vision tower and projector are not the decoder's.
+# text decoder's own names; the vision towers and projectors (Gemma 3, Qwen3-VL) are not the decoder's:
+# loading keeps them aside by name, export writes them back.
 TEXT_PREFIXES = (
     ("model.language_model.", "model."),
     ("language_model.model.", "model."),
     ("language_model.", ""),
 )
-_NOT_DECODER = re.compile(r"^(model\.)?(vision_tower|multi_modal_projector)\.|\.rotary_emb\.inv_freq$")
+ASIDE = re.compile(r"^(model\.)?(vision_tower|multi_modal_projector|visual)\.")
+_NOT_DECODER = re.compile(rf"{ASIDE.pattern}|\.rotary_emb\.inv_freq$")
 # The module path transformers' Gemma3ForConditionalGeneration gives its language model (PEFT names adapters
 # by module path, whatever the file layout).
 MULTIMODAL_TEXT_MODULE = "model.language_model."

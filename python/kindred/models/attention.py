@@ -75,6 +75,7 @@ class AttentionContext:
     doc_ids: torch.Tensor | None = None
     backend: str = "sdpa"
     lengths: torch.Tensor | None = None
+    cu_seqlens: torch.Tensor | None = None  # the packed documents' offsets (linear attention restarts there)
     _masks: dict = dataclasses.field(default_factory=dict)
 
     @property

@@ -1,8 +1,9 @@
 """DecoderConfig: one description of every supported dense decoder family, read from a HF ``config.json``.
 
 Supported ``model_type`` values: llama (Llama 3.x, SmolLM2), mistral (Mistral, Mistral NeMo), qwen3, phi3
-(Phi-3, Phi-4, Phi-4-mini), gemma3_text (or gemma3, whose ``text_config`` is used) and the mixtures of
-experts qwen3_moe (Qwen3-30B-A3B, Qwen3-Coder-30B-A3B) and gpt_oss (gpt-oss-20b). Keys a config.json may
+(Phi-3, Phi-4, Phi-4-mini), gemma3_text (or gemma3, whose ``text_config`` is used), qwen3_vl (its
+``text_config``: the text decoder is a Qwen3) and the mixtures of experts qwen3_moe (Qwen3-30B-A3B,
+Qwen3-Coder-30B-A3B) and gpt_oss (gpt-oss-20b). Keys a config.json may
 omit take the defaults of the family's transformers configuration class, so a config written by any
 transformers version (``rope_theta``/``rope_scaling`` of v4 or ``rope_parameters`` of v5) reads the same.
 """
@@ -17,13 +18,16 @@ from typing import Any
 
 from ..errors import KindredValueError
 
-FAMILIES = ("llama", "mistral", "qwen3", "phi3", "gemma3_text", "qwen3_moe", "gpt_oss")
+FAMILIES = ("llama", "mistral", "qwen3", "phi3", "gemma3_text", "qwen3_moe", "gpt_oss", "qwen3_5_text")
 MOE_FAMILIES = ("qwen3_moe", "gpt_oss")
 # The seven projection linears every family exposes (Phi's fused ones are split on load).
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The linears quantized on load: those seven and Qwen3.5's large linear-attention projections (its
+# in_proj_a / in_proj_b, one row per value head, stay dense).
+QUANTIZED_NAMES = (*LINEAR_NAMES, "in_proj_qkv", "in_proj_z", "out_proj")
 ROPE_TYPES = ("default", "linear", "llama3", "longrope", "yarn")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu")
-FULL, SLIDING = "full_attention", "sliding_attention"
+FULL, SLIDING, LINEAR = "full_attention", "sliding_attention", "linear_attention"
 
 # Defaults of each family's transformers config class for keys a config.json may leave out.
 _DEFAULTS: dict[str, dict[str, Any]] = {
@@ -65,6 +69,18 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
         "swiglu_alpha": 1.702,
         "swiglu_limit": 7.0,
         "router_aux_loss_coef": 0.001,
+    },
+    "qwen3_5_text": {
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+        "rope_theta": 10000.0,
+        "head_dim": 256,
+        "partial_rotary_factor": 0.25,
+        "linear_conv_kernel_dim": 4,
+        "linear_key_head_dim": 128,
+        "linear_value_head_dim": 128,
+        "linear_num_key_heads": 16,
+        "linear_num_value_heads": 32,
     },
     "phi3": {
         "rms_norm_eps": 1e-5,
@@ -161,6 +177,15 @@ class DecoderConfig:
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
     attention_sinks: bool = False
+    # Qwen3.5: (1 + w) norms without Gemma's sandwich, a sigmoid gate on the attention output (q_proj emits
+    # it beside each head's query), and linear-attention layers (gated DeltaNet, linear_attention.py).
+    sandwich_norms: bool = False  # Gemma: four norms per layer
+    attn_output_gate: bool = False
+    linear_key_heads: int = 0
+    linear_value_heads: int = 0
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+    linear_conv_kernel: int = 0
 
     @property
     def is_moe(self) -> bool:
@@ -219,6 +244,20 @@ def _parse(cfg: dict[str, Any], source: str) -> DecoderConfig:
         for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
             cfg.setdefault(k, None)
         model_type = "gemma3_text"
+    if model_type == "qwen3_vl":  # Qwen3-VL: its text decoder is a Qwen3 (text-only M-RoPE is plain RoPE)
+        text = cfg.get("text_config")
+        if not isinstance(text, dict):
+            raise KindredValueError(f"{source}: model_type 'qwen3_vl' needs a 'text_config' object")
+        tie = cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
+        cfg = {**text, "model_type": "qwen3", "tie_word_embeddings": tie}
+        model_type = "qwen3"
+    if model_type == "qwen3_5":  # the multimodal checkpoint: its language model is the text decoder
+        text = cfg.get("text_config")
+        if not isinstance(text, dict):
+            raise KindredValueError(f"{source}: model_type 'qwen3_5' needs a 'text_config' object")
+        tie = cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
+        cfg = {**text, "model_type": "qwen3_5_text", "tie_word_embeddings": tie}
+        model_type = "qwen3_5_text"
     if model_type not in FAMILIES:
         raise KindredValueError(
             f"{source}: model_type {model_type!r} is not supported; supported: {FAMILIES}"
@@ -265,6 +304,20 @@ def _parse(cfg: dict[str, Any], source: str) -> DecoderConfig:
     max_pos = c.get("max_position_embeddings") or 131072
     softcap = c.get("final_logit_softcapping")
     moe = _moe(c, model_type, layers, positive_int, source)
+    if model_type == "qwen3_5_text":
+        moe = {
+            "attn_output_gate": True,
+            "linear_key_heads": positive_int("linear_num_key_heads"),
+            "linear_value_heads": positive_int("linear_num_value_heads"),
+            "linear_key_head_dim": positive_int("linear_key_head_dim"),
+            "linear_value_head_dim": positive_int("linear_value_head_dim"),
+            "linear_conv_kernel": positive_int("linear_conv_kernel_dim"),
+        }
+        if moe["linear_value_heads"] % moe["linear_key_heads"]:
+            raise KindredValueError(
+                f"{source}: linear_num_value_heads ({moe['linear_value_heads']}) must be a multiple of "
+                f"linear_num_key_heads ({moe['linear_key_heads']})"
+            )
     return DecoderConfig(
         model_type=model_type,
         vocab_size=positive_int("vocab_size"),
@@ -284,8 +337,9 @@ def _parse(cfg: dict[str, Any], source: str) -> DecoderConfig:
         sliding_window=window,
         attention_bias=bool(c.get("attention_bias", False)),
         mlp_bias=bool(c.get("mlp_bias", False)),
-        qk_norm=model_type in ("qwen3", "gemma3_text", "qwen3_moe"),
-        gemma_norm=gemma,
+        qk_norm=model_type in ("qwen3", "gemma3_text", "qwen3_moe", "qwen3_5_text"),
+        gemma_norm=gemma or model_type == "qwen3_5_text",
+        sandwich_norms=gemma,
         embed_scale=math.sqrt(hidden) if gemma else None,
         query_pre_attn_scalar=float(c["query_pre_attn_scalar"]) if gemma else None,
         final_logit_softcapping=None if softcap is None else float(softcap),
@@ -350,6 +404,9 @@ def _layer_types(c: dict, model_type: str, layers: int, source: str) -> tuple[in
         types = [SLIDING if window is not None else FULL] * layers
     if types is None and model_type == "gpt_oss":  # sliding and full attention alternate
         types = [SLIDING if (i + 1) % 2 else FULL for i in range(layers)]
+    if types is None and model_type == "qwen3_5_text":  # three linear-attention layers, then a full one
+        every = int(c.get("full_attention_interval") or 4)
+        types = [LINEAR if (i + 1) % every else FULL for i in range(layers)]
     if types is None:
         if model_type == "gemma3_text":
             pattern = int(c.get("sliding_window_pattern") or 6)
@@ -360,10 +417,10 @@ def _layer_types(c: dict, model_type: str, layers: int, source: str) -> tuple[in
         else:  # Mistral and Phi-3 slide in every layer when a window is configured
             types = [SLIDING if window is not None else FULL] * layers
     types = tuple(types)
-    if len(types) != layers or any(t not in (FULL, SLIDING) for t in types):
+    kinds = (FULL, SLIDING, LINEAR) if model_type == "qwen3_5_text" else (FULL, SLIDING)
+    if len(types) != layers or any(t not in kinds for t in types):
         raise KindredValueError(
-            f"{source}: layer_types must list '{FULL}' or '{SLIDING}' for each of the {layers} layers, "
-            f"got {types}"
+            f"{source}: layer_types must list one of {kinds} for each of the {layers} layers, got {types}"
         )
     if SLIDING in types and (not isinstance(window, int) or window <= 0):
         raise KindredValueError(

@@ -24,12 +24,12 @@ from torch import nn
 
 from ..errors import KindredFormatError, KindredValueError
 from ..formats.bnb import nf4_from_bnb
-from ..formats.checkpoint import FUSED_LINEARS, canonical_name
+from ..formats.checkpoint import ASIDE, FUSED_LINEARS, canonical_name
 from ..formats.mxfp4 import MXFP4_BLOCK, dequantize_mxfp4, mxfp4_shape
 from ..nn.linear4bit import Linear4bit
 from ..ops.quant import INT4G_DEFAULT_GROUP, NF4_DEFAULT_BLOCKSIZE, quantize_int4g, quantize_nf4
 from ..weights import NF4Weight
-from .config import LINEAR_NAMES, DecoderConfig, load_config
+from .config import QUANTIZED_NAMES, DecoderConfig, load_config
 from .decoder import DecoderLM
 from .moe import ExpertWeight, Router
 
@@ -65,8 +65,9 @@ def from_config(
 
     def fetch(name: str) -> torch.Tensor:
         shape = shapes[name]
-        if name.endswith("norm.weight"):
-            return (torch.zeros if cfg.gemma_norm else torch.ones)(shape, device=device, dtype=dtype)
+        if name.endswith("norm.weight"):  # neutral: w = 0 in (1 + w) norms, 1 elsewhere (the gated norm)
+            zero = cfg.gemma_norm and not name.endswith("linear_attn.norm.weight")
+            return (torch.zeros if zero else torch.ones)(shape, device=device, dtype=dtype)
         if name.endswith(".bias"):
             return torch.zeros(shape, device=device, dtype=dtype)
         g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + names.index(name))
@@ -140,7 +141,9 @@ def from_pretrained(
             part = q.dequantize(dtype).reshape(q.shape)[rows[0] : rows[1]].contiguous()
             return quantize_nf4(part, q.blocksize, q.double_quant)
 
-        return _materialize(model, names, fetch, fetch_bnb if bnb else None, quant, opts, dtype, device)
+        model = _materialize(model, names, fetch, fetch_bnb if bnb else None, quant, opts, dtype, device)
+        model.kept_aside = {k: str(index.where(k)) for k in index.shapes if ASIDE.match(k)}
+        return model
 
 
 def _check_args(quant, dtype, device) -> tuple[torch.device, torch.dtype]:
@@ -190,7 +193,7 @@ def _materialize(model, names, fetch, fetch_bnb, quant, opts, dtype, device) -> 
             _set(module, pname, fetch(name).float())
             done.add(name)
             continue
-        if isinstance(module, nn.Linear) and mod_name.rsplit(".", 1)[-1] in LINEAR_NAMES:
+        if isinstance(module, nn.Linear) and mod_name.rsplit(".", 1)[-1] in QUANTIZED_NAMES:
             bias_name = f"{mod_name}.bias"
             bias = fetch(bias_name) if module.bias is not None else None
             q = fetch_bnb(f"{mod_name}.weight") if fetch_bnb is not None else None
