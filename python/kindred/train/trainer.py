@@ -438,6 +438,8 @@ class Trainer:
                         self.model.train()
                         if log is not None:
                             log.add_eval(*self.eval_losses[-1])
+                    if log is not None:
+                        log.sync()
                     self.save()
         finally:
             progress.close()
