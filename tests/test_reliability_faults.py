@@ -124,6 +124,8 @@ def kill_and_resume(tmp_path, model, data, steps: int, save_every: int, kills: i
     assert len(losses[1]) == steps and losses[0] == losses[1]  # the same floats, step for step
     a, b = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (out, tmp_path / "ref"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    left = os.listdir(out) + os.listdir(out / "checkpoints")
+    assert not [name for name in left if ".tmp-" in name or ".old-" in name], left
     return {"kills": sum(h[2] == "killed" for h in history), "history": history, "seconds": seconds}
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..atomic import fault_point, write_folder, write_text
+from ..atomic import clean_temp, fault_point, write_folder, write_text
 from ..data import get_template
 from ..errors import KindredError, KindredFormatError, KindredValueError
 from ..nn.lora import apply_lora
@@ -387,6 +387,8 @@ class Trainer:
         """Train to the last step. ``resume``: continue from the latest checkpoint in output.dir (from step 0
         if there is none); ``overwrite``: replace another run's files there (refused otherwise)."""
         lock = RunLock(self.out) if self.rank == 0 else None
+        if lock is not None:
+            clean_temp(self.out)  # what a killed run of this folder left half-written
         try:
             return self._fit(resume, overwrite)
         finally:
