@@ -161,10 +161,14 @@ def test_wrong_tensor_shapes_in_a_checkpoint_are_refused(tiny, run_copy):
 
     blob = latest_checkpoint(run_copy) / "state.safetensors"
     tensors = load_file(blob)
+    original = dict(tensors)
     key = next(k for k in tensors if k.startswith("state.master"))
     tensors[key] = torch.zeros(3)
     save_file(tensors, blob)
     with pytest.raises(kindred.KindredError, match="LoRA tensors that do not match"):
+        kindred.train(run_config(*tiny, run_copy, **{"train.max_steps": 6}), resume=True)
+    save_file({**original, "state.optimizer.state.0.exp_avg": torch.zeros(2, 2)}, blob)
+    with pytest.raises(kindred.KindredFormatError, match=r"optimizer state 0\.exp_avg has shape \(2, 2\)"):
         kindred.train(run_config(*tiny, run_copy, **{"train.max_steps": 6}), resume=True)
 
 
