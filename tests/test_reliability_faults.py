@@ -69,18 +69,20 @@ def _check_latest(out: pathlib.Path) -> int:
     return state["step"]
 
 
-def _plan(rng: random.Random, kills: int, save_every: int) -> list[tuple[str, float]]:
-    """``kills`` (point, n or delay) pairs: every point at least once when there are enough kills."""
+def _plan(rng: random.Random, kills: int, steps: int, save_every: int) -> list[tuple[str, float]]:
+    """``kills`` (point, n or delay) pairs: every point at least once when there are enough kills; a kill
+    comes after up to 2 × steps / kills steps of a process, so the kills spread over the whole run."""
     points = list(POINTS) * (kills // len(POINTS)) + rng.sample(POINTS, kills % len(POINTS))
     rng.shuffle(points)
+    reach = max(2 * save_every, 2 * steps // kills)
     plan = []
     for point in points:
         if point in ("step", "metrics"):
-            plan.append((point, rng.randint(1, 2 * save_every)))
+            plan.append((point, rng.randint(1, reach)))
         elif point == "timer":
             plan.append((point, rng.uniform(0.5, 3.0)))
         else:
-            plan.append((point, rng.randint(1, 2)))
+            plan.append((point, rng.randint(1, max(2, reach // save_every))))
     return plan
 
 
@@ -94,7 +96,7 @@ def kill_and_resume(tmp_path, model, data, steps: int, save_every: int, kills: i
     ref = _start(cfgs["ref"], tmp_path / "ref.log", resume=False)  # alongside the killed run (2 cores)
     out, log = tmp_path / "killed", tmp_path / "killed.log"
     history = []
-    for i, (point, arg) in enumerate(_plan(random.Random(seed), kills, save_every)):
+    for i, (point, arg) in enumerate(_plan(random.Random(seed), kills, steps, save_every)):
         before = _check_latest(out)
         if point == "timer":
             proc = _start(cfgs["killed"], log, resume=i > 0)
