@@ -161,10 +161,14 @@ def test_wrong_tensor_shapes_in_a_checkpoint_are_refused(tiny, run_copy):
 
     blob = latest_checkpoint(run_copy) / "state.safetensors"
     tensors = load_file(blob)
+    original = dict(tensors)
     key = next(k for k in tensors if k.startswith("state.master"))
     tensors[key] = torch.zeros(3)
     save_file(tensors, blob)
     with pytest.raises(kindred.KindredError, match="LoRA tensors that do not match"):
+        kindred.train(run_config(*tiny, run_copy, **{"train.max_steps": 6}), resume=True)
+    save_file({**original, "state.optimizer.state.0.exp_avg": torch.zeros(2, 2)}, blob)
+    with pytest.raises(kindred.KindredFormatError, match=r"optimizer state 0\.exp_avg has shape \(2, 2\)"):
         kindred.train(run_config(*tiny, run_copy, **{"train.max_steps": 6}), resume=True)
 
 
@@ -480,3 +484,14 @@ def test_disk_full_at_every_final_write_names_the_folder_and_keeps_the_old_outpu
         assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == adapter_before
         assert (out / "config.yaml").read_text() == config_before
         assert not [p for p in os.listdir(out) if ".tmp-" in p], k
+
+
+def test_a_resumed_run_removes_what_a_killed_one_left_half_written(tiny, run_copy):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    tag = f"{socket.gethostname()}.{dead.pid}.abcd0005"
+    (run_copy / f".adapter.tmp-{tag}").mkdir()
+    (run_copy / f".adapter.tmp-{tag}" / "adapter_config.json").write_text("{")
+    (run_copy / f".config.yaml.tmp-{tag}").write_text("half")
+    kindred.train(run_config(*tiny, run_copy, **{"train.max_steps": 6}), resume=True)
+    assert not [p for p in os.listdir(run_copy) if ".tmp-" in p]

@@ -103,6 +103,18 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def fsync_file(path: Path) -> None:
+    """fsync an existing file (not through a link); an OSError is a WriteError naming its folder."""
+    try:
+        fd = os.open(path, os.O_RDONLY | _NOFOLLOW)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise write_error(Path(path).parent, Path(path).name, e) from e
+
+
 def fsync_tree(path: Path) -> None:
     """fsync every file and folder under ``path`` (subfolders before their parents), links not followed."""
     for folder, _, files in os.walk(path, topdown=False):

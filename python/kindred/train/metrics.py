@@ -8,7 +8,7 @@ import io
 import json
 from pathlib import Path
 
-from ..atomic import append_bytes, refuse_symlink, write_bytes
+from ..atomic import append_bytes, fsync_file, refuse_symlink, write_bytes
 from ..errors import KindredFormatError
 
 FIELDS = (
@@ -76,6 +76,11 @@ class MetricsLog:
                 for key in ("loss", "lr", "grad_norm", "tokens_per_s", "gpu_mem_gib"):
                     if r.get(key) is not None:
                         self.tb.add_scalar(f"train/{key}", r[key], r["step"])
+
+    def sync(self) -> None:
+        """Make the rows written so far durable (before a checkpoint that covers them)."""
+        fsync_file(self.jsonl_path)
+        fsync_file(self.csv_path)
 
     def add_eval(self, step: int, loss: float) -> None:
         if self.tb is not None:

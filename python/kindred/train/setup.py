@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..atomic import write_text
 from ..data import get_template, load_tokenizer, prepare, read_chat
 from ..data.jsonl import ChatData
 from ..data.tokenizers import HFTokenizer
@@ -52,7 +53,7 @@ def load_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype, out: 
             tokenizer = load_tokenizer(cfg.data.tokenizer)
         else:
             tok_path = out / "tokenizer.json"
-            gguf_tokenizer(path).save(str(tok_path))
+            write_text(tok_path, gguf_tokenizer(path).to_str())  # atomic; never through a planted link
             tokenizer = HFTokenizer(tok_path)
         return model, tokenizer, hf_config
     if not path.is_dir():

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..atomic import fault_point, write_folder, write_text
+from ..atomic import clean_temp, fault_point, write_folder, write_text
 from ..data import get_template
 from ..errors import KindredError, KindredFormatError, KindredValueError
 from ..nn.lora import apply_lora
@@ -354,11 +354,13 @@ class Trainer:
                 f"{self.rows_per_step} (rows per micro-step × train.grad_accum × {self.world} ranks); "
                 f"set train.grad_accum to {state['rows_per_step'] / per_rank:g} to resume"
             )
-        train_now = {**now["train"], "grad_accum": saved.get("train", {}).get("grad_accum")}
+        saved_train = saved.get("train") if isinstance(saved.get("train"), dict) else {}
+        train_now = {**now["train"], "grad_accum": saved_train.get("grad_accum")}
         differ = config_differences(saved, {**now, "train": train_now})
         if differ:
             raise KindredValueError(f"{path}: cannot resume with a different config ({'; '.join(differ)})")
-        check_same_data(state["fingerprint"].get("data") or {}, self._data_fingerprint(), path)
+        data = state["fingerprint"].get("data")
+        check_same_data(data if isinstance(data, dict) else {}, self._data_fingerprint(), path)
         where = path / "state.json"
         masters = state["master"]
         shapes = [tuple(m.shape) for m in self.master]
@@ -368,6 +370,11 @@ class Trainer:
                 f"{len(self.master)} (fp32, shapes {shapes[:2]}...)"
             )
         try:
+            for index, values in state["optimizer"]["state"].items():  # AdamW's moments: the weight's shape
+                for key, value in values.items():
+                    shape = tuple(value.shape) if isinstance(value, torch.Tensor) else ()
+                    if shape and shape != tuple(masters[index].shape):
+                        raise ValueError(f"optimizer state {index}.{key} has shape {shape}")
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             step, cursor = state["step"], state["cursor"]
@@ -382,7 +389,7 @@ class Trainer:
             torch.set_rng_state(rng["torch"])
             if "cuda" in rng and self.device.type == "cuda":
                 torch.cuda.set_rng_state_all(rng["cuda"])
-        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, OverflowError) as e:
+        except _BAD_STATE as e:
             raise KindredFormatError(f"{where}: not a usable checkpoint state ({str(e)[:160]})") from None
         with torch.no_grad():
             for m, value in zip(self.master, masters, strict=True):
@@ -395,6 +402,8 @@ class Trainer:
         """Train to the last step. ``resume``: continue from the latest checkpoint in output.dir (from step 0
         if there is none); ``overwrite``: replace another run's files there (refused otherwise)."""
         lock = RunLock(self.out) if self.rank == 0 else None
+        if lock is not None:
+            clean_temp(self.out)  # what a killed run of this folder left half-written
         try:
             return self._fit(resume, overwrite)
         finally:
@@ -448,6 +457,8 @@ class Trainer:
                         self.model.train()
                         if log is not None:
                             log.add_eval(*self.eval_losses[-1])
+                    if log is not None:
+                        log.sync()
                     self.save()
         finally:
             progress.close()
@@ -513,6 +524,10 @@ class Trainer:
             self.template,
             self.cfg,
         )
+
+
+# What torch, random and numpy raise for a state of the wrong shape (load_state checked the outline).
+_BAD_STATE = (KeyError, TypeError, ValueError, RuntimeError, IndexError, OverflowError, AttributeError)
 
 
 def _real(packed, rows: np.ndarray) -> int:
