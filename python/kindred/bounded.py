@@ -194,7 +194,7 @@ def loads_yaml(
         raise KindredFormatError(f"{where}: a value cannot be read ({e})") from None
 
 
-def load_yaml(path: str | os.PathLike, *, limit: int = 1 << 20, **limits) -> Any:
+def load_yaml(path: str | os.PathLike, *, limit: int = 256 << 10, **limits) -> Any:
     """:func:`loads_yaml` of the file ``path`` (errors name it)."""
     return loads_yaml(read_limited(path, limit, "YAML file"), str(path), **limits)
 
@@ -204,19 +204,28 @@ def confined(folder: str | os.PathLike, name: Any, what: str = "file name") -> P
     path (absolute, with a ``..`` part, empty) or resolves, through symlinks, outside ``folder`` (except
     into the ``blobs`` folder of a Hugging Face cache snapshot, which is how the hub cache stores files)."""
     root = Path(folder)
-    if not isinstance(name, str) or not name or "\x00" in name:
-        raise KindredFormatError(f"{root}: {what} {name!r} is not a file name")
+    if not isinstance(name, str) or not name or "\x00" in name or len(name) > 4096:
+        raise KindredFormatError(f"{root}: {what} {_short(name)} is not a file name")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate, from a JSON escape such as \ud800
+        raise KindredFormatError(f"{root}: {what} {_short(name)} is not valid UTF-8") from None
     rel = Path(name)
     if rel.is_absolute() or name.startswith(("/", "\\")) or ".." in re.split(r"[\\/]", name):
-        raise KindredFormatError(f"{root}: {what} {name!r} must be a relative path inside the folder")
+        raise KindredFormatError(f"{root}: {what} {_short(name)} must be a relative path inside the folder")
+    if any(len(part.encode("utf-8")) > 255 for part in rel.parts):
+        raise KindredFormatError(f"{root}: {what} {_short(name)} has a part longer than 255 bytes")
     target = root / rel
-    base = root.resolve()
-    resolved = target.resolve()
+    try:
+        base = root.resolve()
+        resolved = target.resolve()
+    except (OSError, RuntimeError) as e:  # a name too long, a symlink loop
+        raise KindredFormatError(f"{root}: {what} {_short(name)} cannot be resolved ({e})") from None
     # A Hugging Face cache snapshot (<repo>/snapshots/<rev>/) links its files to <repo>/blobs/.
     blobs = base.parent.parent / "blobs" if base.parent.name == "snapshots" else None
     inside = resolved == base or base in resolved.parents
     if not inside and not (blobs is not None and resolved.parent == blobs):
-        raise KindredFormatError(f"{root}: {what} {name!r} resolves outside the folder (to {resolved})")
+        raise KindredFormatError(f"{root}: {what} {_short(name)} resolves outside the folder (to {resolved})")
     return target
 
 

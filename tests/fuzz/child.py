@@ -12,6 +12,7 @@ import os
 import pickle
 import resource
 import signal
+import sys
 import time
 import traceback
 
@@ -38,7 +39,10 @@ def virtual_size() -> int:
 
 
 def limit_memory(extra: int) -> None:
-    """Cap this process's address space at its current size plus ``extra`` bytes."""
+    """Cap this forked process's address space at its current size plus ``extra`` bytes, and keep torch
+    on one thread (an OpenMP pool the parent started does not survive the fork: using it hangs)."""
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
     cap = virtual_size() + extra
     resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
 

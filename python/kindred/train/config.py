@@ -226,7 +226,7 @@ def _coerce(key: str, f: dataclasses.Field, value: Any, where: str) -> Any:
                 raise bad("a number") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("a number")
-        if not math.isfinite(value) or abs(value) > 1e300:
+        if not _finite(value):
             raise bad("a finite number")
         return float(value)
     if base == "str":
@@ -235,7 +235,7 @@ def _coerce(key: str, f: dataclasses.Field, value: Any, where: str) -> Any:
         return str(value)
     if base == "list[float]":
         if not isinstance(value, (list, tuple)) or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value
+            isinstance(v, (int, float)) and not isinstance(v, bool) and _finite(v) for v in value
         ):
             raise bad("a list of finite numbers")
         return [float(v) for v in value]
@@ -246,6 +246,11 @@ def _coerce(key: str, f: dataclasses.Field, value: Any, where: str) -> Any:
             raise bad("a non-empty list of module names, a regex or 'all-linear'")
         return list(value)
     raise AssertionError(f"config field {key} has an unhandled type {kind}")  # a bug in this file
+
+
+def _finite(value: int | float) -> bool:
+    """A number a float holds (a YAML integer of 400 digits does not: float() would overflow)."""
+    return abs(value) <= 1e300 and math.isfinite(value)
 
 
 def _check(cfg: TrainConfig, where: str, require_sources: bool) -> None:
