@@ -438,8 +438,17 @@ BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
             seeds.TRAIN_YAML.replace(b"r: 8", b"r: 100000000000000000000"),
             r"'lora.r' must be an integer of at most 63",
         ),
+        (b"model: x\n1.5: y\n", r"key 1.5 is not a name"),
+        (b'model: "\\ud800"\n', r"lone UTF-16 surrogate"),
+        (
+            seeds.TRAIN_YAML.replace(b"lr: 1.0e-4", b"lr: " + b"9" * 400),
+            r"'train.lr' must be a finite number",
+        ),
     ],
     ids=[
+        "number-key",
+        "lone-surrogate",
+        "lr-400-digits",
         "utf8",
         "deep",
         "self-alias",
@@ -466,6 +475,19 @@ def test_training_yaml_seed_with_an_alias_loads(tmp_path):
 
 
 # ------------------------------------------------------------------------------------- tokenizers
+
+
+def test_json_lone_surrogate_escapes_are_refused(tmp_path):
+    from kindred.data.tokenizers import load_tokenizer
+
+    path = seeds.tokenizer_json(tmp_path / "tokenizer.json")
+    obj = json.loads(path.read_text())
+    obj["model"]["merges"][2] = ["ab", "@@"]
+    text = json.dumps(obj).replace('"@@"', '"\\ud800"')
+    assert "\\ud800" in text
+    path.write_text(text)
+    with pytest.raises(KindredFormatError, match=r"tokenizer.json: not a valid tokenizer.json .*lone UTF-16"):
+        load_tokenizer(path)
 
 
 def test_wordpiece_without_its_unk_token_is_refused_at_load(tmp_path):

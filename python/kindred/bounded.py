@@ -25,6 +25,7 @@ MAX_NUMBER_CHARS = 100  # an integer literal longer than this is refused (int() 
 
 # A JSON string (no raw newline can be inside one) or a bracket: what the depth scan looks at.
 _JSON_TOKEN = re.compile(rb'"(?:[^"\\\n]|\\.)*"|[\[\]{}]')
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
 
 def read_limited(path: str | os.PathLike, limit: int = MAX_BYTES, what: str = "file") -> bytes:
@@ -89,16 +90,24 @@ def _refuse_constant(s: str):
     raise _BadNumber(s)
 
 
-def loads_json(data: bytes | str, where: str, *, max_depth: int = MAX_DEPTH, limit: int = MAX_BYTES) -> Any:
+def loads_json(
+    data: bytes | str,
+    where: str,
+    *,
+    max_depth: int = MAX_DEPTH,
+    limit: int = MAX_BYTES,
+    allow_surrogates: bool = False,
+) -> Any:
     """Parse JSON from untrusted bytes: UTF-8, at most ``limit`` bytes and ``max_depth`` levels, finite
-    numbers (NaN, Infinity and 1e400 are refused), integer literals of at most 100 digits."""
+    numbers (NaN, Infinity and 1e400 are refused), integer literals of at most 100 digits, no string with
+    a lone surrogate escape (unless ``allow_surrogates``: the caller checks its strings field by field)."""
     raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else bytes(data)
     if len(raw) > limit:
         raise KindredFormatError(f"{where}: larger than the {limit:,} bytes kindred reads")
     text = decode_utf8(raw, where)
     check_json_depth(raw, where, max_depth)
     try:
-        return json.loads(
+        value = json.loads(
             text, parse_int=_parse_int, parse_float=_parse_float, parse_constant=_refuse_constant
         )
     except json.JSONDecodeError as e:
@@ -116,6 +125,38 @@ def loads_json(data: bytes | str, where: str, *, max_depth: int = MAX_DEPTH, lim
         ) from None
     except RecursionError:  # cannot happen under the depth check; kept for a caller's tiny stack
         raise KindredFormatError(f"{where}: nested too deeply") from None
+    if not allow_surrogates and _SURROGATE_ESCAPE.search(raw):
+        _check_surrogates(value, raw, where)
+    return value
+
+
+def _lone_surrogate(value: Any) -> str | None:
+    """The first string (key or value) in ``value`` holding a lone UTF-16 surrogate (JSON's or YAML's
+    escape \\ud800 alone): not Unicode, it fails the first time the string is encoded (a file name)."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+        elif isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return v
+    return None
+
+
+def _check_surrogates(value: Any, raw: bytes, where: str) -> None:
+    bad = _lone_surrogate(value)
+    if bad is not None:
+        m = _SURROGATE_ESCAPE.search(raw)
+        line = f" line {_line_of(raw, m.start())}:" if b"\n" in raw.rstrip(b"\r\n") else ""
+        raise KindredFormatError(
+            f"{where}:{line} a string holds a lone UTF-16 surrogate escape ({_short(bad)})"
+        )
 
 
 def load_json(path: str | os.PathLike, *, limit: int = MAX_BYTES, max_depth: int = MAX_DEPTH) -> Any:
@@ -185,13 +226,17 @@ def loads_yaml(
                 raise KindredFormatError(
                     f"{where}: line {line}: more than {max_nodes:,} values once aliases are expanded"
                 )
-        return yaml.load(text, Loader=yaml.SafeLoader)
+        value = yaml.load(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as e:
         raise mark_error(e) from None
     except KindredFormatError:
         raise
     except (ValueError, OverflowError, TypeError) as e:  # constructors: a date like 2001-02-30, huge ints
         raise KindredFormatError(f"{where}: a value cannot be read ({e})") from None
+    bad = _lone_surrogate(value)
+    if bad is not None:
+        raise KindredFormatError(f"{where}: a string holds a lone UTF-16 surrogate escape ({_short(bad)})")
+    return value
 
 
 def load_yaml(path: str | os.PathLike, *, limit: int = 256 << 10, **limits) -> Any:

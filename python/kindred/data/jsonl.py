@@ -164,7 +164,7 @@ def read_jsonl(path: str | os.PathLike, *, skip_invalid: bool = False) -> ChatDa
                     continue
                 where = f"{p}:{lineno}"
                 try:  # invalid UTF-8, malformed JSON, deep nesting or an out-of-range number
-                    obj = loads_json(raw, where)
+                    obj = loads_json(raw, where, allow_surrogates=True)  # named by field below
                 except KindredFormatError as e:
                     raise _LineError("", str(e).removeprefix(f"{where}: ")) from None
                 messages = validate_conversation(obj)

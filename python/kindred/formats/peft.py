@@ -65,8 +65,9 @@ def _regex(pattern, where: str) -> str:
         raise KindredFormatError(
             f"{where} must be a regex string of at most 1000 characters, got {pattern!r}"
         )
-    try:
+    try:  # alone, and as pattern_value embeds it (a "(?i)" inside the pattern is an error there)
         re.compile(pattern)
+        re.compile(rf"(.*\.)?({pattern})$")
     except (re.error, RecursionError, OverflowError) as e:
         raise KindredFormatError(f"{where}: {pattern!r} is not a valid regex ({e})") from None
     return pattern

@@ -284,7 +284,7 @@ def _number(c: dict, key: str, source: str, lo: float, hi: float, lo_open: bool 
 def _token_ids(c: dict, key: str, vocab: int, source: str) -> int | tuple[int, ...] | None:
     """A special token id (eos_token_id may be a list), each in [0, vocab_size) — or absent."""
     v = c.get(key)
-    if v is None:
+    if v is None or (key == "pad_token_id" and v == -1):  # some configs write -1 for "no pad token"
         return None
     if key == "eos_token_id" and isinstance(v, list):
         if len(v) > 64:

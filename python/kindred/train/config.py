@@ -162,7 +162,9 @@ def _set_dotted(raw: dict, key: str, value: Any, where: str) -> None:
         raw[head] = value
 
 
-def _unknown(key: str, allowed: list[str], where: str) -> KindredValueError:
+def _unknown(key, allowed: list[str], where: str) -> KindredValueError:
+    if not isinstance(key, str):  # YAML keys may be numbers, dates, null
+        return KindredValueError(f"{where}: key {key!r:.60} is not a name; allowed: {', '.join(allowed)}")
     close = difflib.get_close_matches(key.rpartition(".")[2], allowed, n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     return KindredValueError(f"{where}: unknown key '{key}'{hint}; allowed: {', '.join(allowed)}")
