@@ -28,7 +28,7 @@ from ..data import load_tokenizer
 from ..data.tokenizers import TOKENIZER_FILES, save_tokenizer_files
 from ..errors import KindredFormatError, KindredValueError
 from ..formats.bnb import nf4_from_bnb
-from ..formats.checkpoint import canonical_name, checkpoint_files, fused_parts
+from ..formats.checkpoint import canonical_name, fused_parts, shard_files
 from ..formats.peft import pattern_value, read_adapter
 from ..models import LINEAR_NAMES, DecoderConfig, load_config
 from ..models.loading import fused_layout
@@ -162,7 +162,7 @@ def _is_linear(canon: str | None) -> bool:
 
 def _stream(base: Path, plan: _Plan, writer: ShardWriter, onto, opts, allow_quantized: bool) -> torch.dtype:
     """Every tensor of ``base`` into ``writer``, updates added; returns the dtype of the weights written."""
-    files = checkpoint_files(base)
+    files = shard_files(base)
     with contextlib.ExitStack() as stack:
         handles = []
         for f in files:

@@ -3,15 +3,16 @@ names checkpoints give the decoder's tensors: Gemma 3's multimodal prefixes, Phi
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
+from ..bounded import confined, json_object
 from ..errors import KindredFormatError
 
+INDEX_NAME = "model.safetensors.index.json"
 # Where Gemma 3's multimodal checkpoints keep the language model (transformers v4 and v5 layouts) -> the
 # text decoder's own names; the vision towers and projectors (Gemma 3, Qwen3-VL) are not the decoder's:
 # loading keeps them aside by name, export writes them back.
@@ -53,27 +54,32 @@ def fused_parts(name: str) -> tuple[str, ...] | None:
     return None
 
 
-def checkpoint_files(path: Path) -> list[Path]:
-    """The safetensors files of a checkpoint: the file itself, the shards an index lists, or every one."""
+def shard_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: ``path`` itself, the shards its index json names (each
+    confined to the folder: no absolute path, ``..`` or symlink out; all present), or its *.safetensors."""
     if path.is_file():
         return [path]
-    index = path / "model.safetensors.index.json"
+    index = path / INDEX_NAME
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise KindredFormatError(f"{index}: not a safetensors index ({e})") from None
-        return sorted({path / f for f in weight_map.values()})
+        weight_map = json_object(index, limit=64 << 20).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise KindredFormatError(f"{index}: not a safetensors index (needs a 'weight_map' object)")
+        names = set(weight_map.values())
+        files = sorted(confined(path, name, f"{INDEX_NAME}: shard") for name in names)
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise KindredFormatError(f"{index}: lists shard(s) that are not in the directory: {missing}")
+        return files
     files = sorted(path.glob("*.safetensors"))
     if not files:
-        raise KindredFormatError(f"{path}: no .safetensors file here")
+        raise KindredFormatError(f"{path}: no model.safetensors (or sharded index) here")
     return files
 
 
 def read_prefix(path: str | Path, prefix: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Every tensor named ``prefix + '.' + rest``, read lazily through safetensors, keyed by ``rest``."""
     out: dict[str, torch.Tensor] = {}
-    for shard in checkpoint_files(Path(path)):
+    for shard in shard_files(Path(path)):
         try:
             with safe_open(str(shard), framework="pt", device=str(device)) as f:
                 for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import re
 from pathlib import Path
 
@@ -23,8 +22,8 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ..errors import KindredFormatError, KindredValueError
-from ..formats.bnb import nf4_from_bnb
-from ..formats.checkpoint import ASIDE, FUSED_LINEARS, canonical_name
+from ..formats.bnb import nf4_from_bnb, parse_bnb_state
+from ..formats.checkpoint import ASIDE, FUSED_LINEARS, canonical_name, shard_files
 from ..formats.mxfp4 import MXFP4_BLOCK, dequantize_mxfp4, mxfp4_shape
 from ..nn.linear4bit import Linear4bit
 from ..ops.quant import INT4G_DEFAULT_GROUP, NF4_DEFAULT_BLOCKSIZE, quantize_int4g, quantize_nf4
@@ -100,12 +99,15 @@ def from_pretrained(
         raise KindredValueError(f"path must be a model directory (config.json + safetensors), got {path}")
     cfg = load_config(path)
     device, dtype = _check_args(quant, dtype, device)
-    model = _skeleton(cfg, attn_backend)
-    names = _parameter_names(model)
-    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     opts = {"blocksize": blocksize, "double_quant": double_quant, "group_size": group_size}
     with contextlib.ExitStack() as stack:
         index = _Index(path, stack)
+        check_layer_count(
+            cfg, filter(None, map(canonical_name, index.shapes)), r"model\.layers\.(\d+)\.", path
+        )
+        model = _skeleton(cfg, attn_backend)
+        names = _parameter_names(model)
+        shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
         plan, bnb = _plan(index, cfg, names, shapes, path)
         if bnb and quant == "int4g":
             raise KindredValueError(
@@ -158,6 +160,25 @@ def _check_args(quant, dtype, device) -> tuple[torch.device, torch.dtype]:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     return device, dtype
+
+
+def check_layer_count(cfg: DecoderConfig, names, pattern: str, path) -> None:
+    """Refuse a config whose num_hidden_layers differs from the layers the checkpoint's tensor ``names``
+    hold (``pattern``'s group 1 is the layer index), before a skeleton of that many layers is built."""
+    found = {int(m.group(1)) for n in names if n and (m := re.match(pattern, n))}
+    want = set(range(cfg.num_layers))
+    if found == want:
+        return
+    missing, extra = sorted(want - found), sorted(found - want)
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: model.layers.{missing[0]}.* ({len(missing)} layers missing)")
+    if extra:
+        problems.append(f"unexpected tensors: model.layers.{extra[0]}.* ({len(extra)} layers more)")
+    raise KindredFormatError(
+        f"{path}: the checkpoint does not match its {cfg.model_type} config — num_hidden_layers is "
+        f"{cfg.num_layers} but the checkpoint holds {len(found)} layers; " + "; ".join(problems)
+    )
 
 
 def _skeleton(cfg: DecoderConfig, attn_backend: str) -> DecoderLM:
@@ -234,20 +255,7 @@ class _Index:
     """Names, shapes and shard of every tensor in a checkpoint directory; reads one tensor at a time."""
 
     def __init__(self, path: Path, stack: contextlib.ExitStack):
-        index = path / "model.safetensors.index.json"
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-                files = sorted({path / f for f in weight_map.values()})
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-                raise KindredFormatError(f"{index}: not a safetensors index ({e!r})") from None
-            missing = [f.name for f in files if not f.is_file()]
-            if missing:
-                raise KindredFormatError(f"{index}: lists shard(s) that are not in the directory: {missing}")
-        else:
-            files = sorted(path.glob("*.safetensors"))
-            if not files:
-                raise KindredFormatError(f"{path}: no model.safetensors (or sharded index) here")
+        files = shard_files(path)
         self.files: dict[str, Path] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
         self._handles = {}
@@ -434,10 +442,5 @@ def _stored_shape(index: _Index, key: str, path: Path) -> tuple[int, ...]:
     """The logical shape of a checkpoint tensor (a bnb 4-bit weight's shape is in its quant state)."""
     if key + _BNB_STATE not in index.shapes:
         return index.shapes[key]
-    blob = bytes(index.read(key + _BNB_STATE).tolist())
-    try:
-        return tuple(json.loads(blob.decode("utf-8"))["shape"])
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise KindredFormatError(
-            f"{index.where(key)}: '{key}{_BNB_STATE}' is not a bnb quant state ({e!r})"
-        ) from None
+    state = parse_bnb_state(index.read(key + _BNB_STATE), key + _BNB_STATE, str(index.where(key)))
+    return tuple(state["shape"])
