@@ -35,7 +35,8 @@ _QWEN2_SPLIT = (
     r"|\s+(?!\S)|\s+"
 )
 PRE_TOKENIZERS = ("default", "gpt-2", "smollm", "llama-bpe", "llama3", "qwen2")
-_TOKEN_CONTROL, _TOKEN_USER_DEFINED = 3, 4
+PRE_SPLITS = {"llama-bpe": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT}  # the split regex of each such name
+TOKEN_CONTROL, TOKEN_USER_DEFINED = 3, 4
 
 
 def _need_gguf():
@@ -379,7 +380,7 @@ def tokenizer_from_gguf(source: str | Path | dict[str, Any]):
             [pre_tokenizers.Digits(individual_digits=True), byte_level]
         )
     elif pre in ("llama-bpe", "llama3", "qwen2"):
-        split = _QWEN2_SPLIT if pre == "qwen2" else _LLAMA3_SPLIT
+        split = PRE_SPLITS["qwen2" if pre == "qwen2" else "llama-bpe"]
         tok.pre_tokenizer = pre_tokenizers.Sequence(
             [pre_tokenizers.Split(Regex(split), behavior="isolated"), byte_level]
         )
@@ -392,12 +393,10 @@ def tokenizer_from_gguf(source: str | Path | dict[str, Any]):
     special = [
         AddedToken(t, special=True, normalized=False)
         for t, k in zip(tokens, types, strict=True)
-        if k == _TOKEN_CONTROL
+        if k == TOKEN_CONTROL
     ]
     added = [
-        AddedToken(t, normalized=False)
-        for t, k in zip(tokens, types, strict=True)
-        if k == _TOKEN_USER_DEFINED
+        AddedToken(t, normalized=False) for t, k in zip(tokens, types, strict=True) if k == TOKEN_USER_DEFINED
     ]
     tok.add_special_tokens(special)
     tok.add_tokens(added)
