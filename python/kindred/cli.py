@@ -1,4 +1,5 @@
-"""The ``kindred`` command: ``demo | train | generate | chat | eval | tokens | plan | formats | doctor``."""
+"""The ``kindred`` command: ``demo | train | generate | chat | eval | export | tokens | plan | formats |
+doctor``."""
 
 from __future__ import annotations
 
@@ -94,6 +95,7 @@ def doctor(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from .data.cli import add_parser as add_tokens
     from .eval.cli import add_parser as add_eval
+    from .export.cli import add_parser as add_export
     from .plan.cli import add_parser as add_plan
 
     parser = argparse.ArgumentParser(prog="kindred", description="Fast, lean, predictable QLoRA on one GPU.")
@@ -145,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan(sub).set_defaults(func=lambda a: __import__("kindred.plan.cli", fromlist=["run"]).run(a))
     add_tokens(sub)
     add_eval(sub)
+    add_export(sub)
     return parser
 
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..data import get_template, load_tokenizer, prepare, read_jsonl
-from ..data.jsonl import ChatData
+from ..data.jsonl import ChatData, held_out_split
 from ..data.tokenizers import HFTokenizer
 from ..errors import KindredFormatError, KindredValueError
 from ..models import from_gguf, from_pretrained, gguf_tokenizer, smollm2_gguf_path
@@ -63,10 +62,6 @@ def load_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype, out: 
     return model, tokenizer, hf_config
 
 
-def _subset(chat: ChatData, index) -> ChatData:
-    return ChatData([chat.conversations[i] for i in index], [chat.lines[i] for i in index], chat.path)
-
-
 def load_data(cfg: TrainConfig, tokenizer):
     """(train Prepared, held-out Prepared or None, template): read, split, tokenize, budget, pack."""
     d = cfg.data
@@ -76,13 +71,7 @@ def load_data(cfg: TrainConfig, tokenizer):
     if d.eval_path:
         held = read_jsonl(d.eval_path, skip_invalid=d.skip_invalid)
     elif d.eval_fraction > 0:
-        n_eval = max(1, round(len(chat) * d.eval_fraction))
-        if n_eval >= len(chat):
-            raise KindredValueError(
-                f"data.eval_fraction: {d.eval_fraction} of {len(chat)} conversations leaves none to train on"
-            )
-        order = np.random.default_rng(cfg.train.seed).permutation(len(chat))
-        held, chat = _subset(chat, sorted(order[:n_eval])), _subset(chat, sorted(order[n_eval:]))
+        chat, held = held_out_split(chat, d.eval_fraction, cfg.train.seed)
     if len(chat) == 0:
         raise KindredFormatError(f"{d.path}: no valid conversation to train on")
     row = d.pack or d.budget
