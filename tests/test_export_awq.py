@@ -61,7 +61,9 @@ def test_compressed_tensors_read_by_transformers_and_kindred(quantized, tmp_path
     # kindred loads the checkpoint as stored: the same INT4g model, bit for bit
     again = models.from_pretrained(out, dtype=torch.float32)
     assert torch.equal(again(ids), logits)
-    # transformers + compressed-tensors on the CPU (dequantize=True: see test_compressed_run_path below)
+    # transformers + compressed-tensors on the CPU, dequantize=True: its compressed path (compressed-tensors
+    # 0.20) builds weight_zero_point unpacked [N, K/g] for asymmetric groups while the format (and vLLM, and
+    # llm-compressor's checkpoints) store it packed [N/8, K/g], so it refuses every asymmetric W4A16 folder
     import transformers
 
     cls = (
@@ -134,22 +136,6 @@ def test_awq_gemm_matches_an_independent_unpacker(quantized, tmp_path):
     assert not unexpected and all("lm_head" in m for m in missing)  # a tied head is not stored
     assert rel_err(hf_logits(twin.eval(), ids), logits) < FP32
     assert torch.equal(models.from_pretrained(out, dtype=torch.float32)(ids), logits)
-
-
-@pytest.mark.filterwarnings("ignore::UserWarning")
-def test_compressed_run_path_cannot_load_asymmetric_groups(tmp_path):
-    """transformers' compressed (run_compressed) path with compressed-tensors 0.20 builds an unpacked
-    [N, K/g] weight_zero_point for asymmetric group quantization while the format (and vLLM) store it
-    packed [N/8, K/g]: it refuses every asymmetric W4A16 checkpoint, llm-compressor's included. This pins
-    that limitation; dequantize=True (above) reads the format."""
-    import transformers
-
-    base = tmp_path / "base"
-    saved_base("llama3", base)
-    model = round_to_nearest(models.from_pretrained(base, dtype=torch.float32), GROUP)
-    out = save_w4a16(model, json.loads((base / "config.json").read_text()), tmp_path / "ct", base=base)
-    with pytest.raises(RuntimeError, match="mismatched"):
-        transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
 
 
 def test_awq_beats_round_to_nearest_on_a_tiny_model():

@@ -131,7 +131,7 @@ def run_gate(
 
 def template_hash(template, folder: Path) -> str:
     """sha256 of the chat template the export carries (its Jinja text, if any) and of kindred's rendering
-    of a probe conversation with ``template``: changes whenever what the model is prompted with changes."""
+    of a probe conversation with ``template`` (and its name): it changes whenever the prompts change."""
     h = hashlib.sha256()
     for name in ("chat_template.jinja", "tokenizer_config.json"):
         f = folder / name
@@ -142,6 +142,7 @@ def template_hash(template, folder: Path) -> str:
                 else str(json.loads(f.read_text()).get("chat_template"))
             )
             h.update(text.encode())
+    h.update(template.name.encode())
     h.update(template.render_text(_PROBE).encode())
     h.update(template.generation_prompt().encode())
     return h.hexdigest()

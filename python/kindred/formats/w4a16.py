@@ -71,12 +71,12 @@ def _pack_rows(z: torch.Tensor) -> torch.Tensor:
     n, g = z.shape
     t = z.t().contiguous().to(torch.uint8)  # [G, N]
     pairs = t[:, 0::2] | (t[:, 1::2] << 4)  # [G, N/2]
-    return pairs.contiguous().view(torch.int32).reshape(g, n // 8).t().contiguous()
+    return pairs.reshape(-1).view(torch.int32).reshape(g, n // 8).t().contiguous()  # flat: any G
 
 
 def _unpack_rows(packed: torch.Tensor, n: int) -> torch.Tensor:
     g = packed.shape[1]
-    b = packed.t().contiguous().view(torch.uint8).reshape(g, -1)  # [G, N/2]
+    b = packed.t().reshape(-1).view(torch.uint8).reshape(g, -1)  # [G, N/2]
     z = torch.stack((b & 0xF, b >> 4), dim=-1).reshape(g, -1)[:, :n]
     return z.t().contiguous()
 
@@ -95,7 +95,7 @@ def int4g_to_compressed_tensors(
         raise KindredFormatError(f"pack-quantized needs rows and columns in multiples of 8, got [{n}, {k}]")
     src = q.to("cpu")
     return {
-        "weight_packed": src.packed.contiguous().view(torch.int32),
+        "weight_packed": src.packed.reshape(-1).view(torch.int32).reshape(n, k // 8),
         "weight_scale": src.scales.to(scale_dtype).contiguous(),
         "weight_zero_point": _pack_rows(src.zeros),
         "weight_shape": torch.tensor([n, k], dtype=torch.int64),
@@ -129,5 +129,5 @@ def int4g_from_compressed_tensors(
     zeros = _unpack_rows(tensors["weight_zero_point"], n)
     if tuple(zeros.shape) != (n, k // group_size):
         raise KindredFormatError(f"{source}: weight_zero_point does not unpack to [{n}, {k // group_size}]")
-    packed_u8 = packed.contiguous().view(torch.uint8).reshape(n, k // 2)
+    packed_u8 = packed.reshape(-1).view(torch.uint8).reshape(n, k // 2)
     return Int4gWeight(packed_u8.contiguous(), scales.contiguous(), zeros, group_size, dtype)

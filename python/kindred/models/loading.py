@@ -104,7 +104,7 @@ def from_pretrained(
     (``blocksize``/``double_quant`` for NF4, ``group_size`` for INT4g). A bitsandbytes 4-bit checkpoint
     is loaded as stored (NF4) whatever ``quant`` is, except "int4g", which it cannot honour; a W4A16
     checkpoint (compressed-tensors pack-quantized or AutoAWQ GEMM, e.g. ``kindred export awq``) as stored
-    (INT4g, losslessly) except with "nf4".
+    (INT4g, losslessly) whatever ``quant`` is.
     A checkpoint whose tensors do not match the config raises KindredFormatError naming them all.
     """
     path = Path(path)
@@ -123,9 +123,7 @@ def from_pretrained(
             raise KindredValueError(
                 f"{path} is a bitsandbytes NF4 checkpoint; it loads as NF4 (quant=None or 'nf4'), not 'int4g'"
             )
-        w4a16 = _w4a16_group(path, index)
-        if w4a16 and quant == "nf4":
-            raise KindredValueError(f"{path} is a W4A16 (INT4) checkpoint; it loads as INT4g, not 'nf4'")
+        w4a16 = _w4a16_group(path, index)  # loads as stored, whatever ``quant`` (no second rounding)
         cache: dict[str, torch.Tensor] = {}  # the one fused tensor being split (Phi-3/4)
 
         def fetch(name: str) -> torch.Tensor:
