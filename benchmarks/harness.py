@@ -133,5 +133,24 @@ def append(family: str, rows: list[dict]) -> Path:
     return path
 
 
+# results/export.csv (kindred export: AWQ here, GGUF by bench_gguf): its own columns, one row per artefact.
+EXPORT_HEADER = ["date", "commit", "gpu/cpu", "model", "format", "kl", "top1", "seconds", "size_bytes"]
+
+
+def append_export(rows: list[dict]) -> Path:
+    """Append ``rows`` (dicts keyed by EXPORT_HEADER names after gpu/cpu) to results/export.csv."""
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / "export.csv"
+    new = not path.exists()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    with path.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=EXPORT_HEADER)
+        if new:
+            w.writeheader()
+        for row in rows:
+            w.writerow({"date": datetime.date.today().isoformat(), "commit": commit(), "gpu/cpu": gpu, **row})
+    return path
+
+
 def fmt(x: float | None, digits: int = 4) -> str:
     return "" if x is None else f"{x:.{digits}g}"

@@ -1,4 +1,5 @@
-"""The ``kindred`` command: ``demo | train | generate | chat | eval | tokens | plan | formats | doctor``."""
+"""The ``kindred`` command: ``demo | train | generate | chat | eval | export | tokens | plan | formats |
+doctor``."""
 
 from __future__ import annotations
 
@@ -119,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .data.cli import add_parser as add_tokens
     from .eval.cli import add_parser as add_eval
+    from .export.cli import add_parser as add_export
     from .plan.cli import add_parser as add_plan
 
     parser = argparse.ArgumentParser(prog="kindred", description="Fast, lean, predictable QLoRA on one GPU.")
@@ -175,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .bakeoff.cli import add_parser as add_bakeoff
 
     add_bakeoff(sub)
+    add_export(sub)
     return parser
 
 

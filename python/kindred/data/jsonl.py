@@ -227,3 +227,21 @@ def write_jsonl(path: str | os.PathLike, conversations: Iterable) -> None:
             out.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
         if gz:
             out.close()
+
+
+def held_out_split(chat: ChatData, fraction: float, seed: int) -> tuple[ChatData, ChatData]:
+    """(train, held-out): round(len · fraction) conversations (at least one) drawn with ``seed``, each part
+    in file order; ``kindred train``'s eval split, which the export reuses."""
+    import numpy as np
+
+    n_eval = max(1, round(len(chat) * fraction))
+    if n_eval >= len(chat):
+        raise KindredValueError(
+            f"data.eval_fraction: {fraction} of {len(chat)} conversations leaves none to train on"
+        )
+    order = np.random.default_rng(seed).permutation(len(chat))
+
+    def subset(index) -> ChatData:
+        return ChatData([chat.conversations[i] for i in index], [chat.lines[i] for i in index], chat.path)
+
+    return subset(sorted(order[n_eval:])), subset(sorted(order[:n_eval]))

@@ -242,10 +242,14 @@ def write_side_files(
     chat_template: str | None = None,
     template: str | None = None,
     dtype: torch.dtype | None = None,
+    quantization_config: dict | None = None,
 ) -> dict:
-    """config.json (no quantization_config), the tokenizer files (``source``'s, else ``tokenizer``'s), a
-    ``chat_template.jinja`` when none came with them, and generation_config.json; returns the config."""
+    """config.json (``quantization_config`` replacing the base's), the tokenizer files (``source``'s, else
+    ``tokenizer``'s), a ``chat_template.jinja`` when none came with them, and generation_config.json;
+    returns the config."""
     config = {k: v for k, v in hf_config.items() if k != "quantization_config"}
+    if quantization_config is not None:
+        config["quantization_config"] = quantization_config
     config.setdefault("architectures", [ARCHITECTURES[config["model_type"]]])
     if dtype is not None:
         config["torch_dtype"] = config["dtype"] = str(dtype).removeprefix("torch.")

@@ -21,13 +21,22 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from ..bounded import json_object
 from ..errors import KindredFormatError, KindredValueError
 from ..formats.bnb import nf4_from_bnb, parse_bnb_state
 from ..formats.checkpoint import ASIDE, FUSED_LINEARS, canonical_name, shard_files
 from ..formats.mxfp4 import MXFP4_BLOCK, dequantize_mxfp4, mxfp4_shape
+from ..formats.w4a16 import int4g_from_compressed_tensors
 from ..nn.linear4bit import Linear4bit
-from ..ops.quant import INT4G_DEFAULT_GROUP, NF4_DEFAULT_BLOCKSIZE, quantize_int4g, quantize_nf4
-from ..weights import NF4Weight
+from ..ops.quant import (
+    INT4G_DEFAULT_GROUP,
+    INT4G_GROUPS,
+    NF4_DEFAULT_BLOCKSIZE,
+    int4g_from_awq,
+    quantize_int4g,
+    quantize_nf4,
+)
+from ..weights import Int4gWeight, NF4Weight
 from .config import QUANTIZED_NAMES, DecoderConfig, load_config
 from .decoder import DecoderLM
 from .moe import ExpertWeight, Router
@@ -35,6 +44,12 @@ from .moe import ExpertWeight, Router
 QUANTS = (None, "nf4", "int4g")
 _BNB_STATE = ".quant_state.bitsandbytes__nf4"
 _BNB_PARTS = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", _BNB_STATE)
+# W4A16 checkpoints (kindred.formats.w4a16): the key that stands for a linear's weight, and its other parts.
+_W4A16 = {
+    ".weight_packed": (".weight_scale", ".weight_zero_point", ".weight_shape"),
+    ".qweight": (".qzeros", ".scales"),
+}
+_W4A16_PARTS = tuple(p for parts in _W4A16.values() for p in parts)
 _BNB_OTHER = re.compile(r"\.quant_state\.bitsandbytes__(?!nf4$)\w+$")  # FP4 and other 4-bit types
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -91,7 +106,9 @@ def from_pretrained(
 
     quant: None keeps the linears dense in ``dtype``; "nf4" or "int4g" quantizes them while loading
     (``blocksize``/``double_quant`` for NF4, ``group_size`` for INT4g). A bitsandbytes 4-bit checkpoint
-    is loaded as stored (NF4) whatever ``quant`` is, except "int4g", which it cannot honour.
+    is loaded as stored (NF4) whatever ``quant`` is, except "int4g", which it cannot honour; a W4A16
+    checkpoint (compressed-tensors pack-quantized or AutoAWQ GEMM, e.g. ``kindred export awq``) as stored
+    (INT4g, losslessly) whatever ``quant`` is.
     A checkpoint whose tensors do not match the config raises KindredFormatError naming them all.
     """
     path = Path(path)
@@ -113,6 +130,7 @@ def from_pretrained(
             raise KindredValueError(
                 f"{path} is a bitsandbytes NF4 checkpoint; it loads as NF4 (quant=None or 'nf4'), not 'int4g'"
             )
+        w4a16 = _w4a16_group(path, index)  # loads as stored, whatever ``quant`` (no second rounding)
         cache: dict[str, torch.Tensor] = {}  # the one fused tensor being split (Phi-3/4)
 
         def fetch(name: str) -> torch.Tensor:
@@ -143,7 +161,23 @@ def from_pretrained(
             part = q.dequantize(dtype).reshape(q.shape)[rows[0] : rows[1]].contiguous()
             return quantize_nf4(part, q.blocksize, q.double_quant)
 
-        model = _materialize(model, names, fetch, fetch_bnb if bnb else None, quant, opts, dtype, device)
+        def fetch_int4g(name: str) -> Int4gWeight:
+            key, rows = plan[name]
+            base, source = key.rsplit(".", 1)[0], f"{index.where(key)}: {key.rsplit('.', 1)[0]}"
+            if key.endswith(".qweight"):
+                awq = (index.read(base + s) for s in (".qweight", ".qzeros", ".scales"))
+                q = int4g_from_awq(*awq, group_size=w4a16, dtype=dtype)
+            else:
+                parts = {s[1:]: index.read(base + s) for s in (".weight_packed", *_W4A16[".weight_packed"])}
+                q = int4g_from_compressed_tensors(parts, w4a16, dtype, source)
+            if rows is not None:  # rows are independent in INT4g: a fused tensor's part is exact
+                q = Int4gWeight(
+                    *(t[rows[0] : rows[1]].contiguous() for t in q.tensors().values()), w4a16, dtype
+                )
+            return q.to(device)
+
+        fetch_q = fetch_bnb if bnb else fetch_int4g if w4a16 else None
+        model = _materialize(model, names, fetch, fetch_q, quant, opts, dtype, device)
         model.kept_aside = {k: str(index.where(k)) for k in index.shapes if ASIDE.match(k)}
         return model
 
@@ -287,9 +321,12 @@ def _plan(index: _Index, cfg: DecoderConfig, names: list[str], shapes: dict, pat
     """Map each model parameter to (checkpoint key, row range or None); check names and shapes up front."""
     by_name: dict[str, str] = {}
     for key in index.shapes:
-        if any(key.endswith(p) for p in _BNB_PARTS):
+        if key.endswith(_BNB_PARTS + _W4A16_PARTS):
             continue
         canon = canonical_name(key)
+        stands_for = next((s for s in _W4A16 if key.endswith(s)), None)
+        if canon is not None and stands_for:
+            canon = canon[: -len(stands_for)] + ".weight"
         if canon is not None:
             by_name[canon] = key
     bnb = any(k.endswith(_BNB_STATE) for k in index.shapes)
@@ -330,7 +367,7 @@ def _plan(index: _Index, cfg: DecoderConfig, names: list[str], shapes: dict, pat
             continue
         plan[name] = (key, rows)
     unexpected = [k for k, canon in ((k, canonical_name(k)) for k in index.shapes) if canon and k not in used]
-    unexpected = [k for k in unexpected if not any(k.endswith(p) for p in _BNB_PARTS)]
+    unexpected = [k for k in unexpected if not k.endswith(_BNB_PARTS + _W4A16_PARTS)]
     if missing or mismatched or unexpected:
         problems = []
         for label, items in (
@@ -438,8 +475,32 @@ def fused_layout(cfg: DecoderConfig) -> dict[str, tuple[int, dict[str, tuple[int
     return out
 
 
+def _w4a16_group(path: Path, index: _Index) -> int | None:
+    """The group size of a W4A16 checkpoint (its config's quantization_config), None for any other."""
+    if not any(k.endswith(tuple(_W4A16)) for k in index.shapes):
+        return None
+    qc = json_object(path / "config.json", limit=1 << 20).get("quantization_config") or {}
+    if qc.get("quant_method") == "awq":
+        group = qc.get("group_size")
+    else:
+        groups = [g.get("weights", {}).get("group_size") for g in (qc.get("config_groups") or {}).values()]
+        group = groups[0] if len(set(groups)) == 1 else None
+    if not isinstance(group, int) or group not in INT4G_GROUPS:
+        raise KindredFormatError(
+            f"{path / 'config.json'}: a W4A16 checkpoint needs one quantization_config group_size in "
+            f"{INT4G_GROUPS}, got {group!r}"
+        )
+    return group
+
+
 def _stored_shape(index: _Index, key: str, path: Path) -> tuple[int, ...]:
-    """The logical shape of a checkpoint tensor (a bnb 4-bit weight's shape is in its quant state)."""
+    """The logical shape of a checkpoint tensor (a bnb 4-bit weight's shape is in its quant state, a W4A16
+    one's in weight_shape or the qweight's transposed packing)."""
+    if key.endswith(".weight_packed"):
+        return tuple(int(v) for v in index.read(key[: -len("_packed")] + "_shape").tolist())
+    if key.endswith(".qweight"):
+        k, n8 = index.shapes[key]
+        return (n8 * 8, k)
     if key + _BNB_STATE not in index.shapes:
         return index.shapes[key]
     state = parse_bnb_state(index.read(key + _BNB_STATE), key + _BNB_STATE, str(index.where(key)))

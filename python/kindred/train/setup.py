@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..atomic import write_text
 from ..bounded import json_object
 from ..data import get_template, load_tokenizer, prepare, read_chat
-from ..data.jsonl import ChatData
+from ..data.jsonl import ChatData, held_out_split
 from ..data.tokenizers import HFTokenizer
 from ..errors import KindredFormatError, KindredValueError
 from ..models import from_gguf, from_pretrained, gguf_tokenizer, smollm2_gguf_path
@@ -64,10 +63,6 @@ def load_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype, out: 
     return model, tokenizer, hf_config
 
 
-def _subset(chat: ChatData, index) -> ChatData:
-    return ChatData([chat.conversations[i] for i in index], [chat.lines[i] for i in index], chat.path)
-
-
 def _read(key: str, path: str, skip_invalid: bool) -> ChatData:
     try:
         return read_chat(path, skip_invalid=skip_invalid)  # any kindred.data.formats format
@@ -86,13 +81,7 @@ def read_sources(cfg: TrainConfig) -> tuple[ChatData, ChatData | None, object]:
     chat = _read("data.path", d.path, d.skip_invalid)
     held = _read("data.eval_path", d.eval_path, d.skip_invalid) if d.eval_path else None
     if held is None and d.eval_fraction > 0:
-        n_eval = max(1, round(len(chat) * d.eval_fraction))
-        if n_eval >= len(chat):
-            raise KindredValueError(
-                f"data.eval_fraction: {d.eval_fraction} of {len(chat)} conversations leaves none to train on"
-            )
-        order = np.random.default_rng(cfg.train.seed).permutation(len(chat))
-        held, chat = _subset(chat, sorted(order[:n_eval])), _subset(chat, sorted(order[n_eval:]))
+        chat, held = held_out_split(chat, d.eval_fraction, cfg.train.seed)
     if len(chat) == 0:
         raise KindredFormatError(f"{d.path}: no valid conversation to train on")
     return chat, held, template
