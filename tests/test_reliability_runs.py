@@ -257,9 +257,21 @@ def test_the_cli_names_resume_and_overwrite(tiny, run_copy, tmp_path):
     cfg.write_text(yaml.safe_dump(run_config(*tiny, run_copy)))
     env = {**os.environ, "PYTHONPATH": str(pathlib.Path(kindred.__file__).parents[1])}
     out = subprocess.run(
-        [sys.executable, "-m", "kindred", "train", str(cfg)], env=env, capture_output=True, text=True
+        [sys.executable, "-m", "kindred", "train", str(cfg)],
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert out.returncode != 0 and "--resume" in out.stderr and "--overwrite" in out.stderr
+
+
+def test_a_used_folder_is_refused_before_the_model_loads(tiny, run_copy, monkeypatch):
+    def load_model(*args):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("kindred.train.trainer.load_model", load_model)
+    with pytest.raises(kindred.KindredError, match="holds another run"):
+        kindred.train(run_config(*tiny, run_copy))
 
 
 def test_the_run_lock_refuses_a_second_run_and_takes_over_a_stale_one(tiny, tmp_path):

@@ -9,8 +9,8 @@ folder and raises a KindredError naming the folder; the last good checkpoint sta
 
 Contents: ``adapter/`` (PEFT format, loadable on its own), ``state.json`` and ``state.safetensors``: the
 fp32 master weights of the LoRA parameters, optimizer and scheduler states, step, data cursor, RNG states
-(python, numpy, torch CPU and CUDA), the config it was trained with and fingerprints of that config and of
-the prepared data. Nothing in a checkpoint is executable: JSON and safetensors are parsed, never unpickled;
+(python, numpy, torch CPU and CUDA), the config it was trained with and a fingerprint of the prepared
+data. Nothing in a checkpoint is executable: JSON and safetensors are parsed, never unpickled;
 a malformed or hostile one is a KindredFormatError. ``LATEST`` is confined to the run: it must name a
 ``step-N`` folder directly inside ``checkpoints/``, not a link.
 """

@@ -6,8 +6,9 @@ its config and prepared data.
   over; a live holder makes a second run refuse, naming its pid.
 - ``check_fresh``: a fresh run (no ``--resume``) into a folder that holds another run's files refuses,
   naming ``--resume`` and ``--overwrite``; ``--overwrite`` removes exactly the files a run writes (RUN_FILES).
-- ``data_fingerprint`` / ``config_fingerprint``: sha256 of the packed training rows and of the config's
-  keys that a resumed run must keep; resume compares them with the checkpoint's and names what differs.
+- ``data_fingerprint``: sha256 of the packed training rows (with their counts), and ``config_differences``:
+  the config keys a resumed run must keep, compared with the config the checkpoint holds; resume names
+  what differs.
 """
 
 from __future__ import annotations
@@ -93,11 +94,6 @@ def flat(d: dict, prefix: str = "") -> dict:
 def _canonical(d: dict) -> dict:
     """Tuples as lists, so a config read back from JSON compares equal to the one in memory."""
     return json.loads(json.dumps(d))
-
-
-def config_fingerprint(config: dict) -> str:
-    kept = {k: v for k, v in flat(_canonical(config)).items() if not _free(k)}
-    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
 
 
 def _free(key: str) -> bool:

@@ -46,7 +46,6 @@ from .run_folder import (
     check_fresh,
     check_same_data,
     config_differences,
-    config_fingerprint,
     data_fingerprint,
 )
 from .setup import distributed, load_data, load_model, model_source, read_sources
@@ -80,7 +79,10 @@ def train(
     Under torchrun (no process group yet) this joins the group for the run and leaves it at the end."""
     created = init_from_env()
     try:
-        return Trainer(config, overrides=overrides).fit(resume=resume, overwrite=overwrite)
+        cfg = load_config(config, overrides)
+        if not (resume or overwrite):  # refused before the model and data load (fit checks again)
+            check_fresh(Path(cfg.output.dir), overwrite=False)
+        return Trainer(cfg).fit(resume=resume, overwrite=overwrite)
     finally:
         if created:
             torch.distributed.destroy_process_group()
@@ -306,7 +308,6 @@ class Trainer:
         }
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        config = self.cfg.to_dict()
         state = {
             "step": self.step,
             "cursor": self.cursor,
@@ -316,8 +317,8 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "rng": rng,
             "eval_losses": [list(e) for e in self.eval_losses],
-            "config": config,
-            "fingerprint": {"config": config_fingerprint(config), "data": self._data_fingerprint()},
+            "config": self.cfg.to_dict(),
+            "fingerprint": {"data": self._data_fingerprint()},
         }
         write_state(folder, state)
 
