@@ -1,9 +1,9 @@
 """Fused linear cross-entropy (issue 6), forward + backward, next to torch matmul + cross_entropy,
 Liger-Kernel and Cut Cross-Entropy (when importable), with a trainable and a frozen weight.
 
-Inputs have realistic entropy (design.md §6): each hidden state is its target's weight row plus a few
+Inputs have realistic entropy: each hidden state is its target's weight row plus a few
 alternatives' rows plus noise, scaled (by bisection on a sample) so the mean softmax entropy is 2 nats; 25 %
-of the targets are ignore_index, as in the anchors' runs (anchors-measured.md). Random hidden states would
+of the targets are ignore_index, as in the anchors' published runs. Random hidden states would
 give a near-uniform softmax that lets gradient-filtering kernels skip most of the backward.
 peak_extra_mib: max_memory_allocated during forward + backward minus the memory before, minus the gradients
 (hidden's, and the weight's when trained). tflops counts 3 GEMMs (2 with a frozen weight) of 2·N·D·V over all

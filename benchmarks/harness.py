@@ -1,4 +1,4 @@
-"""Timing and results for kindred's benchmarks (design.md §6).
+"""Timing and results for kindred's benchmarks.
 
 Timing: CUDA events around the op only, warm-up first, L2 flushed before every rep (a 2×L2-sized write
 outside the timed region), median of the reps. Results: one CSV per family under benchmarks/results/,

@@ -1,22 +1,50 @@
 #!/usr/bin/env bash
-# One call on the GPU machine: build kindred for sm_90, run the GPU tests and the benchmarks, copy logs and
-# result CSVs to $OUT. Expects the carried folder .carry/ (Eigen's headers and CMake config under
-# .carry/eigen3, a slim bitsandbytes under .carry/site). Usage: KINDRED_COMMIT=<sha> bash benchmarks/run_gpu.sh
+# One call on the GPU machine: build kindred for sm_90, then the named steps, logs and result CSVs to $OUT.
+# Expects the carried folder .carry/ (Eigen's headers and CMake config under .carry/eigen3; the Python
+# packages the machine lacks — bitsandbytes trimmed to its CUDA 13 library, peft, gguf, pexpect, hypothesis,
+# jsonschema — unpacked under .carry/site).
+# Usage: KINDRED_COMMIT=<sha> bash benchmarks/run_gpu.sh STEP...
+#   tests             the GPU tests (pytest -m gpu)
+#   doctor            kindred doctor --json
+#   memcheck=EXPR     compute-sanitizer memcheck over the GPU tests selected by pytest -k EXPR
+#   bench=FILE[:EXPR] one benchmark file (pytest -m benchmark, optionally -k EXPR)
+# Exits non-zero when the build or any step fails (every step still runs).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/kindred-out}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/.carry/site${PYTHONPATH:+:$PYTHONPATH}"
+: "${KINDRED_COMMIT:?set KINDRED_COMMIT: the copy on the machine has no git history}"
+export KINDRED_COMMIT PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/.carry/site${PYTHONPATH:+:$PYTHONPATH}"
 export CMAKE_PREFIX_PATH="$PWD/.carry/eigen3" CMAKE_BUILD_PARALLEL_LEVEL=16
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -m pip install -q --no-build-isolation --no-deps -e . -Ccmake.define.CMAKE_CUDA_ARCHITECTURES=90 \
-  -Cbuild-dir=build/gpu 2>&1 | tail -20 | tee "$OUT/build.log"
-python3 -c "import kindred; assert kindred.cuda_compiled(), 'CUDA kernels missing'; print('kindred built with CUDA')" \
-  || exit 1
-# Usage: run_gpu.sh [pytest -k expression for the benchmarks, default: all]
-python3 -m pytest tests -m gpu -q -p no:cacheprovider --tb=short 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
-python3 -m pytest tests -q -p no:cacheprovider --tb=short 2>&1 | tee "$OUT/all_tests.log" | tail -4
-python3 -m pytest benchmarks -m benchmark -q -s -p no:cacheprovider ${1:+-k "$1"} 2>&1 | tee "$OUT/bench.log" \
-  | grep -vE '^\s*$' | tail -60
-cp benchmarks/results/*.csv "$OUT/" 2>/dev/null
-exit 0
+  -Cbuild-dir=build/gpu >"$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+python3 -c "import kindred; assert kindred.cuda_compiled(), 'CUDA kernels missing'" || exit 1
+PYTEST=(python3 -m pytest -q -p no:cacheprovider --tb=short)
+failed=()
+for step in "$@"; do
+  name=${step%%=*}
+  arg=${step#*=}
+  tag=$(printf %s "$arg" | tr -c 'A-Za-z0-9._-' _ | cut -c1-40)
+  log=$OUT/$name.log
+  [ "$arg" = "$step" ] || log=$OUT/${name}_$tag.log
+  SECONDS=0
+  case $name in
+    tests) "${PYTEST[@]}" tests -m gpu >"$log" 2>&1 ;;
+    doctor) python3 -X faulthandler -m kindred doctor --json >"$log" 2>&1 ;;
+    memcheck) compute-sanitizer --tool memcheck --error-exitcode 3 --target-processes all \
+      "${PYTEST[@]}" tests -m gpu -k "$arg" >"$log" 2>&1 ;;
+    bench) file=${arg%%:*} expr=${arg#*:}
+      [ "$expr" = "$arg" ] && expr=""
+      "${PYTEST[@]}" -s -m benchmark "$file" ${expr:+-k "$expr"} >"$log" 2>&1 ;;
+    *) echo "unknown step $step" >"$log"; false ;;
+  esac
+  rc=$?
+  echo "== $step: rc $rc, $SECONDS s" | tee -a "$OUT/steps.txt"
+  tail -6 "$log"
+  [ $rc = 0 ] || failed+=("$step")
+done
+cp benchmarks/results/*.csv benchmarks/results/*.md benchmarks/results/*.png python/kindred/plan/calibration.json \
+  "$OUT/" 2>/dev/null
+(cd "$OUT" && tar czf results.tgz --remove-files ./*.csv ./*.md ./*.png ./*.json ./*.log 2>/dev/null)
+[ ${#failed[@]} = 0 ] || { echo "failed: ${failed[*]}"; exit 1; }

@@ -119,11 +119,63 @@ FAMILY_CONFIGS = {
 }
 
 
+# The mixtures of experts and Qwen3.5 (their own tests: test_models_moe.py, test_models_gpt_oss.py,
+# test_models_qwen3_5.py). Awkward on purpose:
+# head_dim ≠ hidden / heads, GQA, odd expert counts, Qwen3 MoE's dense layer between sparse ones
+# (mlp_only_layers), gpt-oss' window of 6 and a SwiGLU limit the random activations reach.
+MOE_CONFIGS = {
+    "qwen3_moe": dict(
+        model_type="qwen3_moe",
+        hidden_size=64,
+        intermediate_size=96,
+        moe_intermediate_size=40,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=24,
+        num_experts=7,
+        num_experts_per_tok=3,
+        norm_topk_prob=True,
+        mlp_only_layers=[1],
+        rope_theta=1_000_000.0,
+    ),
+    "gpt_oss": dict(
+        model_type="gpt_oss",
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_local_experts=5,
+        num_experts_per_tok=2,
+        sliding_window=6,
+        swiglu_limit=0.3,
+    ),
+    # Qwen3.5: three gated-DeltaNet layers and one gated full-attention layer; more value than key heads
+    "qwen3_5": dict(
+        model_type="qwen3_5_text",
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=8,
+        linear_value_head_dim=12,
+        linear_conv_kernel_dim=4,
+    ),
+}
+
+
 def hf_model(name: str, seed: int = 0, **overrides):
     """transformers' own model of a tiny config, with every parameter (norms included) randomized."""
     import transformers
 
-    cfg = transformers.AutoConfig.for_model(**{"vocab_size": VOCAB, **FAMILY_CONFIGS[name], **overrides})
+    family = FAMILY_CONFIGS.get(name) or MOE_CONFIGS[name]
+    cfg = transformers.AutoConfig.for_model(**{"vocab_size": VOCAB, **family, **overrides})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(
         cfg, dtype=torch.float32, attn_implementation="eager"

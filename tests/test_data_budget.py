@@ -1,4 +1,4 @@
-"""Budget policy, the budget report, seed 004's numbers (planner, cost table, logits memory), the
+"""Budget policy, the budget report, the users' planning numbers (planner, cost table, logits memory), the
 `kindred tokens` CLI and `kindred plan --data` end to end."""
 
 import json
@@ -58,7 +58,7 @@ def test_planner_edges():
 
 
 def test_logits_memory_gemma3_case():
-    # seed 004: 4096 tokens × 262,144 vocab × 4 bytes = 4,294,967,296 B ≈ 4.3 GB (4 GiB)
+    # a user's notes: 4096 tokens × 262,144 vocab × 4 bytes = 4,294,967,296 B ≈ 4.3 GB (4 GiB)
     assert logits_bytes(4096, 262_144) == 4_294_967_296
     assert round(logits_bytes(4096, 262_144) / 1e9, 1) == 4.3
 

@@ -8,10 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("hypothesis")
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from kindred import KindredValueError, ops
 from kindred.data import pack, prepare
 from kindred.data.samples import calibration_path
@@ -54,14 +50,6 @@ def check_packed(data, packed, max_tokens):
         seqs = packed.seq_example[packed.row_seqs[r] : packed.row_seqs[r + 1]]
         used = sum(int(data.offsets[e + 1] - data.offsets[e]) for e in seqs if e >= 0)
         assert used <= max_tokens
-
-
-@settings(max_examples=120, deadline=None)
-@given(st.integers(1, 200).flatmap(lambda m: st.tuples(st.just(m), st.lists(st.integers(1, m), max_size=60))))
-def test_pack_properties(case):
-    max_tokens, lengths = case
-    data = fake_data(lengths, seed=len(lengths))
-    check_packed(data, pack(data, max_tokens, pad_id=7), max_tokens)
 
 
 def test_pack_rejects_examples_longer_than_a_row():

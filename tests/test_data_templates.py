@@ -1,5 +1,5 @@
-"""Chat templates: the exact string each family renders for a multi-turn conversation with a system prompt
-(pipeline-formats.md §5), the trainable segments (assistant content + end-of-turn token, nothing else), and
+"""Chat templates: the exact string each family renders for a multi-turn conversation with a system prompt,
+the trainable segments (assistant content + end-of-turn token, nothing else), and
 the family-specific rules: Qwen3's <think> handling, Llama's pinned date, NeMo's system prompt placement."""
 
 import pytest
@@ -59,6 +59,23 @@ EXPECTED = {
         "<|im_start|>user\nHow?<|im_end|>\n"
         "<|im_start|>assistant\nStart with what worked.<|im_end|>\n"
     ),
+    "harmony": (
+        "<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\n"
+        "Knowledge cutoff: 2024-06\nCurrent date: 2025-06-28\n\nReasoning: medium\n\n"
+        "# Valid channels: analysis, commentary, final. Channel must be included for every message.<|end|>"
+        "<|start|>developer<|message|># Instructions\n\nBe kind.\n\n<|end|>"
+        "<|start|>user<|message|>Should I tell her? <|end|>"
+        "<|start|>assistant<|channel|>final<|message|> Yes, gently.<|end|>"
+        "<|start|>user<|message|>How?<|end|>"
+        "<|start|>assistant<|channel|>final<|message|>Start with what worked.<|return|>"
+    ),
+    "qwen3-coder": (
+        "<|im_start|>system\nBe kind.<|im_end|>\n"
+        "<|im_start|>user\nShould I tell her? <|im_end|>\n"
+        "<|im_start|>assistant\n Yes, gently.<|im_end|>\n"
+        "<|im_start|>user\nHow?<|im_end|>\n"
+        "<|im_start|>assistant\nStart with what worked.<|im_end|>\n"
+    ),
 }
 
 # What each template trains per assistant turn: the content as rendered, then the end-of-turn token.
@@ -70,6 +87,9 @@ TRAINED = {
     "phi4-mini": [" Yes, gently.<|end|>", "Start with what worked.<|end|>"],
     "mistral-nemo": [" Yes, gently.</s>", "Start with what worked.</s>"],
     "chatml": [" Yes, gently.<|im_end|>", "Start with what worked.<|im_end|>"],
+    # harmony: earlier final messages end with <|end|>, the last with <|return|> (where generation stops)
+    "harmony": [" Yes, gently.<|end|>", "Start with what worked.<|return|>"],
+    "qwen3-coder": [" Yes, gently.<|im_end|>", "Start with what worked.<|im_end|>"],
 }
 
 
@@ -89,7 +109,8 @@ def test_trainable_segments_are_assistant_content_and_end_of_turn(name):
     trained = [s for s in segs if s.trainable]
     assert [s.text for s in trained] == TRAINED[name]
     assert all(s.role == "assistant" for s in trained)
-    assert all(s.parts[-1] == tpl.end_of_turn and type(s.parts[-1]) is Special for s in trained)
+    assert all(type(s.parts[-1]) is Special and s.parts[-1] in tpl.specials for s in trained)
+    assert trained[-1].parts[-1] == tpl.end_of_turn
     # every special token is a Special part (resolved by name), never text
     for s in segs:
         for p in s.parts:

@@ -152,9 +152,12 @@ def test_gpu_kernels_load_and_ptx_fallback():
     script = (
         "import json, torch, kindred\n"
         "w = torch.randn(256, 512, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)\n"
-        "a = kindred.ops.quantize_nf4(w.cuda(), blocksize=64, double_quant=False)\n"
-        "b = kindred.ops.quantize_nf4(w, blocksize=64, double_quant=False)\n"
-        "same = torch.equal(a.packed.cpu(), b.packed) and torch.equal(a.absmax.cpu(), b.absmax)\n"
+        # the custom op under ops.quantize_nf4: its finiteness check is a torch kernel, and torch's
+        # wheels hold no PTX this GPU may JIT (only kindred's own launches are under test here)
+        "from kindred._ops.quant import quantize_nf4\n"
+        "a = quantize_nf4(w.cuda(), 64, False)\n"
+        "b = quantize_nf4(w, 64, False)\n"
+        "same = torch.equal(a[0].cpu(), b[0]) and torch.equal(a[1].cpu(), b[1])\n"
         "print(json.dumps([kindred.doctor()['gpus'][0]['loaded'], same]))\n"
     )
     env = dict(os.environ, CUDA_FORCE_PTX_JIT="1")

@@ -15,6 +15,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "python" / "kindred"
 # version and the names it re-exports from errors and _core; subpackages only through __getattr__).
 LAYERS = [
     "errors",
+    "bounded",
+    "atomic",
     "_core",
     "kindred",
     "_ops",

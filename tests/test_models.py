@@ -300,3 +300,40 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         model(packed, cu_seqlens=cu).logsumexp(-1).mean().backward()
         grads.append(norm.grad.clone())
     assert grads[0].abs().sum() > 0 and torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+
+
+def test_qwen3_vl_text_decoder_equals_transformers_and_keeps_the_vision_tower_aside(tmp_path):
+    """Qwen3-VL's language model on text alone (M-RoPE with equal positions on its three sections)."""
+    transformers = pytest.importorskip("transformers")
+    text = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=24,
+        rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [4, 4, 4]},
+    )
+    vision = dict(
+        depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=4,
+        spatial_merge_size=2, temporal_patch_size=2, deepstack_visual_indexes=[0], num_position_embeddings=16,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3VLConfig(text_config=text, vision_config=vision)
+    hf = transformers.Qwen3VLForConditionalGeneration(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    hf.save_pretrained(tmp_path)
+    model = models.from_pretrained(tmp_path, dtype=torch.float32)
+    assert model.config.model_type == "qwen3" and model.config.qk_norm
+    ids = random_ids((2, 29), seed=3)
+    with torch.no_grad():
+        ref = hf(input_ids=ids).logits
+    assert rel_err(model(ids), ref) < REL_ERR[torch.float32]
+    visual = {n for n in hf.state_dict() if n.startswith("model.visual.")}
+    assert set(model.kept_aside) == visual and all(
+        f.endswith(".safetensors") for f in model.kept_aside.values()
+    )

@@ -5,6 +5,7 @@ source; none is copied from the implementation's output.
 """
 
 import argparse
+import dataclasses
 import json
 
 import pytest
@@ -49,7 +50,7 @@ def test_catalogue_has_every_issue_model_with_all_fields():
 
 
 def test_moe_and_sliding_fields_match_the_configs():
-    # pipeline-formats.md §6: Qwen3-30B-A3B 128 experts top-8; gpt-oss-20b 32 experts top-4, window 128 on
+    # Qwen3-30B-A3B 128 experts top-8; gpt-oss-20b 32 experts top-4, window 128 on
     # alternating layers (24 / 2 = 12); Gemma 3 12B 5 local : 1 global over 48 layers -> 48 - 48 // 6 = 40
     # local.
     assert (get("qwen3-30b-a3b").experts, get("qwen3-30b-a3b").experts_per_token) == (128, 8)
@@ -230,7 +231,7 @@ def test_qwen3_8b_q4_inference_published_figure():
 def test_gemma3_sliding_window_kv_cache():
     gemma = get("gemma-3-12b")
     # per layer per token 2 × 8 × 256 × 2 B = 8,192 B; at 32,768 tokens: 8 global layers × 8,192 × 32,768
-    # + 40 local layers × 8,192 × 1,024 = 2,147,483,648 + 335,544,320 (pipeline-formats.md §7.1: 12.0 -> 2.3
+    # + 40 local layers × 8,192 × 1,024 = 2,147,483,648 + 335,544,320 (12.0 -> 2.3
     # GiB)
     assert memory.kv_cache_bytes(gemma, 32_768) == 2_483_027_968
     assert 48 * 8_192 * 32_768 / GIB == 12.0
@@ -279,12 +280,18 @@ def test_checklist_and_bad_settings():
     assert checks["token budget defined"]["status"] == "fail"
     assert checks["quantized format available"]["status"] == "pass"
     assert checks["kindred trains it"]["status"] == "pass"
-    # seed 004's practical limit: about half the window per example; Qwen3-8B 40,960 -> 20,480 >= p95 5000
+    # the users' practical limit: about half the window per example; Qwen3-8B 40,960 -> 20,480 >= p95 5000
     assert checks["example within the practical context"]["status"] == "pass"
     long = score.checklist(get("phi-4"), score.PlanSettings(seq=10000), gpus.get_gpu("h200"), GIB)
     assert long["example within the practical context"]["status"] == "fail"  # 10000 > 16384 / 2
+    other = dataclasses.replace(get("qwen3-30b-a3b"), model_type="deepseek_v3")  # not a kindred.models family
+    checks = score.checklist(other, s, gpus.get_gpu("h200"), GIB)
+    assert (
+        checks["kindred trains it"]["status"] == "fail"
+        and "deepseek_v3" in checks["kindred trains it"]["detail"]
+    )
     moe = score.checklist(get("qwen3-30b-a3b"), s, gpus.get_gpu("h200"), GIB)
-    assert moe["kindred trains it"]["status"] == "fail" and "qwen3_moe" in moe["kindred trains it"]["detail"]
+    assert moe["kindred trains it"]["status"] == "pass"
     with pytest.raises(KindredValueError, match="unknown criteria"):
         score.PlanSettings(weights={"vibes": 1})
     with pytest.raises(KindredValueError, match="seq must be positive"):
@@ -299,11 +306,10 @@ def test_plan_records_honesty_and_license_filter():
     h200 = gpus.get_gpu("h200")
     specs = [get(m) for m in ("qwen3-8b", "gpt-oss-20b", "gemma-3-12b", "qwen3-30b-a3b")]
     rows = {r["model"]: r for r in score.plan(specs, h200, score.PlanSettings(infer_format="AWQ"))}
-    # gpt-oss-20b: hidden 2880 = 22.5 × 128, so no AWQ g128 estimate; not a kindred.models family
+    # gpt-oss-20b: hidden 2880 = 22.5 × 128, so no AWQ g128 estimate
     assert rows["gpt-oss-20b"]["infer_gib"] is None and "2880" in rows["gpt-oss-20b"]["format_refused"]
-    assert rows["gpt-oss-20b"]["kindred"] == "plan only" and rows["gpt-oss-20b"]["train_tok_s"] is None
     assert rows["qwen3-8b"]["kindred"] == "trainable" and rows["qwen3-8b"]["infer_gib"] > 5
-    assert rows["qwen3-30b-a3b"]["kindred"] == "plan only"
+    assert rows["gpt-oss-20b"]["kindred"] == rows["qwen3-30b-a3b"]["kindred"] == "trainable"
     permissive = score.plan(specs, h200, score.PlanSettings(license="permissive"))
     assert {r["model"] for r in permissive} == {"qwen3-8b", "gpt-oss-20b", "qwen3-30b-a3b"}  # no Gemma terms
 
@@ -389,5 +395,5 @@ def test_cli_data_cost_by_context(capsys, hf_tokenizer_path):
     data = ("--data", str(calibration_path()), "--tokenizer", str(hf_tokenizer_path), "--template", "llama3")
     assert cli.run(_parse("--gpu", "h200", "--model", "qwen3-8b", "--seq", "4096", *data)) == 0
     text = capsys.readouterr().out
-    # seed 004's relative costs (4K = 1× ... 64K = 16×) in hours and dollars at the H200's listed rate
+    # the users' relative costs (4K = 1× ... 64K = 16×) in hours and dollars at the H200's listed rate
     assert "cost by context for your data" in text and "16×" in text and "$" in text

@@ -36,7 +36,7 @@ def test_vllm_pool_and_slots_hand_computed():
 
 
 def test_vllm_reproduces_seed_001():
-    # seed 001: Qwen3-8B AWQ served by vLLM at 8,192 tokens of context: 12.5 GiB in use, 1,607 KV-cache slots.
+    # a user report: Qwen3-8B AWQ in vLLM, 8,192 tokens of context: 12.5 GiB in use, 1,607 KV-cache slots.
     qwen = get("qwen3-8b")
     pool = 1607 * 16 * 147_456  # 1,607 blocks of 16 tokens
     assert pool / GIB == pytest.approx(3.53, abs=0.005)
@@ -110,7 +110,7 @@ def test_license_filter():
     assert support.license_ok(get("llama-3.1-8b"), "commercial")  # commercial use, with conditions
     with pytest.raises(KindredValueError, match="unknown license filter"):
         support.license_ok(get("qwen3-8b"), "free")
-    assert support.practical_context(get("gemma-3-12b")) == 65_536  # seed 004: 128K -> ~60K per example
+    assert support.practical_context(get("gemma-3-12b")) == 65_536  # a user's notes: 128K -> ~60K per example
 
 
 def test_prices_sources_and_overrides(tmp_path):
@@ -155,4 +155,4 @@ def test_planner_warns_on_impossible_budgets():
     # 2,048 − 400 − 1,024 = 624 available < one 800-token exchange
     short = plan_conversation(2048, 400, 800, 1024)
     assert short.max_exchanges == 0 and "longer than the 624 tokens available" in short.warning
-    assert plan_conversation(16384, 500, 500, 1000).warning is None  # seed 004's example: 28 exchanges
+    assert plan_conversation(16384, 500, 500, 1000).warning is None  # the users' example: 28 exchanges

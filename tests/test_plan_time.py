@@ -194,7 +194,7 @@ def test_decode_calibration_from_generation_then_gemv(tmp_path):
 
 
 def test_apple_decode_from_its_own_measurement():
-    # seed 004 measured Gemma 3 12B at 31.5 tok/s on an M3 Max; its size table (7B ~50, 12B ~30, 27B ~15
+    # a user's notes measured Gemma 3 12B at 31.5 tok/s on an M3 Max; its size table (7B ~50, 12B ~30, 27B ~15
     # tok/s) then follows from bandwidth and bytes per token
     m3 = gpus.get_gpu("m3-max")
     assert timing.decode_tokens_per_s(get("gemma-3-12b"), m3, "Q4_K_M", 4096) == pytest.approx(31.5)

@@ -163,19 +163,23 @@ def test_moe_takes_experts_from_the_catalogue():
     moe = get("qwen3-30b-a3b")
     acts = training.layer_activations(moe)
     s = {e.name: e.bytes for e in acts.saved}
-    # top-8 routed: gate/act/up 3 × 2 × 768 × 8; fp32 router logits over 128 experts; experts are frozen
-    assert (s["mlp.gate"], s["router.logits_fp32"]) == (2 * 768 * 8, 4 * 128)
+    # top-8 routed: gate/act/up 3 × 2 × 768 × 8; fp32 router probabilities over 128 experts; the experts'
+    # output rows (2 × 2048 × 8) and two int64 indices per routed row; experts are frozen
+    assert (s["mlp.gate"], s["router.probs_fp32"]) == (2 * 768 * 8, 4 * 128)
+    assert (s["experts.output"], s["experts.indices"]) == (2 * 2048 * 8, 16 * 8)
     assert "mlp.product" not in s and "gate_proj.xs" not in s
     got = training.trainer_memory(moe, "qlora", 2048, 1)
     # all 128 experts' NF4 weights are held: 48 layers × 128 × 3 × 2048 × 768 × 4.127 bits / 8 > 14.5 GiB
     assert got.parts["weights"] > 48 * 128 * 3 * 2048 * 768 * 4.127 / 8
-    assert not got.info["kindred_trains_it"]  # qwen3_moe is not a kindred.models family (yet)
+    # one shared bf16 workspace of a layer's gate_up_proj: 128 × 1536 × 2048 × 2 B
+    assert got.parts["experts_workspace"] == 128 * 1536 * 2048 * 2
+    assert got.info["kindred_trains_it"]
 
 
 def test_unfused_loss_and_phases(tiny):
     fused = training.trainer_memory(get("gemma-3-12b"), "qlora", 4096, 1)
     unfused = training.trainer_memory(get("gemma-3-12b"), "qlora", 4096, 1, fused_loss=False)
-    # seed 004: 4096 tokens × 262,208 vocab; an unfused loss holds bf16 logits, their fp32 copy and gradient
+    # 4096 tokens × 262,208 vocab; an unfused loss holds bf16 logits, their fp32 copy and gradient
     assert unfused.total - fused.total == 4096 * 262_208 * 10
     # a tiny model on a long row: FlexAttention's [T, T] mask (10 B per pair) is the largest phase
     long = training.trainer_memory(dataclasses.replace(tiny, context=8192), "qlora", 4096, 1, 8)

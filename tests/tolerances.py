@@ -1,4 +1,4 @@
-"""Relative-error bounds ‖out − ref‖ / ‖ref‖ against a float64 reference, by compute dtype (design.md §5)."""
+"""Relative-error bounds ‖out − ref‖ / ‖ref‖ against a float64 reference, by compute dtype."""
 
 import torch
 

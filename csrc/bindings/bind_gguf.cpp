@@ -19,6 +19,8 @@ void bind_gguf(py::module_& m) {
   m.attr("GGUF_BLOCK_TYPES") = types;
   m.def("dequantize_gguf", &dequantize_gguf, py::arg("ggml_type"), py::arg("blocks"), py::arg("out"),
         py::call_guard<py::gil_scoped_release>());
+  m.def("quantize_gguf", &quantize_gguf, py::arg("ggml_type"), py::arg("x"), py::arg("blocks"),
+        py::call_guard<py::gil_scoped_release>());
 }
 
 }  // namespace kindred

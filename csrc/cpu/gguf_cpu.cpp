@@ -20,7 +20,16 @@ Block load(const uint8_t* p) {
   return b;
 }
 
-// Writes the 32 (or 256) elements of one block to y[0..].
+// Writes the 1, 32 or 256 elements of one block to y[0..].
+void block_f16(const uint8_t* p, float* y) {
+  y[0] = fp16_to_f32(load<uint16_t>(p));
+}
+
+void block_bf16(const uint8_t* p, float* y) {
+  const uint32_t bits = static_cast<uint32_t>(load<uint16_t>(p)) << 16;
+  std::memcpy(y, &bits, sizeof(bits));
+}
+
 void block_q4_0(const uint8_t* p, float* y) {
   const auto b = load<BlockQ4_0>(p);
   const float d = fp16_to_f32(b.d);
@@ -122,6 +131,10 @@ using BlockFn = void (*)(const uint8_t*, float*);
 
 BlockFn block_fn(int type) {
   switch (type) {
+    case kF16:
+      return block_f16;
+    case kBF16:
+      return block_bf16;
     case kQ4_0:
       return block_q4_0;
     case kQ4_1:

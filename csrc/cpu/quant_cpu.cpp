@@ -14,25 +14,10 @@ namespace {
 
 using namespace formats;
 
-template <typename T>
-float to_f32(T v) {
-  return static_cast<float>(v);
-}
-
 // Calls fn(T*) with the view's data pointer typed by its float dtype.
 template <typename Fn>
 void with_float_ptr(const TensorView& t, Fn&& fn) {
   with_cpu_float(t.dtype, [&](auto tag) { fn(t.ptr<decltype(tag)>()); });
-}
-
-// Throws naming the first non-finite element; quantizing NaN/Inf would silently poison a whole block.
-template <typename T>
-void check_finite(const T* w, int64_t n, const char* name) {
-  int64_t first = n;
-#pragma omp parallel for reduction(min : first)
-  for (int64_t i = 0; i < n; ++i)
-    if (!std::isfinite(to_f32(w[i])) && i < first) first = i;
-  KINDRED_CHECK(first == n, name, " holds a non-finite value (", to_f32(w[first]), ") at flat index ", first);
 }
 
 // Maps a flat element index of the dense tensor to its offset in `out` (rows may be strided, see quant.h).

@@ -19,7 +19,7 @@ def demo(args) -> int:
 
 
 def train(args) -> int:
-    """``kindred train config.yaml [--resume] [--set key=value ...]``."""
+    """``kindred train config.yaml [--resume | --overwrite] [--set key=value ...]``."""
     import yaml
 
     from .train import train as run_train
@@ -30,7 +30,7 @@ def train(args) -> int:
         if not sep:
             raise KindredError(f"--set expects key=value (e.g. train.max_steps=100), got {item!r}")
         overrides[key] = yaml.safe_load(value)
-    result = run_train(args.config, resume=args.resume, overrides=overrides)
+    result = run_train(args.config, resume=args.resume, overwrite=args.overwrite, overrides=overrides)
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
         return 0
     evals = ", ".join(f"step {s}: {v:.4f}" for s, v in result.eval_losses)
@@ -143,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="QLoRA fine-tuning from a YAML config", formatter_class=_KeysHelp)
     p.add_argument("config", help="YAML config (see kindred.train.config)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output.dir")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in output.dir")
     p.add_argument(
         "--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. train.lr=1e-4"
     )

@@ -59,7 +59,7 @@ def build_tiny_model(folder: str | Path, seed: int = 0, vocab_size: int = 640) -
     model = from_config(config, dtype=torch.float32, seed=seed)
     with torch.no_grad():  # std 0.02 tied embeddings give near-uniform logits that LoRA can barely move
         model.model.embed_tokens.weight.mul_(5.0)
-    save_merged(model, config, folder)
+    save_merged(model, config, folder, overwrite=True)
     tok.save(str(folder / "tokenizer.json"))
     return folder
 
@@ -147,7 +147,7 @@ def run_demo(
         f"{cfg['dtype']} on {trainer.device}"
     )
     t_train = time.perf_counter()
-    result = trainer.fit()
+    result = trainer.fit(overwrite=True)  # a demo run again in the same folder replaces the last one
     train_s = time.perf_counter() - t_train
     after = sample_reply(trainer, prompt_msgs)
     (loss0, loss1) = result.eval_losses[0][1], result.eval_losses[-1][1]

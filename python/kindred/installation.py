@@ -15,6 +15,10 @@ import platform
 import re
 import sys
 
+# torch before the core, the order of every other entry point (kindred doctor from the CLI, the one path
+# that loaded the core first, segfaulted on an H200; run_gpu.sh's doctor step runs it under faulthandler)
+import torch
+
 from . import _core
 from .errors import KindredValueError
 
@@ -113,7 +117,6 @@ def assess(build: dict, capability: tuple[int, int], load: dict | None) -> dict:
 
 
 def _gpu(index: int, build: dict) -> dict:
-    import torch
 
     props = torch.cuda.get_device_properties(index)
     cc = (props.major, props.minor)
@@ -128,7 +131,6 @@ def _gpu(index: int, build: dict) -> dict:
 
 def doctor() -> dict:
     """The installation report as a dict (``kindred doctor`` prints it as a table; ``--json`` as JSON)."""
-    import torch
 
     from . import __version__
     from .data import sentencepiece_backend

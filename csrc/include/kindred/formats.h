@@ -182,8 +182,20 @@ KINDRED_HD float int4g_decode(uint8_t q, uint8_t z, float s) {
 
 namespace kindred::formats::gguf {
 
-// ggml_type ids as written in GGUF tensor infos (the block formats kindred dequantizes).
-enum GgmlType : int { kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14 };
+// ggml_type ids as written in GGUF tensor infos (the formats kindred dequantizes and quantizes; F16 and BF16
+// count as blocks of one element).
+enum GgmlType : int {
+  kF16 = 1,
+  kQ4_0 = 2,
+  kQ4_1 = 3,
+  kQ5_0 = 6,
+  kQ5_1 = 7,
+  kQ8_0 = 8,
+  kQ4_K = 12,
+  kQ5_K = 13,
+  kQ6_K = 14,
+  kBF16 = 30
+};
 
 inline constexpr int kQk = 32;    // elements per block of the legacy formats
 inline constexpr int kQkK = 256;  // elements per super-block of the k-quants
@@ -258,10 +270,16 @@ struct GgmlTypeInfo {
 };
 
 inline constexpr GgmlTypeInfo kGgmlTypes[] = {
-    {kQ4_0, "Q4_0", kQk, sizeof(BlockQ4_0)},  {kQ4_1, "Q4_1", kQk, sizeof(BlockQ4_1)},
-    {kQ5_0, "Q5_0", kQk, sizeof(BlockQ5_0)},  {kQ5_1, "Q5_1", kQk, sizeof(BlockQ5_1)},
-    {kQ8_0, "Q8_0", kQk, sizeof(BlockQ8_0)},  {kQ4_K, "Q4_K", kQkK, sizeof(BlockQ4_K)},
-    {kQ5_K, "Q5_K", kQkK, sizeof(BlockQ5_K)}, {kQ6_K, "Q6_K", kQkK, sizeof(BlockQ6_K)},
+    {kF16, "F16", 1, 2},
+    {kBF16, "BF16", 1, 2},
+    {kQ4_0, "Q4_0", kQk, sizeof(BlockQ4_0)},
+    {kQ4_1, "Q4_1", kQk, sizeof(BlockQ4_1)},
+    {kQ5_0, "Q5_0", kQk, sizeof(BlockQ5_0)},
+    {kQ5_1, "Q5_1", kQk, sizeof(BlockQ5_1)},
+    {kQ8_0, "Q8_0", kQk, sizeof(BlockQ8_0)},
+    {kQ4_K, "Q4_K", kQkK, sizeof(BlockQ4_K)},
+    {kQ5_K, "Q5_K", kQkK, sizeof(BlockQ5_K)},
+    {kQ6_K, "Q6_K", kQkK, sizeof(BlockQ6_K)},
 };
 
 // The block-format entry of ggml_type `id`, or nullptr when kindred does not dequantize it.
@@ -283,6 +301,39 @@ KINDRED_HD float fp16_to_f32(uint16_t h) {
   float f;
   std::memcpy(&f, &bits, sizeof(f));
   return f;
+}
+
+// fp32 -> IEEE fp16, rounding to nearest even; overflow gives infinity, NaN the quiet NaN 0x7E00 (ggml's
+// GGML_FP32_TO_FP16 gives the same bits for every input).
+KINDRED_HD uint16_t f32_to_fp16(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, sizeof(x));
+  const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
+  const uint32_t a = x & 0x7FFFFFFFu;
+  if (a > 0x7F800000u) return sign | 0x7E00u;
+  if (a >= 0x47800000u) return sign | 0x7C00u;  // >= 65536 (and infinity)
+  if (a <= 0x33000000u) return sign;            // <= 2^-25: rounds to zero (a tie at 2^-25 goes to even)
+  const uint32_t e = a >> 23;
+  uint32_t m = a & 0x7FFFFFu, shift = 13;
+  uint32_t h;
+  if (e >= 113) {  // normal half: rebias the exponent, keep 10 mantissa bits
+    h = ((e - 112) << 10) | (m >> 13);
+  } else {  // subnormal half: units of 2^-24
+    m |= 0x800000u;
+    shift = 126 - e;
+    h = m >> shift;
+  }
+  const uint32_t rem = m & ((1u << shift) - 1), half = 1u << (shift - 1);
+  if (rem > half || (rem == half && (h & 1))) ++h;  // a carry moves into the exponent, up to infinity
+  return static_cast<uint16_t>(sign | h);
+}
+
+// fp32 -> bf16, rounding to nearest even; NaN stays NaN, forced quiet (ggml's GGML_FP32_TO_BF16).
+KINDRED_HD uint16_t f32_to_bf16(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, sizeof(x));
+  if ((x & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((x >> 16) | 64);
+  return static_cast<uint16_t>((x + 0x7FFFu + ((x >> 16) & 1)) >> 16);
 }
 
 // 6-bit scale and min of sub-block j (0..7) of a Q4_K / Q5_K block (ggml's get_scale_min_k4).

@@ -345,7 +345,15 @@ def _reference_backward(hidden, weight, bias, t32, lse, coef, opt, needs):
     return d_hidden, d_weight, d_bias
 
 
-def _targets32(targets: torch.Tensor) -> torch.Tensor:
+def _targets32(targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """int32 targets for the core. An int64 target outside int32's range becomes an int32 outside [0, V) that
+    is not ignore_index (so the CPU rejects it and CUDA gives NaN), never its low 32 bits: 2³² + 3 must not
+    train as class 3."""
+    if targets.dtype == torch.int64:
+        info = torch.iinfo(torch.int32)
+        wide = (targets < info.min) | (targets > info.max)
+        out_of_range = info.min if ignore_index == info.max else info.max
+        targets = torch.where(wide, out_of_range, targets)
     return targets.to(torch.int32).contiguous()
 
 
@@ -374,7 +382,7 @@ def linear_cross_entropy(
     ignore_index; the chunked path skips the others (the reference computes every row).
     """
     opt = options(ignore_index, label_smoothing, z_loss, softcap)
-    t32 = _targets32(targets)
+    t32 = _targets32(targets, ignore_index)
     valid, scale = _valid_scale(t32, ignore_index, reduction)
     if _pick_impl(hidden, impl) == "reference":
         rows_loss, lse, hit = _reference_forward(hidden, weight, bias, t32, opt)
@@ -425,7 +433,7 @@ def linear_cross_entropy_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dH, dW, dbias) for per-token loss weights ``coef`` [N]; those not in ``needs`` are empty."""
     opt = options(ignore_index, label_smoothing, z_loss, softcap)
-    t32 = _targets32(targets)
+    t32 = _targets32(targets, ignore_index)
     need = tuple(bool(x) for x in needs)
     if _pick_impl(hidden, impl) == "reference":
         return _reference_backward(hidden, weight, bias, t32, lse, coef, opt, need)

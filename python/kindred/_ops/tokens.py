@@ -12,15 +12,27 @@ import numpy as np
 import torch
 
 from .. import _core
+from ..errors import KindredValueError
 from .adapter import np_view, stream, view
 
 IGNORE_INDEX: int = _core.IGNORE_INDEX
 
 
 def _i32(a, name: str) -> np.ndarray:
-    return (
-        np.ascontiguousarray(a, dtype=np.int32) if not isinstance(a, np.ndarray) or a.dtype != np.int32 else a
-    )
+    """``a`` as a contiguous int32 array; a value int32 cannot hold is an error naming ``name`` and its index
+    (narrowing would wrap it: a length of 2³² + 5 would pack as 5)."""
+    if isinstance(a, np.ndarray) and a.dtype == np.int32:
+        return np.ascontiguousarray(a)
+    a = np.asarray(a)
+    if a.dtype.kind not in "iub" and a.size:
+        raise KindredValueError(f"{name} must hold integers, got dtype {a.dtype}")
+    if a.size and a.dtype.kind in "iu" and a.dtype.itemsize >= 4:
+        info = np.iinfo(np.int32)
+        wide = np.flatnonzero((a < info.min) | (a > info.max))
+        if wide.size:
+            i = int(wide[0])
+            raise KindredValueError(f"{name}[{i}] = {int(a.reshape(-1)[i])} does not fit in int32")
+    return np.ascontiguousarray(a, dtype=np.int32)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ CSV / ``datasets``, detected), :func:`read_jsonl` (validation with file:line:fie
 :func:`load_tokenizer` (tokenizer.json or sentencepiece .model), :func:`get_template` (gemma3, qwen3,
 llama3, phi4, phi4-mini, mistral-nemo, chatml; or a path: the model's own Jinja template,
 :func:`load_chat_template`), :func:`tokenize` (labels and counts), :func:`apply_budget`, :func:`pack`,
-:func:`plan_conversation` (the conversation-length planner), :func:`token_report` (what ``kindred plan
+:func:`plan_conversation` (conversation lengths), :func:`token_report` (what ``kindred plan
 --data`` reads).
 Names are imported from their modules on first use (``kindred tokens --help`` imports no torch).
 """

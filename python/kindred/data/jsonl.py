@@ -21,6 +21,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..bounded import loads_json
 from ..errors import KindredFormatError, KindredValueError
 
 ROLES = ("system", "user", "assistant")
@@ -159,16 +160,13 @@ def read_jsonl(path: str | os.PathLike, *, skip_invalid: bool = False) -> ChatDa
     try:
         for lineno, raw in enumerate(_open_lines(p), start=1):
             try:
-                try:
-                    text = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise _LineError("", f"invalid UTF-8 at byte {e.start} of the line") from None
-                if not text.strip():
+                if not raw.strip():
                     continue
-                try:
-                    obj = json.loads(text)
-                except json.JSONDecodeError as e:
-                    raise _LineError("", f"malformed JSON: {e.msg} at column {e.colno}") from None
+                where = f"{p}:{lineno}"
+                try:  # invalid UTF-8, malformed JSON, deep nesting or an out-of-range number
+                    obj = loads_json(raw, where, allow_surrogates=True)  # named by field below
+                except KindredFormatError as e:
+                    raise _LineError("", str(e).removeprefix(f"{where}: ")) from None
                 messages = validate_conversation(obj)
             except _LineError as e:
                 if not skip_invalid:

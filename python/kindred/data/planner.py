@@ -1,4 +1,4 @@
-"""Budget arithmetic of seed 004: the conversation-length planner, the relative training cost of context
+"""Budget arithmetic of a user's notes: the conversation-length planner, the relative training cost of context
 lengths, and the logits memory of a vocabulary.
 
 Conversation-length planner: from a token budget, the system prompt's tokens, the measured tokens per

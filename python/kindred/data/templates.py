@@ -21,6 +21,10 @@ training conversation (no generation prompt); ``render_text`` returns it. String
 * mistral-nemo: ``<s>[INST]{user}[/INST]{assistant}</s>...``, no spaces; the system prompt goes into the
   **last** user turn as ``[INST]{system}\\n\\n{user}[/INST]``.
 * chatml: generic ChatML ``<|im_start|>{role}\\n{content}<|im_end|>\\n``, no BOS.
+* harmony (gpt-oss): ``<|start|>{role}<|message|>{text}<|end|>``, replies on the ``final`` channel, the last
+  one ending ``<|return|>`` after its ``analysis`` (see :class:`Harmony`).
+* qwen3-coder: ChatML with XML ``<tool_call>`` blocks and ``<tool_response>`` user turns
+  (:class:`Qwen3Coder`).
 
 Choices where a template leaves room (all documented on the classes): the trained end-of-turn token is
 the one generation stops at (``<end_of_turn>``, ``<|im_end|>``, ``<|eot_id|>``, ``<|end|>``, ``</s>``); the
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import abc
 import difflib
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -512,7 +517,195 @@ class MistralNemo(ChatTemplate):
         return ""
 
 
-_TEMPLATES = {t.name: t for t in (Gemma3, Qwen3, Llama3, Phi4, Phi4Mini, MistralNemo, ChatML)}
+class Harmony(ChatTemplate):
+    """gpt-oss's harmony format: ``<|start|>{role}<|message|>{text}<|end|>`` messages, no newlines between.
+
+    First a system message with the model identity, ``Knowledge cutoff: 2024-06``, ``Current date:``
+    (pinned: ``current_date``, default ``2025-06-28``, so counts do not change with the calendar),
+    ``Reasoning: {reasoning_effort}`` and the valid channels; a conversation's system prompt becomes the
+    developer message ``# Instructions\n\n{text}\n\n``. Assistant replies go to the ``final`` channel:
+    ``<|start|>assistant<|channel|>final<|message|>{content}<|end|>``; the last one ends with
+    ``<|return|>`` (where generation stops) and is preceded by its reasoning on the ``analysis`` channel
+    when the message has ``thinking`` (or ``reasoning_content``); earlier replies drop their reasoning, as
+    gpt-oss's own template does. Trained (assistant-only labels on ``final``): each final content with its
+    end token; the analysis text only with ``train_analysis=True``.
+    """
+
+    name = "harmony"
+    description = "gpt-oss harmony (analysis / final channels; date pinned)"
+    specials = ("<|start|>", "<|message|>", "<|end|>", "<|channel|>", "<|return|>")
+    end_of_turn = "<|return|>"
+    IDENTITY = "You are ChatGPT, a large language model trained by OpenAI."
+    EFFORTS = ("low", "medium", "high")
+
+    def __init__(
+        self,
+        current_date: str = "2025-06-28",
+        reasoning_effort: str = "medium",
+        model_identity: str = IDENTITY,
+        train_analysis: bool = False,
+    ):
+        if reasoning_effort not in self.EFFORTS:
+            raise KindredValueError(
+                f"reasoning_effort must be one of {self.EFFORTS}, got {reasoning_effort!r}"
+            )
+        self.system_text = (
+            f"{model_identity}\nKnowledge cutoff: 2024-06\nCurrent date: {current_date}\n\n"
+            f"Reasoning: {reasoning_effort}\n\n"
+            "# Valid channels: analysis, commentary, final. Channel must be included for every message."
+        )
+        self.train_analysis = train_analysis
+        self._start, self._msg, self._end, self._chan, self._ret = (Special(t) for t in self.specials)
+
+    @staticmethod
+    def thinking(m: dict) -> str:
+        t = m.get("thinking", m.get("reasoning_content"))
+        return t if isinstance(t, str) else ""
+
+    def _check(self, m: dict, i: int) -> None:
+        for key in ("content", "thinking", "reasoning_content"):
+            if isinstance(m.get(key), str) and "<|channel|>" in m[key]:
+                raise KindredValueError(
+                    f"messages[{i}].{key} holds a <|channel|> tag: put the analysis text in 'thinking' "
+                    "and the final answer in 'content'"
+                )
+
+    def render(self, messages):
+        system, first = _split_system(messages)
+        exchanges = exchange_index(messages)
+        s, msg, end = self._start, self._msg, self._end
+        segs = [Segment("template", (s, "system", msg, self.system_text, end), False, -1, -1)]
+        if system is not None:
+            dev = f"# Instructions\n\n{system['content']}\n\n"
+            segs.append(Segment("system", (s, "developer", msg, dev, end), False, 0, -1))
+        for i in range(first, len(messages)):
+            m, x = messages[i], exchanges[i]
+            self._check(m, i)
+            if m["role"] != "assistant":
+                segs.append(Segment("user", (s, "user", msg, m["content"], end), False, i, x))
+                continue
+            last = i == len(messages) - 1
+            thinking = self.thinking(m) if last else ""
+            if thinking:
+                segs += [
+                    Segment("assistant", (s, "assistant", self._chan, "analysis", msg), False, i, x),
+                    Segment("assistant", (thinking, end), self.train_analysis, i, x),
+                ]
+            segs += [
+                Segment("assistant", (s, "assistant", self._chan, "final", msg), False, i, x),
+                Segment("assistant", (m["content"], self._ret if last else end), True, i, x),
+            ]
+        return segs
+
+    def structure_key(self, messages):
+        return ("".join([m["role"][0] for m in messages]), bool(self.thinking(messages[-1])))
+
+    def canonical(self, key):
+        msgs = super().canonical(key)
+        if key[1]:
+            msgs[-1]["thinking"] = "\x03reasoning\x04"
+        return msgs
+
+    def generation_prompt(self) -> str:
+        return "<|start|>assistant"
+
+
+class Qwen3Coder(ChatML):
+    """Qwen3-Coder (ChatML, no ``<think>``) with its XML tool calls.
+
+    An assistant message with ``tool_calls`` ([{"function": {"name", "arguments"}}] or [{"name",
+    "arguments"}], arguments an object or its JSON text) renders ``<|im_start|>assistant``, then
+    ``\n{content|trim}\n`` when there is content, then per call
+    ``\n<tool_call>\n<function={name}>\n`` + ``<parameter={key}>\n{value}\n</parameter>\n`` per argument +
+    ``</function>\n</tool_call>``, then ``<|im_end|>\n`` (values: objects and lists as JSON, the rest as
+    text). Consecutive ``tool`` messages share one user turn: ``<|im_start|>user\n`` +
+    ``<tool_response>\n{content}\n</tool_response>\n`` each + ``<|im_end|>\n``. Trained: the assistant
+    text (tool calls included) and ``<|im_end|>``. Tool definitions are not rendered from a ``tools``
+    list: put them in the system prompt's text.
+    """
+
+    name = "qwen3-coder"
+    description = "Qwen3-Coder (ChatML with XML tool calls)"
+
+    @staticmethod
+    def tool_calls_text(m: dict, where: str) -> str:
+        out = []
+        for k, call in enumerate(m["tool_calls"]):
+            fn = call.get("function", call) if isinstance(call, dict) else None
+            args = fn.get("arguments", {}) if isinstance(fn, dict) else None
+            if isinstance(args, str):
+                try:
+                    args = json.loads(args)
+                except json.JSONDecodeError as e:
+                    raise KindredValueError(
+                        f"{where}.tool_calls[{k}].arguments: not JSON ({e.msg})"
+                    ) from None
+            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not isinstance(args, dict):
+                raise KindredValueError(
+                    f"{where}.tool_calls[{k}] must be {{'name': str, 'arguments': object}} "
+                    "(or those under 'function')"
+                )
+            params = "".join(
+                f"<parameter={key}>\n"
+                + (json.dumps(v, ensure_ascii=False) if isinstance(v, (dict, list)) else _jinja_str(v))
+                + "\n</parameter>\n"
+                for key, v in args.items()
+            )
+            out.append(f"\n<tool_call>\n<function={fn['name']}>\n{params}</function>\n</tool_call>")
+        return "".join(out)
+
+    def render(self, messages):
+        segs = []
+        exchanges = exchange_index(messages)
+        for i, m in enumerate(messages):
+            x, role = exchanges[i], m["role"]
+            if role == "tool":
+                prev_tool = i > 0 and messages[i - 1]["role"] == "tool"
+                next_tool = i + 1 < len(messages) and messages[i + 1]["role"] == "tool"
+                head = () if prev_tool else (self._start, "user\n")
+                tail = () if next_tool else (self._end, "\n")
+                body = f"<tool_response>\n{m['content']}\n</tool_response>\n"
+                segs.append(Segment("user", (*head, body, *tail), False, i, x))
+            elif role == "assistant" and m.get("tool_calls"):
+                content = m["content"].strip() if isinstance(m.get("content"), str) else ""
+                text = (f"\n{content}\n" if content else "") + self.tool_calls_text(m, f"messages[{i}]")
+                segs += [
+                    Segment("assistant", (self._start, "assistant"), False, i, x),
+                    Segment("assistant", (text, self._end), True, i, x),
+                    Segment("assistant", ("\n",), False, i, x),
+                ]
+            elif role == "assistant":
+                segs += self._assistant(i, x, m["content"])
+            else:
+                segs.append(self._plain(role, i, x, m["content"]))
+        return segs
+
+    def render_text(self, messages):
+        return "".join(s.text for s in self.render(messages))
+
+    def structure_key(self, messages):
+        # tool calls and tool turns change the segments, not only the roles: such conversations key alone
+        if any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+            return ("".join([m["role"][0] for m in messages]), json.dumps(messages, sort_keys=True))
+        return super().structure_key(messages)
+
+    def canonical(self, key):
+        if len(key) > 1:  # a tool conversation: its own canonical form, contents replaced by placeholders
+            msgs = json.loads(key[1])
+            for i, m in enumerate(msgs):
+                m["content"] = PLACEHOLDER.format(i)
+            return msgs
+        return super().canonical(key)
+
+
+def _jinja_str(v) -> str:
+    """Jinja's ``| string`` of a JSON scalar (Python's str: True, None, 1.5)."""
+    return v if isinstance(v, str) else str(v)
+
+
+_TEMPLATES = {
+    t.name: t for t in (Gemma3, Qwen3, Llama3, Phi4, Phi4Mini, MistralNemo, ChatML, Harmony, Qwen3Coder)
+}
 _ALIASES = {
     "gemma-3": "gemma3",
     "gemma": "gemma3",
@@ -530,6 +723,10 @@ _ALIASES = {
     "phi4mini": "phi4-mini",
     "nemo": "mistral-nemo",
     "mistral_nemo": "mistral-nemo",
+    "mistral-tekken": "mistral-nemo",  # NeMo's V3-Tekken format (the catalogue's name for it)
+    "tekken": "mistral-nemo",
+    "gpt-oss": "harmony",
+    "qwen3_coder": "qwen3-coder",
 }
 TEMPLATES: tuple[str, ...] = tuple(_TEMPLATES)
 

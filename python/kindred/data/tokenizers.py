@@ -20,7 +20,11 @@ from pathlib import Path
 import numpy as np
 
 from .. import _core
+from ..bounded import loads_json, read_limited
 from ..errors import KindredFormatError, KindredValueError
+from .spm_model import check_sentencepiece_model
+
+TOKENIZER_JSON_BYTES = 512 << 20
 
 
 class Tokenizer(abc.ABC):
@@ -77,13 +81,9 @@ class HFTokenizer(Tokenizer):
     kind = "tokenizer.json"
 
     def __init__(self, path: str | os.PathLike):
-        from tokenizers import Tokenizer as _Tok
-
         self.path = str(path)
-        try:
-            self._tok = _Tok.from_file(self.path)
-        except Exception as e:  # the library raises a bare Exception for malformed files
-            raise KindredFormatError(f"{self.path}: not a valid tokenizer.json ({e})") from None
+        data = read_limited(path, TOKENIZER_JSON_BYTES, "tokenizer.json")
+        self._tok = tokenizer_json_from_str(data, self.path)
         self._fast = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
         self.backend = "tokenizers (Rust, all cores)"
 
@@ -128,6 +128,7 @@ class SentencePieceTokenizer(Tokenizer):
             )
         self._core = None
         self._py = None
+        check_sentencepiece_model(read_limited(self.path, 256 << 20, "sentencepiece model"), self.path)
         if backend != "python" and _core.sentencepiece_compiled():
             try:
                 self._core = _core.SentencePieceTokenizer(self.path)
@@ -175,6 +176,77 @@ class SentencePieceTokenizer(Tokenizer):
             return None if tid < 0 else tid
         tid = self._py.PieceToId(name)
         return tid if self._py.IdToPiece(tid) == name else None
+
+
+def _check_tokenizer_model(model, where: str) -> None:
+    """The parts of a tokenizer.json ``model`` the ``tokenizers`` library trusts: a WordPiece / WordLevel
+    unk_token that is in the vocabulary (else every unknown word fails on encode), and BPE merges whose two
+    parts and merged result are tokens (a missing result makes the library panic)."""
+    if not isinstance(model, dict):
+        raise KindredFormatError(f"{where}: 'model' must be an object")
+    kind, vocab = model.get("type"), model.get("vocab")
+    if kind not in (None, "BPE", "WordPiece", "WordLevel", "Unigram"):
+        raise KindredFormatError(f"{where}: model type {kind!r:.40} is not a tokenizers model")
+    if kind == "Unigram":
+        if not isinstance(vocab, list) or not all(
+            isinstance(v, list) and len(v) == 2 and isinstance(v[0], str) for v in vocab
+        ):
+            raise KindredFormatError(f"{where}: a Unigram 'vocab' must be a list of [piece, score] pairs")
+        unk = model.get("unk_id")
+        if unk is not None and not (isinstance(unk, int) and 0 <= unk < len(vocab)):
+            raise KindredFormatError(f"{where}: Unigram unk_id {unk!r:.40} is not an index of the vocabulary")
+        return
+    if not isinstance(vocab, dict):
+        raise KindredFormatError(f"{where}: model 'vocab' must be an object {{token: id}}")
+    unk = model.get("unk_token")
+    if kind in ("WordPiece", "WordLevel") and unk not in vocab:
+        raise KindredFormatError(f"{where}: {kind} unk_token {unk!r:.40} is not in the vocabulary")
+    merges = model.get("merges", [])
+    if kind != "BPE" and "merges" not in model:
+        return
+    if not isinstance(merges, list):
+        raise KindredFormatError(f"{where}: BPE 'merges' must be a list")
+    prefix = model.get("continuing_subword_prefix") or ""
+    cut = len(prefix.encode("utf-8")) if isinstance(prefix, str) else 0
+    for i, m in enumerate(merges):
+        parts = m.split(" ") if isinstance(m, str) else m
+        if not isinstance(parts, list) or len(parts) != 2 or not all(isinstance(x, str) for x in parts):
+            raise KindredFormatError(f"{where}: merges[{i}] {m!r:.60} is not two tokens")
+        tail = parts[1].encode("utf-8")[cut:]
+        try:
+            merged = parts[0] + tail.decode("utf-8")
+        except UnicodeDecodeError:
+            merged = None
+        if len(parts[1].encode("utf-8")) < cut or merged is None:
+            raise KindredFormatError(f"{where}: merges[{i}] {m!r:.60} is shorter than the subword prefix")
+        for t in (*parts, merged):
+            if t not in vocab:
+                raise KindredFormatError(f"{where}: merges[{i}] {m!r:.60} names {t!r:.40}, not a token")
+
+
+def tokenizer_json_from_str(text: bytes | str, where: str):
+    """A ``tokenizers.Tokenizer`` from tokenizer.json text, checked first (bounded JSON, the model's
+    vocabulary, unk token and merges); every failure is a KindredFormatError naming ``where``."""
+    from tokenizers import Tokenizer as _Tok
+
+    try:
+        obj = loads_json(text, where, limit=TOKENIZER_JSON_BYTES)
+        if not isinstance(obj, dict):
+            raise KindredFormatError(f"{where}: not a JSON object")
+        _check_tokenizer_model(obj.get("model"), where)
+    except KindredFormatError as e:
+        raise KindredFormatError(
+            f"{where}: not a valid tokenizer.json ({str(e).removeprefix(f'{where}: ')})"
+        ) from None
+    raw = text if isinstance(text, str) else text.decode("utf-8")
+    try:
+        return _Tok.from_str(raw)
+    except Exception as e:  # the library raises a bare Exception for malformed files
+        raise KindredFormatError(f"{where}: not a valid tokenizer.json ({e})") from None
+    except BaseException as e:  # a Rust panic (pyo3's PanicException derives from BaseException)
+        if type(e).__name__ != "PanicException":
+            raise
+        raise KindredFormatError(f"{where}: not a valid tokenizer.json (the library panicked: {e})") from None
 
 
 def load_tokenizer(path: str | os.PathLike | Tokenizer, **kwargs) -> Tokenizer:
@@ -225,3 +297,39 @@ def special_tokens_of(path: str | os.PathLike) -> dict[str, int]:
     with open(path, encoding="utf-8") as f:
         obj = json.load(f)
     return {t["content"]: t["id"] for t in obj.get("added_tokens", [])}
+
+
+# A Hugging Face tokenizer's files (and a processor's, for multimodal models) as they sit in a model folder.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+)
+
+
+def save_tokenizer_files(tokenizer: Tokenizer, folder: str | os.PathLike) -> list[str]:
+    """Copy ``tokenizer``'s file and the tokenizer files beside it (TOKENIZER_FILES) into ``folder``; a
+    tokenizer whose file is gone (built from a GGUF) is written from memory. Returns the names written."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    src = Path(tokenizer.path)
+    written = []
+    if src.is_file():
+        siblings = [src.parent / n for n in TOKENIZER_FILES if (src.parent / n).is_file()]
+        for f in dict.fromkeys([src, *siblings]):
+            (folder / f.name).write_bytes(f.read_bytes())
+            written.append(f.name)
+    elif isinstance(tokenizer, HFTokenizer):
+        tokenizer.library.save(str(folder / "tokenizer.json"))
+        written.append("tokenizer.json")
+    else:
+        raise KindredFormatError(f"{src}: the tokenizer file is gone; cannot save the tokenizer")
+    return written

@@ -1,5 +1,5 @@
-"""How close an exported model stays to its 16-bit reference: KL divergence and top-1 agreement of the next-token
-distributions over the same tokens (the quality gate's figures, and the export goals' in results/export.csv)."""
+"""How close an exported model stays to its 16-bit reference: KL divergence and top-1 agreement of the
+next-token distributions over the same tokens (the quality gate's figures and results/export.csv's)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,9 @@ class Agreement:
     tokens: int
 
 
-def agreement(reference: torch.Tensor, candidate: torch.Tensor, mask: torch.Tensor | None = None) -> Agreement:
+def agreement(
+    reference: torch.Tensor, candidate: torch.Tensor, mask: torch.Tensor | None = None
+) -> Agreement:
     """Compare logits ``[..., V]`` of the reference and the candidate at the same positions (``mask`` [...]
     selects the positions that count, e.g. user text without padding). Computed in float64."""
     if reference.shape != candidate.shape:
@@ -28,7 +30,9 @@ def agreement(reference: torch.Tensor, candidate: torch.Tensor, mask: torch.Tens
             f"{tuple(reference.shape)}"
         )
     if reference.dim() < 1 or reference.shape[-1] < 2:
-        raise KindredError(f"reference: logits need a vocabulary dimension, got shape {tuple(reference.shape)}")
+        raise KindredError(
+            f"reference: logits need a vocabulary dimension, got shape {tuple(reference.shape)}"
+        )
     ref = reference.reshape(-1, reference.shape[-1]).double()
     cand = candidate.reshape(-1, candidate.shape[-1]).double()
     if mask is not None:

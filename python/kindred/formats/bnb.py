@@ -15,11 +15,14 @@ import math
 import torch
 
 from .. import _core
+from ..bounded import check_float, check_int, loads_json
 from ..errors import KindredFormatError
 from ..weights import NF4Weight
 
 _STATE_KEY = "quant_state.bitsandbytes__"
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_MAX_STATE_BYTES = 1 << 16  # the JSON is ~200 bytes
+_MAX_ELEMENTS = 1 << 40
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -76,7 +79,7 @@ def nf4_from_bnb(
     quant_type = key.rsplit("__", 1)[1]
     if quant_type != "nf4":
         raise KindredFormatError(f"{source}: '{key}' is bitsandbytes {quant_type!r}; kindred reads NF4 only")
-    state = _parse_state(need(key), key, source)
+    state = parse_bnb_state(need(key), key, source)
     packed = need(prefix)
     if packed.dtype != torch.uint8:
         if packed.dtype.is_floating_point and packed.element_size() > 1:  # quant_storage=bfloat16 etc. (FSDP)
@@ -109,6 +112,17 @@ def nf4_from_bnb(
     expected_absmax = torch.uint8 if nested else torch.float32
     if absmax.dtype != expected_absmax:
         raise KindredFormatError(f"{source}: '{prefix}.absmax' must be {expected_absmax}, got {absmax.dtype}")
+    blocks = -(-n // state["blocksize"])
+    if absmax.numel() != blocks:
+        raise KindredFormatError(
+            f"{source}: '{prefix}.absmax' has {absmax.numel()} entries, expected {blocks} "
+            f"({n} elements in blocks of {state['blocksize']})"
+        )
+    if nested and nested_absmax.numel() != -(-blocks // 256):
+        raise KindredFormatError(
+            f"{source}: '{prefix}.nested_absmax' has {nested_absmax.numel()} entries, expected "
+            f"{-(-blocks // 256)} ({blocks} blocks in groups of 256)"
+        )
     offset = None
     if nested:
         offset = torch.tensor([state["nested_offset"]], dtype=torch.float32, device=packed.device)
@@ -124,27 +138,39 @@ def nf4_from_bnb(
     )
 
 
-def _parse_state(blob: torch.Tensor, key: str, source: str) -> dict:
-    raw = bytes(blob.cpu().to(torch.uint8).tolist())
-    try:
-        state = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise KindredFormatError(f"{source}: '{key}' is not UTF-8 at byte {e.start}") from None
-    except json.JSONDecodeError as e:
-        raise KindredFormatError(f"{source}: '{key}' holds malformed JSON at byte {e.pos}: {e.msg}") from None
+def parse_bnb_state(blob: torch.Tensor, key: str, source: str) -> dict:
+    """The quant-state JSON held by the u8 tensor ``key``, checked: shape, blocksize, dtype, offset."""
+    if blob.dtype != torch.uint8 or blob.dim() != 1 or blob.numel() > _MAX_STATE_BYTES:
+        raise KindredFormatError(
+            f"{source}: '{key}' must be a 1-D uint8 tensor of at most {_MAX_STATE_BYTES} bytes (JSON), "
+            f"got {blob.dtype} {list(blob.shape)}"
+        )
+    state = loads_json(blob.cpu().numpy().tobytes(), f"{source}: '{key}'", max_depth=4)
     if not isinstance(state, dict):
         raise KindredFormatError(f"{source}: '{key}' must hold a JSON object")
     for field, kind in (("blocksize", int), ("shape", list), ("dtype", str), ("quant_type", str)):
-        if not isinstance(state.get(field), kind):
+        if not isinstance(state.get(field), kind) or isinstance(state.get(field), bool):
             raise KindredFormatError(
                 f"{source}: '{key}' lacks a valid '{field}' ({kind.__name__}): {state.get(field)!r}"
             )
+    b = state["blocksize"]
+    if not 32 <= b <= 4096 or b & (b - 1):
+        raise KindredFormatError(
+            f"{source}: '{key}' has blocksize {b}; NF4 blocksizes are powers of two in [32, 4096]"
+        )
     if state["dtype"] not in _DTYPES:
         raise KindredFormatError(
             f"{source}: '{key}' has dtype {state['dtype']!r}; expected one of {sorted(_DTYPES)}"
         )
-    if not all(isinstance(d, int) and d > 0 for d in state["shape"]):
-        raise KindredFormatError(f"{source}: '{key}' has an invalid shape {state['shape']!r}")
-    if "nested_offset" in state and not isinstance(state["nested_offset"], (int, float)):
-        raise KindredFormatError(f"{source}: '{key}' has a non-numeric nested_offset")
+    shape = state["shape"]
+    if not 1 <= len(shape) <= 4 or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape
+    ):
+        raise KindredFormatError(f"{source}: '{key}' has an invalid shape {shape!r} (1 to 4 positive sizes)")
+    if math.prod(shape) > _MAX_ELEMENTS:
+        raise KindredFormatError(f"{source}: '{key}' has shape {shape}: more than 2^40 elements")
+    if "nested_offset" in state:
+        check_float(state["nested_offset"], f"{source}: '{key}': 'nested_offset'", -1e6, 1e6)
+    if "nested_blocksize" in state:
+        check_int(state["nested_blocksize"], f"{source}: '{key}': 'nested_blocksize'", 1, 1 << 20)
     return state

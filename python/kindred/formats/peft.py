@@ -17,6 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..bounded import check_float, check_int, json_object
 from ..errors import KindredFormatError
 
 CONFIG_NAME = "adapter_config.json"
@@ -34,6 +35,8 @@ _UNSUPPORTED = {
     "target_parameters": (None, []),
     "trainable_token_indices": (None, []),
 }
+MAX_RANK = 1 << 16
+MAX_ALPHA = 1e6
 
 
 def pattern_value(pattern: dict, name: str, default):
@@ -57,24 +60,68 @@ def write_adapter(path: str | Path, config: dict, modules: dict[str, dict[str, t
     return out
 
 
+def _regex(pattern, where: str) -> str:
+    if not isinstance(pattern, str) or len(pattern) > 1000:
+        raise KindredFormatError(
+            f"{where} must be a regex string of at most 1000 characters, got {pattern!r}"
+        )
+    try:  # alone, and as pattern_value embeds it (a "(?i)" inside the pattern is an error there)
+        re.compile(pattern)
+        re.compile(rf"(.*\.)?({pattern})$")
+    except (re.error, RecursionError, OverflowError) as e:
+        raise KindredFormatError(f"{where}: {pattern!r} is not a valid regex ({e})") from None
+    return pattern
+
+
+def check_config(config: dict, where: str) -> dict:
+    """``config`` (an adapter_config.json object) if every field kindred reads has the right type and range:
+    a positive integer r, finite positive lora_alpha, lora_dropout in [0, 1), target_modules a regex or a
+    list of names, rank_pattern / alpha_pattern objects of {regex: value}, a boolean use_rslora."""
+    if config.get("peft_type") != "LORA":
+        raise KindredFormatError(f"{where}: peft_type must be 'LORA', got {config.get('peft_type')!r}")
+    for key, allowed in _UNSUPPORTED.items():
+        if key in config and config[key] not in allowed:
+            raise KindredFormatError(f"{where}: {key}={config[key]!r} is not supported by kindred")
+    check_int(config.get("r", 8), f"{where}: 'r'", 1, MAX_RANK)
+    check_float(config.get("lora_alpha", 8), f"{where}: 'lora_alpha'", 0.0, MAX_ALPHA, lo_open=True)
+    dropout = config.get("lora_dropout") or 0.0
+    if check_float(dropout, f"{where}: 'lora_dropout'", 0.0, 1.0) >= 1.0:
+        raise KindredFormatError(f"{where}: 'lora_dropout' must be below 1, got {dropout!r}")
+    if not isinstance(config.get("use_rslora", False), bool):
+        raise KindredFormatError(f"{where}: 'use_rslora' must be true or false, got {config['use_rslora']!r}")
+    targets = config.get("target_modules")
+    if isinstance(targets, str):
+        _regex(targets, f"{where}: 'target_modules'")
+    elif targets is not None and (
+        not isinstance(targets, list) or len(targets) > 10_000 or not all(isinstance(t, str) for t in targets)
+    ):
+        raise KindredFormatError(
+            f"{where}: 'target_modules' must be a regex string or a list of module names, got {targets!r:.80}"
+        )
+    for key, check in (
+        ("rank_pattern", lambda v, w: check_int(v, w, 1, MAX_RANK)),
+        ("alpha_pattern", lambda v, w: check_float(v, w, 0.0, MAX_ALPHA, lo_open=True)),
+    ):
+        pattern = config.get(key)
+        if pattern is None:
+            continue
+        if not isinstance(pattern, dict):
+            raise KindredFormatError(
+                f"{where}: '{key}' must be an object {{regex: value}}, got {pattern!r:.80}"
+            )
+        for name, value in pattern.items():
+            _regex(name, f"{where}: '{key}' key")
+            check(value, f"{where}: '{key}'['{name}']")
+    return config
+
+
 def read_adapter(path: str | Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
     """(config, {module path: {"lora_A": A, "lora_B": B}}) of a PEFT LoRA adapter directory, checked."""
     path = Path(path)
     cfg_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
     if not cfg_file.is_file():
         raise KindredFormatError(f"{path}: no {CONFIG_NAME}")
-    try:
-        config = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise KindredFormatError(f"{cfg_file}: not JSON ({e})") from None
-    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
-        raise KindredFormatError(f"{cfg_file}: peft_type must be 'LORA', got {config.get('peft_type')!r}")
-    for key, allowed in _UNSUPPORTED.items():
-        if key in config and config[key] not in allowed:
-            raise KindredFormatError(f"{cfg_file}: {key}={config[key]!r} is not supported by kindred")
-    for key in ("r", "lora_alpha"):
-        if not isinstance(config.get(key, 8), (int, float)) or config.get(key, 8) <= 0:
-            raise KindredFormatError(f"{cfg_file}: {key} must be a positive number, got {config.get(key)!r}")
+    config = check_config(json_object(cfg_file, limit=1 << 20, max_depth=8), str(cfg_file))
     if not weights_file.is_file():
         raise KindredFormatError(f"{path}: no {WEIGHTS_NAME}")
     try:

@@ -82,7 +82,7 @@ class Engine:
             old = self.cache
             rows = max(rows, old.rows if old else 0)
             cap = max(cap, old.capacity if old else 0)
-            self.cache = self.graphs = None
+            self.cache = self.graphs = self._pool = None  # the pool dies with its last graph
             self.cache = StaticCache(self.model.config, rows, cap, self.dtype, self.device)
             self.graphs = {}
             self._tokens = torch.zeros(rows, dtype=torch.long, device=self.device)

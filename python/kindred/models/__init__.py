@@ -1,4 +1,5 @@
-"""kindred.models: one compact decoder for the catalogue's dense families, built from a HF config.json.
+"""kindred.models: one compact decoder for the catalogue's families (dense and Qwen3 MoE), built from a HF
+config.json.
 
 ``from_pretrained(path, quant=None | "nf4" | "int4g")`` loads a safetensors model directory (streamed,
 quantized on load; bitsandbytes 4-bit checkpoints as stored), ``from_config(config)`` builds seeded random
@@ -15,6 +16,7 @@ _EXPORTS = {
     "KVCache": "decoder",
     "LINEAR_NAMES": "config",
     "RopeConfig": "config",
+    "apply_expert_lora": "moe",
     "from_config": "loading",
     "from_gguf": "gguf",
     "from_pretrained": "loading",

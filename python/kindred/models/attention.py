@@ -29,10 +29,22 @@ try:
     HAVE_FLEX = True
 except ImportError:  # torch without FlexAttention: SDPA only
     HAVE_FLEX = False
+try:  # torch >= 2.9 asks for the logsumexp this way (return_lse before)
+    from torch.nn.attention.flex_attention import AuxRequest
+
+    _LSE = {"return_aux": AuxRequest(lse=True)}
+except ImportError:
+    _LSE = {"return_lse": True}
+
+
+# Each packed length and prefill bucket is one static-shape compile; past dynamo's default of 8 per function
+# it silently falls back to the unfused path (the whole score matrix) for the rest of the process.
+FLEX_COMPILES = 64
 
 
 @functools.cache
 def _compiled_flex():
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, FLEX_COMPILES)
     return torch.compile(flex_attention, dynamic=False)
 
 
@@ -63,6 +75,7 @@ class AttentionContext:
     doc_ids: torch.Tensor | None = None
     backend: str = "sdpa"
     lengths: torch.Tensor | None = None
+    cu_seqlens: torch.Tensor | None = None  # the packed documents' offsets (linear attention restarts there)
     _masks: dict = dataclasses.field(default_factory=dict)
 
     @property
@@ -123,11 +136,23 @@ def pick_backend(requested: str, device: torch.device, needs_mask: bool, cached:
 
 
 def attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext, window: int | None, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    ctx: AttentionContext,
+    window: int | None,
+    scale: float,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """softmax(q kᵀ · scale + mask) v for q [B, H, Tq, D], k and v [B, Hkv, Tk, D] (grouped-query heads)."""
+    """softmax(q kᵀ · scale + mask) v for q [B, H, Tq, D], k and v [B, Hkv, Tk, D] (grouped-query heads).
+
+    ``sinks`` [H] (gpt-oss): one more logit per head in every softmax, with no value: the output is scaled
+    by Z / (Z + e^sink), Z the softmax's normalizer, i.e. by σ(logsumexp − sink).
+    """
     gqa = q.shape[1] != k.shape[1]
     mask = ctx.mask(window)
+    if sinks is not None:
+        return _attend_with_sinks(q, k, v, ctx, mask, scale, sinks)
     if ctx.backend == "flex":
         if q.is_cuda:
             with warnings.catch_warnings():  # dynamo tracing a grad-requiring q reads .grad (harmless)
@@ -146,3 +171,29 @@ def attend(
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa
     )
+
+
+def _attend_with_sinks(
+    q, k, v, ctx: AttentionContext, mask, scale: float, sinks: torch.Tensor
+) -> torch.Tensor:
+    gqa = q.shape[1] != k.shape[1]
+    if ctx.backend == "flex":  # FlexAttention's logsumexp gives the sink's share without a [T, T] tensor
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not")
+            warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+            fn = _compiled_flex() if q.is_cuda else flex_attention
+            out, aux = fn(q, k, v, block_mask=mask, scale=scale, enable_gqa=gqa, **_LSE)
+        lse = aux if isinstance(aux, torch.Tensor) else aux.lse
+        return out * torch.sigmoid(lse - sinks.float()[None, :, None]).unsqueeze(-1).to(out.dtype)
+    # The explicit softmax with the sink as an extra column (the CPU reference; SDPA has no sinks).
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = (q @ k.transpose(-1, -2)).float() * scale
+    if mask is None and ctx.past == 0 and ctx.q_len > 1:  # plain causal
+        qi = torch.arange(ctx.q_len, device=q.device)[:, None]
+        mask = torch.arange(ctx.kv_len, device=q.device)[None, :] <= qi
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    sink = sinks.float()[None, :, None, None].expand(*scores.shape[:-1], 1)
+    probs = torch.cat([scores, sink], dim=-1).softmax(-1)[..., :-1]
+    return probs.to(v.dtype) @ v

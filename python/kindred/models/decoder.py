@@ -1,4 +1,5 @@
-"""DecoderLM: one compact decoder for Llama 3.x, Mistral / NeMo, Qwen3, Phi-3 / Phi-4 and Gemma 3 text.
+"""DecoderLM: one compact decoder for Llama 3.x, Mistral / NeMo, Qwen3, Phi-3 / Phi-4, Gemma 3 text, Qwen3
+MoE and gpt-oss (their routed-experts MLP in ``moe.py``).
 
 Module names follow transformers' (``model.layers.N.self_attn.q_proj``, ``mlp.gate_proj``, ``lm_head``), so
 state dicts, PEFT target names and adapters carry over. Phi-3/4's fused ``qkv_proj`` and ``gate_up_proj``
@@ -6,7 +7,8 @@ are split into q/k/v_proj and gate/up_proj at load time: every family exposes th
 
 Family differences, all read from the DecoderConfig: q/k RMSNorm per head (Qwen3, Gemma 3); Gemma's
 (1 + w) norms in float32, four per layer, √d embedding scale, query_pre_attn_scalar, local rope base and
-sliding-window layers; partial rotary (Phi-4-mini); final logit softcapping when configured.
+sliding-window layers; partial rotary (Phi-4-mini); final logit softcapping when configured; attention
+sinks (gpt-oss).
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from torch.utils.checkpoint import checkpoint
 from ..errors import KindredValueError
 from .attention import AttentionContext, attend, document_ids, pick_backend
 from .attention import positions_from_cu_seqlens as _positions
-from .config import SLIDING, DecoderConfig
+from .config import LINEAR, SLIDING, DecoderConfig
+from .linear_attention import GatedDeltaNet
+from .moe import MoeBlock, router_aux_loss
 from .rope import RotaryEmbedding, apply_rotary
 
 
@@ -74,17 +78,24 @@ class Attention(nn.Module):
         self.window = c.sliding_window if self.sliding else None
         self.scale = c.attn_scale
         bias = c.attention_bias
-        self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=bias)
+        self.gated = c.attn_output_gate  # Qwen3.5: q_proj also emits a sigmoid gate per head, after its query
+        q_out = c.num_heads * c.head_dim * (2 if self.gated else 1)
+        self.q_proj = nn.Linear(c.hidden_size, q_out, bias=bias)
         self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=bias)
         self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=bias)
         self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=bias)
         if c.qk_norm:
             self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, c.gemma_norm)
             self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, c.gemma_norm)
+        # gpt-oss: a learned logit per head that joins every softmax and takes probability, not a value
+        self.sinks = nn.Parameter(torch.zeros(c.num_heads)) if c.attention_sinks else None
 
     def forward(self, x, rope, ctx: AttentionContext, cache: KVCache | None = None) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
+        q = self.q_proj(x)
+        if self.gated:
+            q, gate = q.view(b, t, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
+        q = q.reshape(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
         if hasattr(self, "q_norm"):
@@ -94,8 +105,10 @@ class Attention(nn.Module):
         v = v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        out = attend(q, k, v, ctx, self.window, self.scale)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+        out = attend(q, k, v, ctx, self.window, self.scale, self.sinks).transpose(1, 2)
+        if self.gated:
+            out = out * torch.sigmoid(gate)
+        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -120,17 +133,30 @@ class DecoderLayer(nn.Module):
     def __init__(self, config: DecoderConfig, layer_idx: int):
         super().__init__()
         c, g = config, config.gemma_norm
-        self.gemma = g
+        self.gemma = c.sandwich_norms
+        self.sliding = c.layer_types[layer_idx] == SLIDING
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, g)
-        self.self_attn = Attention(c, layer_idx)
+        if c.layer_types[layer_idx] == LINEAR:  # Qwen3.5's gated DeltaNet token mixer
+            self.linear_attn = GatedDeltaNet(c)
+        else:
+            self.self_attn = Attention(c, layer_idx)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, g)
-        self.mlp = MLP(c)
-        if g:
+        self.mlp = MoeBlock(c) if c.moe_layers and c.moe_layers[layer_idx] else MLP(c)
+        if self.gemma:
             self.pre_feedforward_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, g)
             self.post_feedforward_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, g)
 
     def forward(self, h, rope, ctx: AttentionContext, cache: KVCache | None = None) -> torch.Tensor:
-        attn = self.self_attn(self.input_layernorm(h), rope, ctx, cache)
+        x = self.input_layernorm(h)
+        if hasattr(self, "linear_attn"):
+            if cache is not None:  # a KV cache holds no recurrent state: decoding would silently restart it
+                raise KindredValueError(
+                    "Qwen3.5's linear-attention layers need a recurrent-state cache, which kindred's KV "
+                    "cache does not hold yet"
+                )
+            attn = self.linear_attn(x, ctx.cu_seqlens)
+        else:
+            attn = self.self_attn(x, rope, ctx, cache)
         if self.gemma:  # sandwich norms: the output of each block is normalized before the residual add
             h = h + self.post_attention_layernorm(attn)
             return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
@@ -166,7 +192,7 @@ class DecoderModel(nn.Module):
         rope_local = self.rotary_local(position_ids, h.dtype) if self.rotary_local is not None else rope
         ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
         for layer in self.layers:
-            r = rope_local if layer.self_attn.sliding else rope
+            r = rope_local if layer.sliding else rope
             h = checkpoint(layer, h, r, ctx, use_reentrant=False) if ckpt else layer(h, r, ctx, cache)
         return self.norm(h)
 
@@ -184,6 +210,8 @@ class DecoderLM(nn.Module):
         pick_backend(attn_backend, torch.device("cpu"), False, False)  # validates the name
         self.config = config
         self.attn_backend = attn_backend
+        # checkpoint tensors the decoder does not use (a vision tower): name -> file, for export to copy back
+        self.kept_aside: dict[str, str] = {}
         self.model = DecoderModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -213,9 +241,14 @@ class DecoderLM(nn.Module):
         position_ids = self._check_positions(position_ids, b, t, ids.device, past=0)
         needs_mask = doc_ids is not None or self.config.sliding_window is not None
         backend = pick_backend(self.attn_backend, ids.device, needs_mask, cached=False)
-        ctx = AttentionContext(t, 0, ids.device, doc_ids, backend)
+        ctx = AttentionContext(t, 0, ids.device, doc_ids, backend, cu_seqlens=cu_seqlens)
         hidden = self.model(ids, position_ids, ctx)
         return hidden if return_hidden else self.logits(hidden)
+
+    def router_aux_loss(self) -> torch.Tensor:
+        """The MoE load-balancing loss of the last training-mode forward (0 for a dense model); the trainer
+        adds ``config.router_aux_loss_coef`` times it, as transformers does with output_router_logits."""
+        return router_aux_loss(self)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """lm_head(hidden), with the final softcap cap·tanh(x / cap) when the config has one."""

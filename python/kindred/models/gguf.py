@@ -19,7 +19,7 @@ from ..formats.gguf import gguf_metadata, gguf_tensor, gguf_to_hf_config, read_g
 from ..ops.quant import INT4G_DEFAULT_GROUP, NF4_DEFAULT_BLOCKSIZE
 from .config import DecoderConfig
 from .decoder import DecoderLM
-from .loading import _check_args, _materialize, _parameter_names, _skeleton
+from .loading import _check_args, _materialize, _parameter_names, _skeleton, check_layer_count
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -90,6 +90,7 @@ def from_gguf(
     tensors = {t.name: t for t in reader.tensors}
     cfg = DecoderConfig.from_hf(gguf_to_hf_config(meta, set(tensors), str(path)), str(path))
     device, dtype = _check_args(quant, dtype, device)
+    check_layer_count(cfg, (hf_name(n) for n in tensors), r"model\.layers\.(\d+)\.", path)
     model = _skeleton(cfg, attn_backend)
     names = _parameter_names(model)
     by_name = {hf_name(n): n for n in tensors if hf_name(n) is not None}

@@ -13,7 +13,7 @@ a frozen base; call ``model.requires_grad_(True)`` for full fine-tuning of a den
 from __future__ import annotations
 
 import contextlib
-import json
+import dataclasses
 import re
 from pathlib import Path
 
@@ -22,20 +22,20 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ..errors import KindredFormatError, KindredValueError
-from ..formats.bnb import nf4_from_bnb
+from ..formats.bnb import nf4_from_bnb, parse_bnb_state
+from ..formats.checkpoint import ASIDE, FUSED_LINEARS, canonical_name, shard_files
+from ..formats.mxfp4 import MXFP4_BLOCK, dequantize_mxfp4, mxfp4_shape
 from ..nn.linear4bit import Linear4bit
 from ..ops.quant import INT4G_DEFAULT_GROUP, NF4_DEFAULT_BLOCKSIZE, quantize_int4g, quantize_nf4
 from ..weights import NF4Weight
-from .config import LINEAR_NAMES, DecoderConfig, load_config
+from .config import QUANTIZED_NAMES, DecoderConfig, load_config
 from .decoder import DecoderLM
+from .moe import ExpertWeight, Router
 
 QUANTS = (None, "nf4", "int4g")
 _BNB_STATE = ".quant_state.bitsandbytes__nf4"
 _BNB_PARTS = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", _BNB_STATE)
 _BNB_OTHER = re.compile(r"\.quant_state\.bitsandbytes__(?!nf4$)\w+$")  # FP4 and other 4-bit types
-# Checkpoint name prefixes of Gemma 3's multimodal layout (transformers v4 and v5) -> kindred's names.
-_RENAMES = (("model.language_model.", "model."), ("language_model.model.", "model."), ("language_model.", ""))
-_SKIPPED = re.compile(r"^(model\.)?(vision_tower|multi_modal_projector)\.|\.rotary_emb\.inv_freq$")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -64,8 +64,9 @@ def from_config(
 
     def fetch(name: str) -> torch.Tensor:
         shape = shapes[name]
-        if name.endswith("norm.weight"):
-            return (torch.zeros if cfg.gemma_norm else torch.ones)(shape, device=device, dtype=dtype)
+        if name.endswith("norm.weight"):  # neutral: w = 0 in (1 + w) norms, 1 elsewhere (the gated norm)
+            zero = cfg.gemma_norm and not name.endswith("linear_attn.norm.weight")
+            return (torch.zeros if zero else torch.ones)(shape, device=device, dtype=dtype)
         if name.endswith(".bias"):
             return torch.zeros(shape, device=device, dtype=dtype)
         g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + names.index(name))
@@ -98,12 +99,15 @@ def from_pretrained(
         raise KindredValueError(f"path must be a model directory (config.json + safetensors), got {path}")
     cfg = load_config(path)
     device, dtype = _check_args(quant, dtype, device)
-    model = _skeleton(cfg, attn_backend)
-    names = _parameter_names(model)
-    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     opts = {"blocksize": blocksize, "double_quant": double_quant, "group_size": group_size}
     with contextlib.ExitStack() as stack:
         index = _Index(path, stack)
+        check_layer_count(
+            cfg, filter(None, map(canonical_name, index.shapes)), r"model\.layers\.(\d+)\.", path
+        )
+        model = _skeleton(cfg, attn_backend)
+        names = _parameter_names(model)
+        shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
         plan, bnb = _plan(index, cfg, names, shapes, path)
         if bnb and quant == "int4g":
             raise KindredValueError(
@@ -113,6 +117,9 @@ def from_pretrained(
 
         def fetch(name: str) -> torch.Tensor:
             key, rows = plan[name]
+            if isinstance(key, _Experts):  # one layer's experts, [E, out, in]
+                cache.clear()
+                return key.read(index).to(device=device, dtype=dtype)
             if rows is None:
                 cache.clear()
                 return index.read(key).to(device=device, dtype=dtype)
@@ -136,7 +143,9 @@ def from_pretrained(
             part = q.dequantize(dtype).reshape(q.shape)[rows[0] : rows[1]].contiguous()
             return quantize_nf4(part, q.blocksize, q.double_quant)
 
-        return _materialize(model, names, fetch, fetch_bnb if bnb else None, quant, opts, dtype, device)
+        model = _materialize(model, names, fetch, fetch_bnb if bnb else None, quant, opts, dtype, device)
+        model.kept_aside = {k: str(index.where(k)) for k in index.shapes if ASIDE.match(k)}
+        return model
 
 
 def _check_args(quant, dtype, device) -> tuple[torch.device, torch.dtype]:
@@ -151,6 +160,25 @@ def _check_args(quant, dtype, device) -> tuple[torch.device, torch.dtype]:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     return device, dtype
+
+
+def check_layer_count(cfg: DecoderConfig, names, pattern: str, path) -> None:
+    """Refuse a config whose num_hidden_layers differs from the layers the checkpoint's tensor ``names``
+    hold (``pattern``'s group 1 is the layer index), before a skeleton of that many layers is built."""
+    found = {int(m.group(1)) for n in names if n and (m := re.match(pattern, n))}
+    want = set(range(cfg.num_layers))
+    if found == want:
+        return
+    missing, extra = sorted(want - found), sorted(found - want)
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: model.layers.{missing[0]}.* ({len(missing)} layers missing)")
+    if extra:
+        problems.append(f"unexpected tensors: model.layers.{extra[0]}.* ({len(extra)} layers more)")
+    raise KindredFormatError(
+        f"{path}: the checkpoint does not match its {cfg.model_type} config — num_hidden_layers is "
+        f"{cfg.num_layers} but the checkpoint holds {len(found)} layers; " + "; ".join(problems)
+    )
 
 
 def _skeleton(cfg: DecoderConfig, attn_backend: str) -> DecoderLM:
@@ -172,7 +200,21 @@ def _materialize(model, names, fetch, fetch_bnb, quant, opts, dtype, device) -> 
             continue
         mod_name, pname = name.rsplit(".", 1)
         module = modules[mod_name]
-        if isinstance(module, nn.Linear) and mod_name.rsplit(".", 1)[-1] in LINEAR_NAMES:
+        if isinstance(module, ExpertWeight):  # [E, out, in], quantized as E · out rows
+            w = fetch(name)
+            if quant is None:
+                _set(module, "weight", w)
+            else:
+                module.set_quantized(
+                    _quantize(w.reshape(-1, w.shape[-1]).contiguous(), quant, opts, mod_name)
+                )
+            done.add(name)
+            continue
+        if isinstance(module, Router):  # routing runs in float32
+            _set(module, pname, fetch(name).float())
+            done.add(name)
+            continue
+        if isinstance(module, nn.Linear) and mod_name.rsplit(".", 1)[-1] in QUANTIZED_NAMES:
             bias_name = f"{mod_name}.bias"
             bias = fetch(bias_name) if module.bias is not None else None
             q = fetch_bnb(f"{mod_name}.weight") if fetch_bnb is not None else None
@@ -213,20 +255,7 @@ class _Index:
     """Names, shapes and shard of every tensor in a checkpoint directory; reads one tensor at a time."""
 
     def __init__(self, path: Path, stack: contextlib.ExitStack):
-        index = path / "model.safetensors.index.json"
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-                files = sorted({path / f for f in weight_map.values()})
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-                raise KindredFormatError(f"{index}: not a safetensors index ({e!r})") from None
-            missing = [f.name for f in files if not f.is_file()]
-            if missing:
-                raise KindredFormatError(f"{index}: lists shard(s) that are not in the directory: {missing}")
-        else:
-            files = sorted(path.glob("*.safetensors"))
-            if not files:
-                raise KindredFormatError(f"{path}: no model.safetensors (or sharded index) here")
+        files = shard_files(path)
         self.files: dict[str, Path] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
         self._handles = {}
@@ -254,23 +283,13 @@ class _Index:
             raise KindredFormatError(f"{self.files[key]}: cannot read tensor '{key}' ({e})") from None
 
 
-def _canonical(key: str) -> str | None:
-    """kindred's name for a checkpoint key, or None for tensors the decoder does not use."""
-    if _SKIPPED.search(key):
-        return None
-    for old, new in _RENAMES:
-        if key.startswith(old):
-            return new + key[len(old) :]
-    return key
-
-
 def _plan(index: _Index, cfg: DecoderConfig, names: list[str], shapes: dict, path: Path):
     """Map each model parameter to (checkpoint key, row range or None); check names and shapes up front."""
     by_name: dict[str, str] = {}
     for key in index.shapes:
         if any(key.endswith(p) for p in _BNB_PARTS):
             continue
-        canon = _canonical(key)
+        canon = canonical_name(key)
         if canon is not None:
             by_name[canon] = key
     bnb = any(k.endswith(_BNB_STATE) for k in index.shapes)
@@ -281,12 +300,18 @@ def _plan(index: _Index, cfg: DecoderConfig, names: list[str], shapes: dict, pat
         )
     plan: dict[str, tuple[str, tuple[int, int] | None]] = {}
     used: set[str] = set()
-    fused = _fused_parts(cfg) if cfg.fused_checkpoint else {}
+    fused = fused_layout(cfg) if cfg.fused_checkpoint else {}
     missing, mismatched = [], []
     for name in [*names, *([] if "lm_head.weight" in names else ["lm_head.weight"])]:
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             if name in by_name:
                 used.add(by_name[name])  # some tied checkpoints store a copy; the tie wins
+            continue
+        if name.endswith(_EXPERT_NAMES):
+            problems = (missing, mismatched, used)
+            key = _expert_source(name, by_name, index, shapes[name], cfg.gpt_oss_moe, problems)
+            if key is not None:
+                plan[name] = (key, None)
             continue
         key, rows, total = by_name.get(name), None, None
         for fused_suffix, (fused_rows, parts) in fused.items():
@@ -304,7 +329,7 @@ def _plan(index: _Index, cfg: DecoderConfig, names: list[str], shapes: dict, pat
             mismatched.append(f"{key}: checkpoint {list(stored)} vs model {list(expected)}")
             continue
         plan[name] = (key, rows)
-    unexpected = [k for k, canon in ((k, _canonical(k)) for k in index.shapes) if canon and k not in used]
+    unexpected = [k for k, canon in ((k, canonical_name(k)) for k in index.shapes) if canon and k not in used]
     unexpected = [k for k in unexpected if not any(k.endswith(p) for p in _BNB_PARTS)]
     if missing or mismatched or unexpected:
         problems = []
@@ -322,23 +347,100 @@ def _plan(index: _Index, cfg: DecoderConfig, names: list[str], shapes: dict, pat
     return plan, bnb
 
 
-def _fused_parts(cfg: DecoderConfig) -> dict[str, tuple[int, dict[str, tuple[int, int]]]]:
+_EXPERT_NAMES = (".experts.gate_up_proj.weight", ".experts.down_proj.weight")
+# The per-expert tensors (the hub's layout) that make up each fused projection, concatenated along rows.
+_EXPERT_PARTS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Experts:
+    """Where a layer's [E, out, in] expert projection is stored: "fused" (one [E, out, in] tensor,
+    transformers v5's Qwen3 MoE), "transposed" (one [E, in, out], gpt-oss in bf16), "mxfp4" (gpt-oss'
+    blocks and scales of [E, out, in]) or "stack" (keys[e] the per-expert parts, the hub's Qwen3 MoE)."""
+
+    kind: str
+    keys: tuple
+
+    def read(self, index: _Index) -> torch.Tensor:
+        if self.kind == "stack":
+            return torch.stack([torch.cat([index.read(k) for k in parts]) for parts in self.keys])
+        if self.kind == "mxfp4":
+            return dequantize_mxfp4(index.read(self.keys[0]), index.read(self.keys[1]), name=self.keys[2])
+        w = index.read(self.keys[0])
+        return w.transpose(1, 2) if self.kind == "transposed" else w
+
+
+def _expert_source(name, by_name, index, shape, transposed, problems) -> _Experts | None:
+    """The _Experts of parameter ``name`` (shape [E, out, in]); what is missing or mis-shaped goes to
+    ``problems`` ("missing", "mismatched", "used" lists) with the tensor's name and expected shape."""
+    missing, mismatched, used = problems
+    prefix, proj = name[: -len(".weight")].rsplit(".", 1)
+    base = f"{prefix}.{proj}"
+    experts, out, k = shape
+    if f"{base}_blocks" in by_name or f"{base}_scales" in by_name:
+        blocks, scales = by_name.get(f"{base}_blocks"), by_name.get(f"{base}_scales")
+        used.update(key for key in (blocks, scales) if key is not None)
+        expected = [experts, out, k // MXFP4_BLOCK]
+        if blocks is None or scales is None:
+            part = "blocks" if blocks is None else "scales"
+            missing.append(f"{base}_{part} {[*expected, MXFP4_BLOCK // 2] if blocks is None else expected}")
+            return None
+        try:
+            got = mxfp4_shape(index.shapes[blocks], index.shapes[scales], blocks[: -len("_blocks")])
+        except KindredFormatError as e:
+            mismatched.append(str(e))
+            return None
+        if got != tuple(shape):
+            mismatched.append(
+                f"{blocks}: checkpoint {list(index.shapes[blocks])} vs model {[*expected, MXFP4_BLOCK // 2]}"
+            )
+            return None
+        return _Experts("mxfp4", (blocks, scales, base))
+    fused = by_name.get(base)
+    if fused is not None:
+        used.add(fused)
+        want = (experts, k, out) if transposed else tuple(shape)
+        if index.shapes[fused] != want:
+            mismatched.append(f"{fused}: checkpoint {list(index.shapes[fused])} vs model {list(want)}")
+            return None
+        return _Experts("transposed" if transposed else "fused", (fused,))
+    parts = _EXPERT_PARTS[proj]
+    rows = out // len(parts)
+    keys, ok = [], True
+    for e in range(experts):
+        row = []
+        for part in parts:
+            key = by_name.get(f"{prefix}.{e}.{part}.weight")
+            if key is None:
+                missing.append(f"{prefix}.{e}.{part}.weight {[rows, k]}")
+                ok = False
+                continue
+            used.add(key)
+            if index.shapes[key] != (rows, k):
+                mismatched.append(f"{key}: checkpoint {list(index.shapes[key])} vs model {[rows, k]}")
+                ok = False
+            row.append(key)
+        keys.append(tuple(row))
+    return _Experts("stack", tuple(keys)) if ok else None
+
+
+def fused_layout(cfg: DecoderConfig) -> dict[str, tuple[int, dict[str, tuple[int, int]]]]:
     """Rows of Phi-3/4's fused tensors and of their parts: qkv_proj = [q; k; v], gate_up_proj = [gate; up]."""
     q, kv, ff = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
-    qkv = {"self_attn.q_proj.weight": (0, q), "self_attn.k_proj.weight": (q, q + kv)}
-    qkv["self_attn.v_proj.weight"] = (q + kv, q + 2 * kv)
-    gate_up = {"mlp.gate_proj.weight": (0, ff), "mlp.up_proj.weight": (ff, 2 * ff)}
-    return {"self_attn.qkv_proj.weight": (q + 2 * kv, qkv), "mlp.gate_up_proj.weight": (2 * ff, gate_up)}
+    rows = {"q_proj": q, "k_proj": kv, "v_proj": kv, "gate_proj": ff, "up_proj": ff}
+    out = {}
+    for fused, parts in FUSED_LINEARS.items():
+        start, spans = 0, {}
+        for part in parts:
+            n = rows[part.rsplit(".", 1)[1]]
+            spans[part + ".weight"], start = (start, start + n), start + n
+        out[fused + ".weight"] = (start, spans)
+    return out
 
 
 def _stored_shape(index: _Index, key: str, path: Path) -> tuple[int, ...]:
     """The logical shape of a checkpoint tensor (a bnb 4-bit weight's shape is in its quant state)."""
     if key + _BNB_STATE not in index.shapes:
         return index.shapes[key]
-    blob = bytes(index.read(key + _BNB_STATE).tolist())
-    try:
-        return tuple(json.loads(blob.decode("utf-8"))["shape"])
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise KindredFormatError(
-            f"{index.where(key)}: '{key}{_BNB_STATE}' is not a bnb quant state ({e!r})"
-        ) from None
+    state = parse_bnb_state(index.read(key + _BNB_STATE), key + _BNB_STATE, str(index.where(key)))
+    return tuple(state["shape"])

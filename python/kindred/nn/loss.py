@@ -7,6 +7,7 @@ from torch import nn
 
 from ..errors import KindredValueError
 from ..ops.loss import linear_cross_entropy
+from ..ops.tokens import IGNORE_INDEX
 
 
 class LinearCrossEntropyLoss(nn.Module):
@@ -19,7 +20,7 @@ class LinearCrossEntropyLoss(nn.Module):
 
     def __init__(
         self,
-        ignore_index: int = -100,
+        ignore_index: int = IGNORE_INDEX,
         reduction: str = "mean",
         label_smoothing: float = 0.0,
         z_loss: float = 0.0,

@@ -1,7 +1,7 @@
 """kindred's functional API (ops that take and return torch tensors)."""
 
 from ..weights import DecodeWeight, Int4gWeight, NF4Weight
-from .gguf import GGUF_BLOCK_TYPES, dequantize_gguf
+from .gguf import GGUF_BLOCK_TYPES, dequantize_gguf, quantize_gguf
 from .lora import lora_dropout, lora_linear, lora_scaling, lora_workspace
 from .loss import LinearCrossEntropyStats, linear_cross_entropy
 from .matmul_4bit import has_decode_layout, matmul_4bit, matmul_4bit_decode, repack_decode, unpack_decode
@@ -51,6 +51,7 @@ __all__ = [
     "matmul_4bit_decode",
     "pack_bfd",
     "position_ids",
+    "quantize_gguf",
     "quantize_int4g",
     "quantize_nf4",
     "repack_decode",

@@ -1,4 +1,4 @@
-"""Functional API of the gguf family: dequantizing GGUF tensor data (llama.cpp's block formats).
+"""Functional API of the gguf family: GGUF tensor data (llama.cpp's block formats) dequantized and quantized.
 
 The block layouts are defined once in ``csrc/include/kindred/formats.h`` (GGUF section); Python reads the
 table of supported types from the core.
@@ -21,10 +21,10 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def gguf_type_name(ggml_type: int) -> str:
-    """The name ("Q4_1", ...) of a block type kindred dequantizes."""
+    """The name ("Q4_1", ...) of a block type kindred dequantizes and quantizes."""
     if ggml_type not in _BY_ID:
         raise KindredValueError(
-            f"ggml_type {ggml_type} is not a block format kindred dequantizes; supported: "
+            f"ggml_type {ggml_type} is not a block format kindred reads or writes; supported: "
             + ", ".join(f"{n} ({v[0]})" for n, v in GGUF_BLOCK_TYPES.items())
         )
     return _BY_ID[ggml_type][0]
@@ -71,3 +71,26 @@ def dequantize_gguf(
             f"got {blocks.numel()} (truncated tensor data or a wrong shape?)"
         )
     return _gguf.dequantize_gguf(blocks.contiguous(), ggml_type, numel, dtype).reshape(shape)
+
+
+def quantize_gguf(x: torch.Tensor, ggml_type: int) -> torch.Tensor:
+    """GGUF blocks of ``ggml_type`` for ``x`` (float, CPU, last dimension a multiple of the block size), as
+    uint8 of shape ``(*x.shape[:-1], row_bytes)`` (gguf-py's layout for ``GGUFWriter.add_tensor``).
+
+    Byte-identical to llama.cpp's reference quantizers (``quantize_row_*_ref``, no importance matrix).
+    """
+    if not isinstance(x, torch.Tensor):
+        raise KindredValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise KindredValueError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.device.type != "cpu":
+        raise KindredValueError(f"x must be on the CPU (GGUF quantization runs at export), got {x.device}")
+    name = gguf_type_name(ggml_type)
+    _, elems, nbytes = _BY_ID[ggml_type]
+    if x.dim() == 0 or x.numel() == 0 or x.shape[-1] % elems:
+        raise KindredValueError(
+            f"x: the last dimension must be a positive multiple of {elems} for {name}, "
+            f"got shape {tuple(x.shape)}"
+        )
+    out = _gguf.quantize_gguf(x.contiguous(), ggml_type, x.numel() // elems * nbytes)
+    return out.reshape(*x.shape[:-1], x.shape[-1] // elems * nbytes)

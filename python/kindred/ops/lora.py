@@ -160,8 +160,8 @@ def lora_linear(
         raise KindredValueError("float64 lora_linear runs on the CPU only (the float64 reference)")
     if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
         raise KindredValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
-    if not math.isfinite(scaling):
-        raise KindredValueError(f"scaling must be finite, got {scaling!r}")
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
+        raise KindredValueError(f"scaling must be finite (a number), got {scaling!r}")
     p = float(dropout_p) if training else 0.0
     seed_t = _seed_tensor(seed, generator, x.device) if p > 0.0 else None
     flat = x.dim() == 2  # no reshape either way (each would add an autograd node)

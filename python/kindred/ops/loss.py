@@ -27,6 +27,7 @@ import torch
 
 from .._ops import loss as _loss
 from ..errors import KindredValueError
+from .tokens import IGNORE_INDEX
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
@@ -68,6 +69,15 @@ def _check(hidden, weight, targets, bias, reduction, label_smoothing, z_loss, so
         )
     if targets.device != hidden.device:
         raise KindredValueError(f"targets must be on hidden's device {hidden.device}, got {targets.device}")
+    cpu64 = targets.dtype == torch.int64 and targets.device.type == "cpu"
+    if cpu64 and targets.numel() and not torch.compiler.is_compiling():
+        # Named here with its real value: the core takes int32 targets (see _ops/loss._targets32; traced
+        # code gets that path's out-of-range target instead, which the core rejects too).
+        flat = targets.reshape(-1)
+        wide = (flat < -(2**31)) | (flat >= 2**31)
+        if bool(wide.any()):
+            i = int(torch.nonzero(wide)[0])
+            raise KindredValueError(f"targets[{i}] = {int(flat[i])} is outside [0, {weight.shape[0]})")
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[0],):
             raise KindredValueError(
@@ -112,7 +122,7 @@ def _linear_cross_entropy(
     targets: torch.Tensor,
     *,
     bias: torch.Tensor | None = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
@@ -174,7 +184,7 @@ def linear_cross_entropy(
     targets: torch.Tensor,
     *,
     bias: torch.Tensor | None = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,

@@ -20,6 +20,19 @@ from ..weights import DecodeWeight, Int4gWeight, NF4Weight
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def _check_bias(bias, n: int, x: torch.Tensor) -> None:
+    """bias must be [N] on x's device: a [1] or [rows, N] one would broadcast into a wrong result."""
+    if bias is None:
+        return
+    if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (n,):
+        got = getattr(bias, "shape", bias)
+        raise KindredValueError(f"bias must have shape [{n}] (out_features), got {got}")
+    if bias.device != x.device:
+        raise KindredValueError(f"bias is on {bias.device} but x is on {x.device}")
+    if not bias.dtype.is_floating_point:
+        raise KindredValueError(f"bias must be a floating-point tensor, got {bias.dtype}")
+
+
 def has_decode_layout(w: NF4Weight | Int4gWeight) -> bool:
     """Whether ``w`` can be repacked for decoding: 2-D, its in_features whole 128-wide chunks."""
     return len(w.shape) == 2 and w.shape[1] % _matmul.DECODE_CHUNK == 0
@@ -83,6 +96,7 @@ def matmul_4bit_decode(x: torch.Tensor, d: DecodeWeight, bias: torch.Tensor | No
         raise KindredValueError("x requires grad: the decode layout is inference-only, use matmul_4bit")
     if x.device != d.device:
         raise KindredValueError(f"x is on {x.device} but the weight is on {d.device}")
+    _check_bias(bias, n, x)
     y = _matmul.matmul_4bit_decode(x.reshape(-1, k).contiguous(), *d.op_args())
     if bias is not None:
         y = y + bias.to(y.dtype)
@@ -115,6 +129,7 @@ def matmul_4bit(
     if x.device != w.device:
         raise KindredValueError(f"x is on {x.device} but the weight is on {w.device}")
     x2 = x.reshape(-1, k).contiguous()
+    _check_bias(bias, n, x)
     if decode is not None and _matmul.decode_eligible(x2, x2.shape[0], k):
         if decode.shape != (n, k):
             raise KindredValueError(f"decode has shape {decode.shape}, the weight {(n, k)}")

@@ -29,6 +29,8 @@ def _check_weight(weight: torch.Tensor, name: str = "weight") -> None:
         raise KindredValueError(f"{name} must be a torch.Tensor, got {type(weight).__name__}")
     if weight.dtype not in _FLOAT_DTYPES:
         raise KindredValueError(f"{name} must be float32, float16 or bfloat16, got {weight.dtype}")
+    if weight.numel() == 0:
+        raise KindredValueError(f"{name} must be non-empty, got shape {tuple(weight.shape)}")
     if not weight.is_contiguous():
         raise KindredValueError(
             f"{name} must be contiguous (call .contiguous() first), got strides {weight.stride()}"
@@ -89,6 +91,14 @@ def dequantize_int4g(
     """
     if not isinstance(q, Int4gWeight):
         raise KindredValueError(f"q must be an Int4gWeight, got {type(q).__name__}")
+    # Zero points are 4-bit codes stored one per byte; a larger one would silently shift the group's values
+    # (checked here, once per call; the custom ops that models run take weights kindred built).
+    if isinstance(q.zeros, torch.Tensor) and q.zeros.numel() and q.zeros.dtype == torch.uint8:
+        over = torch.nonzero(q.zeros.reshape(-1) > 15)
+        if over.numel():
+            i = int(over[0])
+            value = int(q.zeros.reshape(-1)[i])
+            raise KindredValueError(f"zeros[{i}] = {value}: a zero point must be in [0, 15]")
     return q.dequantize(dtype, out)
 
 
@@ -119,6 +129,9 @@ def int4g_from_awq(
             raise KindredValueError(
                 f"{name} must be a 2-D tensor, got {getattr(t, 'shape', type(t).__name__)}"
             )
+    if not isinstance(group_size, int) or group_size not in INT4G_GROUPS:
+        allowed = ", ".join(map(str, INT4G_GROUPS))
+        raise KindredValueError(f"group_size must be one of {allowed}, got {group_size!r}")
     k, n = qweight.shape[0], qweight.shape[1] * 8
     if k % group_size:
         raise KindredValueError(f"qweight has {k} input rows, not a multiple of group_size {group_size}")

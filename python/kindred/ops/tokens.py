@@ -43,6 +43,8 @@ def count_trainable(labels: torch.Tensor, cu_seqlens: torch.Tensor) -> Trainable
     """
     _check_tensor(labels, "labels")
     _check_tensor(cu_seqlens, "cu_seqlens")
+    if cu_seqlens.device != labels.device:  # the core would read one of them through the wrong pointer
+        raise KindredValueError(f"cu_seqlens is on {cu_seqlens.device} but labels are on {labels.device}")
     return TrainableCounts(*_tokens.count_trainable(labels, cu_seqlens))
 
 

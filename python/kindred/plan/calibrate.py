@@ -1,6 +1,6 @@
 """Calibration of the time and memory models from benchmark results (benchmarks/results/*.csv).
 
-``calibrate(results_dir)`` reads the end-to-end training rows (op=train_step, design.md §6 header) and the
+``calibrate(results_dir)`` reads the end-to-end training rows (op=train_step) and the
 decode rows, and returns what ``calibration.json`` holds:
 
 - "trainers": per trainer (the CSV's impl: kindred, unsloth, transformers+peft+bitsandbytes, ...), the

@@ -45,6 +45,7 @@ AWQ_BPW = 4 + 16 / 128 + 4 / 128
 _FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 # Default tensor type of each llama.cpp file type (llama_ftype_get_default_type).
 _GGUF_BASE = {"Q8_0": "Q8_0", "Q6_K": "Q6_K", "Q5_K_M": "Q5_K", "Q4_K_M": "Q4_K"}
+GGUF_MIXES = tuple(_GGUF_BASE)  # the file types gguf_tensor_type knows
 FORMATS = ("BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "AWQ-INT4", "NF4")
 _FORMAT_ALIASES = {
     "AWQ": "AWQ-INT4",
@@ -99,6 +100,11 @@ def _check_positive(**values: float) -> None:
             raise KindredValueError(f"{name} must be positive, got {value}")
 
 
+# Roles that get Q6_K in some layers of *_K_M mixes; llama.cpp counts a fused q/k/v (Phi-3's attn_qkv) as
+# attn_v (category_is_attn_v in llama-quant.cpp).
+_MORE_BITS = ("attn_v", "attn_qkv", "ffn_down")
+
+
 def _use_more_bits(i: int, n: int) -> bool:
     """llama.cpp's layers that get Q6_K for attn_v / ffn_down in *_K_M mixes (integer division as in C)."""
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
@@ -111,7 +117,7 @@ def gguf_tensor_type(fmt: str, role: str, layer: int, n_layers: int, k_in: int) 
         return "F32"  # ffn_gate_inp is never quantized (tensor_allows_quantization)
     if role == "output":  # lm_head, or the tied token embedding
         qtype = "Q8_0" if base == "Q8_0" else "Q6_K"
-    elif fmt.endswith("_K_M") and role in ("attn_v", "ffn_down") and _use_more_bits(layer, n_layers):
+    elif fmt.endswith("_K_M") and role in _MORE_BITS and _use_more_bits(layer, n_layers):
         qtype = "Q6_K"
     else:
         qtype = base

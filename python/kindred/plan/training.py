@@ -10,7 +10,10 @@ Persistent (allocated before the step, kept after it):
   or, for LoRA over a 16-bit base, each weight inside its [N, K + r] workspace (kindred.ops.lora_workspace);
 - bf16 embeddings and lm_head (one tensor when tied) and the norm weights;
 - LoRA A and B in bf16 (what the layers compute with), their fp32 masters and AdamW's two fp32 moments;
-- one dequantization scratch, [N, K + r] bf16 of the largest adapted 4-bit linear, shared by every layer.
+- one dequantization scratch, [N, K + r] bf16 of the largest adapted 4-bit linear, shared by every layer;
+- MoE (kindred/models/moe.py): every expert's 4-bit weights resident (one tensor of E · out rows per
+  projection), the router in fp32, and one bf16 workspace the size of the largest expert projection of a
+  layer ([E · out, in]), shared by every layer, that each grouped GEMM dequantizes into.
 Per token of the step (T = seq × batch; the trainer flattens a micro-batch into one packed row):
 - what each decoder layer's ops save for the backward (``layer_activations`` lists them by name);
 - a recomputation policy decides which of them stay from the forward to the backward (``POLICIES``);
@@ -240,9 +243,11 @@ def layer_activations(
     view of it: FlexAttention lays the output out like q) and fp32 logsumexp per head; the residual h + attn
     (the second norm's input; Gemma: fp32 copies of the attention output and of the residual); the second
     norm's output; the MLP's gate output (activation input), activation output and up output (the product's
-    operands) and the product (down_proj's input); Gemma: fp32 copy of the MLP output. MoE: the routed MLP per
-    selected expert (experts frozen: no product saved) and fp32 router logits; kindred has no MoE decoder
-    yet, so these rows follow a standard grouped MoE.
+    operands) and the product (down_proj's input); Gemma: fp32 copy of the MLP output. MoE (kindred's
+    routed block, kindred/models/moe.py): the router's fp32 probabilities, the int64 token and order indices
+    of each routed row, the gated MLP's rows per selected expert and the experts' output rows (the operand
+    of the routing-weight product); the grouped GEMMs save no input (experts frozen), the product is not
+    saved.
 
     Backward working sets: at the MLP's product node the layer output's gradient (2h), down_proj's dX
     buffer ([T, ff + r], the LoRA backward writes dX and s·dY·B in one GEMM), and the product's two input
@@ -296,8 +301,9 @@ def layer_activations(
         if t in trained and r:
             add(f"{t}.xs", xs, "mlp")
     if spec.is_moe:
-        add("router.logits_fp32", 4 * spec.experts, "mlp")
-        add("experts.input", 2 * h * k_routed, "mlp")
+        add("router.probs_fp32", 4 * spec.experts, "mlp")
+        add("experts.indices", 2 * 8 * k_routed, "mlp")
+        add("experts.output", 2 * h * k_routed, "mlp")
     add("mlp.gate", 2 * ff * k_routed, "mlp")
     add("mlp.act", 2 * ff * k_routed, "mlp")
     add("mlp.up", 2 * ff * k_routed, "mlp")
@@ -339,11 +345,13 @@ def _base_bytes(spec: ModelSpec, method: str, quant: str, rank: int, trained: se
     total, scratch = 0, 0
     for lin in spec.layer_linears():
         name = next((n for n, role in ROLE.items() if role == lin.name), None)
-        if lin.name == "router":  # kept in the model dtype (never quantized)
-            total += spec.layers * _rounded(2 * lin.params)
+        if lin.name == "router":  # kindred routes in float32 (never quantized)
+            total += spec.layers * _rounded(4 * lin.params)
             continue
         adapted = name in trained and method != "full"
-        if method == "qlora":
+        if method == "qlora" and lin.expert:  # all experts of a projection: one [E · out, in] tensor
+            per = quantized_bytes(quant, lin.n_out * lin.copies, lin.k_in)
+        elif method == "qlora":
             per = quantized_bytes(quant, lin.n_out, lin.k_in) * lin.copies
             if adapted:
                 scratch = max(scratch, lin.n_out * _workspace_width(lin.k_in, rank) * 2)
@@ -431,6 +439,9 @@ def trainer_memory(
     if scratch:
         parts["dequant_scratch"] = scratch
         notes["dequant_scratch"] = "the largest adapted linear dequantized, [N, K + r] bf16, shared"
+    if spec.is_moe and method == "qlora":  # gate_up_proj [E · 2I, H] is the largest expert projection
+        parts["experts_workspace"] = _rounded(2 * spec.experts * 2 * spec.intermediate * h)
+        notes["experts_workspace"] = "one layer's largest expert projection dequantized, bf16, shared"
     persistent = sum(parts.values())
     lora_grads_bf16 = 2 * trainable if method != "full" else 0
     accumulated = lora_grads_bf16 if grad_accum > 1 else 0

@@ -5,7 +5,7 @@
     result = kindred.train.train(cfg, resume=True)              # continue from the latest checkpoint
     print(result.eval_losses, result.adapter_dir)               # PEFT adapter folder
 
-From the shell: ``kindred train config.yaml [--resume] [--set train.max_steps=100]``.
+From the shell: ``kindred train config.yaml [--resume | --overwrite] [--set train.max_steps=100]``.
 Names load from their modules on first use (``kindred train --help`` reads the config keys without torch).
 """
 

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..bounded import load_yaml
 from ..errors import KindredValueError
 
 QUANTS = ("nf4", "int4g", "none")
@@ -30,6 +32,7 @@ POLICIES = ("error", "drop", "truncate")
 CHECKPOINTING = ("full", "none")
 DISTRIBUTED = ("ddp", "fsdp")
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_MAX_INT = 1 << 63
 
 
 @dataclass
@@ -151,16 +154,9 @@ def load_config(
 
 
 def _read_yaml(path: Path) -> dict:
-    import yaml
-
     if not path.is_file():
         raise KindredValueError(f"{path}: config file not found")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise KindredValueError(f"{path}: not valid YAML{at}: {getattr(e, 'problem', e)}") from None
+    raw = load_yaml(path)  # bounded: size, depth, alias expansion; invalid UTF-8 names the byte
     if not isinstance(raw, dict):
         raise KindredValueError(f"{path}: the config must be a mapping of keys, got {type(raw).__name__}")
     return raw
@@ -210,7 +206,9 @@ FOREIGN_KEYS = {
 }
 
 
-def _unknown(key: str, allowed: list[str], where: str) -> KindredValueError:
+def _unknown(key, allowed: list[str], where: str) -> KindredValueError:
+    if not isinstance(key, str):  # YAML keys may be numbers, dates, null
+        return KindredValueError(f"{where}: key {key!r:.60} is not a name; allowed: {', '.join(allowed)}")
     leaf = key.rpartition(".")[2]
     close = difflib.get_close_matches(leaf, allowed, n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
@@ -266,6 +264,8 @@ def _coerce(key: str, f: dataclasses.Field, value: Any, where: str) -> Any:
     if base == "int":
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad("an integer")
+        if not -_MAX_INT <= value < _MAX_INT:
+            raise bad("an integer of at most 63 bits")
         return value
     if base == "float":
         if isinstance(value, str):
@@ -275,14 +275,18 @@ def _coerce(key: str, f: dataclasses.Field, value: Any, where: str) -> Any:
                 raise bad("a number") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("a number")
+        if not _finite(value):
+            raise bad("a finite number")
         return float(value)
     if base == "str":
         if not isinstance(value, (str, Path)):
             raise bad("a string")
         return str(value)
     if base == "list[float]":
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, (int, float)) for v in value):
-            raise bad("a list of numbers")
+        if not isinstance(value, (list, tuple)) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and _finite(v) for v in value
+        ):
+            raise bad("a list of finite numbers")
         return [float(v) for v in value]
     if base == "list[str] | str":
         if isinstance(value, str):
@@ -291,6 +295,11 @@ def _coerce(key: str, f: dataclasses.Field, value: Any, where: str) -> Any:
             raise bad("a non-empty list of module names, a regex or 'all-linear'")
         return list(value)
     raise AssertionError(f"config field {key} has an unhandled type {kind}")  # a bug in this file
+
+
+def _finite(value: int | float) -> bool:
+    """A number a float holds (a YAML integer of 400 digits does not: float() would overflow)."""
+    return abs(value) <= 1e300 and math.isfinite(value)
 
 
 def _check(cfg: TrainConfig, where: str, require_sources: bool) -> None:
@@ -314,19 +323,24 @@ def _check(cfg: TrainConfig, where: str, require_sources: bool) -> None:
     lo, tr, out, data = cfg.lora, cfg.train, cfg.output, cfg.data
     checks = [
         ("lora.r", lo.r >= 1, "must be at least 1"),
+        ("lora.r", lo.r <= 1 << 16, "must be at most 65536"),
         ("lora.alpha", lo.alpha > 0, "must be positive"),
         ("lora.dropout", 0.0 <= lo.dropout < 1.0, "must be in [0, 1)"),
         ("data.budget", data.budget >= 2, "must be at least 2 tokens"),
+        ("data.budget", data.budget <= 1 << 24, "must be at most 2^24 tokens"),
         ("data.pack", data.pack is None or data.pack >= 2, "must be at least 2 tokens"),
+        ("data.pack", data.pack is None or data.pack <= 1 << 24, "must be at most 2^24 tokens"),
         ("data.eval_fraction", 0.0 <= data.eval_fraction < 1.0, "must be in [0, 1)"),
         ("train.epochs", tr.epochs > 0, "must be positive"),
+        ("train.epochs", tr.epochs <= 1e6, "must be at most 1e6"),
         ("train.max_steps", tr.max_steps is None or tr.max_steps >= 1, "must be at least 1"),
         (
             "train.micro_batch_tokens",
-            tr.micro_batch_tokens is None or tr.micro_batch_tokens >= 1,
-            "must be >= 1",
+            tr.micro_batch_tokens is None or 1 <= tr.micro_batch_tokens <= 1 << 30,
+            "must be >= 1 (at most 2^30)",
         ),
         ("train.grad_accum", tr.grad_accum >= 1, "must be at least 1"),
+        ("train.grad_accum", tr.grad_accum <= 1 << 20, "must be at most 2^20"),
         ("train.lr", tr.lr > 0, "must be positive"),
         ("train.warmup_steps", tr.warmup_steps >= 0, "must be >= 0"),
         ("train.min_lr_ratio", 0.0 <= tr.min_lr_ratio <= 1.0, "must be in [0, 1]"),
@@ -338,6 +352,7 @@ def _check(cfg: TrainConfig, where: str, require_sources: bool) -> None:
             "must be [b1, b2] in [0, 1)",
         ),
         ("train.adam_eps", tr.adam_eps > 0, "must be positive"),
+        ("train.seed", tr.seed >= 0, "must be >= 0"),
         ("output.save_every", out.save_every >= 0, "must be >= 0 (0: only at the end)"),
         ("output.keep_checkpoints", out.keep_checkpoints >= 1, "must be at least 1"),
         ("output.log_every", out.log_every >= 1, "must be at least 1"),

@@ -4,9 +4,12 @@ loss-curve PNG at the end (what it prints: kindred.train.progress)."""
 from __future__ import annotations
 
 import csv
+import io
 import json
-import os
 from pathlib import Path
+
+from ..atomic import append_bytes, fsync_file, refuse_symlink, write_bytes
+from ..errors import KindredFormatError
 
 FIELDS = (
     "step",
@@ -26,36 +29,30 @@ class MetricsLog:
     """``metrics.csv`` and ``metrics.jsonl`` in the output folder, one row per optimizer step.
 
     On resume the rows after the checkpoint's step are dropped first, so the files always describe one
-    continuous run (the rewrite goes through a temporary file and ``os.replace``).
+    continuous run (rewritten atomically, kindred.atomic). A torn last line (the process was killed in the
+    middle of an append) is dropped; a malformed line before it is a KindredFormatError naming the line.
     """
 
     def __init__(self, out_dir: Path, resume_step: int | None, tensorboard: bool):
-        self.csv_path = out_dir / "metrics.csv"
-        self.jsonl_path = out_dir / "metrics.jsonl"
+        self.csv_path = refuse_symlink(out_dir / "metrics.csv")
+        self.jsonl_path = refuse_symlink(out_dir / "metrics.jsonl")
         self.rows: list[dict] = []
         if resume_step is not None and self.jsonl_path.is_file():
-            for line in self.jsonl_path.read_text().splitlines():
-                row = json.loads(line)
-                if row["step"] <= resume_step:
-                    self.rows.append(row)
+            self.rows = [r for r in read_metrics(self.jsonl_path) if r["step"] <= resume_step]
         self._rewrite()
         self.tb = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=(resume_step or 0) + 1)
+                folder = refuse_symlink(out_dir / "tensorboard")
+                self.tb = SummaryWriter(str(folder), purge_step=(resume_step or 0) + 1)
             except ImportError:  # the tensorboard package is optional
                 self.tb = None
 
     def _rewrite(self) -> None:
-        for path, text in (
-            (self.jsonl_path, self._jsonl(self.rows)),
-            (self.csv_path, self._csv(self.rows, True)),
-        ):
-            tmp = path.with_suffix(path.suffix + ".tmp")
-            tmp.write_text(text)
-            os.replace(tmp, path)
+        write_bytes(self.jsonl_path, self._jsonl(self.rows).encode())
+        write_bytes(self.csv_path, self._csv(self.rows, True).encode())
 
     @staticmethod
     def _jsonl(rows: list[dict]) -> str:
@@ -63,8 +60,6 @@ class MetricsLog:
 
     @staticmethod
     def _csv(rows: list[dict], header: bool) -> str:
-        import io
-
         buf = io.StringIO()
         writer = csv.DictWriter(buf, FIELDS, lineterminator="\n")
         if header:
@@ -74,15 +69,18 @@ class MetricsLog:
 
     def append(self, rows: list[dict]) -> None:
         self.rows.extend(rows)
-        with self.jsonl_path.open("a") as f:
-            f.write(self._jsonl(rows))
-        with self.csv_path.open("a") as f:
-            f.write(self._csv(rows, False))
+        append_bytes(self.jsonl_path, self._jsonl(rows).encode(), fault="metrics")
+        append_bytes(self.csv_path, self._csv(rows, False).encode())
         if self.tb is not None:
             for r in rows:
                 for key in ("loss", "lr", "grad_norm", "tokens_per_s", "gpu_mem_gib"):
                     if r.get(key) is not None:
                         self.tb.add_scalar(f"train/{key}", r[key], r["step"])
+
+    def sync(self) -> None:
+        """Make the rows written so far durable (before a checkpoint that covers them)."""
+        fsync_file(self.jsonl_path)
+        fsync_file(self.csv_path)
 
     def add_eval(self, step: int, loss: float) -> None:
         if self.tb is not None:
@@ -91,6 +89,26 @@ class MetricsLog:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl; a torn last line (no newline, not JSON) is left out."""
+    text = path.read_bytes().decode("utf-8", "replace")
+    lines = text.split("\n")
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError("a row must be an object with an integer 'step'")
+        except (ValueError, RecursionError) as e:
+            if number == len(lines):  # the last line, without its newline: an append cut short
+                break
+            raise KindredFormatError(f"{path}: line {number} is not a metrics row ({str(e)[:80]})") from None
+        rows.append(row)
+    return rows
 
 
 def plot_loss(rows: list[dict], evals: list[tuple[int, float]], path: Path) -> Path | None:
@@ -113,5 +131,6 @@ def plot_loss(rows: list[dict], evals: list[tuple[int, float]], path: Path) -> P
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return path
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    return write_bytes(path, buf.getvalue())

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..atomic import write_text
+from ..bounded import json_object
 from ..data import get_template, load_tokenizer, prepare, read_chat
 from ..data.jsonl import ChatData
 from ..data.tokenizers import HFTokenizer
@@ -52,13 +53,13 @@ def load_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype, out: 
             tokenizer = load_tokenizer(cfg.data.tokenizer)
         else:
             tok_path = out / "tokenizer.json"
-            gguf_tokenizer(path).save(str(tok_path))
+            write_text(tok_path, gguf_tokenizer(path).to_str())  # atomic; never through a planted link
             tokenizer = HFTokenizer(tok_path)
         return model, tokenizer, hf_config
     if not path.is_dir():
         raise KindredValueError(f"model: {path} must be a Hugging Face model folder or a .gguf file")
     model = from_pretrained(path, quant, dtype, device, attn_backend=cfg.attn_backend)
-    hf_config = json.loads((path / "config.json").read_text())
+    hf_config = json_object(path / "config.json", limit=1 << 20)
     tokenizer = load_tokenizer(cfg.data.tokenizer or path)
     return model, tokenizer, hf_config
 

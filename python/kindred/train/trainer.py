@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,18 +29,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..atomic import clean_temp, fault_point, write_folder, write_text
 from ..data import get_template
-from ..errors import KindredError, KindredValueError
+from ..errors import KindredError, KindredFormatError, KindredValueError
 from ..nn.lora import apply_lora
 from ..nn.peft import save_adapter
 from ..ops.loss import linear_cross_entropy
-from ..ops.tokens import count_trainable
-from .checkpoint import ADAPTER, latest_checkpoint, load_state, save_checkpoint
+from ..ops.tokens import IGNORE_INDEX, count_trainable
+from .checkpoint import ADAPTER, latest_checkpoint, load_state, save_checkpoint, write_state
 from .config import TrainConfig, load_config
 from .metrics import MetricsLog, plot_loss
 from .parallel import allreduce_grads, barrier, init_from_env, parallelize
 from .progress import Progress
-from .setup import distributed, load_data, load_model, read_sources
+from .run_folder import (
+    RunLock,
+    check_fresh,
+    check_same_data,
+    config_differences,
+    config_fingerprint,
+    data_fingerprint,
+)
+from .setup import distributed, load_data, load_model, model_source, read_sources
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -63,12 +71,16 @@ class TrainResult:
     config: TrainConfig
 
 
-def train(config, *, resume: bool = False, overrides: dict | None = None) -> TrainResult:
+def train(
+    config, *, resume: bool = False, overwrite: bool = False, overrides: dict | None = None
+) -> TrainResult:
     """Fine-tune with LoRA adapters as ``config`` (a YAML path, dict or TrainConfig) says; see config.py.
+    ``resume`` continues the run in output.dir from its latest checkpoint; ``overwrite`` replaces a run found
+    there (without either, a folder holding another run is refused; see run_folder.py).
     Under torchrun (no process group yet) this joins the group for the run and leaves it at the end."""
     created = init_from_env()
     try:
-        return Trainer(config, overrides=overrides).fit(resume=resume)
+        return Trainer(config, overrides=overrides).fit(resume=resume, overwrite=overwrite)
     finally:
         if created:
             torch.distributed.destroy_process_group()
@@ -133,11 +145,13 @@ class Trainer:
         self.prepared = self.eval_prepared = None
         if injected:
             self.model, self.tokenizer, self.hf_config = model, tokenizer, None
+            self.base = None
             self.rows_data, self.eval_rows = rows, None
             self.template = get_template(cfg.data.template) if cfg.data.template else None
         else:
             sources = read_sources(cfg)  # data and template checked before the model loads
             self.model, self.tokenizer, self.hf_config = load_model(cfg, self.device, self.dtype, self.out)
+            self.base = model_source(cfg.model).resolve()  # what the adapter names as its base
             self.prepared, self.eval_prepared, self.template = load_data(cfg, self.tokenizer, sources)
             self.rows_data = self.prepared.packed
             self.eval_rows = self.eval_prepared.packed if self.eval_prepared is not None else None
@@ -186,7 +200,7 @@ class Trainer:
         """A micro-batch on the device: one flattened row, the trained positions and their targets."""
         b = packed.batch(rows)
         labels = b["labels"].reshape(-1)
-        keep = torch.nonzero(labels[1:] != -100).reshape(-1)  # host tensors: no device sync
+        keep = torch.nonzero(labels[1:] != IGNORE_INDEX).reshape(-1)  # host tensors: no device sync
         pin = self.device.type == "cuda"
 
         def dev(t):
@@ -264,6 +278,7 @@ class Trainer:
         max_norm = self.cfg.train.max_grad_norm
         grad_norm = torch.nn.utils.clip_grad_norm_(self.master, max_norm if max_norm else float("inf"))
         lr = self.scheduler.get_last_lr()[0]
+        fault_point("step")
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -282,10 +297,16 @@ class Trainer:
 
     # ---- checkpoints -------------------------------------------------------------------------------------
     def _write_checkpoint(self, folder: Path) -> None:
-        save_adapter(self.model, folder / ADAPTER, base_model_name_or_path=self.cfg.model)
-        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+        self._save_adapter(folder / ADAPTER)
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        rng = {
+            "python": random.getstate(),
+            "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+            "torch": torch.get_rng_state(),
+        }
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state_all()
+        config = self.cfg.to_dict()
         state = {
             "step": self.step,
             "cursor": self.cursor,
@@ -294,10 +315,21 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "rng": rng,
-            "eval_losses": self.eval_losses,
-            "config": self.cfg.to_dict(),
+            "eval_losses": [list(e) for e in self.eval_losses],
+            "config": config,
+            "fingerprint": {"config": config_fingerprint(config), "data": self._data_fingerprint()},
         }
-        torch.save(state, folder / "state.pt")
+        write_state(folder, state)
+
+    def _data_fingerprint(self) -> dict:
+        if getattr(self, "_fingerprint", None) is None:
+            examples = len(self.prepared.chat) if self.prepared is not None else None
+            self._fingerprint = data_fingerprint(self.rows_data, examples)
+        return self._fingerprint
+
+    def _save_adapter(self, folder: Path) -> None:
+        base = str(self.base) if self.base is not None else self.cfg.model
+        save_adapter(self.model, folder, base_model_name_or_path=base, tokenizer=self.tokenizer)
 
     def save(self) -> Path | None:
         """Rank 0 writes the checkpoint (all ranks hold the same LoRA state); the others wait for it."""
@@ -311,48 +343,84 @@ class Trainer:
         return path
 
     def restore(self, path: Path) -> None:
+        """Continue from checkpoint folder ``path``: same config (but for RESUMABLE keys), same prepared
+        data, same global batch; a malformed checkpoint is a KindredFormatError naming the file."""
         state = load_state(path)
         saved, now = state["config"], self.cfg.to_dict()
-        if "rows_per_step" in state:  # written by a run with another number of ranks: same global batch?
-            if state["rows_per_step"] != self.rows_per_step:
-                per_rank = self.rows_per_micro * self.world
-                raise KindredValueError(
-                    f"{path}: the checkpoint took {state['rows_per_step']} rows per optimizer step, this run "
-                    f"{self.rows_per_step} (rows per micro-step × train.grad_accum × {self.world} ranks); "
-                    f"set train.grad_accum to {state['rows_per_step'] / per_rank:g} to resume"
-                )
-            saved = {**saved, "train": {**saved["train"], "grad_accum": now["train"]["grad_accum"]}}
-        _check_same_run(saved, now, path)
-        if len(state["master"]) != len(self.master):
-            raise KindredError(
-                f"{path}: checkpoint has {len(state['master'])} LoRA tensors, model {len(self.master)}"
+        if state["rows_per_step"] != self.rows_per_step:
+            per_rank = self.rows_per_micro * self.world
+            raise KindredValueError(
+                f"{path}: the checkpoint took {state['rows_per_step']} rows per optimizer step, this run "
+                f"{self.rows_per_step} (rows per micro-step × train.grad_accum × {self.world} ranks); "
+                f"set train.grad_accum to {state['rows_per_step'] / per_rank:g} to resume"
             )
+        saved_train = saved.get("train") if isinstance(saved.get("train"), dict) else {}
+        train_now = {**now["train"], "grad_accum": saved_train.get("grad_accum")}
+        differ = config_differences(saved, {**now, "train": train_now})
+        if differ:
+            raise KindredValueError(f"{path}: cannot resume with a different config ({'; '.join(differ)})")
+        data = state["fingerprint"].get("data")
+        check_same_data(data if isinstance(data, dict) else {}, self._data_fingerprint(), path)
+        where = path / "state.json"
+        masters = state["master"]
+        shapes = [tuple(m.shape) for m in self.master]
+        if [tuple(m.shape) for m in masters] != shapes or any(m.dtype != torch.float32 for m in masters):
+            raise KindredError(
+                f"{path}: checkpoint has {len(masters)} LoRA tensors that do not match the model's "
+                f"{len(self.master)} (fp32, shapes {shapes[:2]}...)"
+            )
+        try:
+            for index, values in state["optimizer"]["state"].items():  # AdamW's moments: the weight's shape
+                for key, value in values.items():
+                    shape = tuple(value.shape) if isinstance(value, torch.Tensor) else ()
+                    if shape and shape != tuple(masters[index].shape):
+                        raise ValueError(f"optimizer state {index}.{key} has shape {shape}")
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            step, cursor = state["step"], state["cursor"]
+            evals = [(int(s), None if v is None else float(v)) for s, v in state["eval_losses"]]
+            rng = state["rng"]
+            version, internal, gauss = rng["python"]
+            py_state = (int(version), tuple(int(v) for v in internal), gauss)
+            name, keys, pos, has_gauss, cached = rng["numpy"]
+            np_state = (str(name), np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached))
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and self.device.type == "cuda":
+                torch.cuda.set_rng_state_all(rng["cuda"])
+        except _BAD_STATE as e:
+            raise KindredFormatError(f"{where}: not a usable checkpoint state ({str(e)[:160]})") from None
         with torch.no_grad():
-            for m, saved in zip(self.master, state["master"], strict=True):
-                m.copy_(saved)
+            for m, value in zip(self.master, masters, strict=True):
+                m.copy_(value)
             torch._foreach_copy_(self.params, self.master)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step, self.cursor, self.eval_losses = state["step"], state["cursor"], list(state["eval_losses"])
-        rng = state["rng"]
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and self.device.type == "cuda":
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.step, self.cursor, self.eval_losses = step, cursor, evals
 
     # ---- the loop ----------------------------------------------------------------------------------------
-    def fit(self, resume: bool = False) -> TrainResult:
+    def fit(self, resume: bool = False, overwrite: bool = False) -> TrainResult:
+        """Train to the last step. ``resume``: continue from the latest checkpoint in output.dir (from step 0
+        if there is none); ``overwrite``: replace another run's files there (refused otherwise)."""
+        lock = RunLock(self.out) if self.rank == 0 else None
+        if lock is not None:
+            clean_temp(self.out)  # what a killed run of this folder left half-written
+        try:
+            return self._fit(resume, overwrite)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _fit(self, resume: bool, overwrite: bool) -> TrainResult:
         cfg, out = self.cfg, self.cfg.output
         start = latest_checkpoint(self.out) if resume else None
         if resume and start is None and self.rank == 0:
             print(f"kindred train: no checkpoint in {self.out / 'checkpoints'}; starting from step 0")
         if start is not None:
             self.restore(start)
-        elif self.rank == 0 and (self.out / "checkpoints").exists():
-            shutil.rmtree(
-                self.out / "checkpoints"
-            )  # a fresh run in a used folder: old checkpoints would mix in
+        elif self.rank == 0:  # a fresh run (or a resumed one that had no checkpoint yet): never mixed
+            check_fresh(self.out, overwrite or resume)
+        if self.world > 1:
+            barrier()
         log = (
             MetricsLog(self.out, self.step if start else None, out.tensorboard and self.rank == 0)
             if self.rank == 0
@@ -389,6 +457,8 @@ class Trainer:
                         self.model.train()
                         if log is not None:
                             log.add_eval(*self.eval_losses[-1])
+                    if log is not None:
+                        log.sync()
                     self.save()
         finally:
             progress.close()
@@ -417,7 +487,7 @@ class Trainer:
         merged_dir = plot = None
         metrics = log.rows if log is not None else []
         if self.rank == 0:
-            save_adapter(self.model, adapter_dir, base_model_name_or_path=self.cfg.model)
+            write_folder(adapter_dir, self._save_adapter)
             _write_yaml(self.cfg.to_dict(), self.out / "config.yaml")
             if self.cfg.output.plot and metrics:
                 plot = plot_loss(metrics, self.eval_losses, self.out / "loss.png")
@@ -429,7 +499,17 @@ class Trainer:
                         "output.merged needs the config.json of a model loaded from a path"
                     )
 
-                merged_dir = save_merged(self.model, self.hf_config, self.out / "merged", self.tokenizer)
+                # onto the 16-bit base folder; a GGUF base has only its dequantized weights (warned)
+                merged_dir = save_merged(
+                    self.model,
+                    self.hf_config,
+                    self.out / "merged",
+                    self.tokenizer,
+                    base=self.base,
+                    allow_quantized_base=True,
+                    template=self.cfg.data.template,
+                    overwrite=True,
+                )
             log.close()
         return TrainResult(
             self.out,
@@ -446,6 +526,10 @@ class Trainer:
         )
 
 
+# What torch, random and numpy raise for a state of the wrong shape (load_state checked the outline).
+_BAD_STATE = (KeyError, TypeError, ValueError, RuntimeError, IndexError, OverflowError, AttributeError)
+
+
 def _real(packed, rows: np.ndarray) -> int:
     """Real (non-padding) tokens in ``rows`` of a PackedData."""
     total = 0
@@ -454,26 +538,6 @@ def _real(packed, rows: np.ndarray) -> int:
         lengths = np.diff(packed.cu_seqlens[seqs.start : seqs.stop + 1])
         total += int(lengths[packed.seq_example[seqs] >= 0].sum())
     return total
-
-
-# Keys that may change between a run and its resumption (more steps, another output cadence).
-_RESUMABLE = {"train.max_steps", "train.epochs", "train.distributed", "device", "attn_backend"}
-
-
-def _check_same_run(saved: dict, now: dict, path: Path) -> None:
-    def flat(d: dict, prefix: str = "") -> dict:
-        out = {}
-        for k, v in d.items():
-            key = f"{prefix}{k}"
-            out.update(flat(v, key + ".") if isinstance(v, dict) else {key: v})
-        return out
-
-    a, b = flat(saved), flat(now)
-    differ = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-    differ = [k for k in differ if k not in _RESUMABLE and not k.startswith("output.")]
-    if differ:
-        detail = "; ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in differ)
-        raise KindredValueError(f"{path}: cannot resume with a different config ({detail})")
 
 
 def _oom(cfg: TrainConfig, step: int) -> KindredError:
@@ -494,4 +558,4 @@ def _oom(cfg: TrainConfig, step: int) -> KindredError:
 def _write_yaml(d: dict, path: Path) -> None:
     import yaml
 
-    path.write_text(yaml.safe_dump(d, sort_keys=False))
+    write_text(path, yaml.safe_dump(d, sort_keys=False))
