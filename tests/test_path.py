@@ -184,3 +184,50 @@ def test_info_does_not_claim_kernels_without_a_device():
     if cuda_compiled() and not torch.cuda.is_available():
         assert "compiled, unused: no CUDA device here" in out
     assert "CUDA kernels compiled: True" not in out
+
+
+def test_a_gguf_file_is_accepted_as_a_tokenizer(hf_tokenizer_path, tmp_path):
+    gguf = pytest.importorskip("gguf")
+    vocab = json.loads(Path(hf_tokenizer_path).read_text())
+    tokens = sorted(vocab["model"]["vocab"], key=vocab["model"]["vocab"].get)
+    added = {t["content"] for t in vocab["added_tokens"]}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in vocab["model"]["merges"]]
+    path = tmp_path / "m.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")
+    w.add_token_list(tokens)
+    w.add_token_merges(merges)
+    w.add_token_types([3 if t in added else 1 for t in tokens])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    from kindred.data import load_tokenizer
+
+    with pytest.raises(KindredValueError, match=r"m\.gguf: a GGUF model file; its tokenizer loads with"):
+        load_tokenizer(path)
+    runs = []
+    for tok in (str(hf_tokenizer_path), str(path)):
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "kindred",
+                "tokens",
+                str(CALIBRATION),
+                "--tokenizer",
+                tok,
+                "--template",
+                "chatml",
+                "--json",
+            ],
+            capture_output=True,
+            text=True,
+            env={"PYTHONPATH": str(PACKAGE.parent), "PATH": "/usr/bin:/bin"},
+            timeout=120,
+        )
+        assert out.returncode == 0, out.stderr
+        report = json.loads(out.stdout)
+        runs.append({k: v for k, v in report.items() if k != "tokenizer"})
+    assert runs[0] == runs[1]  # the same counts from the GGUF's own vocabulary

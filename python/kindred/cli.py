@@ -181,11 +181,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _gguf_tokenizer_arg(args) -> None:
+    """``--tokenizer model.gguf``: the GGUF's own tokenizer, written once as a tokenizer.json beside the
+    user's files in a temporary folder (kindred.data reads tokenizer.json and sentencepiece files)."""
+    path = getattr(args, "tokenizer", None)
+    if not path or not str(path).endswith(".gguf"):
+        return
+    import atexit
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from .models import gguf_tokenizer
+
+    folder = Path(tempfile.mkdtemp(prefix="kindred-gguf-tokenizer-"))
+    atexit.register(shutil.rmtree, folder, True)
+    gguf_tokenizer(path).save(str(folder / "tokenizer.json"))
+    args.tokenizer = str(folder / "tokenizer.json")
+
+
 def main(argv: list[str] | None = None) -> int:
     from .eval.cli import with_default_subcommand
 
     args = build_parser().parse_args(with_default_subcommand(sys.argv[1:] if argv is None else argv))
     try:
+        _gguf_tokenizer_arg(args)
         return args.func(args)
     except KindredError as e:
         print(f"kindred {args.command}: error: {e}", file=sys.stderr)

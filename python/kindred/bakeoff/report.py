@@ -76,8 +76,9 @@ def checklist(cfg: BakeoffConfig, r, rec: dict, export: dict | None) -> dict:
     else:
         quant = _check(
             False,
-            "no quantized file was produced: this kindred exports merged 16-bit weights "
-            "(export.format: merged)" + (f"; written to {exported['path']}" if exported else ""),
+            "no quantized file was produced: the bake-off exports merged 16-bit weights (export.format: "
+            "merged; kindred.export.gguf.export_gguf quantizes that folder)"
+            + (f"; written to {exported['path']}" if exported else ""),
         )
     items["Quantized version available in your target format"] = quant
     need = cfg.checklist.min_tokens_per_s

@@ -326,7 +326,17 @@ class Bakeoff:
             tokenizer=winner.tokenizer,
         )
         model = plan.load()
-        path = save_merged(model, winner.hf_config, self.out / "export" / winner.name, plan.tokenizer)
+        target = self.out / "export" / winner.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # overwrite: only an export this bake-off began and did not finish (a finished one is not run again)
+        path = save_merged(
+            model,
+            winner.hf_config,
+            target,
+            plan.tokenizer,
+            base=winner.source if winner.source.is_dir() else None,
+            overwrite=True,
+        )
         return {"format": "merged", "path": str(path), "line": f"merged weights in {path}"}
 
     # -- the whole run -------------------------------------------------------------------------------------

@@ -250,7 +250,8 @@ def tokenizer_json_from_str(text: bytes | str, where: str):
 
 
 def load_tokenizer(path: str | os.PathLike | Tokenizer, **kwargs) -> Tokenizer:
-    """A tokenizer from a ``tokenizer.json``, a sentencepiece ``.model``, or a folder holding either.
+    """A tokenizer from a ``tokenizer.json``, a sentencepiece ``.model``, or a folder holding either (a
+    ``.gguf`` file is named in the error: its tokenizer is built one layer up, by kindred.models).
 
     Missing or corrupt files raise :class:`~kindred.KindredFormatError` naming the file.
     """
@@ -272,6 +273,11 @@ def load_tokenizer(path: str | os.PathLike | Tokenizer, **kwargs) -> Tokenizer:
         raise KindredFormatError(f"{p}: tokenizer file not found")
     with p.open("rb") as f:
         head = f.read(64).lstrip()
+    if head.startswith(b"GGUF"):
+        raise KindredFormatError(
+            f"{p}: a GGUF model file; its tokenizer loads with kindred.models.gguf_tokenizer(path) "
+            "(the kindred commands take the .gguf itself)"
+        )
     if p.suffix == ".json" or head.startswith(b"{"):
         if not head.startswith(b"{"):
             raise KindredFormatError(f"{p}: not a valid tokenizer.json (not a JSON object)")
