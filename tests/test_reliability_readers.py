@@ -38,7 +38,8 @@ def sp_models(tmp_path_factory):
 
 
 def fails_fast(fn, *args, match: str, seconds: float = 3.0):
-    """fn(*args) must raise a KindredError matching ``match`` within ``seconds`` in a child with 2 GB."""
+    """fn(*args) must raise a KindredError matching ``match`` within ``seconds`` of CPU time, in a forked
+    child limited to 2 GB more address space."""
     out = run_in_child(fn, *args, timeout=seconds)
     assert out.kind == "kindred", f"{out.kind}: {out.detail[:600]}"
     assert re.search(match, out.detail), out.detail
