@@ -585,6 +585,7 @@ def test_sentencepiece_charsmap_pointing_out_of_bounds_does_not_crash(tmp_path, 
         (lambda m: b"\x0a\x02\x0a\x00" + m, r"pieces\[0\] has an empty piece string"),
         (lambda m: b"\x0a\x03\x0a\x01\xff" + m, r"pieces\[0\].piece is not valid UTF-8"),
         (lambda m: b"\x0a\x02\x18\x09" + m, r"pieces\[0\].type 9"),
+        (lambda m: b"\x0a\x04\x0a\x02\x00a" + m, r"pieces\[0\].piece '\\x00a' holds a NUL byte"),
     ],
 )
 def test_sentencepiece_framing_is_checked(tmp_path, sp_models, edit, match):
