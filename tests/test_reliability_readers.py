@@ -38,7 +38,8 @@ def sp_models(tmp_path_factory):
 
 
 def fails_fast(fn, *args, match: str, seconds: float = 3.0):
-    """fn(*args) must raise a KindredError matching ``match`` within ``seconds`` in a child with 2 GB."""
+    """fn(*args) must raise a KindredError matching ``match`` within ``seconds`` of CPU time, in a forked
+    child limited to 2 GB more address space."""
     out = run_in_child(fn, *args, timeout=seconds)
     assert out.kind == "kindred", f"{out.kind}: {out.detail[:600]}"
     assert re.search(match, out.detail), out.detail
@@ -584,6 +585,7 @@ def test_sentencepiece_charsmap_pointing_out_of_bounds_does_not_crash(tmp_path, 
         (lambda m: b"\x0a\x02\x0a\x00" + m, r"pieces\[0\] has an empty piece string"),
         (lambda m: b"\x0a\x03\x0a\x01\xff" + m, r"pieces\[0\].piece is not valid UTF-8"),
         (lambda m: b"\x0a\x02\x18\x09" + m, r"pieces\[0\].type 9"),
+        (lambda m: b"\x0a\x04\x0a\x02\x00a" + m, r"pieces\[0\].piece '\\x00a' holds a NUL byte"),
     ],
 )
 def test_sentencepiece_framing_is_checked(tmp_path, sp_models, edit, match):

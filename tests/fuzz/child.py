@@ -1,8 +1,10 @@
 """Running a reader in a forked child: a segfault, a hang or runaway memory is an outcome, not a dead test.
 
 The child gets an address-space limit (``RLIMIT_AS``: its current size plus ``memory`` bytes) and is killed
-after ``timeout`` seconds; it reports back how the call ended: returned, a KindredError, another exception
-(a *foreign* one: the failure the suite exists to find), or a MemoryError.
+once it has used ``timeout`` seconds of CPU (CPU time, not wall time: on a loaded machine a niced child may
+wait seconds for a core; a child blocked without using CPU is killed after ``WALL_FACTOR`` times as long of
+wall time); it reports back how the call ended: returned, a KindredError, another exception (a *foreign*
+one: the failure the suite exists to find), or a MemoryError.
 """
 
 from __future__ import annotations
@@ -17,17 +19,29 @@ import time
 import traceback
 
 MEMORY = 2 << 30
+WALL_FACTOR = 20
+_TICK = os.sysconf("SC_CLK_TCK")
 
 
 @dataclasses.dataclass
 class Outcome:
     kind: str  # "ok" | "kindred" | "foreign" | "memory" | "crash" | "hang"
     detail: str = ""
-    seconds: float = 0.0
+    seconds: float = 0.0  # CPU time of the child
 
     @property
     def failed(self) -> bool:
         return self.kind in ("foreign", "memory", "crash", "hang")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime (fields 14 and 15 of stat)
 
 
 def virtual_size() -> int:
@@ -83,21 +97,22 @@ def run_in_child(fn, *args, timeout: float = 5.0, memory: int = MEMORY) -> Outco
         finally:
             os._exit(0)
     os.close(write_fd)
-    deadline = start + timeout
-    status = None
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
+    status, cpu = None, 0.0
+    while True:
+        done, status, usage = os.wait4(pid, os.WNOHANG)
         if done:
+            cpu = usage.ru_utime + usage.ru_stime
             break
+        cpu = cpu_seconds(pid)
+        if cpu > timeout or time.monotonic() - start > timeout * WALL_FACTOR:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            os.close(read_fd)
+            return Outcome("hang", f"no answer after {cpu:.1f} s of CPU", cpu)
         time.sleep(0.005)
-    else:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        os.close(read_fd)
-        return Outcome("hang", f"no answer after {timeout} s", time.monotonic() - start)
     with os.fdopen(read_fd, "rb") as f:
         data = f.read()
-    seconds = time.monotonic() - start
+    seconds = cpu
     if os.WIFSIGNALED(status):
         return Outcome("crash", f"killed by signal {os.WTERMSIG(status)}", seconds)
     if not data:

@@ -3,7 +3,8 @@
 A worker is forked from the parent (seeds built, libraries imported), caps its address space
 (``RLIMIT_AS``), then runs inputs one after the other, each copied first into memory shared with the
 parent. The parent watches the worker's execution counter: a worker killed by a signal (a segfault in C++)
-or silent for more than ``hang_s`` (a hang: it is killed) leaves its current input behind, which the parent
+or without progress for more than ``hang_s`` of CPU time (or ``WALL_FACTOR`` times that of wall time, for a
+worker blocked without using CPU; a hang: it is killed) leaves its current input behind, which the parent
 saves. An exception that is not a KindredError (a *foreign* exception) or a MemoryError is saved by the
 worker, which goes on. A worker is replaced every ``per_worker`` inputs, so state cannot pile up.
 """
@@ -21,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .child import call, limit_memory
+from .child import WALL_FACTOR, call, cpu_seconds, limit_memory
 from .mutate import MAX_SIZE, SEPARATOR, mutate, unpack
 from .targets import TARGETS, Target, preload
 
@@ -127,7 +128,7 @@ def fuzz(
                 code = 3
             finally:
                 os._exit(code)
-        last, last_change = 0, time.monotonic()
+        last, last_change, cpu_at_change, was_ready = 0, time.monotonic(), 0.0, False
         status = None
         while True:
             done, status = os.waitpid(pid, os.WNOHANG)
@@ -137,9 +138,12 @@ def fuzz(
             executed = struct.unpack_from("<Q", shared, 0)[0]
             ready = struct.unpack_from("<Q", shared, 32)[0]
             limit = hang_s if ready else _WARM_UP_S  # the warm-up counts from the fork
+            cpu = cpu_seconds(pid)
+            if ready and not was_ready:  # the warm-up is over: time the inputs from here
+                was_ready, last_change, cpu_at_change = True, now, cpu
             if executed != last:
-                last, last_change = executed, now
-            elif now - last_change > limit:
+                last, last_change, cpu_at_change = executed, now, cpu
+            elif cpu - cpu_at_change > limit or now - last_change > limit * WALL_FACTOR:
                 os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
                 status = "hang"
@@ -158,7 +162,7 @@ def fuzz(
         current = bytes(shared[_HEADER : _HEADER + length])
         if status == "hang":
             stats.hangs += 1
-            stats.saved.append(_save(out, name, current, "hang", f"no progress for {hang_s} s"))
+            stats.saved.append(_save(out, name, current, "hang", f"no progress for {hang_s} s of CPU"))
         elif status != "stopped" and os.WIFSIGNALED(status):
             stats.crashes += 1
             sig = os.WTERMSIG(status)

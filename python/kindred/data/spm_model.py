@@ -101,6 +101,8 @@ def _check_piece(data: bytes, where: str, base: int, index: int) -> int:
             kind = value
     if not piece:
         raise r.fail(f"pieces[{index}] has an empty piece string", 0)
+    if "\x00" in piece:  # the library's trie takes pieces as C strings: "a\0b" is "a", "\0" is empty
+        raise r.fail(f"pieces[{index}].piece {piece!r:.40} holds a NUL byte", 0)
     return kind
 
 

@@ -134,6 +134,8 @@ class SentencePieceTokenizer(Tokenizer):
                 self._core = _core.SentencePieceTokenizer(self.path)
             except ValueError as e:
                 raise KindredFormatError(str(e)) from None
+            except RuntimeError as e:  # the library's own exceptions (its trie builder's, e.g.)
+                raise KindredFormatError(f"{self.path}: not a valid sentencepiece model ({e})") from None
             self.backend = "kindred core (sentencepiece C++, OpenMP on all cores)"
         else:
             import sentencepiece as spm

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -66,8 +67,10 @@ def _regex(pattern, where: str) -> str:
             f"{where} must be a regex string of at most 1000 characters, got {pattern!r}"
         )
     try:  # alone, and as pattern_value embeds it (a "(?i)" inside the pattern is an error there)
-        re.compile(pattern)
-        re.compile(rf"(.*\.)?({pattern})$")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # FutureWarning "possible nested set": a valid regex today
+            re.compile(pattern)
+            re.compile(rf"(.*\.)?({pattern})$")
     except (re.error, RecursionError, OverflowError) as e:
         raise KindredFormatError(f"{where}: {pattern!r} is not a valid regex ({e})") from None
     return pattern
