@@ -15,6 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "python" / "kindred"
 # version and the names it re-exports from errors and _core; subpackages only through __getattr__).
 LAYERS = [
     "errors",
+    "lazy",
     "bounded",
     "atomic",
     "_core",

@@ -11,7 +11,7 @@ request. Resumable: a killed bake-off started again continues with the first unf
 From the shell: ``kindred bakeoff bakeoff.yaml [--restart] [--set key=value]``.
 """
 
-import importlib
+from ..lazy import lazy_exports
 
 # Names load from their modules on first use (the CLI's parser imports no torch).
 _EXPORTS = {
@@ -25,13 +25,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'kindred.bakeoff' has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{module}", __name__), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -16,7 +16,7 @@ llama3, phi4, phi4-mini, mistral-nemo, chatml; or a path: the model's own Jinja 
 Names are imported from their modules on first use (``kindred tokens --help`` imports no torch).
 """
 
-import importlib
+from ..lazy import lazy_exports
 
 _EXPORTS = {
     "tokenize": "accounting",
@@ -63,13 +63,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'kindred.data' has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{module}", __name__), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

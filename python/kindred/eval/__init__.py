@@ -11,7 +11,7 @@ From the shell: ``kindred eval ethics16 --model path --adapter runs/first/adapte
 the check kinds and the results.json schema: kindred/eval/README.md.
 """
 
-import importlib
+from ..lazy import lazy_exports
 
 # Names load from their modules on first use (the CLI's parser imports no torch).
 _EXPORTS = {
@@ -47,13 +47,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'kindred.eval' has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{module}", __name__), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -8,7 +8,7 @@ as compressed-tensors or AutoAWQ GEMM for vLLM), each checked by the quality gat
 From the shell: ``kindred export merged|awq SOURCE --out DIR``.
 """
 
-import importlib
+from ..lazy import lazy_exports
 
 # Names load from their modules on first use (the CLI's parser imports no torch).
 _EXPORTS = {
@@ -24,13 +24,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'kindred.export' has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{module}", __name__), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

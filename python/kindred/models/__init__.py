@@ -6,7 +6,7 @@ quantized on load; bitsandbytes 4-bit checkpoints as stored), ``from_config(conf
 weights, ``from_gguf(path)`` imports a llama.cpp GGUF file. Each returns a :class:`DecoderLM`.
 """
 
-import importlib
+from ..lazy import lazy_exports
 
 # Names load from their modules on first use (kindred.plan reads the config facts without torch).
 _EXPORTS = {
@@ -27,13 +27,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'kindred.models' has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{module}", __name__), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
