@@ -4,7 +4,7 @@
 # packages the machine lacks — bitsandbytes trimmed to its CUDA 13 library, peft, gguf, pexpect, hypothesis,
 # jsonschema — unpacked under .carry/site).
 # Usage: KINDRED_COMMIT=<sha> bash benchmarks/run_gpu.sh STEP...
-#   tests             the GPU tests (pytest -m gpu)
+#   tests[=EXPR]      the GPU tests (pytest -m gpu, optionally -k EXPR)
 #   doctor            kindred doctor --json
 #   memcheck=EXPR     compute-sanitizer memcheck over the GPU tests selected by pytest -k EXPR
 #   bench=FILE[:EXPR] one benchmark file (pytest -m benchmark, optionally -k EXPR)
@@ -30,7 +30,8 @@ for step in "$@"; do
   [ "$arg" = "$step" ] || log=$OUT/${name}_$tag.log
   SECONDS=0
   case $name in
-    tests) "${PYTEST[@]}" tests -m gpu >"$log" 2>&1 ;;
+    tests) [ "$arg" = "$step" ] && arg=""
+      "${PYTEST[@]}" tests -m gpu ${arg:+-k "$arg"} >"$log" 2>&1 ;;
     doctor) python3 -X faulthandler -m kindred doctor --json >"$log" 2>&1 ;;
     memcheck) compute-sanitizer --tool memcheck --error-exitcode 3 --target-processes all \
       "${PYTEST[@]}" tests -m gpu -k "$arg" >"$log" 2>&1 ;;
