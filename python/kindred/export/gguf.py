@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from ..errors import KindredValueError
-from ..formats.gguf import read_gguf
 from ..models.config import SLIDING
 from ..nn import Linear4bit, LoraLinear
 from ..ops.gguf import quantize_gguf
@@ -293,7 +292,6 @@ def _load(source: Path):
     from .. import models
 
     if source.suffix == ".gguf":
-        read_gguf(source)  # a readable GGUF, or a KindredFormatError naming it
         return models.from_gguf(source, dtype=torch.float32)
     if not source.is_dir():
         raise KindredValueError(f"{source}: not a GGUF file or a model folder")
