@@ -76,3 +76,44 @@ def test_modelfile(tmp_path, tokenizer):
         write_modelfile(tmp_path / "missing.gguf", "chatml", tokenizer)
     with pytest.raises(KindredValueError, match="vicuna"):
         write_modelfile(gguf_file, "vicuna", tokenizer, overwrite=True)
+
+
+def _cli(argv):
+    import argparse
+
+    from kindred.export.gguf_cli import add_parsers
+
+    parser = argparse.ArgumentParser(prog="kindred export")
+    add_parsers(parser.add_subparsers(dest="kind", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_cli_bad_input_before_loading(tmp_path):
+    (tmp_path / "taken.gguf").write_bytes(b"x")
+    with pytest.raises(KindredValueError, match="unknown GGUF file type 'Q9'"):
+        _cli(["gguf", "smollm2", "--out", str(tmp_path / "a.gguf"), "--quant", "Q9"])
+    with pytest.raises(KindredValueError, match="already exists"):
+        _cli(["gguf", "smollm2", "--out", str(tmp_path / "taken.gguf")])
+    with pytest.raises(KindredValueError, match="no such folder or file"):
+        _cli(["gguf", str(tmp_path / "nothing"), "--out", str(tmp_path / "a.gguf")])
+    with pytest.raises(KindredValueError, match="needs --adapter"):
+        _cli(["gguf-lora", "smollm2", "--out", str(tmp_path / "l.gguf")])
+    with pytest.raises(KindredValueError, match=r"no adapter_config\.json"):
+        _cli(["gguf-lora", "smollm2", "--adapter", str(tmp_path), "--out", str(tmp_path / "l.gguf")])
+    with pytest.raises(KindredValueError, match="num-ctx must be a positive"):
+        _cli(["ollama", "smollm2", "--out", str(tmp_path / "o"), "--num-ctx", "0"])
+    assert (tmp_path / "taken.gguf").read_bytes() == b"x"
+
+
+@pytest.mark.slow
+def test_cli_ollama_smollm2(tmp_path, tokenizer, capsys):
+    gguf = pytest.importorskip("gguf")
+    assert (
+        _cli(["ollama", "smollm2", "--quant", "Q8_0", "--out", str(tmp_path / "o"), "--num-ctx", "2048"]) == 0
+    )
+    assert "ollama create NAME -f" in capsys.readouterr().out
+    text = (tmp_path / "o" / "Modelfile").read_text()
+    assert text.startswith("FROM ./model.gguf\n") and go_template("chatml", False) in text
+    reader = gguf.GGUFReader(str(tmp_path / "o" / "model.gguf"))
+    assert reader.fields["general.file_type"].contents() == 7  # MOSTLY_Q8_0

@@ -53,6 +53,7 @@ class GGUFExport:
     size_bytes: int
     tensor_types: dict[str, str]
     seconds: float
+    add_bos: bool  # tokenizer.ggml.add_bos_token: llama.cpp puts BOS before every prompt
 
 
 def check_output(path: str | Path, overwrite: bool) -> Path:
@@ -305,7 +306,8 @@ def export_gguf(
     w.write_tensors_to_file()
     w.close()
     tmp.replace(path)
-    return GGUFExport(path, quant, path.stat().st_size, types, time.perf_counter() - start)
+    add_bos = bool(vocab.get("tokenizer.ggml.add_bos_token", (None, False))[1])
+    return GGUFExport(path, quant, path.stat().st_size, types, time.perf_counter() - start, add_bos)
 
 
 def _load(source: Path):
