@@ -289,3 +289,15 @@ def test_gguf_lora_changes_llama_cpp_logits_as_kindreds_adapter(family, mixed, t
     rel = ((got - tuned).norm() / tuned.norm()).item()
     assert change > 0.05, f"the adapter hardly changes the logits ({change:.3f}): a weak test"
     assert rel < 2e-3, f"{family}: llama.cpp with the GGUF LoRA is {rel:.2e} from kindred's adapted logits"
+
+
+@pytest.mark.slow
+def test_nf4_base_is_dequantized_into_the_gguf(tmp_path, smollm_tokenizer):
+    model = sharpen(
+        models.from_config({**TINY, **FAMILIES["llama"]}, quant="nf4", dtype=torch.float32, seed=2)
+    )
+    with torch.no_grad():
+        ref = model(torch.tensor([TOKENS]))[0].double()
+    out = export_gguf(model, tmp_path / "m.gguf", "F32", tokenizer=smollm_tokenizer)
+    got = llama_logits(out.path, TOKENS)
+    assert ((got - ref).norm() / ref.norm()).item() < 2e-3
