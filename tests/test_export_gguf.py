@@ -287,7 +287,7 @@ def test_gguf_lora_changes_llama_cpp_logits_as_kindreds_adapter(family, mixed, t
     plain = llama_logits(base.path, TOKENS)
     change = ((tuned - plain).norm() / tuned.norm()).item()
     rel = ((got - tuned).norm() / tuned.norm()).item()
-    assert change > 0.05, f"the adapter hardly changes the logits ({change:.3f}): a weak test"
+    assert change > 0.02, f"the adapter hardly changes the logits ({change:.3f}): a weak test"
     assert rel < 2e-3, f"{family}: llama.cpp with the GGUF LoRA is {rel:.2e} from kindred's adapted logits"
 
 
