@@ -3,16 +3,27 @@ kindred's logits; per-tensor types by llama.cpp's rules; a fine-tuned SmolLM2-13
 by gguf-py, byte-identical to llama.cpp's own Q4_K_M of kindred's F16 file, greedy tokens of its Q8_0 export
 equal to kindred.generate's, and its KL to the 16-bit model; bad input."""
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from kindred import models
+from kindred.data import get_template
 from kindred.errors import KindredValueError
 from kindred.export.gguf import export_gguf, tensor_type
+from kindred.export.gguf_lora import export_gguf_lora
+from kindred.export.quality import agreement
+from kindred.generate import SamplingConfig, generate
+from kindred.nn import apply_lora, lora_modules
+
+from .llama_reference import quantize_file
 
 gguf = pytest.importorskip("gguf")
 llama_cpp = pytest.importorskip("llama_cpp")
+SAMPLES = Path(__file__).parents[1] / "python/kindred/data/samples/ethics_calibration.jsonl"
 TOKENS = [1, 504, 3575, 282, 4649, 314, 2, 28, 17, 1234, 99, 5000, 7]
 
 TINY = {
@@ -108,8 +119,185 @@ def test_bad_input(tmp_path, smollm_tokenizer):
     assert (tmp_path / "b.gguf").read_bytes() == b"mine"
     with pytest.raises(KindredValueError, match="tokenizer: needed"):
         export_gguf(model, tmp_path / "c.gguf", "Q8_0")
-    with pytest.raises(KindredValueError, match="no such folder"):
+    with pytest.raises(KindredValueError, match=r"no such folder for c\.gguf"):
         export_gguf(model, tmp_path / "nowhere" / "c.gguf", "Q8_0", tokenizer=smollm_tokenizer)
     small = models.from_config({**TINY, **FAMILIES["llama"], "vocab_size": 1000}, dtype=torch.float32)
     with pytest.raises(KindredValueError, match="49152 tokens for a model of 1000"):
         export_gguf(small, tmp_path / "d.gguf", "Q8_0", tokenizer=smollm_tokenizer)
+
+
+def fine_tune(model, seed: int = 0):
+    """A LoRA on q, v and down with non-zero B: the weights leave the source file's quantization grid."""
+    apply_lora(model, ["q_proj", "v_proj", "down_proj"], r=8, alpha=16)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B["default"].weight.copy_(
+                torch.randn(m.lora_B["default"].weight.shape, generator=g) * 0.01
+            )
+    return model
+
+
+def held_out(tokenizer, n: int = 256) -> list[int]:
+    rows = [json.loads(line) for line in SAMPLES.read_text().splitlines()[-8:]]
+    text = "\n\n".join(m["content"] for r in rows for m in r["messages"])
+    return tokenizer.encode(text).ids[:n]
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory, smollm_tokenizer):
+    """The fine-tuned SmolLM2 (fp32, adapters active), its exports and llama.cpp's own Q4_K_M of its F16."""
+    source = models.smollm2_gguf_path()
+    model = fine_tune(models.from_gguf(source, dtype=torch.float32))
+    model.eval()
+    folder = tmp_path_factory.mktemp("smollm2")
+    template = models.gguf_chat_template(source)
+    files = {
+        q: export_gguf(model, folder / f"{q}.gguf", q, tokenizer=smollm_tokenizer, chat_template=template)
+        for q in ("F16", "Q8_0", "Q4_K_M")
+    }
+    files["from_f16"] = export_gguf(folder / "F16.gguf", folder / "from_f16.gguf", "Q4_K_M")
+    quantize_file(folder / "F16.gguf", folder / "llama_q4_k_m.gguf", "Q4_K_M")
+    return model, files, folder / "llama_q4_k_m.gguf", source
+
+
+@pytest.mark.slow
+def test_smollm2_read_back_by_gguf_py(smollm2):
+    _, files, _, source = smollm2
+    src = {k: f.contents() for k, f in gguf.GGUFReader(str(source)).fields.items()}
+    for quant in ("Q8_0", "Q4_K_M"):
+        reader = gguf.GGUFReader(str(files[quant].path))
+        meta = {k: f.contents() for k, f in reader.fields.items()}
+        assert meta["general.architecture"] == "llama" and meta["general.type"] == "model"
+        assert meta["llama.block_count"] == 30 and meta["llama.attention.head_count_kv"] == 3
+        for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type"):
+            assert meta[key] == src[key], (
+                key
+            )  # the BPE vocabulary rebuilt from tokenizers equals the source's
+        assert (
+            meta["tokenizer.ggml.pre"] == "smollm"
+            and meta["tokenizer.chat_template"] == src["tokenizer.chat_template"]
+        )
+        assert meta["tokenizer.ggml.add_bos_token"] is False  # SmolLM2's tokenizer adds no BOS
+        types = {t.name: t.tensor_type.name for t in reader.tensors}
+        assert types == files[quant].tensor_types
+        assert "output.weight" not in types  # tied
+        shapes = {t.name: tuple(int(d) for d in reversed(t.shape.tolist())) for t in reader.tensors}
+        assert shapes["blk.0.attn_k.weight"] == (192, 576) and shapes["token_embd.weight"] == (49152, 576)
+    q4 = files["Q4_K_M"].tensor_types
+    assert q4["token_embd.weight"] == "Q8_0"  # the tied output, 576 % 256 != 0
+    assert q4["blk.0.attn_q.weight"] == "Q5_0" and q4["blk.0.ffn_down.weight"] == "Q6_K"
+    assert q4["blk.4.ffn_down.weight"] == "Q4_K" and q4["blk.0.attn_norm.weight"] == "F32"
+
+
+@pytest.mark.slow
+def test_smollm2_q4_k_m_byte_identical_to_llama_quantize(smollm2):
+    _, files, theirs, _ = smollm2
+    mine = {t.name: t for t in gguf.GGUFReader(str(files["from_f16"].path)).tensors}
+    ref = {t.name: t for t in gguf.GGUFReader(str(theirs)).tensors}
+    assert set(mine) == set(ref)
+    for name, t in ref.items():
+        assert mine[name].tensor_type == t.tensor_type, name
+        assert np.array_equal(
+            np.asarray(mine[name].data).view(np.uint8), np.asarray(t.data).view(np.uint8)
+        ), name
+
+
+def llama_greedy(llm, prompt: list[int], n: int) -> list[int]:
+    llm.reset()
+    llm.eval(prompt)
+    out = []
+    for _ in range(n):
+        out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        llm.eval([out[-1]])
+    return out
+
+
+@pytest.mark.slow
+def test_smollm2_q8_0_greedy_tokens_equal_kindred_generate(smollm2, smollm_tokenizer):
+    model, files, _, _ = smollm2
+    template = get_template("chatml")
+    questions = [
+        "What is the capital of France?",
+        "Name three colours.",
+        "Is it kind to lie to spare feelings?",
+    ]
+    prompts = [
+        smollm_tokenizer.encode(
+            template.render_text([{"role": "user", "content": q}]) + template.generation_prompt()
+        ).ids
+        for q in questions
+    ]
+    ours = generate(model, prompts, SamplingConfig(max_new_tokens=10))
+    llm = llama_cpp.Llama(str(files["Q8_0"].path), n_ctx=256, logits_all=True, verbose=False, n_threads=2)
+    try:
+        for prompt, completion in zip(prompts, ours, strict=True):
+            assert llama_greedy(llm, prompt, len(completion.tokens)) == completion.tokens
+    finally:
+        llm.close()
+
+
+@pytest.mark.slow
+def test_smollm2_kl_to_the_16_bit_model(smollm2, smollm_tokenizer):
+    model, files, theirs, _ = smollm2
+    ids = held_out(smollm_tokenizer)
+    with torch.no_grad():
+        ref = model(torch.tensor([ids]))[0].double()
+    got = {q: agreement(ref, llama_logits(files[q].path, ids)) for q in ("Q8_0", "Q4_K_M")}
+    llama_own = agreement(ref, llama_logits(theirs, ids))
+    # the weights alone: kindred computing with the dequantized Q8_0 file (no llama.cpp q8 activations)
+    back = models.from_gguf(files["Q8_0"].path, dtype=torch.float32)
+    with torch.no_grad():
+        weights_only = agreement(ref, back(torch.tensor([ids]))[0].double())
+    assert weights_only.kl <= 0.002, weights_only
+    assert got["Q8_0"].kl <= 0.006 and got["Q8_0"].top1 >= 0.9, got
+    assert got["Q4_K_M"].kl <= 1.05 * llama_own.kl, (got, llama_own)
+    assert got["Q4_K_M"].kl <= 0.08, got  # the goal of 0.05 is not met by this 135M model (see the benchmark)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("family", "mixed"), [("llama", False), ("llama", True), ("phi3", True), ("qwen3", False)]
+)
+def test_gguf_lora_changes_llama_cpp_logits_as_kindreds_adapter(family, mixed, tmp_path, smollm_tokenizer):
+    model = sharpen(models.from_config({**TINY, **FAMILIES[family]}, dtype=torch.float32, seed=5))
+    if mixed:  # two ranks and alphas (one alpha / r does not hold): scalings folded into B
+        apply_lora(model, ["q_proj", "v_proj"], r=8, alpha=16)
+        apply_lora(model, ["down_proj"], r=4, alpha=2, rslora=True)
+    else:
+        apply_lora(model, ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"], r=8, alpha=16)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B["default"].weight.copy_(
+                torch.randn(m.lora_B["default"].weight.shape, generator=g) * 0.05
+            )
+        tuned = model(torch.tensor([TOKENS]))[0].double()
+    base = export_gguf(model, tmp_path / "base.gguf", "F32", tokenizer=smollm_tokenizer, merge_adapters=False)
+    lora = export_gguf_lora(model, tmp_path / "lora.gguf", dtype="F32")
+    meta = {k: f.contents() for k, f in gguf.GGUFReader(str(lora)).fields.items()}
+    assert meta["general.type"] == "adapter" and meta["adapter.type"] == "lora"
+    assert meta["adapter.lora.alpha"] == (0.0 if mixed else 16.0)
+    llm = llama_cpp.Llama(str(base.path), lora_path=str(lora), n_ctx=256, logits_all=True, verbose=False)
+    try:
+        llm.eval(TOKENS)
+        got = torch.from_numpy(np.array(llm.scores[: len(TOKENS)])).double()
+    finally:
+        llm.close()
+    plain = llama_logits(base.path, TOKENS)
+    change = ((tuned - plain).norm() / tuned.norm()).item()
+    rel = ((got - tuned).norm() / tuned.norm()).item()
+    assert change > 0.02, f"the adapter hardly changes the logits ({change:.3f}): a weak test"
+    assert rel < 2e-3, f"{family}: llama.cpp with the GGUF LoRA is {rel:.2e} from kindred's adapted logits"
+
+
+@pytest.mark.slow
+def test_nf4_base_is_dequantized_into_the_gguf(tmp_path, smollm_tokenizer):
+    model = sharpen(
+        models.from_config({**TINY, **FAMILIES["llama"]}, quant="nf4", dtype=torch.float32, seed=2)
+    )
+    with torch.no_grad():
+        ref = model(torch.tensor([TOKENS]))[0].double()
+    out = export_gguf(model, tmp_path / "m.gguf", "F32", tokenizer=smollm_tokenizer)
+    got = llama_logits(out.path, TOKENS)
+    assert ((got - ref).norm() / ref.norm()).item() < 2e-3

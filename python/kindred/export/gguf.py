@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from ..errors import KindredValueError
-from ..formats.gguf import read_gguf
 from ..models.config import SLIDING
 from ..nn import Linear4bit, LoraLinear
 from ..ops.gguf import quantize_gguf
@@ -54,6 +53,17 @@ class GGUFExport:
     size_bytes: int
     tensor_types: dict[str, str]
     seconds: float
+    add_bos: bool  # tokenizer.ggml.add_bos_token: llama.cpp puts BOS before every prompt
+
+
+def check_output(path: str | Path, overwrite: bool) -> Path:
+    """``path`` as a Path, or KindredValueError when it exists (without ``overwrite``) or has no folder."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise KindredValueError(f"{path}: already exists; pass overwrite=True (--overwrite) to replace it")
+    if not path.parent.is_dir():
+        raise KindredValueError(f"{path.parent}: no such folder for {path.name}")
+    return path
 
 
 def check_quant(quant: str) -> str:
@@ -82,22 +92,25 @@ def tensor_type(quant: str, name: str, shape: tuple[int, ...], n_layers: int, ti
     return gguf_tensor_type(quant, role, layer, n_layers, k_in)
 
 
-def _dense(module: nn.Module) -> torch.Tensor:
-    """The weight llama.cpp should see: adapters merged in float32, 4-bit bases dequantized."""
-    if isinstance(module, LoraLinear):
+def _dense(module: nn.Module, merge: bool) -> torch.Tensor:
+    """The weight llama.cpp should see: adapters merged in float32 (or left out), 4-bit bases dequantized."""
+    if isinstance(module, LoraLinear) and merge and module.merged_adapter is None:
         return module.merged_weight().float()
+    if isinstance(module, LoraLinear):
+        return _dense(module._quantized_base or module.base_layer, merge)
     if isinstance(module, Linear4bit):
         return module.dequantize().float()
     return module.weight.detach().float()
 
 
-def hf_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's tensors in transformers' names, float32 on the CPU, adapters merged (model unchanged)."""
+def hf_tensors(model: nn.Module, merge: bool = True) -> dict[str, torch.Tensor]:
+    """The model's tensors in transformers' names, float32 on the CPU, adapters merged unless ``merge`` is
+    False (then the base alone, for a GGUF LoRA beside it); the model is unchanged."""
     out: dict[str, torch.Tensor] = {}
     linears = {n: m for n, m in model.named_modules() if isinstance(m, (LoraLinear, Linear4bit))}
     linears = {n: m for n, m in linears.items() if not n.endswith(".base_layer")}
     for name, module in linears.items():
-        out[f"{name}.weight"] = _dense(module)
+        out[f"{name}.weight"] = _dense(module, merge)
         base = module.base_layer if isinstance(module, LoraLinear) else module
         if getattr(base, "bias", None) is not None:
             out[f"{name}.bias"] = base.bias.detach().float()
@@ -108,18 +121,27 @@ def hf_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.cpu().contiguous() for k, v in out.items()}
 
 
-def _permute_qk(w: torch.Tensor, heads: int) -> torch.Tensor:
+def permute_qk(w: torch.Tensor, heads: int) -> torch.Tensor:
     """llama.cpp's q/k row order for the llama architecture: (head, half, pair) -> (head, pair, half)."""
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def gguf_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """GGUF name -> float32 tensor (torch shape) in llama.cpp's layout, in the order llama.cpp expects."""
+def tensor_names(cfg):
+    """gguf-py's map from transformers' module names to GGUF tensor names for the family of ``cfg``."""
     import gguf
 
+    return gguf.get_tensor_name_map(gguf.MODEL_ARCH[_ARCH[cfg.model_type]], cfg.num_layers)
+
+
+def permutes_qk(cfg) -> bool:
+    return _ARCH[cfg.model_type] == "LLAMA"
+
+
+def gguf_tensors(model: nn.Module, merge: bool = True) -> dict[str, torch.Tensor]:
+    """GGUF name -> float32 tensor (torch shape) in llama.cpp's layout, in the order llama.cpp expects."""
     cfg = model.config
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[_ARCH[cfg.model_type]], cfg.num_layers)
-    hf = hf_tensors(model)
+    names = tensor_names(cfg)
+    hf = hf_tensors(model, merge)
     if cfg.tie_word_embeddings:
         hf.pop("lm_head.weight", None)
     if cfg.model_type == "phi3":  # llama.cpp's phi3 reads the fused tensors of the checkpoint
@@ -139,8 +161,8 @@ def gguf_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
             raise KindredValueError(f"{key}: no GGUF tensor name for this parameter ({cfg.model_type})")
         if cfg.gemma_norm and stem.endswith("norm"):
             t = t + 1  # llama.cpp's gemma norms multiply by w, kindred's (and transformers') by 1 + w
-        if _ARCH[cfg.model_type] == "LLAMA" and stem.endswith(("q_proj", "k_proj")):
-            t = _permute_qk(t, cfg.num_heads if stem.endswith("q_proj") else cfg.num_kv_heads)
+        if permutes_qk(cfg) and stem.endswith(("q_proj", "k_proj")):
+            t = permute_qk(t, cfg.num_heads if stem.endswith("q_proj") else cfg.num_kv_heads)
         out[f"{name}.{suffix}"] = t
     factors = _rope_factors(model)
     if factors is not None:
@@ -198,7 +220,7 @@ def _metadata(w, model: nn.Module, arch: str) -> None:
         w.add_final_logit_softcapping(cfg.final_logit_softcapping)
 
 
-def _check_model(model: nn.Module) -> None:
+def check_model(model: nn.Module) -> None:
     cfg = getattr(model, "config", None)
     if cfg is None or getattr(cfg, "model_type", None) not in _ARCH:
         raise KindredValueError(
@@ -230,27 +252,25 @@ def export_gguf(
     chat_template: str | None = None,
     name: str | None = None,
     overwrite: bool = False,
+    merge_adapters: bool = True,
 ) -> GGUFExport:
     """Write ``model`` (a DecoderLM, LoRA adapters merged; or a .gguf / Hugging Face folder to load) to
     ``path`` as a llama.cpp GGUF file of file type ``quant`` (GGUF_QUANTS).
 
     ``tokenizer``: a kindred tokenizer, a ``tokenizers.Tokenizer``, a tokenizer file or folder, or a GGUF file
     whose ``tokenizer.*`` keys are copied; by default the source's own. ``chat_template``: the Jinja template
-    stored as ``tokenizer.chat_template`` (default: the tokenizer source's). Errors before any work.
+    stored as ``tokenizer.chat_template`` (default: the tokenizer source's). ``merge_adapters=False`` writes
+    the base alone (for :func:`kindred.export.gguf_lora.export_gguf_lora` beside it). Errors before any work.
     """
     import gguf
 
     quant = check_quant(quant)
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise KindredValueError(f"{path}: already exists; pass overwrite=True (--overwrite) to replace it")
-    if not path.parent.is_dir():
-        raise KindredValueError(f"{path.parent}: no such folder for the GGUF file")
+    path = check_output(path, overwrite)
     source = None
     if isinstance(model, (str, Path)):
         source = Path(model)
         model = _load(source)
-    _check_model(model)
+    check_model(model)
     tok_source = tokenizer if tokenizer is not None else source
     if tok_source is None:
         raise KindredValueError(
@@ -261,7 +281,7 @@ def export_gguf(
     arch = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[_ARCH[cfg.model_type]]]
     vocab = vocab_metadata(tok_source, cfg, chat_template)
     with torch.no_grad():
-        tensors = gguf_tensors(model)
+        tensors = gguf_tensors(model, merge_adapters)
     types = {
         n: tensor_type(quant, n, tuple(t.shape), cfg.num_layers, "output.weight" not in tensors)
         for n, t in tensors.items()
@@ -286,14 +306,14 @@ def export_gguf(
     w.write_tensors_to_file()
     w.close()
     tmp.replace(path)
-    return GGUFExport(path, quant, path.stat().st_size, types, time.perf_counter() - start)
+    add_bos = bool(vocab.get("tokenizer.ggml.add_bos_token", (None, False))[1])
+    return GGUFExport(path, quant, path.stat().st_size, types, time.perf_counter() - start, add_bos)
 
 
 def _load(source: Path):
     from .. import models
 
     if source.suffix == ".gguf":
-        read_gguf(source)  # a readable GGUF, or a KindredFormatError naming it
         return models.from_gguf(source, dtype=torch.float32)
     if not source.is_dir():
         raise KindredValueError(f"{source}: not a GGUF file or a model folder")
