@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from ..errors import KindredValueError
+from .gguf_cli import add_parsers as add_gguf_parsers
 
 KINDS = ("merged", "awq")
 
@@ -32,9 +33,9 @@ def _bytes(text: str) -> int:
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "export",
-        help="write a fine-tune for serving: merged safetensors, AWQ W4A16 (vLLM)",
+        help="write a fine-tune for serving: merged safetensors, AWQ W4A16 (vLLM), GGUF (llama.cpp, Ollama)",
         description="kindred export KIND SOURCE --out DIR: merged (the adapter folded onto its 16-bit base) "
-        "or awq (W4A16, compressed-tensors or AutoAWQ GEMM); each checked by the quality gate and described "
+        "or awq (W4A16, compressed-tensors or AutoAWQ GEMM), each checked by the quality gate and described "
         "by manifest.json.",
     )
     sub = p.add_subparsers(dest="export_kind", required=True)
@@ -78,6 +79,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             q.add_argument("--max-gpu-memory", help="GPU memory AWQ may use, e.g. 16GiB (default: no cap)")
             q.add_argument("--rtn", action="store_true", help="round to nearest instead of AWQ (a baseline)")
         q.set_defaults(func=run)
+    add_gguf_parsers(sub)  # gguf, gguf-lora, ollama
     return p
 
 

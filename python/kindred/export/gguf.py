@@ -23,10 +23,9 @@ from ..models.config import SLIDING
 from ..nn import Linear4bit, LoraLinear
 from ..ops.gguf import quantize_gguf
 from ..plan.memory import GGUF_MIXES, gguf_tensor_type
+from .gguf_types import GGUF_QUANTS
 from .gguf_vocab import vocab_metadata
 
-# File types: llama.cpp's mixes (per-tensor rules) and the unquantized ones (every matrix in that type).
-GGUF_QUANTS = ("Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "BF16", "F16", "F32")
 _FILE_TYPE = {
     "F32": 0,
     "F16": 1,

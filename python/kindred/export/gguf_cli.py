@@ -8,8 +8,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import KindredValueError
-from .gguf import GGUF_QUANTS, check_output, check_quant
-from .gguf_lora import LORA_TYPES
+from .gguf_types import GGUF_QUANTS, LORA_TYPES
 
 
 def _common(p, out_help: str) -> None:
@@ -70,7 +69,7 @@ def _tokenizer_source(args):
 
 
 def run_gguf(args) -> int:
-    from .gguf import export_gguf
+    from .gguf import check_output, check_quant, export_gguf  # torch: on use, not in the parser
 
     quant = check_quant(args.quant)
     out = check_output(args.out, args.overwrite)
@@ -84,7 +83,7 @@ def run_gguf(args) -> int:
 
 
 def run_gguf_lora(args) -> int:
-    from .gguf import export_gguf
+    from .gguf import check_output, check_quant, export_gguf  # torch: on use, not in the parser
     from .gguf_lora import export_gguf_lora
 
     if not args.adapter:
@@ -112,7 +111,7 @@ def run_gguf_lora(args) -> int:
 
 
 def run_ollama(args) -> int:
-    from .gguf import export_gguf
+    from .gguf import check_quant, export_gguf  # torch: on use, not in the parser
     from .ollama import write_modelfile
 
     quant = check_quant(args.quant)

@@ -19,8 +19,8 @@ import torch
 from ..errors import KindredValueError
 from ..nn import lora_modules
 from .gguf import _ARCH, check_model, check_output, permute_qk, permutes_qk, tensor_names
+from .gguf_types import LORA_TYPES
 
-LORA_TYPES = ("F32", "F16", "BF16", "Q8_0")
 _FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
