@@ -248,7 +248,7 @@ def test_max_gpu_memory_caps_the_search_tokens():
     model = models.from_config(
         {
             "model_type": "llama",
-            "vocab_size": 97,
+            "vocab_size": 101,
             "hidden_size": 64,
             "intermediate_size": 128,
             "num_hidden_layers": 1,

@@ -174,7 +174,8 @@ def test_bitsandbytes_base_merges_only_when_allowed(tmp_path):
     quantized = models.from_pretrained(base, quant="nf4", dtype=torch.float32)
     bnb = tmp_path / "bnb"  # a *-bnb-4bit folder: kindred's Linear4bit state dict is bitsandbytes' layout
     bnb.mkdir()
-    save_file({k: v.contiguous() for k, v in quantized.state_dict().items()}, bnb / "model.safetensors")
+    tensors = {k: v.clone().contiguous() for k, v in quantized.state_dict().items()}
+    save_file(tensors, bnb / "model.safetensors")
     cfg = json.loads((base / "config.json").read_text())
     cfg["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
     (bnb / "config.json").write_text(json.dumps(cfg))
