@@ -123,12 +123,32 @@ def _run(code: str) -> str:
     return out.stdout.strip()
 
 
-def test_import_kindred_loads_no_subpackage_and_no_torch():
+def test_import_kindred_loads_no_subpackage_no_core_and_no_torch():
     loaded = _run(
         "import sys, kindred; print(sorted(m for m in sys.modules if m.startswith(('kindred.', 'torch'))))"
     )
-    assert loaded == "['kindred._core', 'kindred.errors']"
+    assert loaded == "['kindred.errors']"
     assert _run("import kindred; print(kindred.nn.Linear4bit.__name__)") == "Linear4bit"
+    assert _run("import kindred; print(kindred.cuda_compiled() in (True, False))") == "True"
+
+
+def test_kindred_doctor_imports_torch_before_the_core():
+    """On an H200 machine torch imported after kindred's core segfaulted: the doctor loads torch first."""
+    code = (
+        "import sys, runpy\n"
+        "order = []\n"
+        "class Watch:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name in ('torch', 'kindred._core'): order.append(name)\n"
+        "sys.meta_path.insert(0, Watch())\n"
+        "sys.argv = ['kindred', 'doctor', '--short']\n"
+        "try:\n"
+        "    runpy.run_module('kindred', run_name='__main__')\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print(order[:2])\n"
+    )
+    assert _run(code).splitlines()[-1] == "['torch', 'kindred._core']"
 
 
 def test_the_cli_parser_loads_no_torch():

@@ -11,7 +11,6 @@ Subpackages are imported on first use (so ``kindred --help`` does not import tor
 
 import importlib
 
-from ._core import cuda_compiled, sentencepiece_compiled
 from .errors import KindredError, KindredFormatError, KindredValueError
 
 __version__ = "0.1.0"
@@ -39,7 +38,14 @@ __all__ = [
 ]
 
 
+# The compiled core loads on first use too: on an H200 machine, torch imported after the core segfaulted
+# (kindred doctor, at 12e74fc), and ``import kindred`` then ``import torch`` is every notebook's first cell.
+_CORE_NAMES = ("cuda_compiled", "sentencepiece_compiled")
+
+
 def __getattr__(name: str):
+    if name in _CORE_NAMES:
+        return getattr(importlib.import_module("._core", __name__), name)
     if name == "doctor":  # kindred.doctor() reads every layer: imported on first use
         return importlib.import_module(".installation", __name__).doctor
     if name in _SUBPACKAGES:

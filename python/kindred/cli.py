@@ -4,6 +4,7 @@ doctor``."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -200,10 +201,25 @@ def _gguf_tokenizer_arg(args) -> None:
     args.tokenizer = str(folder / "tokenizer.json")
 
 
+# Commands that never import torch (their parser still loads the compiled core).
+_TORCH_FREE = {"tokens", "-h", "--help", "--version"}
+
+
+def _torch_first(argv: list[str]) -> None:
+    """Import torch before anything loads kindred's core: on an H200 machine torch imported after the core
+    segfaulted (kindred doctor at 12e74fc). Skipped for help and the torch-free commands."""
+    if not argv or argv[0] in _TORCH_FREE or "-h" in argv or "--help" in argv:
+        return
+    with contextlib.suppress(ImportError):  # the commands that need torch say so
+        import torch  # noqa: F401
+
+
 def main(argv: list[str] | None = None) -> int:
     from .eval.cli import with_default_subcommand
 
-    args = build_parser().parse_args(with_default_subcommand(sys.argv[1:] if argv is None else argv))
+    argv = sys.argv[1:] if argv is None else argv
+    _torch_first(argv)
+    args = build_parser().parse_args(with_default_subcommand(argv))
     try:
         _gguf_tokenizer_arg(args)
         return args.func(args)

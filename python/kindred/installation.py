@@ -15,8 +15,8 @@ import platform
 import re
 import sys
 
-# torch before the core, the order of every other entry point (kindred doctor from the CLI, the one path
-# that loaded the core first, segfaulted on an H200; run_gpu.sh's doctor step runs it under faulthandler)
+# torch before the core: on an H200 machine torch imported after the core segfaulted (in torch's own import,
+# kindred doctor at 12e74fc; cli.main imports torch first too)
 import torch
 
 from . import _core

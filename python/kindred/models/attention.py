@@ -166,7 +166,7 @@ def attend(
         # One query per row (decoding): the query heads sharing a kv head become rows against its keys, so
         # the cache is read once per kv head instead of being repeated for every query head.
         b, h, _, d = q.shape
-        rows = q.view(b, k.shape[1], h // k.shape[1], d)
+        rows = q.reshape(b, k.shape[1], h // k.shape[1], d)  # q may be a transposed view
         return F.scaled_dot_product_attention(rows, k, v, attn_mask=mask, scale=scale).view(b, h, 1, d)
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa
