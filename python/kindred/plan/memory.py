@@ -11,35 +11,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .. import _core
 from ..errors import KindredValueError
 from .catalogue import ModelSpec
 
 GIB = 1 << 30
 
-# Bits per weight of each block format: block bytes × 8 / block elements (ggml-org/ggml src/ggml-common.h
-# static_asserts; pipeline-formats.md §3.4): Q4_0 18 B/32, Q4_1 20/32, Q5_0 22/32, Q5_1 24/32, Q8_0 34/32,
-# Q4_K 144 B/256, Q5_K 176/256, Q6_K 210/256.
-BLOCK_BPW = {
-    "F32": 32.0,
-    "BF16": 16.0,
-    "F16": 16.0,
-    "Q8_0": 8.5,
-    "Q6_K": 6.5625,
-    "Q5_1": 6.0,
-    "Q5_K": 5.5,
-    "Q5_0": 5.5,
-    "Q4_1": 5.0,
-    "Q4_K": 4.5,
-    "Q4_0": 4.5,
+# Bits per weight of each format, from the block layouts the core defines (formats.h): GGUF blocks (block
+# bytes × 8 / block elements), bitsandbytes NF4 with double quantization at blocksize 64 (4.127), and AWQ's
+# W4A16 group 128 with zero points (INT4g, 4.156; embeddings and lm_head stay 16-bit).
+BLOCK_BPW = {"F32": 32.0} | {
+    name: size * 8 / elements for name, (_, elements, size) in _core.GGUF_BLOCK_TYPES.items()
 }
-# bitsandbytes NF4 with double quantization: 4 bits + an 8-bit absmax per 64 weights + an fp32 constant per
-# 256
-# absmax blocks (QLoRA paper arXiv 2305.14314 §3; bitsandbytes functional.quantize_4bit): 4.127 bits.
-NF4_BPW = 4 + 8 / 64 + 32 / (64 * 256)
-# AWQ W4A16 group 128 with zero points (AutoAWQ GEMM layout, pipeline-formats.md §2.3): 4 bits + fp16 scale
-# and a
-# 4-bit zero per 128 weights = 4.156 bits; embeddings and lm_head stay fp16.
-AWQ_BPW = 4 + 16 / 128 + 4 / 128
+NF4_BPW = _core.nf4_bits_per_weight(64, True)
+AWQ_BPW = _core.int4g_bits_per_weight(128)
 # K-quants need rows (ne[0] = in_features) divisible by 256; llama.cpp falls back (src/llama-quant.cpp,
 # tensor_type_fallback): Q4_K→Q5_0, Q5_K→Q5_1, Q6_K→Q8_0, and to F16 when even 32 does not divide.
 _FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
