@@ -157,7 +157,7 @@ void unpack_decode(const DecodeWeight& in, const Int4gTensors& out) {
   check_decode_weight(in);
   for (const TensorView* t : {&in.data, &out.packed, &out.scales, &out.zeros})
     check_cpu(*t, "the weight's tensors", kRepack);
-  const int64_t n = in.n, k = in.k, groups = k / in.period, periods = kDecodeChunk / in.period;
+  const int64_t n = in.n, k = in.k, groups = k / in.period;
   check_shape(out.packed, "packed", {n, k / 2});
   check_shape(out.scales, "scales", {n, groups});
   check_shape(out.zeros, "zeros", {n, groups});
