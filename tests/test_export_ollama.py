@@ -6,7 +6,7 @@ import pytest
 
 from kindred.data import TEMPLATES, get_template, load_tokenizer
 from kindred.errors import KindredValueError
-from kindred.export.ollama import go_template, write_modelfile
+from kindred.export.ollama import OLLAMA_TEMPLATES, go_template, write_modelfile
 
 from .gotemplate import render
 
@@ -30,7 +30,18 @@ CHATS = [
 BOS = {"llama3": "<|begin_of_text|>", "gemma3": "<bos>", "mistral-nemo": "<s>"}
 
 
-@pytest.mark.parametrize("name", TEMPLATES)
+def test_templates_without_a_translation_are_refused_by_name():
+    untranslated = sorted(set(TEMPLATES) - set(OLLAMA_TEMPLATES))
+    assert untranslated == [
+        "harmony",
+        "qwen3-coder",
+    ]  # a new template needs its Go translation or a place here
+    for name in untranslated:
+        with pytest.raises(KindredValueError, match=f"'{name}' has no Ollama translation"):
+            go_template(name, add_bos=False)
+
+
+@pytest.mark.parametrize("name", OLLAMA_TEMPLATES)
 @pytest.mark.parametrize("chat", range(len(CHATS)))
 def test_go_template_renders_kindreds_text(name, chat):
     tpl = get_template(name)

@@ -79,8 +79,8 @@ def _plan(rng: random.Random, kills: int, steps: int, save_every: int) -> list[t
     for point in points:
         if point in ("step", "metrics"):
             plan.append((point, rng.randint(1, reach)))
-        elif point == "timer":
-            plan.append((point, rng.uniform(0.5, 3.0)))
+        elif point == "timer":  # a random point within ``reach`` steps, timed from the run's own steps
+            plan.append((point, rng.uniform(0.1, 1.0) * reach))
         else:
             plan.append((point, rng.randint(1, max(2, reach // save_every))))
     return plan
@@ -100,11 +100,15 @@ def kill_and_resume(tmp_path, model, data, steps: int, save_every: int, kills: i
         before = _check_latest(out)
         if point == "timer":
             proc = _start(cfgs["killed"], log, resume=i > 0)
-            # Start-up (imports, model, data) takes seconds; wait for the first step, then a random delay.
+            # Start-up (imports, model, data) takes seconds; wait for the first step, time the next one,
+            # then kill after ``arg`` steps' worth (so the kill lands inside the run on a fast or slow host).
             deadline = time.monotonic() + 120
             while proc.poll() is None and not _stepped(out, before) and time.monotonic() < deadline:
-                time.sleep(0.02)
-            time.sleep(arg)
+                time.sleep(0.005)
+            t1 = time.monotonic()
+            while proc.poll() is None and not _stepped(out, before + 1) and time.monotonic() < deadline:
+                time.sleep(0.005)
+            time.sleep(max(arg - 1, 0) * (time.monotonic() - t1))
             proc.send_signal(signal.SIGKILL)
         else:
             proc = _start(cfgs["killed"], log, resume=i > 0, fault=f"{point}:{arg}")

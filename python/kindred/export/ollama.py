@@ -67,6 +67,7 @@ _TEMPLATES = {
         '{{- else if eq $m.Role "assistant" }}{{ $m.Content }}</s>{{ end }}{{- end }}',
     ),
 }
+OLLAMA_TEMPLATES = tuple(_TEMPLATES)  # kindred's templates that have a Go translation
 
 
 @dataclass(frozen=True)
