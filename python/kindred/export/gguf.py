@@ -294,17 +294,7 @@ def export_gguf(
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     for key, (kind, value) in vocab.items():  # kind: a value type, or (ARRAY, element type)
         w.add_key_value(key, value, *(kind if isinstance(kind, tuple) else (kind,)))
-    for n, t in tensors.items():
-        qtype = gguf.GGMLQuantizationType[types[n]]
-        if types[n] == "F32":
-            w.add_tensor(n, t.numpy())
-        else:
-            w.add_tensor(n, quantize_gguf(t, int(qtype)).numpy(), raw_dtype=qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    tmp.replace(path)
+    write_tensors(w, tensors, types, tmp, path)
     add_bos = bool(vocab.get("tokenizer.ggml.add_bos_token", (None, False))[1])
     return GGUFExport(path, quant, path.stat().st_size, types, time.perf_counter() - start, add_bos)
 
@@ -320,3 +310,21 @@ def _load(source: Path):
 
 
 __all__ = ["GGUF_QUANTS", "GGUFExport", "export_gguf", "tensor_type"]
+
+
+def write_tensors(w, tensors: dict[str, torch.Tensor], types: dict[str, str], tmp: Path, path: Path) -> None:
+    """Add ``tensors`` to the GGUFWriter ``w`` (writing ``tmp``) in their GGUF ``types``, blocks by kindred's
+    quantizers, write the file and move it to ``path``."""
+    import gguf
+
+    for n, t in tensors.items():
+        qtype = gguf.GGMLQuantizationType[types[n]]
+        if types[n] == "F32":
+            w.add_tensor(n, t.numpy())
+        else:
+            w.add_tensor(n, quantize_gguf(t, int(qtype)).numpy(), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    tmp.replace(path)

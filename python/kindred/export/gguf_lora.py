@@ -18,7 +18,7 @@ import torch
 
 from ..errors import KindredValueError
 from ..nn import lora_modules
-from .gguf import _ARCH, check_model, check_output, permute_qk, permutes_qk, tensor_names
+from .gguf import _ARCH, check_model, check_output, permute_qk, permutes_qk, tensor_names, write_tensors
 from .gguf_types import LORA_TYPES
 
 _FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
@@ -78,8 +78,6 @@ def export_gguf_lora(
     """
     import gguf
 
-    from ..ops.gguf import quantize_gguf
-
     path = check_output(path, overwrite)
     check_model(model)
     dtype = str(dtype).upper()
@@ -123,15 +121,5 @@ def export_gguf_lora(
     w.add_type(gguf.GGUFType.ADAPTER)
     w.add_string(gguf.Keys.Adapter.TYPE, "lora")
     w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
-    qtype = gguf.GGMLQuantizationType[dtype]
-    for n, t in tensors.items():
-        if dtype == "F32":
-            w.add_tensor(n, t.numpy())
-        else:
-            w.add_tensor(n, quantize_gguf(t, int(qtype)).numpy(), raw_dtype=qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    tmp.replace(path)
+    write_tensors(w, tensors, dict.fromkeys(tensors, dtype), tmp, path)
     return path
