@@ -8,21 +8,14 @@
 
 #include "kindred/formats.h"
 #include "kindred/gguf.h"
+#include "views.h"
 
 namespace kindred {
 namespace {
 
 using namespace formats::gguf;
 
-template <typename T>
-TensorView view(std::vector<T>& v, DType dt) {
-  TensorView t;
-  t.data = v.data();
-  t.dtype = dt;
-  t.shape = {static_cast<int64_t>(v.size())};
-  t.strides = {1};
-  return t;
-}
+using testing::view;
 
 template <typename Block>
 std::vector<uint8_t> bytes(const Block& b) {

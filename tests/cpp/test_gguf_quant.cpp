@@ -9,21 +9,14 @@
 
 #include "kindred/formats.h"
 #include "kindred/gguf.h"
+#include "views.h"
 
 namespace kindred {
 namespace {
 
 using namespace formats::gguf;
 
-template <typename T>
-TensorView view(std::vector<T>& v, DType dt) {
-  TensorView t;
-  t.data = v.data();
-  t.dtype = dt;
-  t.shape = {static_cast<int64_t>(v.size())};
-  t.strides = {1};
-  return t;
-}
+using testing::view;
 
 std::vector<uint8_t> quant(int type, std::vector<float> x) {
   const GgmlTypeInfo& info = *ggml_type_info(type);

@@ -18,4 +18,10 @@ TensorView view(std::vector<T>& v, DType dt, std::vector<int64_t> shape) {
   return t;
 }
 
+// The 1-D view of all of v.
+template <typename T>
+TensorView view(std::vector<T>& v, DType dt) {
+  return view(v, dt, {static_cast<int64_t>(v.size())});
+}
+
 }  // namespace kindred::testing
