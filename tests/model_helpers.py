@@ -195,3 +195,18 @@ def saved_hf_model(name: str, path, seed: int = 0, **overrides):
 
 def random_ids(shape, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, VOCAB, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def router_aux_loss_pair(hf, model, seed: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kindred's, transformers') router load-balancing loss on the same random ids, kindred in train mode
+    for the one forward (the loss is recorded while training)."""
+    ids = random_ids((2, 17), seed=seed)
+    with torch.no_grad():
+        ref = hf(ids, output_router_logits=True).aux_loss
+    model.train()
+    try:
+        model(ids)
+        loss = model.router_aux_loss()
+    finally:
+        model.eval()
+    return loss, ref

@@ -15,7 +15,7 @@ from kindred.formats.mxfp4 import dequantize_mxfp4
 from kindred.models.moe import apply_expert_lora
 from kindred.nn import apply_lora, save_adapter
 
-from .model_helpers import MOE_CONFIGS, VOCAB, hf_model, random_ids
+from .model_helpers import MOE_CONFIGS, VOCAB, hf_model, random_ids, router_aux_loss_pair
 from .tolerances import REL_ERR, rel_err
 
 transformers = pytest.importorskip("transformers")
@@ -166,15 +166,7 @@ def test_lora_training_lowers_the_loss():
 
 def test_router_aux_loss_equals_transformers(saved, kindred_oss):
     hf, _ = saved
-    ids = random_ids((2, 17), seed=4)
-    with torch.no_grad():
-        ref = hf(ids, output_router_logits=True).aux_loss
-    kindred_oss.train()
-    try:
-        kindred_oss(ids)
-        loss = kindred_oss.router_aux_loss()
-    finally:
-        kindred_oss.eval()
+    loss, ref = router_aux_loss_pair(hf, kindred_oss)
     assert rel_err(loss, ref) < 1e-6
 
 

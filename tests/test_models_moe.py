@@ -14,7 +14,7 @@ from kindred.errors import KindredFormatError, KindredValueError
 from kindred.models.moe import ExpertWeight, apply_expert_lora, grouped_mm
 from kindred.nn import apply_lora, save_adapter
 
-from .model_helpers import MOE_CONFIGS, VOCAB, hf_model, random_ids
+from .model_helpers import MOE_CONFIGS, VOCAB, hf_model, random_ids, router_aux_loss_pair
 from .tolerances import MODEL_BF16_REL_ERR, REL_ERR, rel_err
 
 transformers = pytest.importorskip("transformers")
@@ -134,15 +134,7 @@ def test_grouped_gemm_dx_equals_autograd_reference():
 
 def test_router_aux_loss_equals_transformers(saved, kindred_moe):
     hf, _ = saved
-    ids = random_ids((2, 17), seed=4)
-    with torch.no_grad():
-        ref = hf(ids, output_router_logits=True).aux_loss
-    kindred_moe.train()
-    try:
-        kindred_moe(ids)
-        loss = kindred_moe.router_aux_loss()
-    finally:
-        kindred_moe.eval()
+    loss, ref = router_aux_loss_pair(hf, kindred_moe)
     assert rel_err(loss, ref) < 1e-6 and loss > 0
     assert kindred_moe.config.router_aux_loss_coef == hf.config.router_aux_loss_coef
 
