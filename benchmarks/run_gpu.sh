@@ -8,6 +8,8 @@
 #   doctor            kindred doctor --json
 #   memcheck=EXPR     compute-sanitizer memcheck over the GPU tests selected by pytest -k EXPR
 #   bench=FILE[:EXPR] one benchmark file (pytest -m benchmark, optionally -k EXPR)
+# Any step may end in @SECONDS: it is stopped after that long (counted as failed), so one slow step cannot
+# use up the call.
 # Exits non-zero when the build or any step fails (every step still runs).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -17,12 +19,16 @@ mkdir -p "$OUT"
 export KINDRED_COMMIT PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/.carry/site${PYTHONPATH:+:$PYTHONPATH}"
 export CMAKE_PREFIX_PATH="$PWD/.carry/eigen3" CMAKE_BUILD_PARALLEL_LEVEL=16
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+SECONDS=0
 python3 -m pip install -q --no-build-isolation --no-deps -e . -Ccmake.define.CMAKE_CUDA_ARCHITECTURES=90 \
   -Cbuild-dir=build/gpu >"$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+echo "== build: $SECONDS s" | tee "$OUT/steps.txt"
 python3 -c "import kindred; assert kindred.cuda_compiled(), 'CUDA kernels missing'" || exit 1
 PYTEST=(python3 -m pytest -q -p no:cacheprovider --tb=short)
 failed=()
 for step in "$@"; do
+  limit=0
+  case $step in *@*) limit=${step##*@} step=${step%@*} ;; esac
   name=${step%%=*}
   arg=${step#*=}
   tag=$(printf %s "$arg" | tr -c 'A-Za-z0-9._-' _ | cut -c1-40)
@@ -31,13 +37,13 @@ for step in "$@"; do
   SECONDS=0
   case $name in
     tests) [ "$arg" = "$step" ] && arg=""
-      "${PYTEST[@]}" tests -m gpu ${arg:+-k "$arg"} >"$log" 2>&1 ;;
-    doctor) python3 -X faulthandler -m kindred doctor --json >"$log" 2>&1 ;;
-    memcheck) compute-sanitizer --tool memcheck --error-exitcode 3 --target-processes all \
+      timeout "$limit" "${PYTEST[@]}" tests -m gpu ${arg:+-k "$arg"} >"$log" 2>&1 ;;
+    doctor) timeout "$limit" python3 -X faulthandler -m kindred doctor --json >"$log" 2>&1 ;;
+    memcheck) timeout "$limit" compute-sanitizer --tool memcheck --error-exitcode 3 --target-processes all \
       "${PYTEST[@]}" tests -m gpu -k "$arg" >"$log" 2>&1 ;;
     bench) file=${arg%%:*} expr=${arg#*:}
       [ "$expr" = "$arg" ] && expr=""
-      "${PYTEST[@]}" -s -m benchmark "$file" ${expr:+-k "$expr"} >"$log" 2>&1 ;;
+      timeout "$limit" "${PYTEST[@]}" -s -m benchmark "$file" ${expr:+-k "$expr"} >"$log" 2>&1 ;;
     *) echo "unknown step $step" >"$log"; false ;;
   esac
   rc=$?

@@ -232,8 +232,16 @@ def test_cuda_grouped_gemm_forward_and_dx_match_the_reference():
 @pytest.mark.gpu
 @pytest.mark.parametrize("quant", [None, "nf4"])
 def test_cuda_moe_matches_cpu(tmp_path, quant):
-    hf_moe(moe_intermediate_size=64, intermediate_size=128, hidden_size=128).save_pretrained(tmp_path)
-    cpu = models.from_pretrained(tmp_path, quant=quant, dtype=torch.float32, blocksize=64)
+    """Both sides in bf16: against float32, a tiny random router flips the expert set of 4–9 % of the
+    tokens (CPU bf16 against CPU float32 differs by as much as the GPU did, 0.093), so the float32 model is
+    no reference here. The router is sharpened ×10 so that rounding order alone flips none."""
+    hf = hf_moe(moe_intermediate_size=64, intermediate_size=128, hidden_size=128)
+    with torch.no_grad():
+        for layer in hf.model.layers:
+            if hasattr(layer.mlp, "gate"):
+                layer.mlp.gate.weight.mul_(10)
+    hf.save_pretrained(tmp_path)
+    cpu = models.from_pretrained(tmp_path, quant=quant, dtype=torch.bfloat16, blocksize=64)
     gpu = models.from_pretrained(tmp_path, quant=quant, device="cuda", blocksize=64)  # bf16: grouped mm
     ids = random_ids((2, 40), seed=1)
     assert rel_err(gpu(ids.cuda()), cpu(ids)) < MODEL_BF16_REL_ERR
