@@ -167,7 +167,7 @@ def attend(
         # the cache is read once per kv head instead of being repeated for every query head.
         b, h, _, d = q.shape
         rows = q.reshape(b, k.shape[1], h // k.shape[1], d)  # q may be a transposed view
-        return F.scaled_dot_product_attention(rows, k, v, attn_mask=mask, scale=scale).view(b, h, 1, d)
+        return F.scaled_dot_product_attention(rows, k, v, attn_mask=mask, scale=scale).reshape(b, h, 1, d)
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa
     )
