@@ -216,19 +216,23 @@ def _memory(runs: list[dict]) -> dict | None:
     }
 
 
+_GENERATE_FORMATS = {"nf4": "NF4", "int4g": "AWQ-INT4", "bf16": "BF16"}  # generate.csv's impl suffixes
+
+
 def _decode(results_dir: Path, lookup) -> dict:
-    """Batch-1 decode efficiency: kindred's generation benchmark, else two GEMVs of quant.csv."""
+    """Batch-1 decode efficiency: kindred's generation benchmark, else two GEMVs of matmul_4bit.csv."""
     gen = results_dir / "generate.csv"
     eff: dict[str, list[float]] = {"bf16": [], "quantized": []}
     if gen.is_file():
-        for row in _read(gen):
+        for row in _read(gen):  # impl kindred-<nf4|int4g|bf16>; shape model=…,batch=…,prompt=…,new=…
             f = _fields(row.get("shape", ""))
-            if row.get("impl") != "kindred" or not row.get("tokens_per_s") or int(f.get("batch", 1)) != 1:
+            impl, _, quant = row.get("impl", "").partition("-")
+            fmt = _GENERATE_FORMATS.get(quant)
+            if impl != "kindred" or fmt is None or not row.get("tokens_per_s") or int(f.get("batch", 1)) != 1:
                 continue
             try:
                 spec, gpu = lookup(f["model"]), get_gpu(row["gpu"])
-                fmt = {"none": "BF16", "bf16": "BF16"}.get(f.get("quant", "nf4"), "NF4")
-                ctx = int(f.get("context", f.get("prompt", 512)))
+                ctx = int(f["prompt"]) + int(f["new"]) // 2  # the KV cache at its mean filled length
                 per = decode_bytes_per_token(spec, fmt, ctx)
             except (KeyError, ValueError, KindredValueError):
                 continue
@@ -238,7 +242,7 @@ def _decode(results_dir: Path, lookup) -> dict:
             out = {k: statistics.median(v) for k, v in eff.items() if v}
             out["source"] = f"kindred's batch-1 generation rows in {gen.name}"
             return out
-    quant = results_dir / "quant.csv"
+    quant = results_dir / "matmul_4bit.csv"
     best: dict[str, tuple[str, float, str]] = {}
     if quant.is_file():
         for row in _read(quant):
@@ -260,7 +264,7 @@ def _decode(results_dir: Path, lookup) -> dict:
         return {}
     out = {k: v[1] for k, v in best.items()}
     out["source"] = (
-        "one batch-1 GEMV (4096 → 14336, quant.csv: "
+        "one batch-1 GEMV (4096 → 14336, matmul_4bit.csv: "
         + "; ".join(f"{k} {v[2]}" for k, v in best.items())
         + "), an upper bound for a whole decode step"
     )
