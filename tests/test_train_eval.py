@@ -10,6 +10,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -192,3 +193,26 @@ def test_the_loss_plot_draws_every_evaluation():
     assert list(curve.get_xdata()) == list(range(1, 101)) and curve.get_linestyle() == "-"
     assert list(held.get_xdata()) == [s for s, _ in evals] and list(held.get_ydata()) == [v for _, v in evals]
     assert held.get_linestyle() == "--" and held.get_marker() == "o"  # a line through all 21 points
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_evaluations_on_two_ranks(tiny_model, tmp_path, engine):
+    # Rank 0 writes the rows; every rank evaluates (FSDP's forward needs them all); only DDP samples replies.
+    path = tmp_path / "cfg.yaml"
+    over = {"train.distributed": engine, "train.max_steps": 4, "output.eval_every": 2}
+    over["output.progress"] = True
+    path.write_text(yaml.safe_dump(config(tiny_model, tmp_path / "run", **over)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(pathlib.Path(kindred.__file__).parents[1])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    done = subprocess.run(
+        [*cmd, "-m", "kindred", "train", str(path)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    steps = [int(s) for s in re.findall(r"kindred train: step (\d+): held-out loss", done.stdout)]
+    assert steps == [0, 2, 4]  # printed once each (rank 0)
+    samples = tmp_path / "run" / "samples.jsonl"
+    if engine == "ddp":
+        assert [r["step"] for r in rows(samples)] == [0, 2, 4] and "sample: " in done.stdout
+    else:
+        assert not samples.exists() and "held-out loss without sample replies" in done.stdout

@@ -457,7 +457,9 @@ class Trainer:
         progress = Progress(self.total_steps, self.step, out.progress and self.rank == 0)
         if self.eval_rows is None:
             progress.note("no held-out data (data.eval_path or data.eval_fraction): no held-out loss")
-        elif not self.eval_losses:
+        elif self.engine == "fsdp" and out.sample_tokens:
+            progress.note("train.distributed: fsdp: held-out loss without sample replies (a sharded base)")
+        if self.eval_rows is not None and not self.eval_losses:
             self._evaluate(log, progress)
         self.model.train()
         pending: list[dict] = []
