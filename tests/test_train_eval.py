@@ -14,6 +14,7 @@ import re
 import signal
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -24,6 +25,7 @@ from kindred.demo import CALIBRATION, build_tiny_model
 from kindred.generate import SamplingConfig, generate, stop_token_ids
 from kindred.train import load_config
 from kindred.train.config import config_keys
+from kindred.train.heldout import sample_prompt
 from kindred.train.metrics import loss_figure
 from kindred.train.trainer import Trainer
 
@@ -81,6 +83,8 @@ def test_evaluations_at_every_eval_every_steps_and_the_end(evaluated):
     tpl, tok = get_template("chatml"), trainer.tokenizer
     ids = tok.encode(tpl.render_text(messages) + tpl.generation_prompt())
     assert trainer._sample.ids == ids
+    short = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=len(ids), eos_token_ids=()))
+    assert sample_prompt(trainer.eval_prepared, short) is None  # no room for a reply: no sample
     # The last reply is kindred.generate's greedy reply of the trained model, decoded by its tokenizer.
     config = SamplingConfig(max_new_tokens=48)
     (want,) = generate(

@@ -22,7 +22,8 @@ class SamplePrompt:
 
 def sample_prompt(prepared, model) -> SamplePrompt | None:
     """The prompt of the last answer of ``prepared``'s first conversation (a kindred.data.Prepared of the
-    held-out data, before the budget: the whole conversation), or None when nothing of it is trained."""
+    held-out data, before the budget: the whole conversation), or None when nothing of it is trained or
+    the prompt fills the model's context."""
     data = prepared.tokenized
     if not len(data):
         return None
@@ -32,6 +33,8 @@ def sample_prompt(prepared, model) -> SamplePrompt | None:
     turn = int(data.seg_turn[trained[-1]])
     first = next(g for g in trained if data.seg_turn[g] == turn)
     ids = [int(t) for t in data.ids[data.offsets[0] : data.seg_offsets[first]]]
+    if len(ids) >= model.config.max_position_embeddings:  # no room left for a reply
+        return None
     messages = prepared.chat.conversations[0]
     user = next((m["content"] for m in reversed(messages[:turn]) if m["role"] == "user"), "")
     stops = stop_token_ids(prepared.tokenizer, prepared.template)
@@ -39,12 +42,10 @@ def sample_prompt(prepared, model) -> SamplePrompt | None:
     return SamplePrompt(ids, user, stops)
 
 
-def sample_reply(model, prompt: SamplePrompt, max_new_tokens: int, tokenizer) -> str | None:
+def sample_reply(model, prompt: SamplePrompt, max_new_tokens: int, tokenizer) -> str:
     """The greedy reply (at most ``max_new_tokens``, fewer where the context ends), decoded without its stop
-    token; None when the prompt fills the model's context. Generation draws no random numbers."""
+    token. Greedy generation draws no random numbers."""
     room = min(max_new_tokens, model.config.max_position_embeddings - len(prompt.ids))
-    if room < 1:
-        return None
     config = SamplingConfig(max_new_tokens=room, temperature=0.0)
     (out,) = generate(model, [prompt.ids], config, stop_token_ids=prompt.stop_ids, tokenizer=tokenizer)
     return out.text

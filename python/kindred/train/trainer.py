@@ -8,6 +8,9 @@ lm_head (no dW GEMM), summed over the step's trained tokens and divided by their
 device (no host sync per micro-step). Rows whose next-token target is ignored are left out before the loss
 (their indices come from the host-side packed labels). Losses are read back only every ``log_every`` steps.
 
+Held-out loss: before training, every ``output.eval_every`` steps and at the end, each with a greedy sample
+reply (heldout.py) in samples.jsonl and the log; the RNG streams are left as they were.
+
 Data order: every epoch is a permutation of the packed rows drawn from ``seed + epoch``; the data cursor is
 the number of rows consumed, so a resumed run continues with exactly the rows it would have seen.
 
@@ -459,6 +462,11 @@ class Trainer:
             progress.note("no held-out data (data.eval_path or data.eval_fraction): no held-out loss")
         elif self.engine == "fsdp" and out.sample_tokens:
             progress.note("train.distributed: fsdp: held-out loss without sample replies (a sharded base)")
+        elif out.sample_tokens and self._sample is None:
+            progress.note(
+                "no sample replies: the first held-out conversation's last answer has no trained token, or "
+                "its prompt fills the model's context"
+            )
         if self.eval_rows is not None and not self.eval_losses:
             self._evaluate(log, progress)
         self.model.train()
