@@ -17,7 +17,8 @@ Fault hook (tests only): with ``KINDRED_FAULT_KILL=<point>:<n>`` in the environm
 ``fault_point("<point>")`` in this process SIGKILLs it. Points: ``step`` (between backward and the
 optimizer update), ``checkpoint-files`` (a checkpoint's files written, not yet fsynced or renamed),
 ``checkpoint-rename`` (the folder renamed, LATEST not yet replaced), ``latest`` (LATEST's temporary file
-written and fsynced, not yet renamed), ``metrics`` (half of a metrics.jsonl append written).
+written and fsynced, not yet renamed), ``metrics`` (half of a metrics.jsonl append written), ``samples``
+(half of a samples.jsonl append written).
 """
 
 from __future__ import annotations

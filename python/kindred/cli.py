@@ -35,7 +35,9 @@ def train(args) -> int:
     result = run_train(args.config, resume=args.resume, overwrite=args.overwrite, overrides=overrides)
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
         return 0
-    evals = ", ".join(f"step {s}: {v:.4f}" for s, v in result.eval_losses)
+    losses = result.eval_losses  # many with output.eval_every: the first and last (each one was printed)
+    shown = losses if len(losses) <= 3 else [losses[0], losses[-1]]
+    evals = ", ".join(f"step {s}: {v:.4f}" for s, v in shown)
     print(
         f"kindred train: {result.step} steps; adapter in {result.adapter_dir}"
         + (f"; held-out loss {evals}" if evals else "")

@@ -6,7 +6,7 @@
     data: {path: chats.jsonl, template: qwen3, budget: 4096, pack: 4096, eval_fraction: 0.1}
     train: {epochs: 1, micro_batch_tokens: 4096, grad_accum: 4, lr: 2.0e-4, schedule: cosine, warmup_steps: 5}
     # under torchrun: train.distributed: ddp (default) | fsdp; the global batch is grad_accum × ranks rows
-    output: {dir: runs/first, save_every: 50}
+    output: {dir: runs/first, save_every: 50, eval_every: 25}   # held-out loss + a sample reply every 25
 
 Every key has a default except ``model``, ``data.path`` and ``data.template``. An unknown key, a wrong type
 or a value outside the allowed ones raises :class:`~kindred.KindredValueError` naming the key (``lora.r``)
@@ -80,6 +80,8 @@ class TrainSection:
 class OutputSection:
     dir: str = "kindred-run"
     save_every: int = 0  # optimizer steps between checkpoints; 0: only at the end
+    eval_every: int = 0  # steps between held-out evaluations; 0: only before training and at the end
+    sample_tokens: int = 48  # greedy reply to a held-out prompt at each evaluation (samples.jsonl); 0: none
     keep_checkpoints: int = 2
     log_every: int = 1
     merged: bool = False  # also write the merged model (HF safetensors, dense) at the end
@@ -197,6 +199,7 @@ FOREIGN_KEYS = {
     "lr_scheduler_type": "train.schedule",
     "output_dir": "output.dir",
     "save_steps": "output.save_every",
+    "eval_steps": "output.eval_every",
     "logging_steps": "output.log_every",
     "base_model": "model",
     "datasets": "data.path",
@@ -354,6 +357,9 @@ def _check(cfg: TrainConfig, where: str, require_sources: bool) -> None:
         ("train.adam_eps", tr.adam_eps > 0, "must be positive"),
         ("train.seed", tr.seed >= 0, "must be >= 0"),
         ("output.save_every", out.save_every >= 0, "must be >= 0 (0: only at the end)"),
+        ("output.eval_every", out.eval_every >= 0, "must be >= 0 (0: only before training and at the end)"),
+        ("output.sample_tokens", out.sample_tokens >= 0, "must be >= 0 (0: no sample replies)"),
+        ("output.sample_tokens", out.sample_tokens <= 1 << 16, "must be at most 65536"),
         ("output.keep_checkpoints", out.keep_checkpoints >= 1, "must be at least 1"),
         ("output.log_every", out.log_every >= 1, "must be at least 1"),
     ]

@@ -1,6 +1,7 @@
 """What a run prints while it trains: on a terminal a rich progress bar; otherwise (a log file, a CI job, a
 notebook's captured stdout) one plain line per logged step, so a long run is never silent. The interval is
-the metrics' (``output.log_every``). A resumed run says so first."""
+the metrics' (``output.log_every``). A resumed run says so first; a held-out evaluation prints its loss
+and sample reply on a line of its own."""
 
 from __future__ import annotations
 
@@ -58,6 +59,15 @@ class Progress:
             if row.get("gpu_mem_gib") is not None:
                 info += f"  {row['gpu_mem_gib']:.1f} GiB"
         self.bar.update(self.task, completed=step, **({"info": info} if info else {}))
+
+    def note(self, text: str) -> None:
+        """One line of news (a held-out evaluation, a notice): above the bar, or a plain line."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.console.print(f"kindred train: {text}", markup=False, highlight=False)
+        else:
+            print(f"kindred train: {text}", file=self.stream, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:

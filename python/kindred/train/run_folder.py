@@ -23,6 +23,7 @@ import numpy as np
 
 from ..atomic import refuse_symlink, remove_tree
 from ..errors import KindredError, KindredValueError
+from .metrics import SAMPLES
 
 LOCK = "kindred.lock"
 # What a run writes into its folder (removed by --overwrite, nothing else is).
@@ -34,6 +35,7 @@ RUN_FILES = (
     "metrics.jsonl",
     "metrics.csv",
     "loss.png",
+    SAMPLES,
     "config.yaml",
 )
 # Keys that may change between a run and its resumption (more steps, another output cadence).

@@ -8,6 +8,9 @@ lm_head (no dW GEMM), summed over the step's trained tokens and divided by their
 device (no host sync per micro-step). Rows whose next-token target is ignored are left out before the loss
 (their indices come from the host-side packed labels). Losses are read back only every ``log_every`` steps.
 
+Held-out loss: before training, every ``output.eval_every`` steps and at the end, each with a greedy sample
+reply (heldout.py) in samples.jsonl and the log; the RNG streams are left as they were.
+
 Data order: every epoch is a permutation of the packed rows drawn from ``seed + epoch``; the data cursor is
 the number of rows consumed, so a resumed run continues with exactly the rows it would have seen.
 
@@ -38,6 +41,7 @@ from ..ops.loss import linear_cross_entropy
 from ..ops.tokens import IGNORE_INDEX, count_trainable
 from .checkpoint import ADAPTER, latest_checkpoint, load_state, save_checkpoint, write_state
 from .config import TrainConfig, load_config
+from .heldout import sample_prompt, sample_reply
 from .metrics import MetricsLog, plot_loss
 from .parallel import allreduce_grads, barrier, init_from_env, parallelize
 from .progress import Progress
@@ -157,6 +161,8 @@ class Trainer:
             self.prepared, self.eval_prepared, self.template = load_data(cfg, self.tokenizer, sources)
             self.rows_data = self.prepared.packed
             self.eval_rows = self.eval_prepared.packed if self.eval_prepared is not None else None
+        # The sample reply's prompt (heldout.py): the first held-out conversation's last question.
+        self._sample = sample_prompt(self.eval_prepared, self.model) if self.eval_prepared else None
         self.row = self.rows_data.max_tokens
         tr = cfg.train
         self.rows_per_micro = (tr.micro_batch_tokens or self.row) // self.row
@@ -246,6 +252,30 @@ class Trainer:
                 count += batch["trainable"]
         self.model.train(was_training)
         return float(total) / max(count, 1)
+
+    def _evaluate(self, log: MetricsLog | None, progress: Progress) -> None:
+        """The held-out loss at this step and (rank 0) a sample reply: recorded in eval_losses, the metrics
+        and samples.jsonl, and printed. The RNG streams are restored afterwards, so training draws the same
+        numbers (dropout masks) with evaluations as without."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            loss = self.evaluate()
+            reply = self._sample_reply() if self.rank == 0 else None
+        self.model.train()
+        self.eval_losses.append((self.step, loss))
+        prompt = self._sample.text if reply is not None else None
+        if log is not None:
+            log.add_eval(self.step, loss, prompt, reply)
+        line = f"step {self.step}: held-out loss {loss:.4f}"
+        progress.note(line if reply is None else f"{line}  sample: {_clip(reply, 160)!r}")
+
+    def _sample_reply(self) -> str | None:
+        """The greedy reply to the first held-out conversation's last prompt (heldout.py); None when
+        output.sample_tokens is 0, under FSDP (the sharded base generates only through all ranks), or
+        when that conversation has no trained answer."""
+        if not self.cfg.output.sample_tokens or self.engine == "fsdp" or self._sample is None:
+            return None
+        return sample_reply(self.model, self._sample, self.cfg.output.sample_tokens, self.tokenizer)
 
     # ---- one optimizer step ------------------------------------------------------------------------------
     def _train_step(self) -> dict:
@@ -427,10 +457,19 @@ class Trainer:
             if self.rank == 0
             else None
         )
-        if not self.eval_losses and self.eval_rows is not None:
-            self.eval_losses.append((0, self.evaluate()))
-        self.model.train()
         progress = Progress(self.total_steps, self.step, out.progress and self.rank == 0)
+        if self.eval_rows is None:
+            progress.note("no held-out data (data.eval_path or data.eval_fraction): no held-out loss")
+        elif self.engine == "fsdp" and out.sample_tokens:
+            progress.note("train.distributed: fsdp: held-out loss without sample replies (a sharded base)")
+        elif out.sample_tokens and self._sample is None:
+            progress.note(
+                "no sample replies: the first held-out conversation's last answer has no trained token, or "
+                "its prompt fills the model's context"
+            )
+        if self.eval_rows is not None and not self.eval_losses:
+            self._evaluate(log, progress)
+        self.model.train()
         pending: list[dict] = []
         self._t0 = last_time = time.perf_counter()
         if start is not None and log is not None and log.rows:  # elapsed_s goes on from the checkpoint
@@ -452,12 +491,12 @@ class Trainer:
                     if log is not None:
                         log.append(rows)
                     progress.update(self.step, rows[-1])
+                evaluate = done or (out.eval_every and self.step % out.eval_every == 0)
+                if evaluate and self.eval_rows is not None:
+                    began = time.perf_counter()
+                    self._evaluate(log, progress)  # before the checkpoint of this step, which holds it
+                    last_time += time.perf_counter() - began  # tokens_per_s: training time only
                 if (out.save_every and self.step % out.save_every == 0) or done:
-                    if done and self.eval_rows is not None:
-                        self.eval_losses.append((self.step, self.evaluate()))
-                        self.model.train()
-                        if log is not None:
-                            log.add_eval(*self.eval_losses[-1])
                     if log is not None:
                         log.sync()
                     self.save()
@@ -539,6 +578,10 @@ def _real(packed, rows: np.ndarray) -> int:
         lengths = np.diff(packed.cu_seqlens[seqs.start : seqs.stop + 1])
         total += int(lengths[packed.seq_example[seqs] >= 0].sum())
     return total
+
+
+def _clip(text: str, chars: int) -> str:
+    return text if len(text) <= chars else text[: chars - 1] + "…"
 
 
 def _oom(cfg: TrainConfig, step: int) -> KindredError:
