@@ -20,3 +20,23 @@ def with_overrides(cfg: dict, over: dict) -> dict:
         else:
             cfg[section] = value
     return cfg
+
+
+def tiny_run_config(model, out, over: dict, **sections: dict) -> dict:
+    """A trainer config dict for a tiny model on the shipped calibration set (CPU, NF4, fp32): ``sections``
+    add to the base's sections ("train": {...}), then the dotted ``over`` apply (with_overrides)."""
+    from kindred.demo import CALIBRATION
+
+    cfg = {
+        "model": str(model),
+        "quant": "nf4",
+        "dtype": "fp32",
+        "device": "cpu",
+        "lora": {},
+        "data": {"path": str(CALIBRATION), "template": "chatml", "budget": 512},
+        "train": {},
+        "output": {"dir": str(out), "tensorboard": False},
+    }
+    for name, values in sections.items():
+        cfg[name] = {**cfg[name], **values}
+    return with_overrides(cfg, over)

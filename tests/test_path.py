@@ -17,6 +17,8 @@ import pytest
 from kindred import KindredValueError
 from kindred.demo import CALIBRATION, build_tiny_model
 
+from .helpers import tiny_run_config
+
 PACKAGE = Path(__file__).resolve().parents[1] / "python" / "kindred"
 
 
@@ -26,23 +28,14 @@ def tiny_model(tmp_path_factory):
 
 
 def config(model, out, **over) -> dict:
-    cfg = {
-        "model": str(model),
-        "quant": "nf4",
-        "dtype": "fp32",
-        "device": "cpu",
-        "lora": {"r": 4, "alpha": 8},
-        "data": {"path": str(CALIBRATION), "template": "chatml", "budget": 512},
-        "train": {"max_steps": 3, "lr": 1e-2, "gradient_checkpointing": "none"},
-        "output": {"dir": str(out), "save_every": 3, "tensorboard": False, "plot": False},
-    }
-    for key, value in over.items():
-        head, _, rest = key.partition(".")
-        if rest:
-            cfg[head] = {**cfg[head], rest: value}
-        else:
-            cfg[head] = value
-    return cfg
+    return tiny_run_config(
+        model,
+        out,
+        over,
+        lora={"r": 4, "alpha": 8},
+        train={"max_steps": 3, "lr": 1e-2, "gradient_checkpointing": "none"},
+        output={"save_every": 3, "plot": False},
+    )
 
 
 def test_data_and_template_errors_come_before_the_model_loads(tiny_model, tmp_path, monkeypatch):

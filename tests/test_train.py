@@ -18,12 +18,12 @@ import yaml
 from safetensors.torch import load_file
 
 import kindred
-from kindred.demo import CALIBRATION, build_tiny_model
+from kindred.demo import build_tiny_model
 from kindred.train import checkpoint as ckpt_mod
 from kindred.train import latest_checkpoint, load_config, lr_factor
 from kindred.train.trainer import Trainer
 
-from .helpers import with_overrides
+from .helpers import tiny_run_config
 
 
 @pytest.fixture(scope="session")
@@ -32,17 +32,15 @@ def tiny_model(tmp_path_factory):
 
 
 def config(model, out, **over) -> dict:
-    cfg = {
-        "model": str(model),
-        "quant": "nf4",
-        "dtype": "fp32",
-        "device": "cpu",
-        "lora": {"r": 8, "alpha": 16, "dropout": 0.1},
-        "data": {"path": str(CALIBRATION), "template": "chatml", "budget": 512, "eval_fraction": 0.1},
-        "train": {"max_steps": 6, "micro_batch_tokens": 512, "grad_accum": 2, "lr": 2e-2, "warmup_steps": 1},
-        "output": {"dir": str(out), "save_every": 2, "progress": False, "tensorboard": False},
-    }
-    return with_overrides(cfg, over)
+    return tiny_run_config(
+        model,
+        out,
+        over,
+        lora={"r": 8, "alpha": 16, "dropout": 0.1},
+        data={"eval_fraction": 0.1},
+        train={"max_steps": 6, "micro_batch_tokens": 512, "grad_accum": 2, "lr": 2e-2, "warmup_steps": 1},
+        output={"save_every": 2, "progress": False},
+    )
 
 
 def losses(out) -> list[float]:

@@ -21,7 +21,7 @@ import yaml
 
 import kindred
 from kindred.data import get_template
-from kindred.demo import CALIBRATION, build_tiny_model
+from kindred.demo import build_tiny_model
 from kindred.generate import SamplingConfig, generate, stop_token_ids
 from kindred.train import load_config
 from kindred.train.config import config_keys
@@ -29,7 +29,7 @@ from kindred.train.heldout import sample_prompt
 from kindred.train.metrics import loss_figure
 from kindred.train.trainer import Trainer
 
-from .helpers import with_overrides
+from .helpers import tiny_run_config
 
 
 @pytest.fixture(scope="module")
@@ -38,17 +38,15 @@ def tiny_model(tmp_path_factory):
 
 
 def config(model, out, **over) -> dict:
-    cfg = {
-        "model": str(model),
-        "quant": "nf4",
-        "dtype": "fp32",
-        "device": "cpu",
-        "lora": {"r": 8, "alpha": 16, "dropout": 0.1},  # dropout: training draws random numbers
-        "data": {"path": str(CALIBRATION), "template": "chatml", "budget": 512, "eval_fraction": 0.1},
-        "train": {"max_steps": 7, "micro_batch_tokens": 512, "lr": 2e-2, "gradient_checkpointing": "none"},
-        "output": {"dir": str(out), "save_every": 2, "eval_every": 3, "tensorboard": False, "plot": False},
-    }
-    return with_overrides(cfg, over)
+    return tiny_run_config(
+        model,
+        out,
+        over,
+        lora={"r": 8, "alpha": 16, "dropout": 0.1},  # dropout: training draws random numbers
+        data={"eval_fraction": 0.1},
+        train={"max_steps": 7, "micro_batch_tokens": 512, "lr": 2e-2, "gradient_checkpointing": "none"},
+        output={"save_every": 2, "eval_every": 3, "plot": False},
+    )
 
 
 def rows(path) -> list[dict]:
