@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build kindred for sm_90, then the named steps, logs and result CSVs to $OUT.
-# Expects the carried folder .carry/ (Eigen's headers and CMake config under .carry/eigen3; the Python
-# packages the machine lacks — bitsandbytes trimmed to its CUDA 13 library, peft, gguf, pexpect, hypothesis,
-# jsonschema — unpacked under .carry/site).
+# Expects the carried folder .carry/ that benchmarks/make_carry.sh builds (Eigen under .carry/eigen3, the
+# Python packages the machine lacks under .carry/site; .carry/lc, llm-compressor, only where PYTHONPATH names it).
 # Usage: KINDRED_COMMIT=<sha> bash benchmarks/run_gpu.sh STEP...
 #   tests[=EXPR]      the GPU tests (pytest -m gpu, optionally -k EXPR)
 #   doctor            kindred doctor --json
