@@ -320,7 +320,8 @@ def test_eval_cpu_smollm2_battery():
     tokens = sum(x["latency"]["new_tokens"] for x in s.values())
     quant = res.models[0].info["quant"]
     note = (
-        f"loading included; quant auto -> {quant}, base and tuned in one batch; {tokens} new tokens; pass {s['base']['passed']}/16 -> {s['tuned']['passed']}/16, "
+        f"loading included; quant auto -> {quant}, base and tuned in one batch; {tokens} new tokens; "
+        f"pass {s['base']['passed']}/16 -> {s['tuned']['passed']}/16, "
         f"loops {s['base']['loops']['k']} -> {s['tuned']['loops']['k']}; goal < 60 s on 2 cores: "
         f"{'met' if seconds < 60 else 'missed'}"
     )
