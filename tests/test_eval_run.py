@@ -73,6 +73,57 @@ def test_base_and_tuned_on_one_base_equal_separate_models(tiny, battery_file, re
     assert "config.yaml" in results.models[0].info["template_source"]  # read from the training run
 
 
+def test_quant_auto_is_nf4_on_cuda_and_dense_for_a_small_model_on_the_cpu(tiny):
+    from kindred.eval.models import CPU_DENSE_MAX_BYTES, auto_quant, resolve
+    from kindred.models import load_config
+
+    folder, _ = tiny
+    small = load_config(folder)
+    big = small.replace(  # Llama-3-8B's shape
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        vocab_size=128256,
+        layer_types=("full_attention",) * 32,
+    )
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert auto_quant(small, torch.float32, cpu) == "none"
+    assert auto_quant(small, torch.bfloat16, cuda) == "nf4"
+    assert CPU_DENSE_MAX_BYTES < 8e9 * 4 and auto_quant(big, torch.float32, cpu) == "nf4"
+    assert auto_quant(big, torch.bfloat16, cuda) == "nf4"
+    assert resolve(folder, quant="auto", device="cpu").quant == "none"
+    assert resolve(folder, quant="nf4", device="cpu").quant == "nf4"  # an explicit choice stays
+
+
+def test_dense_base_and_tuned_in_one_batch_equal_separate_models(tiny, battery_file):
+    """The default on the CPU (quant auto: dense here): base and tuned rows share each batch, and each
+    answer is the greedy one of its model loaded and run alone."""
+    folder, adapter = tiny
+    res = ke.evaluate(battery_file, folder, {"tuned": adapter}, device="cpu")
+    assert res.models[0].info["quant"] == "none"
+    assert res.models[0].seconds == res.models[1].seconds  # one shared run
+    battery = ke.load_battery(battery_file)
+    base_ref = _reference_tokens(folder, None, battery, quant=None)
+    tuned_ref = _reference_tokens(folder, adapter, battery, quant=None)
+    for t in battery.tests:
+        assert res.sample("base", t.id).tokens == base_ref[t.id]
+        assert res.sample("tuned", t.id).tokens == tuned_ref[t.id]
+    assert any(base_ref[t] != tuned_ref[t] for t in base_ref)
+
+
+def test_pair_variants_joins_the_base_and_the_first_adapter():
+    from kindred.eval.run import Variant, pair_variants
+
+    base, a, b = Variant("base", "base", False), Variant("a", "tuned", "a"), Variant("b", "tuned", "b")
+    assert pair_variants([base, a, b], True) == [[base, a], [b]]
+    assert pair_variants([a, base, b], True) == [[base, a], [b]]
+    assert pair_variants([base, a, b], False) == [[base], [a], [b]]
+    assert pair_variants([a, b], True) == [[a], [b]]
+
+
 def test_each_sample_records_what_the_issue_asks(results):
     s = results.sample("tuned", "gift")
     assert s.prompt.startswith("<|im_start|>system\nYou are a kind advisor.<|im_end|>\n<|im_start|>user\n")

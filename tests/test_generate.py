@@ -157,6 +157,39 @@ def test_adapter_switch_serves_base_and_tuned(tmp_path):
     assert not any(m.disabled for m in lora_modules(model).values())
 
 
+@pytest.mark.parametrize("quant", [None, "nf4"])
+def test_mixed_adapter_rows_equal_separate_calls(tmp_path, quant):
+    """adapter=[...]: base and tuned rows in one batch give each row's tokens of its own call, rows
+    finishing at different steps (stop tokens) and leaving the batch."""
+    from kindred.nn import apply_lora, lora_modules
+
+    saved_hf_model("qwen3", tmp_path)
+    model = models.from_pretrained(tmp_path, quant=quant, dtype=torch.float32).eval()
+    apply_lora(model, ["q_proj", "v_proj", "gate_proj", "down_proj"], r=4, alpha=8)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(n)))
+    prompts = prompts_of([5, 3, 9, 1], seed=8)
+    cfg = SamplingConfig(max_new_tokens=14)
+    base = generate(model, prompts, cfg, adapter=False)
+    tuned = generate(model, prompts, cfg, adapter=True)
+    assert [c.tokens for c in tuned] != [c.tokens for c in base]
+    stops = sorted({c.tokens[k] for c in base + tuned for k in (3, 9)})  # rows stop at different steps
+    base = generate(model, prompts, cfg, adapter=False, stop_token_ids=stops)
+    tuned = generate(model, prompts, cfg, adapter=True, stop_token_ids=stops)
+    flags = [True, False, False, True, True, False, True, False]
+    both = prompts + prompts
+    mixed = generate(model, both, cfg, adapter=flags, stop_token_ids=stops)
+    for i, (flag, c) in enumerate(zip(flags, mixed, strict=True)):
+        ref = (tuned if flag else base)[i % len(prompts)]
+        assert c.tokens == ref.tokens and c.finish_reason == ref.finish_reason
+    assert len({c.new_tokens for c in mixed}) > 1
+    assert all(m.row_adapter is None and not m.disabled for m in lora_modules(model).values())
+    with pytest.raises(KindredValueError, match="one True/False per prompt"):
+        generate(model, prompts, cfg, adapter=[True])
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [

@@ -191,6 +191,22 @@ def test_gguf_model_equals_transformers_on_the_dequantized_weights(tiny_gguf):
     assert rel_err(model(ids), ref) < REL_ERR[torch.float32]
 
 
+def test_reader_is_reused_while_the_file_is_unchanged(tiny_gguf, tmp_path):
+    from kindred.formats import read_gguf
+
+    path, _ = tiny_gguf
+    first = read_gguf(path)
+    assert read_gguf(path) is first  # config, tokenizer and tensors of one load: one parse
+    copy = tmp_path / "copy.gguf"
+    copy.write_bytes(path.read_bytes())
+    other = read_gguf(copy)
+    assert other is not first and read_gguf(path) is not other
+    data = bytearray(copy.read_bytes())
+    copy.write_bytes(bytes(data[:-32]))  # rewritten: parsed again (here: found short)
+    with pytest.raises(KindredFormatError):
+        read_gguf(copy)
+
+
 def test_gguf_model_quantized_again(tiny_gguf):
     path, hf = tiny_gguf
     model = models.from_gguf(path, quant="int4g", group_size=32, dtype=torch.float32)

@@ -62,6 +62,38 @@ def test_matches_peft_lora_linear(m, rslora):
     assert ours.base_layer.weight.grad is None
 
 
+@pytest.mark.parametrize("quant", [None, "nf4"])
+def test_inference_path_and_row_adapter_match_peft(quant):
+    """No gradients (a generate step): the base's kernel plus s·(x·Aᵀ)·Bᵀ, equal to PEFT's forward;
+    row_adapter runs the adapter on the rows marked 1 and the base alone on those marked 0."""
+    peft_lora = pytest.importorskip("peft.tuners.lora")
+    from peft import LoraConfig
+
+    base = seeded_linear(64, 40, seed=3)
+    ours = LoraLinear(copy.deepcopy(base) if quant is None else Linear4bit.from_linear(base, quant), r=8)
+    theirs = peft_lora.Linear(copy.deepcopy(base), "default", LoraConfig(r=8), r=8, lora_alpha=8)
+    randomize_b(ours, 2)
+    with torch.no_grad():
+        theirs.lora_A["default"].weight.copy_(ours.lora_A["default"].weight)
+        theirs.lora_B["default"].weight.copy_(ours.lora_B["default"].weight)
+        if quant is not None:  # the same base weights: PEFT's over the dequantized 4-bit weight
+            theirs.base_layer.weight.copy_(ours.base_layer.dequantize(torch.float32))
+    x = randn((2, 5, 64), seed=4, scale=1.0)
+    with torch.no_grad():
+        y, ref = ours(x), theirs(x)
+        assert rel_err(y, ref) < 1e-5
+        mask = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 1.0])
+        ours.row_adapter = mask
+        mixed = ours(x).reshape(10, 40)
+        ours.row_adapter = None
+        alone = theirs.base_layer(x).reshape(10, 40)
+    want = torch.where(mask[:, None] > 0, ref.reshape(10, 40), alone)
+    assert rel_err(mixed, want) < 1e-5
+    ours.row_adapter = mask
+    with pytest.raises(KindredValueError, match="row_adapter is for inference"):
+        ours(x.requires_grad_())
+
+
 def test_init_is_peft_s_and_only_a_b_train():
     layer = LoraLinear(seeded_linear(64, 32), r=4, alpha=8)
     b = layer.lora_B["default"].weight

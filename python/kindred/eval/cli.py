@@ -54,7 +54,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     r.add_argument("--no-base", action="store_true", help="evaluate only the adapters, not the base")
     r.add_argument("--name", default="base", help="display name of the base model (default base)")
-    r.add_argument("--quant", default="nf4", help="nf4 | int4g | none (default nf4)")
+    r.add_argument(
+        "--quant",
+        default="auto",
+        help="auto | nf4 | int4g | none (auto: nf4 on CUDA; dense on the CPU up to 4 GiB of weights)",
+    )
     r.add_argument("--dtype", default="auto", help="auto | bf16 | fp16 | fp32")
     r.add_argument("--device", default="auto", help="auto | cpu | cuda")
     r.add_argument(
@@ -73,7 +77,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     c.add_argument("results", nargs="+", help="results.json file(s) of one battery (merged)")
     c.add_argument("--models", help="comma-separated model names (default: all)")
     c.add_argument("--judge", help="a judge model grades each pair in both orders (default: you, here)")
-    c.add_argument("--quant", default="nf4", help="the judge's quantization (default nf4)")
+    c.add_argument("--quant", default="auto", help="the judge's quantization (default auto)")
     c.add_argument("--device", default="auto")
     c.add_argument("--seed", type=int, default=0, help="seed of the pair order (default 0)")
     c.add_argument(

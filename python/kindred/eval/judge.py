@@ -146,7 +146,7 @@ def load_judge(
     source: str,
     *,
     where: str = "--judge",
-    quant: str = "nf4",
+    quant: str = "auto",
     dtype: str = "auto",
     device: str = "auto",
     template: str | None = None,

@@ -17,9 +17,21 @@ import torch
 from ..data import TEMPLATES, ChatTemplate, get_template, load_tokenizer
 from ..data.tokenizers import HFTokenizer
 from ..errors import KindredFormatError, KindredValueError
-from ..models import DecoderConfig, from_gguf, from_pretrained, gguf_tokenizer, load_config, smollm2_gguf_path
+from ..models import (
+    DecoderConfig,
+    DecoderLM,
+    from_gguf,
+    from_pretrained,
+    gguf_tokenizer,
+    load_config,
+    smollm2_gguf_path,
+)
 
-QUANTS = ("nf4", "int4g", "none")
+QUANTS = ("auto", "nf4", "int4g", "none")
+# quant "auto": NF4 on CUDA; on the CPU the dense weights when they take at most this many bytes in the
+# eval's dtype (a 1B model in float32), else NF4. A CPU step dequantizes every 4-bit weight in every matmul
+# (on a GPU the 4-bit read is what saves time), and a small model fits dense.
+CPU_DENSE_MAX_BYTES = 4 << 30
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 THINK_OFF = "<think>\n\n</think>\n\n"  # Qwen3: what an answer without reasoning follows (training and chat)
 
@@ -156,7 +168,7 @@ def resolve(
     model: str | Path,
     adapters: dict[str, str | Path] | None = None,
     *,
-    quant: str = "nf4",
+    quant: str = "auto",
     dtype: str = "auto",
     device: str = "auto",
     template: str | None = None,
@@ -164,7 +176,8 @@ def resolve(
     what: str = "model",
 ) -> ModelPlan:
     """A :class:`ModelPlan` for a base model and named adapters. ``model`` may itself be a PEFT adapter
-    folder: its ``base_model_name_or_path`` is the base and it becomes the adapter "tuned"."""
+    folder: its ``base_model_name_or_path`` is the base and it becomes the adapter "tuned". ``quant``
+    "auto" is :func:`auto_quant`'s choice."""
     adapters = {k: Path(v) for k, v in (adapters or {}).items()}
     if quant not in QUANTS:
         raise KindredValueError(f"quant must be one of {', '.join(QUANTS)}, got {quant!r}")
@@ -204,9 +217,22 @@ def resolve(
         config = load_config(src)
         tok = load_tokenizer(tokenizer or src)
     tpl, how = _template(template, tok, config, adapters)
+    if quant == "auto":
+        quant = auto_quant(config, dt, dev)
     return ModelPlan(
         src, src.stem if src.is_file() else src.name, config, tok, tpl, how, quant, dt, dev, adapters
     )
+
+
+def auto_quant(config: DecoderConfig, dtype: torch.dtype, device: torch.device) -> str:
+    """quant "auto": "nf4" on CUDA; on the CPU "none" when the dense weights (counted on a meta-device
+    model) take at most CPU_DENSE_MAX_BYTES in ``dtype``, else "nf4"."""
+    if device.type != "cpu":
+        return "nf4"
+    with torch.device("meta"):
+        params = sum(p.numel() for p in DecoderLM(config).parameters())
+    size = params * torch.empty((), dtype=dtype).element_size()
+    return "none" if size <= CPU_DENSE_MAX_BYTES else "nf4"
 
 
 def _gguf_tokenizer(path: Path):

@@ -84,52 +84,74 @@ def run_variants(
     loop_config: LoopConfig | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> tuple[list[Sample], dict[str, float]]:
-    """Generate and score every test for each variant on one loaded model."""
+    """Generate and score every test for each variant on one loaded model. On the CPU the base (every LoRA
+    off) and the first adapter run together, one batch holding both rows of each test
+    (:func:`pair_variants`), both timed by that shared run."""
     from ..generate import generate
     from ..nn import lora_modules, set_adapter
 
     detector = LoopDetector(loop_config, decode=plan.tokenizer.decode)
     stops = plan.stop_ids()
     has_lora = bool(lora_modules(model))
+    on_cpu = model.model.embed_tokens.weight.device.type == "cpu"
+    batches: dict[tuple, list[int]] = {}
+    for i, t in enumerate(battery.tests):  # one generate call per distinct sampling setting
+        batches.setdefault((_sampling(t, max_new_tokens), tuple(t.stop)), []).append(i)
     samples: list[Sample] = []
     seconds: dict[str, float] = {}
-    for v in variants:
-        if isinstance(v.adapter, str):
-            set_adapter(model, v.adapter)
-        switch = None if v.adapter is None or not has_lora else v.adapter is not False
-        batches: dict[tuple, list[int]] = {}
-        for i, t in enumerate(battery.tests):  # one generate call per distinct sampling setting
-            batches.setdefault((_sampling(t, max_new_tokens), tuple(t.stop)), []).append(i)
+    for group in pair_variants(variants, has_lora and on_cpu):
+        for v in group:
+            if isinstance(v.adapter, str):
+                set_adapter(model, v.adapter)
+        switches = [None if v.adapter is None or not has_lora else v.adapter is not False for v in group]
         start = time.perf_counter()
-        done: dict[int, object] = {}
+        done: dict[tuple[int, int], object] = {}
         for (cfg, stop), idx in batches.items():
+            jobs = [(g, i) for g in range(len(group)) for i in idx]
             outs = generate(
                 model,
-                [prompts[i][1] for i in idx],
+                [prompts[i][1] for _, i in jobs],
                 cfg,
                 stop_token_ids=stops,
                 stop_strings=stop,
                 tokenizer=plan.tokenizer,
                 loop_detector=detector if loop_stop else None,
-                adapter=switch,
+                adapter=switches[0] if len(group) == 1 else [switches[g] for g, _ in jobs],
                 batch_size=batch_size,
             )
-            done.update(zip(idx, outs, strict=True))
-        seconds[v.name] = time.perf_counter() - start
-        mine = {
-            t.id: make_sample(t, v.name, prompts[i][0], done[i], detector, battery.substantive_min_chars)
-            for i, t in enumerate(battery.tests)
-        }
-        score_groups(battery, mine)
-        samples += mine.values()
-        if progress:
-            progress(f"{v.name}: {len(mine)} tests in {seconds[v.name]:.1f} s")
+            done.update(zip(jobs, outs, strict=True))
+        took = time.perf_counter() - start
+        for g, v in enumerate(group):
+            seconds[v.name] = took
+            least = battery.substantive_min_chars
+            mine = {
+                t.id: make_sample(t, v.name, prompts[i][0], done[g, i], detector, least)
+                for i, t in enumerate(battery.tests)
+            }
+            score_groups(battery, mine)
+            samples += mine.values()
+            if progress:
+                others = ", ".join(w.name for w in group if w is not v)
+                together = f" (together with {others})" if others else ""
+                progress(f"{v.name}: {len(mine)} tests in {took:.1f} s{together}")
     if judge is not None:
         score_rubrics(battery, samples, judge)
     tests = {t.id: t for t in battery.tests}
     for s in samples:
         finalize(s, tests[s.test_id])
     return samples, seconds
+
+
+def pair_variants(variants: list[Variant], together: bool) -> list[list[Variant]]:
+    """The generate calls, in order. ``together`` (a model with LoRA layers on the CPU): the first base
+    variant (adapter False) and the first adapter variant share one, each row with its LoRA off or on, so
+    each step reads the base weights once for both; every other variant runs alone. On CUDA each variant
+    runs alone: a mixed batch steps eagerly, without the engine's CUDA graphs."""
+    base = next((v for v in variants if v.adapter is False), None)
+    tuned = next((v for v in variants if isinstance(v.adapter, str)), None)
+    if not together or base is None or tuned is None:
+        return [[v] for v in variants]
+    return [[base, tuned]] + [[v] for v in variants if v is not base and v is not tuned]
 
 
 def score_rubrics(battery: Battery, samples: list[Sample], judge: Judge) -> None:
@@ -182,7 +204,7 @@ def evaluate(
     *,
     include_base: bool = True,
     base_name: str = "base",
-    quant: str = "nf4",
+    quant: str = "auto",
     dtype: str = "auto",
     device: str = "auto",
     template: str | None = None,

@@ -207,21 +207,36 @@ def _check_tensor_extent(path, start, name, dims, kind, offset, alignment, data_
         )
 
 
+_LAST_READ: list = []  # [(file identity, reader)]: the last file read, while it is unchanged
+
+
+def _identity(path: Path) -> tuple:
+    st = path.stat()
+    return (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 def read_gguf(path: str | Path):
     """A ``gguf.GGUFReader`` over ``path`` (memory-mapped; tensors are read when converted), once
-    :func:`check_gguf_header` has found the header sound."""
+    :func:`check_gguf_header` has found the header sound. Parsing the metadata takes seconds for a large
+    vocabulary, so the reader of the last file read is handed out again while the file is unchanged (same
+    inode, size and times): loading a model reads its config, tokenizer and tensors from one parse."""
     gguf = _need_gguf()
     path = Path(path)
     if not path.is_file():
         raise KindredFormatError(f"{path}: no such GGUF file")
     try:
         check_gguf_header(path)
+        key = _identity(path)
     except OSError as e:
         raise KindredFormatError(f"{path}: cannot read the GGUF file ({e})") from None
+    if _LAST_READ and _LAST_READ[0][0] == key:
+        return _LAST_READ[0][1]
     try:
-        return gguf.GGUFReader(str(path))
+        reader = gguf.GGUFReader(str(path))
     except (ValueError, OSError, IndexError, KeyError, TypeError, OverflowError) as e:
         raise KindredFormatError(f"{path}: not a readable GGUF file ({e})") from None
+    _LAST_READ[:] = [(key, reader)]
+    return reader
 
 
 def gguf_metadata(reader) -> dict[str, Any]:

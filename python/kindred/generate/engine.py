@@ -62,12 +62,19 @@ def _validate(
     for name, fn in (("loop_detector", loop_detector), ("on_token", on_token)):
         if fn is not None and not callable(fn):
             raise KindredValueError(f"{name} must be callable or None, got {type(fn).__name__}")
-    if adapter not in (None, True, False):
-        raise KindredValueError(f"adapter must be True, False or None, got {adapter!r}")
+    per_row = isinstance(adapter, (list, tuple))
+    if per_row:
+        if len(adapter) != len(prompts) or not all(isinstance(a, bool) for a in adapter):
+            raise KindredValueError(
+                f"adapter as a list must hold one True/False per prompt ({len(prompts)}), got {adapter!r}"
+            )
+    elif adapter not in (None, True, False):
+        raise KindredValueError(f"adapter must be True, False, None or a list of those, got {adapter!r}")
     mods = lora_modules(model)
     if adapter is not None and not mods:
         raise KindredValueError(f"adapter={adapter} but the model has no LoRA layers")
-    if adapter is False and any(m.merged_adapter is not None for m in mods.values()):
+    off = adapter is False or (per_row and not all(adapter))
+    if off and any(m.merged_adapter is not None for m in mods.values()):
         raise KindredValueError("adapter=False but the adapters are merged into the base: unmerge() first")
     if batch_size is not None and (
         not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1
@@ -83,17 +90,19 @@ def _validate(
 
 
 @contextlib.contextmanager
-def _adapters(mods: dict, adapter: bool | None):
-    """Every LoRA layer enabled (True) or disabled (False) for the call, restored afterwards."""
+def _adapters(mods: dict, adapter: bool | list[bool] | None):
+    """Every LoRA layer enabled (True, or a list: per row) or disabled (False) for the call, restored
+    afterwards."""
     saved = {name: m.disabled for name, m in mods.items()}
     try:
         if adapter is not None:
             for m in mods.values():
-                m.disabled = not adapter
+                m.disabled = not adapter  # a list (per row): enabled, the rows' mask decides
         yield
     finally:
         for name, m in mods.items():
             m.disabled = saved[name]
+            m.row_adapter = None
 
 
 class _Row:
@@ -123,10 +132,12 @@ def _finish_text(row: _Row, tokenizer, stop_ids, stop_strings) -> str | None:
     return text
 
 
-def _run_batch(model, prompts, first_index, cfg, stop_ids, stop_strings, tokenizer, loop_detector, on_token):
+def _run_batch(
+    model, prompts, first_index, cfg, stop_ids, stop_strings, tokenizer, loop_detector, on_token, flags
+):
     start = time.perf_counter()
     rows = [_Row(first_index + i, len(p)) for i, p in enumerate(prompts)]
-    runner = Runner(Engine.for_model(model), prompts, cfg.max_new_tokens)
+    runner = Runner(Engine.for_model(model), prompts, cfg.max_new_tokens, flags)
     logits = runner.prefill()
     vocab = logits.shape[-1]
     seen = None
@@ -199,7 +210,7 @@ def generate(
     tokenizer=None,
     loop_detector: Callable[[list[int]], str | None] | None = None,
     on_token: Callable[[int, int], None] | None = None,
-    adapter: bool | None = None,
+    adapter: bool | Sequence[bool] | None = None,
     batch_size: int | None = None,
 ) -> list[Completion]:
     """Generate a reply for each prompt (a list of token ids); one Completion per prompt, in order.
@@ -209,7 +220,9 @@ def generate(
     max_new_tokens. stop_strings: a row stops once its decoded reply contains one (needs ``tokenizer``).
     loop_detector(tokens) -> rule name or None: a name stops the row with finish_reason "loop".
     on_token(row, token): called for every new token as it is chosen (row: the prompt's index).
-    adapter: False runs the base model (every LoRA layer disabled), True with the adapters, None as is.
+    adapter: False runs the base model (every LoRA layer disabled), True with the adapters, None as is; a
+    list of one bool per prompt mixes them in one batch (each row its own; the base weights are read once
+    per step for all; no CUDA graphs).
     batch_size: prompts run in batches of at most this many (default: all at once).
     """
     prompts, cfg, stops, stop_strings, mods = _validate(
@@ -246,6 +259,7 @@ def generate(
                     tokenizer,
                     loop_detector,
                     on_token,
+                    list(adapter[first : first + size]) if isinstance(adapter, (list, tuple)) else None,
                 )
     finally:
         model.train(was_training)

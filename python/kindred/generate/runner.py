@@ -98,8 +98,13 @@ class Runner:
     """One batch of prompts through the engine: ``prefill()``, then ``step(tokens)`` per new token, and
     ``keep(rows)`` when rows finish. Each returns float32 logits [live rows, vocab]."""
 
-    def __init__(self, engine: Engine, prompts: list[list[int]], max_new_tokens: int):
+    def __init__(
+        self, engine: Engine, prompts: list[list[int]], max_new_tokens: int, flags: list[bool] | None = None
+    ):
         self.engine, self.model = engine, engine.model
+        # flags: per row, the LoRA adapter on (True) or off; each forward sets the layers' row_adapter
+        self.flags = flags
+        self.loras = list(lora_modules(self.model).values()) if flags is not None else []
         self.seqs = [list(p) for p in prompts]
         self.lens = [len(p) for p in prompts]  # filled cache slots per live row (host copy: no syncs)
         self.cache = engine.reserve(len(prompts), max(self.lens) + max_new_tokens)
@@ -128,11 +133,21 @@ class Runner:
         doc = document_ids(cu, total)
         backend = pick_backend(model.attn_backend, device, True, cached=False)
         self.cache.prefill(row_of, slots)
+        if self.flags is not None:
+            self._mask([self.flags[r] for r, s in zip(rows, seqs, strict=True) for _ in s], total)
         hidden = model.model(ids, pos, AttentionContext(total, 0, device, doc, backend), self.cache)
         last = torch.tensor(bounds[1 : len(seqs) + 1], device=device) - 1
         for r, s in zip(rows, seqs, strict=True):
             self.lens[r] = len(s)
         return model.logits(hidden[0, last]).float()
+
+    def _mask(self, flags: list[bool], rows: int) -> None:
+        """Each LoRA layer's row_adapter for the next forward: ``flags``, then 0 up to ``rows``."""
+        mask = torch.zeros(rows, dtype=self.engine.dtype)
+        mask[: len(flags)] = torch.tensor(flags, dtype=self.engine.dtype)
+        mask = mask.to(self.engine.device)
+        for m in self.loras:
+            m.row_adapter = mask
 
     def _decode(self, batch: int, length: int) -> torch.Tensor:
         e = self.engine
@@ -181,7 +196,10 @@ class Runner:
             e._lengths[live:batch].zero_()  # padding rows write slot 0 of unused rows
         else:
             batch, length = live, max(self.lens)
-        if e.use_graphs:
+        if self.flags is not None:  # a mixed batch: eager steps (the mask is not part of a graph)
+            self._mask(self.flags, batch)
+            out = self._decode(batch, length)
+        elif e.use_graphs:
             graph, out = self._graph(batch, length)
             graph.replay()
         else:
@@ -191,5 +209,7 @@ class Runner:
     def keep(self, rows: list[int]) -> None:
         """Only ``rows`` (indices among the live rows) go on, in that order."""
         self.cache.keep(rows, max(self.lens))
+        if self.flags is not None:
+            self.flags = [self.flags[j] for j in rows]
         self.seqs = [self.seqs[j] for j in rows]
         self.lens = [self.lens[j] for j in rows]

@@ -31,7 +31,8 @@ class LoraLinear(nn.Module):
     adds s·B·A to the weight in place (computed in float32, as PEFT does); for a ``Linear4bit`` base it
     replaces ``base_layer`` with a dense ``nn.Linear`` (in the 4-bit weight's dtype) holding
     dequant(W) + s·B·A and keeps the 4-bit tensors, so ``unmerge()`` restores them exactly. ``merge`` returns
-    the merged base layer. Only A and B are trainable; the base stays frozen.
+    the merged base layer. Only A and B are trainable; the base stays frozen. ``row_adapter`` switches the
+    adapter per row of an inference batch (base and tuned answers in one pass over the base weights).
     """
 
     def __init__(
@@ -65,6 +66,9 @@ class LoraLinear(nn.Module):
         self.active_adapter = adapter_name
         self.disabled = False
         self.merged_adapter: str | None = None
+        # [rows] in x's dtype, 1 where a row runs the active adapter and 0 where it runs the base alone
+        # (kindred.generate's mixed batches set it around each forward); None: every row runs it
+        self.row_adapter: torch.Tensor | None = None
         self._quantized_base: Linear4bit | None = None
         self._workspace: torch.Tensor | None = None
         self._quantized_cache: tuple | None = None
@@ -216,15 +220,23 @@ class LoraLinear(nn.Module):
         self._quantized_cache = None  # it would keep the old device's tensors alive
         return super()._apply(fn, recurse)
 
-    def _serves_decode(self, x: torch.Tensor, a: torch.Tensor) -> bool:
-        """Rows the base's decode kernel serves (``decode_eligible``), without dropout or gradients."""
+    def _inference(self, x: torch.Tensor, a: torch.Tensor) -> bool:
+        """No dropout and no gradients: the forward alone, as the base's own kernel plus s·(x·Aᵀ)·Bᵀ."""
         return (
             x.dtype == a.dtype
             and x.shape[-1] == self.in_features
-            and decode_eligible(x, x.numel() // self.in_features, self.in_features)
             and not (torch.is_grad_enabled() and a.requires_grad)
             and not (self.training and self.lora_dropout[self.active_adapter] > 0)
         )
+
+    def _serves_decode(self, x: torch.Tensor, a: torch.Tensor) -> bool:
+        """Inference on the rows the base's decode kernel serves (a 4-bit base: ``decode_eligible``; a dense
+        base on the CPU: any, where torch's GEMM outruns the fused op's C++ reference loop)."""
+        if not self._inference(x, a):
+            return False
+        if isinstance(self.base_layer, Linear4bit):
+            return decode_eligible(x, x.numel() // self.in_features, self.in_features)
+        return not x.is_cuda and x.dtype == self.base_layer.weight.dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disabled or self.merged_adapter is not None:
@@ -233,8 +245,16 @@ class LoraLinear(nn.Module):
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
         base_layer = self.base_layer
         bias = base_layer.bias
-        if isinstance(base_layer, Linear4bit) and self._serves_decode(x, a):
-            # Decoding: the base's 4-bit GEMV (its decode kernel), then the small s·(x·Aᵀ)·Bᵀ on top.
+        if self.row_adapter is not None:
+            # A batch mixing rows with the adapter (1) and without it (0): s·(x·Aᵀ) scaled row by row.
+            if not self._inference(x, a):
+                raise self._err("row_adapter is for inference: no gradients, no dropout, x in A's dtype")
+            x2 = x.reshape(-1, self.in_features)
+            xs = (x2 @ a.t()).mul_(self.row_adapter[:, None] * self.scaling[name])
+            y = base_layer(x2).addmm_(xs, b.t())
+            return y.reshape(*x.shape[:-1], self.out_features)
+        if self._serves_decode(x, a):
+            # Decoding: the base's own kernel (a 4-bit GEMV, a dense GEMM), then the small s·(x·Aᵀ)·Bᵀ on top.
             x2 = x.reshape(-1, self.in_features)
             y = base_layer(x2).addmm_(x2 @ a.t(), b.t(), alpha=self.scaling[name])
             return y.reshape(*x.shape[:-1], self.out_features)
