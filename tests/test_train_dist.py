@@ -32,7 +32,7 @@ STEPS = 6
 # Runs the trainer on every rank and checks after each optimizer step that all ranks hold the same fp32
 # master weights, bit for bit; rank 0 writes the steps it checked to checked.json in the output folder.
 WORKER = """
-import json, sys
+import json, os, sys
 import torch, torch.distributed as dist
 from kindred.train.parallel import init_from_env
 from kindred.train.trainer import Trainer
@@ -57,6 +57,11 @@ trainer.fit(resume="--resume" in sys.argv)
 if trainer.rank == 0:
     (trainer.out / "checked.json").write_text(json.dumps({"world": trainer.world, "steps": trainer.checked}))
 dist.destroy_process_group()
+# Leave without the interpreter's teardown: under load, gloo's threads have aborted it once ("terminate
+# called without an active exception") after every check above had passed and every file was written.
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(0)
 """
 
 
