@@ -9,11 +9,15 @@ quality figure; the quality goal is measured on SmolLM2 in tests/test_export_awq
 a row too (its seconds: the quantization alone).
 
     python -m pytest benchmarks/bench_export.py -m benchmark -s -q
+
+KINDRED_EXPORT_LAYERS=N keeps the first N of the 36 decoder blocks on both sides (the same model for the
+ratio, when the whole one does not fit a call's time; the model column says so).
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +29,9 @@ from .harness import append_export
 from .shapes import HF_CONFIGS
 
 SAMPLES, SEQ_LEN, MAX_GPU = 128, 512, 16 * 2**30
-MODEL = "qwen3-8b"
+LAYERS = int(os.environ.get("KINDRED_EXPORT_LAYERS", HF_CONFIGS["qwen3-8b"]["num_hidden_layers"]))
+CONFIG = {**HF_CONFIGS["qwen3-8b"], "num_hidden_layers": LAYERS}
+MODEL = "qwen3-8b" if LAYERS == HF_CONFIGS["qwen3-8b"]["num_hidden_layers"] else f"qwen3-8b-{LAYERS}-blocks"
 
 
 def _folder_bytes(path: Path) -> int:
@@ -92,7 +98,7 @@ def test_awq_qwen3_8b_time_and_memory():
     from kindred.models import from_config
 
     device = torch.device("cuda")
-    config = HF_CONFIGS[MODEL]
+    config = CONFIG
     base = from_config(config, dtype=torch.bfloat16, device="cpu", seed=0)
     g = torch.Generator().manual_seed(0)
     calibration = torch.randint(0, config["vocab_size"], (SAMPLES, SEQ_LEN), generator=g)

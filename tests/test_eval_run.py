@@ -100,17 +100,19 @@ def test_quant_auto_is_nf4_on_cuda_and_dense_for_a_small_model_on_the_cpu(tiny):
 
 def test_dense_base_and_tuned_in_one_batch_equal_separate_models(tiny, battery_file):
     """The default on the CPU (quant auto: dense here): base and tuned rows share each batch, and each
-    answer is the greedy one of its model loaded and run alone."""
+    answer is the greedy one of its model loaded and run alone. The adapter's display name holds a dot, as
+    a bake-off candidate's does ("qwen3-0.6b"): no module name may, so it is loaded under another."""
     folder, adapter = tiny
-    res = ke.evaluate(battery_file, folder, {"tuned": adapter}, device="cpu")
+    res = ke.evaluate(battery_file, folder, {"tuned-0.6b": adapter}, device="cpu")
     assert res.models[0].info["quant"] == "none"
     assert res.models[0].seconds == res.models[1].seconds  # one shared run
+    assert res.models[1].name == "tuned-0.6b" and res.models[1].adapter == str(adapter)
     battery = ke.load_battery(battery_file)
     base_ref = _reference_tokens(folder, None, battery, quant=None)
     tuned_ref = _reference_tokens(folder, adapter, battery, quant=None)
     for t in battery.tests:
         assert res.sample("base", t.id).tokens == base_ref[t.id]
-        assert res.sample("tuned", t.id).tokens == tuned_ref[t.id]
+        assert res.sample("tuned-0.6b", t.id).tokens == tuned_ref[t.id]
     assert any(base_ref[t] != tuned_ref[t] for t in base_ref)
 
 

@@ -79,8 +79,13 @@ class ModelPlan:
         ids = stop_token_ids(self.tokenizer, self.template)
         return ids + [i for i in self.config.eos_token_ids if i not in ids]
 
+    def adapter_slots(self) -> dict[str, str]:
+        """Display name -> the name its adapter is loaded under (a display name such as a bake-off
+        candidate's "qwen3-0.6b" may hold characters a module name cannot)."""
+        return {name: f"adapter_{i}" for i, name in enumerate(self.adapters)}
+
     def load(self):
-        """The DecoderLM with every adapter loaded onto it (adapter names as in ``adapters``)."""
+        """The DecoderLM with every adapter loaded onto it, under the names ``adapter_slots`` gives."""
         from ..nn import load_adapter
 
         path, quant = self.source, None if self.quant == "none" else self.quant
@@ -88,8 +93,9 @@ class ModelPlan:
             model = from_gguf(path, quant, self.dtype, self.device)
         else:
             model = from_pretrained(path, quant, self.dtype, self.device)
+        slots = self.adapter_slots()
         for name, folder in self.adapters.items():
-            load_adapter(model, folder, adapter_name=name)
+            load_adapter(model, folder, adapter_name=slots[name])
         model.eval()
         return model
 

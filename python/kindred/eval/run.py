@@ -180,14 +180,13 @@ def score_rubrics(battery: Battery, samples: list[Sample], judge: Judge) -> None
 
 
 def _results(battery: Battery, plan: ModelPlan, variants, samples, seconds, settings, plan_id) -> EvalResults:
+    folders = {slot: plan.adapters[name] for name, slot in plan.adapter_slots().items()}
     runs = [
         ModelRun(
             name=v.name,
             role=v.role,
             base=str(plan.source),
-            adapter=str(plan.adapters[v.adapter])
-            if isinstance(v.adapter, str) and v.adapter in plan.adapters
-            else None,
+            adapter=str(folders[v.adapter]) if isinstance(v.adapter, str) and v.adapter in folders else None,
             info=plan.describe(),
             seconds=seconds[v.name],
             plan_id=plan_id,
@@ -236,7 +235,7 @@ def evaluate(
     if isinstance(judge, (str, Path)):
         judge = load_judge(str(judge), where=where, device=device)
     variants = ([Variant(base_name, "base", False if plan.adapters else None)] if include_base else []) + [
-        Variant(name, "tuned", name) for name in plan.adapters
+        Variant(name, "tuned", slot) for name, slot in plan.adapter_slots().items()
     ]
     if not variants:
         raise KindredValueError("nothing to evaluate: include_base is off and there is no adapter")
