@@ -29,9 +29,10 @@ from .harness import append_export
 from .shapes import HF_CONFIGS
 
 SAMPLES, SEQ_LEN, MAX_GPU = 128, 512, 16 * 2**30
-LAYERS = int(os.environ.get("KINDRED_EXPORT_LAYERS", HF_CONFIGS["qwen3-8b"]["num_hidden_layers"]))
+BLOCKS = HF_CONFIGS["qwen3-8b"]["num_hidden_layers"]
+LAYERS = int(os.environ.get("KINDRED_EXPORT_LAYERS", BLOCKS))
 CONFIG = {**HF_CONFIGS["qwen3-8b"], "num_hidden_layers": LAYERS}
-MODEL = "qwen3-8b" if LAYERS == HF_CONFIGS["qwen3-8b"]["num_hidden_layers"] else f"qwen3-8b-{LAYERS}-blocks"
+MODEL = "qwen3-8b" if LAYERS == BLOCKS else f"qwen3-8b-{LAYERS}-blocks"
 
 
 def _folder_bytes(path: Path) -> int:
