@@ -65,6 +65,18 @@ def test_transformers_loads_the_merged_folder(family, tmp_path):
     assert rel_err(again(ids), ref) < FP32
 
 
+@pytest.mark.gpu
+def test_a_model_on_cuda_merges_onto_its_host_base(family, tmp_path):
+    # The adapters live on the GPU, the base tensors are read from the folder on the host (the bake-off's
+    # export of a winner trained on CUDA).
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    name, base, _, model, ref, ids = family
+    on_gpu = copy.deepcopy(model).to("cuda")
+    out = save_merged(on_gpu, json.loads((base / "config.json").read_text()), tmp_path / "merged", base=base)
+    assert rel_err(hf_logits(load_hf(out, name), ids), ref) < FP32
+
+
 @pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 def test_peft_applies_every_module_of_the_adapter(family, tmp_path):
     import peft

@@ -84,13 +84,16 @@ def adapter_deltas(adapter: str | Path) -> dict[str, Delta]:
 
 
 def model_deltas(model: nn.Module) -> dict[str, Delta]:
-    """The update of every LoRA layer of ``model`` (its active or merged adapter; none when disabled)."""
+    """The update of every LoRA layer of ``model`` (its active or merged adapter; none when disabled), as
+    fp32 on the host, where the base tensors it is added to are read."""
     out = {}
     for name, m in lora_modules(model).items():
         if m.disabled and m.merged_adapter is None:
             continue
         adapter = m.merged_adapter or m.active_adapter
-        out[name] = Delta((m.out_features, m.in_features), lambda m=m, a=adapter: m.delta_weight(a).detach())
+        out[name] = Delta(
+            (m.out_features, m.in_features), lambda m=m, a=adapter: m.delta_weight(a).detach().float().cpu()
+        )
     return out
 
 
@@ -127,7 +130,7 @@ class _Plan:
                 pieces.append(self.deltas[p].compute)
             else:
                 pieces.append(lambda n=hi - lo: torch.zeros(n, shape[1]))
-        return lambda: torch.cat([f().float().cpu() for f in pieces])
+        return lambda: torch.cat([f() for f in pieces])
 
     def _check(self, name: str, got: tuple, want: tuple) -> None:
         if tuple(got) != tuple(want):
