@@ -1,6 +1,15 @@
 """Test helpers shared across files."""
 
+import importlib.util
+from pathlib import Path
+
 import torch
+
+
+def kindred_path() -> str:
+    """The folder the kindred under test is imported from (the checkout's python/, or the site-packages of
+    an installed wheel): the PYTHONPATH a subprocess needs to run that same kindred."""
+    return str(Path(importlib.util.find_spec("kindred").origin).resolve().parents[1])
 
 
 def randn(shape, dtype=torch.float32, device="cpu", seed=0, scale=0.02):

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from .helpers import kindred_path
+
 PACKAGE = Path(__file__).resolve().parents[1] / "python" / "kindred"
 
 # Lowest first; README.md's "Layers" section states the same order. "kindred" is the root package (its
@@ -111,12 +113,11 @@ def test_the_checker_sees_relative_and_lazy_imports(tmp_path, monkeypatch):
 
 
 def _run(code: str) -> str:
-    env_path = str(PACKAGE.parent)
     out = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,
         text=True,
-        env={"PYTHONPATH": env_path, "PATH": "/usr/bin:/bin"},
+        env={"PYTHONPATH": kindred_path(), "PATH": "/usr/bin:/bin"},
         timeout=120,
     )
     assert out.returncode == 0, out.stderr

@@ -17,7 +17,7 @@ import pytest
 from kindred import KindredValueError
 from kindred.demo import CALIBRATION, build_tiny_model
 
-from .helpers import tiny_run_config
+from .helpers import kindred_path, tiny_run_config
 
 PACKAGE = Path(__file__).resolve().parents[1] / "python" / "kindred"
 
@@ -110,7 +110,7 @@ def _cli(*args) -> subprocess.CompletedProcess:
         "try:\n    cli.main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
         "print('torch loaded' if 'torch' in sys.modules else 'no torch')"
     )
-    env = {"PYTHONPATH": str(PACKAGE.parent), "PATH": "/usr/bin:/bin"}
+    env = {"PYTHONPATH": kindred_path(), "PATH": "/usr/bin:/bin"}
     return subprocess.run(
         [sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=60
     )
@@ -217,7 +217,7 @@ def test_a_gguf_file_is_accepted_as_a_tokenizer(hf_tokenizer_path, tmp_path):
             ],
             capture_output=True,
             text=True,
-            env={"PYTHONPATH": str(PACKAGE.parent), "PATH": "/usr/bin:/bin"},
+            env={"PYTHONPATH": kindred_path(), "PATH": "/usr/bin:/bin"},
             timeout=120,
         )
         assert out.returncode == 0, out.stderr

@@ -45,6 +45,21 @@ def init_from_env() -> bool:
     return True
 
 
+# torch 2.11's FSDP2 makes each sharded tensor a Parameter that requires grad before it copies the flag, which
+# an integer tensor (the frozen 4-bit codes) cannot; 2.13 runs it (the CI suite), 2.12 is not tested.
+FSDP_4BIT_TORCH = "2.12"
+
+
+def check_engine(mode: str | None, quant: str) -> None:
+    """Refuse, before the model loads, a sharding this torch cannot run over this base."""
+    if mode == "fsdp" and quant != "none" and torch.__version__ < FSDP_4BIT_TORCH:
+        raise KindredValueError(
+            f"train.distributed: fsdp over a 4-bit base (quant: {quant}) needs torch >= {FSDP_4BIT_TORCH}; "
+            f"this is torch {torch.__version__}, whose FSDP2 cannot shard the integer 4-bit codes: use ddp, "
+            "quant: none, or a newer torch"
+        )
+
+
 def parallelize(model: nn.Module, mode: str, device: torch.device) -> nn.Module:
     """The module the trainer calls: ``model`` wrapped in DDP (``mode`` "ddp") or sharded in place with
     FSDP2 ("fsdp"). LoRA adapters must already be applied."""

@@ -43,7 +43,7 @@ from .checkpoint import ADAPTER, latest_checkpoint, load_state, save_checkpoint,
 from .config import TrainConfig, load_config
 from .heldout import sample_prompt, sample_reply
 from .metrics import MetricsLog, plot_loss
-from .parallel import allreduce_grads, barrier, init_from_env, parallelize
+from .parallel import allreduce_grads, barrier, check_engine, init_from_env, parallelize
 from .progress import Progress
 from .run_folder import (
     RunLock,
@@ -140,6 +140,7 @@ class Trainer:
         if self.device.type == "cpu" and self.dtype == torch.float16:
             raise KindredValueError("dtype: fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
         self.engine = cfg.train.distributed if self.world > 1 else None
+        check_engine(self.engine, cfg.quant)
         if self.engine == "fsdp" and cfg.output.merged:
             raise KindredValueError(
                 "output.merged needs the whole base on one rank; with train.distributed: fsdp merge the "
