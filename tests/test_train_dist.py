@@ -22,11 +22,12 @@ from safetensors.torch import load_file
 import kindred
 from kindred.demo import CALIBRATION, build_tiny_model
 from kindred.train import latest_checkpoint, load_config
+from kindred.train.parallel import FSDP_4BIT_TORCH
 
 from .helpers import with_overrides
 from .tolerances import rel_err
 
-OLD_FSDP = torch.__version__ < "2.12"  # kindred.train.parallel.FSDP_4BIT_TORCH: fsdp over 4-bit is refused
+OLD_FSDP = torch.__version__ < FSDP_4BIT_TORCH  # fsdp over a 4-bit base is refused on this torch
 GLOBAL_ROWS = 6  # rows per optimizer step, all ranks together (one 512-token row per micro-step)
 STEPS = 6
 
