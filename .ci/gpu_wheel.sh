@@ -38,6 +38,10 @@ cuobjdump --list-ptx "$so" | sed 's/.*\.\(sm_[0-9a-z]*\)\..*/PTX \1/' | sort | u
 
 rm -rf /tmp/kindred-wheel-venv
 python3 -m venv --system-site-packages /tmp/kindred-wheel-venv
+# python3 may itself be a venv, whose packages (torch, pytest) --system-site-packages does not reach: a .pth
+# appends them after the new venv's own site-packages, so the wheel installed there is the kindred imported
+python3 -c "import site; print('\n'.join(site.getsitepackages()))" \
+  >"$(/tmp/kindred-wheel-venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/outer.pth"
 /tmp/kindred-wheel-venv/bin/pip install -q --no-index --no-deps "$wheel" || exit 1
 repo=$PWD
 cd /tmp  # away from the checkout: everything below imports the installed wheel

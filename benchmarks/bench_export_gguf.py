@@ -132,8 +132,8 @@ def test_qwen3_8b_q4_k_m_export_time():
     from tokenizers import Tokenizer, decoders, pre_tokenizers
     from tokenizers import models as tok_models
 
-    vocab = {f"t{i}": i for i in range(cfg["vocab_size"])}
-    tok = Tokenizer(tok_models.BPE(vocab=vocab, merges=[]))
+    vocab = {"t": 0, "0": 1, "t0": 2, **{f"t{i}": i for i in range(3, cfg["vocab_size"])}}
+    tok = Tokenizer(tok_models.BPE(vocab=vocab, merges=[("t", "0")]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     with tempfile.TemporaryDirectory() as tmp:

@@ -5,7 +5,7 @@
 # Usage: KINDRED_COMMIT=<sha> bash benchmarks/run_gpu.sh STEP...
 #   tests[=EXPR]      the GPU tests (pytest -m gpu, optionally -k EXPR)
 #   doctor            kindred doctor --json
-#   memcheck=EXPR     compute-sanitizer memcheck over the GPU tests selected by pytest -k EXPR
+#   memcheck=EXPR     compute-sanitizer memcheck of kindred's kernels in the GPU tests selected by -k EXPR
 #   bench=FILE[:EXPR] one benchmark file (pytest -m benchmark, optionally -k EXPR)
 # Any step may end in @SECONDS: it is stopped after that long (counted as failed), so one slow step cannot
 # use up the call.
@@ -38,8 +38,9 @@ for step in "$@"; do
     tests) [ "$arg" = "$step" ] && arg=""
       timeout "$limit" "${PYTEST[@]}" tests -m gpu ${arg:+-k "$arg"} >"$log" 2>&1 ;;
     doctor) timeout "$limit" python3 -X faulthandler -m kindred doctor --json >"$log" 2>&1 ;;
+    # only kindred's kernels (namespace kindred) are checked: torch's and cuBLAS's run uninstrumented
     memcheck) timeout "$limit" compute-sanitizer --tool memcheck --error-exitcode 3 --target-processes all \
-      "${PYTEST[@]}" tests -m gpu -k "$arg" >"$log" 2>&1 ;;
+      --kernel-regex kns=kindred "${PYTEST[@]}" -v tests -m gpu -k "$arg" >"$log" 2>&1 ;;
     bench) file=${arg%%:*} expr=${arg#*:}
       [ "$expr" = "$arg" ] && expr=""
       timeout "$limit" "${PYTEST[@]}" -s -m benchmark "$file" ${expr:+-k "$expr"} >"$log" 2>&1 ;;

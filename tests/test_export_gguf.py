@@ -124,6 +124,15 @@ def test_bad_input(tmp_path, smollm_tokenizer):
     small = models.from_config({**TINY, **FAMILIES["llama"], "vocab_size": 1000}, dtype=torch.float32)
     with pytest.raises(KindredValueError, match="49152 tokens for a model of 1000"):
         export_gguf(small, tmp_path / "d.gguf", "Q8_0", tokenizer=smollm_tokenizer)
+    from tokenizers import Tokenizer, decoders, pre_tokenizers
+    from tokenizers import models as tok_models
+
+    bare = Tokenizer(tok_models.BPE(vocab={f"t{i}": i for i in range(1000)}, merges=[]))
+    bare.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bare.decoder = decoders.ByteLevel()
+    with pytest.raises(KindredValueError, match=r"BPE tokenizer\.json with no merges"):
+        export_gguf(small, tmp_path / "e.gguf", "Q8_0", tokenizer=bare)
+    assert not (tmp_path / "e.gguf").exists()
 
 
 def fine_tune(model, seed: int = 0):

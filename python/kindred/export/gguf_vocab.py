@@ -81,6 +81,10 @@ def from_bpe(library, pre: str | None) -> dict[str, tuple[Any, Any]]:
     for i, added in library.get_added_tokens_decoder().items():
         types[i] = TOKEN_CONTROL if added.special else TOKEN_USER_DEFINED
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    if not merges:  # llama.cpp refuses a gpt2 vocabulary without the key; GGUF has no empty arrays
+        raise KindredValueError(
+            "tokenizer: a byte-level BPE tokenizer.json with no merges cannot be loaded by llama.cpp"
+        )
     return {
         "tokenizer.ggml.model": (vt.STRING, "gpt2"),
         "tokenizer.ggml.pre": (vt.STRING, pre or bpe_pre(library)),
