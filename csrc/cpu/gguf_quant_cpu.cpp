@@ -137,83 +137,104 @@ void quant_q8_0(const float* x, uint8_t* p) {
   store(b, p);
 }
 
-// Scale and min of one sub-block of n elements with levels 0..nmax (ggml's make_qkx2_quants): start from the
-// min..max grid, then try nstep + 1 stretched grids, each followed by a weighted least-squares fit of scale and
-// min, keeping the one of least weighted squared error. Returns the scale; `neg_min` gets -min (>= 0).
-float fit_scale_min(int n, int nmax, const float* x, const float* w, uint8_t* L, float& neg_min, float rmin,
-                    float rdelta, int nstep) {
-  float min = x[0], max = x[0], sum_w = w[0], sum_x = sum_w * x[0];
-  for (int i = 1; i < n; ++i) {
-    if (x[i] < min) min = x[i];
-    if (x[i] > max) max = x[i];
-    sum_w += w[i];
-    sum_x += w[i] * x[i];
-  }
-  if (min > 0) min = 0;
-  if (max == min) {
-    for (int i = 0; i < n; ++i) L[i] = 0;
-    neg_min = -min;
-    return 0.f;
-  }
-  float iscale = static_cast<float>(nmax) / (max - min);
-  float scale = 1 / iscale;
-  float best_error = 0;
-  for (int i = 0; i < n; ++i) {
-    L[i] = static_cast<uint8_t>(clamp(nearest_int(iscale * (x[i] - min)), 0, nmax));
-    const float diff = scale * static_cast<float>(L[i]) + min - x[i];
-    best_error += w[i] * (diff * diff);
-  }
-  uint8_t trial[32];
-  for (int is = 0; is <= nstep; ++is) {
-    iscale = (rmin + rdelta * static_cast<float>(is) + static_cast<float>(nmax)) / (max - min);
-    float sum_l = 0, sum_l2 = 0, sum_xl = 0;
-    for (int i = 0; i < n; ++i) {
-      const int l = clamp(nearest_int(iscale * (x[i] - min)), 0, nmax);
-      trial[i] = static_cast<uint8_t>(l);
-      const float fl = static_cast<float>(l);
-      sum_l += w[i] * fl;
-      sum_l2 += w[i] * fl * fl;
-      sum_xl += w[i] * fl * x[i];
-    }
-    const float D = sum_w * sum_l2 - sum_l * sum_l;
-    if (D > 0) {
-      float this_scale = (sum_w * sum_xl - sum_x * sum_l) / D;
-      float this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D;
-      if (this_min > 0) {
-        this_min = 0;
-        this_scale = sum_xl / sum_l2;
-      }
-      float cur_error = 0;
-      for (int i = 0; i < n; ++i) {
-        const float diff = this_scale * static_cast<float>(trial[i]) + this_min - x[i];
-        cur_error += w[i] * (diff * diff);
-      }
-      if (cur_error < best_error) {
-        std::memcpy(L, trial, static_cast<size_t>(n));
-        best_error = cur_error;
-        scale = this_scale;
-        min = this_min;
-      }
-    }
-  }
-  neg_min = -min;
-  return scale;
+// Scale and min of each of a Q4_K / Q5_K block's 8 sub-blocks of 32 with levels 0..nmax (ggml's
+// make_qkx2_quants, weights rms(x) + |x|): start from the min..max grid, then try nstep + 1 stretched grids, each
+// followed by a weighted least-squares fit of scale and min, keeping the one of least weighted squared error.
+// The 8 fits run side by side, sub-block j in lane j of 8-float vectors: each lane does a lone fit's float
+// operations in its order (so the result is the same), and the lanes' sums are independent, where one fit alone
+// waits on the latency of its running sums. `L` gets the levels (sub-block major), `scale` and `neg_min` (-min,
+// >= 0) one value per sub-block.
+constexpr int kSubs = 8, kSubLen = 32;
+using Lanes = float __attribute__((vector_size(4 * kSubs)));
+using LaneInts = int32_t __attribute__((vector_size(4 * kSubs)));
+
+// q = clamp(nearest_int(v), lo, hi) in every lane (by reference: no vector-valued calls, whose ABI differs
+// between builds with and without AVX)
+inline void lane_levels(const Lanes& v, int lo, int hi, LaneInts& q) {
+  const Lanes shifted = v + 12582912.f;
+  LaneInts bits;
+  std::memcpy(&bits, &shifted, sizeof(bits));
+  q = (bits & 0x007FFFFF) - 0x00400000;
+  const LaneInts zero = {}, bottom = zero + lo, top = zero + hi;
+  q = q < bottom ? bottom : q;
+  q = q > top ? top : q;
 }
 
-// Q4_K / Q5_K (nmax 15 / 31): per sub-block of 32 a fitted scale and min, weighted by rms(x) + |x|; both
-// quantized to 6 bits against the block's largest (d, dmin in fp16); then every element re-quantized with the
-// stored scales. L receives the 256 levels, `scales` the packed 12 bytes.
+void fit_scale_min_k4(const float* x, int nmax, float rmin, float rdelta, int nstep, uint8_t* L, float* scale,
+                      float* neg_min) {
+  Lanes xt[kSubLen], w[kSubLen];
+  for (int j = 0; j < kSubs; ++j)
+    for (int i = 0; i < kSubLen; ++i) xt[i][j] = x[kSubLen * j + i];
+  Lanes sum_x2 = {};
+  for (int i = 0; i < kSubLen; ++i) sum_x2 += xt[i] * xt[i];
+  Lanes av_x;
+  for (int j = 0; j < kSubs; ++j) av_x[j] = std::sqrt(sum_x2[j] / kSubLen);
+  for (int i = 0; i < kSubLen; ++i)
+    for (int j = 0; j < kSubs; ++j) w[i][j] = av_x[j] + std::fabs(xt[i][j]);
+
+  Lanes min = xt[0], max = xt[0], sum_w = w[0], sum_x = sum_w * xt[0];
+  for (int i = 1; i < kSubLen; ++i) {
+    min = xt[i] < min ? xt[i] : min;
+    max = xt[i] > max ? xt[i] : max;
+    sum_w += w[i];
+    sum_x += w[i] * xt[i];
+  }
+  const Lanes zero = {};
+  min = min > zero ? zero : min;
+  const LaneInts flat = max == min;  // all levels 0, scale 0 (the lane's other values are never used)
+  const Lanes iscale0 = static_cast<float>(nmax) / (max - min);
+  Lanes best_scale = 1 / iscale0, best_min = min, best_error = {};
+  LaneInts best_l[kSubLen];
+  for (int i = 0; i < kSubLen; ++i) {
+    lane_levels(iscale0 * (xt[i] - min), 0, nmax, best_l[i]);
+    const Lanes diff = best_scale * __builtin_convertvector(best_l[i], Lanes) + min - xt[i];
+    best_error += w[i] * (diff * diff);
+  }
+  for (int is = 0; is <= nstep; ++is) {
+    // the grid starts at the best min so far, as in ggml
+    const Lanes iscale = (rmin + rdelta * static_cast<float>(is) + static_cast<float>(nmax)) / (max - best_min);
+    Lanes sum_l = {}, sum_l2 = {}, sum_xl = {};
+    LaneInts trial[kSubLen];
+    for (int i = 0; i < kSubLen; ++i) {
+      lane_levels(iscale * (xt[i] - best_min), 0, nmax, trial[i]);
+      const Lanes fl = __builtin_convertvector(trial[i], Lanes);
+      sum_l += w[i] * fl;
+      sum_l2 += w[i] * fl * fl;
+      sum_xl += w[i] * fl * xt[i];
+    }
+    const Lanes D = sum_w * sum_l2 - sum_l * sum_l;
+    Lanes this_scale = (sum_w * sum_xl - sum_x * sum_l) / D;
+    Lanes this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D;
+    const LaneInts clip = this_min > zero;  // a positive min is not allowed: min 0, scale refitted
+    this_scale = clip ? sum_xl / sum_l2 : this_scale;
+    this_min = clip ? zero : this_min;
+    Lanes cur_error = {};
+    for (int i = 0; i < kSubLen; ++i) {
+      const Lanes diff = this_scale * __builtin_convertvector(trial[i], Lanes) + this_min - xt[i];
+      cur_error += w[i] * (diff * diff);
+    }
+    const LaneInts better = ~flat & (D > zero) & (cur_error < best_error);
+    best_error = better ? cur_error : best_error;
+    best_scale = better ? this_scale : best_scale;
+    best_min = better ? this_min : best_min;
+    for (int i = 0; i < kSubLen; ++i) best_l[i] = better ? trial[i] : best_l[i];
+  }
+  for (int j = 0; j < kSubs; ++j) {
+    neg_min[j] = -best_min[j];
+    scale[j] = flat[j] ? 0.f : best_scale[j];
+    for (int i = 0; i < kSubLen; ++i) L[kSubLen * j + i] = static_cast<uint8_t>(flat[j] ? 0 : best_l[i][j]);
+  }
+}
+
+// Q4_K / Q5_K (nmax 15 / 31): per sub-block of 32 a fitted scale and min; both quantized to 6 bits against the
+// block's largest (d, dmin in fp16); then every element re-quantized with the stored scales. L receives the
+// 256 levels, `scales` the packed 12 bytes.
 void quant_k4_levels(const float* x, int nmax, float rmin, int nstep, uint16_t& d16, uint16_t& dmin16, uint8_t* scales,
                      uint8_t* L) {
-  float sc[8], mn[8], w[32];
+  float sc[kSubs], mn[kSubs];
+  fit_scale_min_k4(x, nmax, rmin, 0.1f, nstep, L, sc, mn);
   float max_scale = 0, max_min = 0;
-  for (int j = 0; j < 8; ++j) {
-    const float* xs = x + 32 * j;
-    float sum_x2 = 0;
-    for (int l = 0; l < 32; ++l) sum_x2 += xs[l] * xs[l];
-    const float av_x = std::sqrt(sum_x2 / 32);
-    for (int l = 0; l < 32; ++l) w[l] = av_x + std::fabs(xs[l]);
-    sc[j] = fit_scale_min(32, nmax, xs, w, L + 32 * j, mn[j], rmin, 0.1f, nstep);
+  for (int j = 0; j < kSubs; ++j) {
     if (sc[j] > max_scale) max_scale = sc[j];
     if (mn[j] > max_min) max_min = mn[j];
   }
@@ -268,45 +289,53 @@ void quant_q5_k(const float* x, uint8_t* p) {
   store(b, p);
 }
 
-// Symmetric scale of n elements with levels -nmax..nmax-1 weighted by x^2 (ggml's make_qx_quants, rmse type
-// 1): the absmax grid, then 18 stretched grids around it, keeping the best weighted least-squares scale. L gets
-// level + nmax.
-float fit_scale_symmetric(int n, int nmax, const float* x, uint8_t* L) {
-  float amax;
-  const float max = signed_absmax(x, n, amax);
-  if (amax < kGroupMaxEps) {
-    for (int i = 0; i < n; ++i) L[i] = 0;
-    return 0.f;
+// Symmetric scales of 8 sub-blocks of 16 (sub-block j at x + 16 j, in lane j) with levels -nmax..nmax-1
+// weighted by x^2 (ggml's make_qx_quants, rmse type 1): the absmax grid, then 18 stretched grids around it,
+// keeping the best weighted least-squares scale; lane by lane the float operations of a lone fit, as in
+// fit_scale_min_k4. L gets level + nmax (sub-block major).
+constexpr int kQ6Sub = 16;
+
+void fit_scale_symmetric_q6(const float* x, int nmax, uint8_t* L, float* scale_out) {
+  Lanes xt[kQ6Sub], w[kQ6Sub];
+  for (int j = 0; j < kSubs; ++j)
+    for (int i = 0; i < kQ6Sub; ++i) xt[i][j] = x[kQ6Sub * j + i];
+  const Lanes zero = {};
+  Lanes amax = {}, max = {};
+  for (int i = 0; i < kQ6Sub; ++i) {
+    const Lanes a = xt[i] < zero ? -xt[i] : xt[i];  // fabs (the sign bit of -0 aside, which < does not see)
+    const LaneInts larger = amax < a;               // the first of tied magnitudes is kept
+    amax = larger ? a : amax;
+    max = larger ? xt[i] : max;
+    w[i] = xt[i] * xt[i];
   }
-  const auto fit = [&](float iscale, float& sumlx, float& suml2) {
-    sumlx = suml2 = 0;
-    for (int i = 0; i < n; ++i) {
-      const float l = static_cast<float>(clamp(nearest_int(iscale * x[i]), -nmax, nmax - 1));
-      const float w = x[i] * x[i];
-      sumlx += w * x[i] * l;
-      suml2 += w * l * l;
+  const LaneInts flat = amax < zero + kGroupMaxEps;  // all levels 0, scale 0
+  const auto fit = [&](const Lanes& iscale, LaneInts* l, Lanes& sumlx, Lanes& suml2) {
+    sumlx = suml2 = Lanes{};
+    for (int i = 0; i < kQ6Sub; ++i) {
+      lane_levels(iscale * xt[i], -nmax, nmax - 1, l[i]);
+      const Lanes fl = __builtin_convertvector(l[i], Lanes);
+      sumlx += w[i] * xt[i] * fl;
+      suml2 += w[i] * fl * fl;
     }
   };
-  const auto levels = [&](float iscale) {
-    for (int i = 0; i < n; ++i) L[i] = static_cast<uint8_t>(nmax + clamp(nearest_int(iscale * x[i]), -nmax, nmax - 1));
-  };
-  float sumlx, suml2;
-  float iscale = static_cast<float>(-nmax) / max;
-  fit(iscale, sumlx, suml2);
-  levels(iscale);
-  float scale = suml2 != 0.f ? sumlx / suml2 : 0.0f;
-  float best = scale * sumlx;
+  LaneInts best_l[kQ6Sub], trial[kQ6Sub];
+  Lanes sumlx, suml2;
+  fit(static_cast<float>(-nmax) / max, best_l, sumlx, suml2);
+  const LaneInts nonzero = suml2 != zero;
+  Lanes scale = nonzero ? sumlx / suml2 : zero;
+  Lanes best = scale * sumlx;
   for (int is = -9; is <= 9; ++is) {
     if (is == 0) continue;
-    iscale = -(static_cast<float>(nmax) + 0.1f * static_cast<float>(is)) / max;
-    fit(iscale, sumlx, suml2);
-    if (suml2 > 0 && sumlx * sumlx > best * suml2) {
-      levels(iscale);
-      scale = sumlx / suml2;
-      best = scale * sumlx;
-    }
+    fit(-(static_cast<float>(nmax) + 0.1f * static_cast<float>(is)) / max, trial, sumlx, suml2);
+    const LaneInts better = (suml2 > zero) & (sumlx * sumlx > best * suml2);
+    scale = better ? sumlx / suml2 : scale;
+    best = better ? scale * sumlx : best;
+    for (int i = 0; i < kQ6Sub; ++i) best_l[i] = better ? trial[i] : best_l[i];
   }
-  return scale;
+  for (int j = 0; j < kSubs; ++j) {
+    scale_out[j] = flat[j] ? 0.f : scale[j];
+    for (int i = 0; i < kQ6Sub; ++i) L[kQ6Sub * j + i] = static_cast<uint8_t>(flat[j] ? 0 : nmax + best_l[i][j]);
+  }
 }
 
 // Q6_K: 16 sub-blocks of 16 with a fitted symmetric scale each, the scales quantized to int8 against the
@@ -316,8 +345,9 @@ void quant_q6_k(const float* x, uint8_t* p) {
   uint8_t L[kQkK];
   float scales[16];
   float max_scale = 0, max_abs_scale = 0;
+  for (int half = 0; half < 2; ++half)
+    fit_scale_symmetric_q6(x + 128 * half, 32, L + 128 * half, scales + kSubs * half);
   for (int ib = 0; ib < 16; ++ib) {
-    scales[ib] = fit_scale_symmetric(16, 32, x + 16 * ib, L + 16 * ib);
     if (std::fabs(scales[ib]) > max_abs_scale) {
       max_abs_scale = std::fabs(scales[ib]);
       max_scale = scales[ib];
