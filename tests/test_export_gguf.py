@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from kindred import models
+from kindred.atomic import WriteError
 from kindred.data import get_template
 from kindred.errors import KindredValueError
 from kindred.export.gguf import export_gguf, tensor_type
@@ -133,6 +134,37 @@ def test_bad_input(tmp_path, smollm_tokenizer):
     with pytest.raises(KindredValueError, match=r"BPE tokenizer\.json with no merges"):
         export_gguf(small, tmp_path / "e.gguf", "Q8_0", tokenizer=bare)
     assert not (tmp_path / "e.gguf").exists()
+
+
+def test_streamed_export_quantizes_16_bit_weights_as_float32_and_leaves_nothing_on_error(
+    tmp_path, smollm_tokenizer, monkeypatch
+):
+    """Weights are quantized from their own dtype (bf16 -> float32 is exact, so the blocks are those of the
+    float32 copy), one tensor at a time; a failure mid-file (disk full) is a WriteError naming the folder and
+    leaves neither the file nor its .partial."""
+    import kindred.export.gguf as gguf_export
+
+    model = models.from_config({**TINY, **FAMILIES["qwen3"]}, dtype=torch.bfloat16)
+    wide = models.from_config({**TINY, **FAMILIES["qwen3"]}, dtype=torch.float32)
+    wide.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    for quant in ("Q4_K_M", "F16"):
+        a = export_gguf(model, tmp_path / f"bf16-{quant}.gguf", quant, tokenizer=smollm_tokenizer)
+        b = export_gguf(wide, tmp_path / f"f32-{quant}.gguf", quant, tokenizer=smollm_tokenizer)
+        assert a.path.read_bytes() == b.path.read_bytes()
+    calls = []
+    real = gguf_export.quantize_gguf
+
+    def failing(x, ggml_type):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        return real(x, ggml_type)
+
+    monkeypatch.setattr(gguf_export, "quantize_gguf", failing)
+    with pytest.raises(WriteError, match=f"{tmp_path}: cannot write f.gguf: no space left on device"):
+        export_gguf(model, tmp_path / "f.gguf", "Q8_0", tokenizer=smollm_tokenizer)
+    assert len(calls) == 3
+    assert not (tmp_path / "f.gguf").exists() and not (tmp_path / "f.gguf.partial").exists()
 
 
 def fine_tune(model, seed: int = 0):

@@ -11,13 +11,18 @@ norms and biases in F32, Llama 3 rope scaling as a ``rope_freqs`` tensor.
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
+from ..atomic import refuse_symlink, write_error
 from ..errors import KindredValueError
 from ..models.config import SLIDING
 from ..nn import Linear4bit, LoraLinear
@@ -91,33 +96,58 @@ def tensor_type(quant: str, name: str, shape: tuple[int, ...], n_layers: int, ti
     return gguf_tensor_type(quant, role, layer, n_layers, k_in)
 
 
+@dataclass(frozen=True)
+class Pending:
+    """A tensor made only when it is written (:func:`write_tensors`), so that an export holds a few dense
+    tensors at a time rather than a float32 copy of the whole model."""
+
+    shape: tuple[int, ...]
+    make: Callable[[], torch.Tensor]
+
+    def then(self, f: Callable[[torch.Tensor], torch.Tensor]) -> Pending:
+        """This tensor with ``f`` applied (``f`` keeps the shape)."""
+        return Pending(self.shape, lambda: f(self.make()))
+
+
 def _dense(module: nn.Module, merge: bool) -> torch.Tensor:
-    """The weight llama.cpp should see: adapters merged in float32 (or left out), 4-bit bases dequantized."""
+    """The weight llama.cpp should see: adapters merged in float32 (or left out), 4-bit bases dequantized,
+    a plain weight as it is (its own dtype: GGUF blocks are quantized from float16 or bfloat16 as exactly)."""
     if isinstance(module, LoraLinear) and merge and module.merged_adapter is None:
         return module.merged_weight().float()
     if isinstance(module, LoraLinear):
         return _dense(module._quantized_base or module.base_layer, merge)
     if isinstance(module, Linear4bit):
         return module.dequantize().float()
-    return module.weight.detach().float()
+    return module.weight.detach()
 
 
-def hf_tensors(model: nn.Module, merge: bool = True) -> dict[str, torch.Tensor]:
-    """The model's tensors in transformers' names, float32 on the CPU, adapters merged unless ``merge`` is
-    False (then the base alone, for a GGUF LoRA beside it); the model is unchanged."""
-    out: dict[str, torch.Tensor] = {}
+def _on_cpu(make: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    return lambda: make().detach().cpu().contiguous()
+
+
+def hf_tensors(model: nn.Module, merge: bool = True) -> dict[str, Pending]:
+    """The model's tensors in transformers' names, each made on the CPU when asked for (linear weights in
+    their own dtype or float32, the rest as stored), adapters merged unless ``merge`` is False (then the base
+    alone, for a GGUF LoRA beside it); the model is unchanged."""
+    out: dict[str, Pending] = {}
     linears = {n: m for n, m in model.named_modules() if isinstance(m, (LoraLinear, Linear4bit))}
     linears = {n: m for n, m in linears.items() if not n.endswith(".base_layer")}
     for name, module in linears.items():
-        out[f"{name}.weight"] = _dense(module, merge)
+        shape = (module.out_features, module.in_features)
+        out[f"{name}.weight"] = Pending(shape, _on_cpu(lambda m=module: _dense(m, merge)))
         base = module.base_layer if isinstance(module, LoraLinear) else module
         if getattr(base, "bias", None) is not None:
-            out[f"{name}.bias"] = base.bias.detach().float()
+            out[f"{name}.bias"] = Pending(tuple(base.bias.shape), _on_cpu(lambda b=base.bias: b))
     skip = tuple(f"{n}." for n in linears)
     for name, t in model.state_dict().items():
         if not name.startswith(skip) and name not in out and not name.endswith("inv_freq"):
-            out[name] = t.detach().float()
-    return {k: v.cpu().contiguous() for k, v in out.items()}
+            out[name] = Pending(tuple(t.shape), _on_cpu(lambda t=t: t))
+    return out
+
+
+def _cat(parts: list[Pending]) -> Pending:
+    shape = (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
+    return Pending(shape, lambda: torch.cat([p.make() for p in parts]))
 
 
 def permute_qk(w: torch.Tensor, heads: int) -> torch.Tensor:
@@ -136,8 +166,8 @@ def permutes_qk(cfg) -> bool:
     return _ARCH[cfg.model_type] == "LLAMA"
 
 
-def gguf_tensors(model: nn.Module, merge: bool = True) -> dict[str, torch.Tensor]:
-    """GGUF name -> float32 tensor (torch shape) in llama.cpp's layout, in the order llama.cpp expects."""
+def gguf_tensors(model: nn.Module, merge: bool = True) -> dict[str, Pending]:
+    """GGUF name -> tensor to make (torch shape) in llama.cpp's layout, in the order llama.cpp expects."""
     cfg = model.config
     names = tensor_names(cfg)
     hf = hf_tensors(model, merge)
@@ -146,26 +176,25 @@ def gguf_tensors(model: nn.Module, merge: bool = True) -> dict[str, torch.Tensor
     if cfg.model_type == "phi3":  # llama.cpp's phi3 reads the fused tensors of the checkpoint
         for i in range(cfg.num_layers):
             p = f"model.layers.{i}"
-            hf[f"{p}.self_attn.qkv_proj.weight"] = torch.cat(
-                [hf.pop(f"{p}.self_attn.{x}_proj.weight") for x in "qkv"]
-            )
-            hf[f"{p}.mlp.gate_up_proj.weight"] = torch.cat(
-                [hf.pop(f"{p}.mlp.{x}_proj.weight") for x in ("gate", "up")]
-            )
-    out: dict[str, torch.Tensor] = {}
+            qkv = [hf.pop(f"{p}.self_attn.{x}_proj.weight") for x in "qkv"]
+            hf[f"{p}.self_attn.qkv_proj.weight"] = _cat(qkv)
+            gate_up = [hf.pop(f"{p}.mlp.{x}_proj.weight") for x in ("gate", "up")]
+            hf[f"{p}.mlp.gate_up_proj.weight"] = _cat(gate_up)
+    out: dict[str, Pending] = {}
     for key, t in hf.items():
         stem, _, suffix = key.rpartition(".")
         name = names.get_name(stem)
         if name is None:
             raise KindredValueError(f"{key}: no GGUF tensor name for this parameter ({cfg.model_type})")
         if cfg.gemma_norm and stem.endswith("norm"):
-            t = t + 1  # llama.cpp's gemma norms multiply by w, kindred's (and transformers') by 1 + w
+            t = t.then(lambda v: v.float() + 1)  # llama.cpp's gemma norms multiply by w, kindred's by 1 + w
         if permutes_qk(cfg) and stem.endswith(("q_proj", "k_proj")):
-            t = permute_qk(t, cfg.num_heads if stem.endswith("q_proj") else cfg.num_kv_heads)
+            heads = cfg.num_heads if stem.endswith("q_proj") else cfg.num_kv_heads
+            t = t.then(lambda v, h=heads: permute_qk(v, h))
         out[f"{name}.{suffix}"] = t
     factors = _rope_factors(model)
     if factors is not None:
-        out["rope_freqs.weight"] = factors
+        out["rope_freqs.weight"] = Pending(tuple(factors.shape), lambda: factors)
 
     def order(name: str) -> tuple:
         parts = name.split(".")
@@ -312,19 +341,48 @@ def _load(source: Path):
 __all__ = ["GGUF_QUANTS", "GGUFExport", "export_gguf", "tensor_type"]
 
 
-def write_tensors(w, tensors: dict[str, torch.Tensor], types: dict[str, str], tmp: Path, path: Path) -> None:
-    """Add ``tensors`` to the GGUFWriter ``w`` (writing ``tmp``) in their GGUF ``types``, blocks by kindred's
-    quantizers, write the file and move it to ``path``."""
+def write_tensors(w, tensors: dict, types: dict[str, str], tmp: Path, path: Path) -> None:
+    """Write the GGUFWriter ``w``'s file ``tmp`` (its keys already added) with ``tensors`` (torch tensors or
+    :class:`Pending`) in their GGUF ``types``, blocks by kindred's quantizers, then move it to ``path``.
+
+    The tensor infos go first (their sizes follow from shape and type), then each tensor is made and
+    quantized while the one before it is written, so one or two are in memory at a time."""
     import gguf
 
     for n, t in tensors.items():
         qtype = gguf.GGMLQuantizationType[types[n]]
+        shape, numel = tuple(t.shape), math.prod(t.shape)
         if types[n] == "F32":
-            w.add_tensor(n, t.numpy())
+            w.add_tensor_info(n, shape, np.dtype(np.float32), numel * 4)
         else:
-            w.add_tensor(n, quantize_gguf(t, int(qtype)).numpy(), raw_dtype=qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+            elems, nbytes = gguf.GGML_QUANT_SIZES[qtype]
+            w.add_tensor_info(n, shape, np.dtype(np.float32), numel // elems * nbytes, raw_dtype=qtype)
+
+    def block_bytes(n: str) -> np.ndarray:
+        with torch.no_grad():  # grad mode is per thread
+            t = tensors[n].make() if isinstance(tensors[n], Pending) else tensors[n]
+            if types[n] == "F32":
+                return t.float().numpy()
+            return quantize_gguf(t, int(gguf.GGMLQuantizationType[types[n]])).numpy()
+
+    refuse_symlink(tmp)
+    try:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        names = list(tensors)
+        with ThreadPoolExecutor(1) as pool:  # the next tensor is quantized (no GIL) while this one is written
+            ahead = pool.submit(block_bytes, names[0]) if names else None
+            for i in range(len(names)):
+                data = ahead.result()
+                ahead = pool.submit(block_bytes, names[i + 1]) if i + 1 < len(names) else None
+                w.write_tensor_data(data)
+                del data
+        w.close()
+    except BaseException as e:  # no half-written file is left behind
+        w.close()
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise write_error(path.parent, path.name, e) from e
+        raise
     tmp.replace(path)
