@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import shutil
+import struct
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -48,9 +49,15 @@ def _gguf_build(root: Path) -> list[bytes]:
     return [seeds.gguf_file(root / "seed.gguf").read_bytes()]
 
 
-def _gguf_run(data: bytes, work: Path) -> None:
-    from kindred.formats.gguf import gguf_metadata, gguf_to_hf_config, read_gguf, tokenizer_from_gguf
-    from kindred.models.gguf import from_gguf
+def _gguf_read(data: bytes, work: Path) -> Path:
+    """The reader's own work on a GGUF file: container, metadata, config, tokenizer, every tensor's blocks."""
+    from kindred.formats.gguf import (
+        gguf_metadata,
+        gguf_tensor,
+        gguf_to_hf_config,
+        read_gguf,
+        tokenizer_from_gguf,
+    )
 
     path = work / "model.gguf"
     path.write_bytes(data)
@@ -58,7 +65,42 @@ def _gguf_run(data: bytes, work: Path) -> None:
     meta = gguf_metadata(reader)
     gguf_to_hf_config(meta, {t.name for t in reader.tensors}, str(path))
     tokenizer_from_gguf(meta).encode("ab cd <|im_start|> ghi")
-    from_gguf(path, dtype=torch.float32)(torch.tensor([[1, 5, 9]]))
+    for t in reader.tensors:
+        gguf_tensor(t)
+    return path
+
+
+def _gguf_run(data: bytes, work: Path) -> None:
+    from kindred.models.gguf import from_gguf
+
+    from_gguf(_gguf_read(data, work), dtype=torch.float32)(torch.tensor([[1, 5, 9]]))
+
+
+def _blocks_build(root: Path) -> list[bytes]:
+    """Per block type, two rows of 512 random values quantized, behind a (ggml_type, rows, cols) header."""
+    from kindred.ops.gguf import GGUF_BLOCK_TYPES, quantize_gguf
+
+    x = torch.randn(2, 512, generator=torch.Generator().manual_seed(0))
+    out = []
+    for type_id, _, _ in GGUF_BLOCK_TYPES.values():
+        out.append(struct.pack("<Iii", type_id, 2, 512) + quantize_gguf(x, type_id).numpy().tobytes())
+    return out
+
+
+def _blocks_run(data: bytes, work: Path) -> None:
+    """GGUF tensor data straight into the C++ dequantizer, and what comes out back into the quantizer."""
+    from kindred.ops.gguf import dequantize_gguf, quantize_gguf
+
+    if len(data) < 12:
+        return
+    type_id, rows, cols = struct.unpack_from("<Iii", data)
+    raw = (
+        torch.frombuffer(bytearray(data[12:]), dtype=torch.uint8)
+        if len(data) > 12
+        else torch.empty(0, dtype=torch.uint8)
+    )
+    x = dequantize_gguf(raw, type_id, (rows, cols))
+    quantize_gguf(x, type_id)
 
 
 # --------------------------------------------------------------------------------------- model folder
@@ -207,7 +249,11 @@ def _sentencepiece_run(data: bytes, work: Path) -> None:
 TARGETS = {
     t.name: t
     for t in [
-        Target("gguf", "binary", "C++ (dequantize_gguf) and Rust (tokenizers)", _gguf_build, _gguf_run),
+        # gguf_blocks is the C++ alone (the 10^6 inputs of the long mode); gguf_reader stops where the
+        # model is built (twice gguf's rate); gguf-py's container parser is most of its time
+        Target("gguf_blocks", "binary", "C++ (dequantize_gguf, quantize_gguf)", _blocks_build, _blocks_run),
+        Target("gguf_reader", "binary", "C++ (dequantize_gguf), Rust (tokenizers)", _gguf_build, _gguf_read),
+        Target("gguf", "binary", "the reader, then a model built and run", _gguf_build, _gguf_run),
         Target(
             "model_folder", "binary", "Rust (safetensors)", _folder_build, _folder_run, 2, ("json", "binary")
         ),
