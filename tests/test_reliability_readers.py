@@ -577,6 +577,35 @@ def test_sentencepiece_charsmap_pointing_out_of_bounds_does_not_crash(tmp_path, 
     assert out.kind == "kindred" and "bad.model: not a valid sentencepiece model: byte" in out.detail, out
 
 
+def test_sentencepiece_charsmap_unit_pointing_outside_the_trie_is_named(tmp_path, sp_models):
+    # The first unit that is not a value, its child block moved past the trie's end; and, in a second file,
+    # a later leaf's value past the strings: each error names that unit and its byte.
+    model = bytearray(sp_models["nmt_nfkc"])
+    trie, n = _charsmap_unit_offset(bytes(model))
+    units = list(struct.unpack_from(f"<{n}I", model, trie))
+    first = next(p for p, u in enumerate(units) if not u >> 31)
+    outside = bytearray(model)
+    struct.pack_into("<I", outside, trie + 4 * first, (units[first] & 0xFF) | (0x1FFFFF << 10))
+    (tmp_path / "outside.model").write_bytes(outside)
+    out = run_in_child(_encode_sentencepiece, tmp_path / "outside.model", timeout=10)
+    assert out.kind == "kindred", out
+    assert (
+        f"byte {trie + 4 * first}: precompiled_charsmap trie unit {first} points outside the trie"
+        in out.detail
+    )
+    leaves = [
+        (p, p ^ ((u >> 10) << ((u & 512) >> 6))) for p, u in enumerate(units) if not u >> 31 and (u >> 8) & 1
+    ]
+    q = leaves[len(leaves) // 2][1]
+    p = min(pp for pp, qq in leaves if qq == q)  # leaves may share a value unit: the first one reads it
+    past = bytearray(model)
+    struct.pack_into("<I", past, trie + 4 * q, (1 << 31) | 0x7FFF0000)
+    (tmp_path / "past.model").write_bytes(past)
+    out = run_in_child(_encode_sentencepiece, tmp_path / "past.model", timeout=10)
+    assert out.kind == "kindred", out
+    assert f"trie unit {p} names string {0x7FFF0000}, past the" in out.detail, out.detail
+
+
 @pytest.mark.parametrize(
     ("edit", "match"),
     [

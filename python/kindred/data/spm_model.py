@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import struct
 
+import numpy as np
+
 from ..errors import KindredFormatError
 
 MAX_BYTES = 256 << 20
@@ -126,21 +128,26 @@ def _check_charsmap(blob: bytes, where: str, base: int) -> None:
     if strings and strings[-1] != 0:
         raise _charsmap_error(where, f"byte {base}: precompiled_charsmap strings are not NUL-terminated")
     n = trie_size // 4
-    units = struct.unpack_from(f"<{n}I", blob, 4)
-    for p, u in enumerate(units):
-        if u >> 31:  # a value unit: only read through its parent's leaf flag
-            continue
-        q = p ^ ((u >> 10) << ((u & (1 << 9)) >> 6))  # the unit's child block (Darts-clone's offset())
-        if (q | 0xFF) >= n:
-            raise _charsmap_error(
-                where, f"byte {base + 4 + 4 * p}: precompiled_charsmap trie unit {p} points outside the trie"
-            )
-        if (u >> 8) & 1 and (units[q] & 0x7FFFFFFF) >= len(strings):
-            raise _charsmap_error(
-                where,
-                f"byte {base + 4 + 4 * p}: precompiled_charsmap trie unit {p} names string "
-                f"{units[q] & 0x7FFFFFFF}, past the {len(strings)} bytes of strings",
-            )
+    units = np.frombuffer(blob, dtype="<u4", count=n, offset=4).astype(np.int64)
+    # value units (top bit) are only read through their parent's leaf flag; every other unit's child block
+    # (Darts-clone's offset()) must lie inside the trie, and a leaf's value must name a string in the blob
+    inner = (units >> 31) == 0
+    child = np.arange(n) ^ ((units >> 10) << ((units & (1 << 9)) >> 6))
+    outside = inner & ((child | 0xFF) >= n)
+    value = units[np.where(outside | ~inner, 0, child)] & 0x7FFFFFFF
+    past = inner & ~outside & (((units >> 8) & 1) == 1) & (value >= len(strings))
+    if not (outside | past).any():
+        return
+    p = int(np.argmax(outside | past))  # the first bad unit, as a reader walking the trie meets them
+    if outside[p]:
+        raise _charsmap_error(
+            where, f"byte {base + 4 + 4 * p}: precompiled_charsmap trie unit {p} points outside the trie"
+        )
+    raise _charsmap_error(
+        where,
+        f"byte {base + 4 + 4 * p}: precompiled_charsmap trie unit {p} names string "
+        f"{int(value[p])}, past the {len(strings)} bytes of strings",
+    )
 
 
 def _check_normalizer(data: bytes, where: str, base: int) -> None:
