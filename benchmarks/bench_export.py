@@ -72,9 +72,25 @@ def _llm_compressor_row(config: dict, calibration: torch.Tensor) -> dict | None:
         AWQModifier(duo_scaling=True),
         QuantizationModifier(ignore=["lm_head"], scheme="W4A16_ASYM", targets=["Linear"]),
     ]
+    # The data is tokenized already, but oneshot wants a processor whenever a dataset is given (0.14 raises
+    # "An error occurred when attempting to initialize model processor"): a one-token stand-in.
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+
+    stand_in = Tokenizer(WordLevel({"<unk>": 0}, unk_token="<unk>"))
+    processor = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=stand_in, unk_token="<unk>", pad_token="<unk>"
+    )
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    oneshot(model=model, dataset=data, recipe=recipe, num_calibration_samples=SAMPLES, max_seq_length=SEQ_LEN)
+    oneshot(
+        model=model,
+        dataset=data,
+        processor=processor,
+        recipe=recipe,
+        num_calibration_samples=SAMPLES,
+        max_seq_length=SEQ_LEN,
+    )
     seconds = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated()
     with tempfile.TemporaryDirectory() as tmp:
