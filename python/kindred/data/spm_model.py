@@ -30,6 +30,9 @@ class _Reader:
         return KindredFormatError(f"{self.where}: not a valid sentencepiece model: byte {at}: {msg}")
 
     def varint(self) -> int:
+        if self.pos < len(self.data) and self.data[self.pos] < 0x80:  # one byte: most keys and lengths
+            self.pos += 1
+            return self.data[self.pos - 1]
         value = shift = 0
         start = self.pos
         while True:
