@@ -9,6 +9,8 @@ the notes).
   decode kernel reads, the bf16 lm_head, one embedding row, the norms, the KV cache at its mean filled
   length) ÷ the device copy rate measured in the same run (a 2 GiB copy: bytes read + written per second).
   ratio_to_baseline = limit time per step ÷ measured time per step (goal ≥ 0.5).
+- Batch 1 again with ``engine.fused`` off (``kindred-<format>-unfused``): the decode step without the fused
+  ops and stacked GEMVs of DecoderLayer.forward_decode, against the same limit.
 - Batch 64: ratio_to_baseline = its decode tokens/s ÷ batch 1's (goal ≥ 20).
 - Anchors, same run, same shape (random weights too): transformers' ``generate`` in bf16 with a static
   cache (transformers compiles its decode step, CUDA graphs included), and, when bitsandbytes imports,
@@ -96,17 +98,21 @@ def kindred_rows(hf: dict, quant: str, device, prompt: int, new: int, big: int, 
     engine = Engine.for_model(model)
     cfg = SamplingConfig(max_new_tokens=new)
     rows, per_token = [], {}
-    for batch in (1, big):
+    # batch 1 a second time with the fused ops off (engine.fused): the same step unfused, same run
+    for batch, fused in ((1, True), (1, False), (big, True)):
+        engine.fused = fused
         ps = prompts(batch, hf["vocab_size"], prompt)
+        before = engine.captures
         generate(model, ps, cfg)  # captures the graphs
-        captured = engine.captures
+        warm = engine.captures
         out = generate(model, ps, cfg)
         tps, prefill = decode_rate(out)
         ms = 1e3 * batch / tps  # per step
         shape = f"model={label},batch={batch},prompt={prompt},new={new}"
-        recaptured = engine.captures - captured
+        captured, recaptured = warm - before, engine.captures - warm
         notes = f"prefill {prefill * 1e3:.1f} ms; graphs captured {captured}, re-captured {recaptured}"
-        row = {"op": "decode", "impl": f"kindred-{quant}", "shape": shape, "dtype": "bf16", "ms": fmt(ms)}
+        impl = f"kindred-{quant}" + ("" if fused else "-unfused")
+        row = {"op": "decode", "impl": impl, "shape": shape, "dtype": "bf16", "ms": fmt(ms)}
         row["tokens_per_s"] = fmt(tps)
         if batch == 1:
             nbytes = step_bytes(model, prompt + (new - 1) / 2)
@@ -117,8 +123,8 @@ def kindred_rows(hf: dict, quant: str, device, prompt: int, new: int, big: int, 
                 ratio_to_baseline=fmt(limit_ms / ms),
                 gbps=fmt(nbytes / ms / 1e6),
             )
-            per_token[quant] = ms
-            one = tps
+            if fused:
+                per_token[quant], one = ms, tps
         else:
             row.update(
                 baseline_impl=f"kindred-{quant} batch 1",
@@ -261,14 +267,16 @@ def test_generate_bench_code_path_on_cpu(tmp_path, monkeypatch):
     }
     rows = run(tiny, torch.device("cpu"), "tiny", prompt=5, new=12, big=3, steps=6)
     kinds = [(r["impl"], r["baseline_impl"].split(" ")[0]) for r in rows]
-    assert kinds[:4] == [
+    assert kinds[:6] == [
         ("kindred-nf4", "bandwidth"),
+        ("kindred-nf4-unfused", "bandwidth"),
         ("kindred-nf4", "kindred-nf4"),
         ("kindred-int4g", "bandwidth"),
+        ("kindred-int4g-unfused", "bandwidth"),
         ("kindred-int4g", "kindred-int4g"),
     ]
-    anchors = {b for _, b in kinds[4:]}
-    assert "transformers-bf16-static-compile" in anchors and len(kinds) == 4 + 2 * len(anchors)
+    anchors = {b for _, b in kinds[6:]}
+    assert "transformers-bf16-static-compile" in anchors and len(kinds) == 6 + 2 * len(anchors)
     for r in rows:
         assert float(r["tokens_per_s"]) > 0 and float(r["ratio_to_baseline"]) > 0
     assert "re-captured 0" in rows[0]["notes"]

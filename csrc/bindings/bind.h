@@ -10,4 +10,5 @@ void bind_lora(pybind11::module_& m);
 void bind_gguf(pybind11::module_& m);
 void bind_loss(pybind11::module_& m);
 void bind_tokens(pybind11::module_& m);
+void bind_fused(pybind11::module_& m);
 }  // namespace kindred

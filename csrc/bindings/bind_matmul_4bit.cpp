@@ -11,6 +11,7 @@ namespace kindred {
 void bind_matmul_4bit(py::module_& m) {
   m.attr("DECODE_MAX_ROWS") = kDecodeMaxRows;
   m.attr("DECODE_CHUNK") = kDecodeChunk;
+  m.attr("DECODE_ROW_PAD") = kDecodeRowPad;
   m.attr("DECODE_NF4") = static_cast<int>(DecodeFormat::nf4);
   m.attr("DECODE_INT4G") = static_cast<int>(DecodeFormat::int4g);
   py::class_<DecodeWeight>(m, "DecodeWeight")

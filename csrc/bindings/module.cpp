@@ -94,4 +94,5 @@ PYBIND11_MODULE(_core, m) {
   kindred::bind_gguf(m);
   kindred::bind_loss(m);
   kindred::bind_tokens(m);
+  kindred::bind_fused(m);
 }

@@ -23,6 +23,7 @@ __all__: list[str] = [
     "DECODE_INT4G",
     "DECODE_MAX_ROWS",
     "DECODE_NF4",
+    "DECODE_ROW_PAD",
     "DYNAMIC_MAP",
     "GGUF_BLOCK_TYPES",
     "IGNORE_INDEX",
@@ -41,6 +42,7 @@ __all__: list[str] = [
     "Nf4Tensors",
     "SentencePieceTokenizer",
     "TensorView",
+    "add_rms_norm",
     "apply_budget",
     "awq_pack",
     "awq_unpack",
@@ -72,7 +74,9 @@ __all__: list[str] = [
     "quantize_int4g",
     "quantize_nf4",
     "repack_decode",
+    "rope_qk_cache",
     "sentencepiece_compiled",
+    "silu_mul",
     "unpack_decode",
 ]
 
@@ -395,6 +399,33 @@ def sentencepiece_compiled() -> bool:
 def unpack_decode(d: DecodeWeight, out: Nf4Tensors) -> None: ...
 @typing.overload
 def unpack_decode(d: DecodeWeight, out: Int4gTensors) -> None: ...
+def add_rms_norm(
+    x: TensorView,
+    residual: TensorView,
+    w: TensorView,
+    eps: typing.SupportsFloat | typing.SupportsIndex,
+    out: TensorView,
+    residual_out: TensorView,
+    stream: typing.SupportsInt | typing.SupportsIndex,
+) -> None: ...
+def rope_qk_cache(
+    q: TensorView,
+    k: TensorView,
+    v: TensorView,
+    q_norm: TensorView | None,
+    k_norm: TensorView | None,
+    eps: typing.SupportsFloat | typing.SupportsIndex,
+    cos: TensorView,
+    sin: TensorView,
+    cache_k: TensorView,
+    cache_v: TensorView,
+    slots: TensorView,
+    q_out: TensorView,
+    stream: typing.SupportsInt | typing.SupportsIndex,
+) -> None: ...
+def silu_mul(
+    gate: TensorView, up: TensorView, out: TensorView, stream: typing.SupportsInt | typing.SupportsIndex
+) -> None: ...
 
 AWQ_ORDER: list = [0, 2, 4, 6, 1, 3, 5, 7]
 BUDGET_DROP: int = 2
@@ -406,6 +437,7 @@ DECODE_CHUNK: int = 128
 DECODE_INT4G: int = 1
 DECODE_MAX_ROWS: int = 16
 DECODE_NF4: int = 0
+DECODE_ROW_PAD: int = 16
 DYNAMIC_MAP: list = [
     -0.992968738079071,
     -0.9789062738418579,

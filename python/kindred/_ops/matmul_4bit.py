@@ -21,6 +21,7 @@ from .quant import core_weight, dequantize
 
 DECODE_MAX_ROWS: int = _core.DECODE_MAX_ROWS
 DECODE_CHUNK: int = _core.DECODE_CHUNK
+DECODE_ROW_PAD: int = _core.DECODE_ROW_PAD  # a decode layout's N is padded to a multiple of this
 DECODE_FORMATS = {"nf4": _core.DECODE_NF4, "int4g": _core.DECODE_INT4G}
 
 

@@ -53,6 +53,18 @@ class StaticCache:
         idx = lengths[:batch].view(batch, 1, 1, 1)
         self._decode, self._prefill = (batch, length, idx), None
 
+    def decode_buffers(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Decode mode, for a kernel that writes the new keys and values itself (``rope_qk_cache``):
+        ``layer``'s whole k and v [rows, Hkv, capacity, D] and each batch row's slot [batch]; ``attended``
+        then gives what attention reads."""
+        batch, _, idx = self._decode
+        return self.k[layer], self.v[layer], idx.view(batch)
+
+    def attended(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode mode: the slots [0, length) of the batch's rows of ``layer``'s k and v."""
+        batch, length, _ = self._decode
+        return self.k[layer][:batch, :, :length], self.v[layer][:batch, :, :length]
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new k, v [B, Hkv, T, D] of ``layer``; return what its attention reads."""
         if self._prefill is not None:
@@ -60,8 +72,8 @@ class StaticCache:
             self.k[layer][rows, :, slots] = k[0, :, :n].transpose(0, 1)
             self.v[layer][rows, :, slots] = v[0, :, :n].transpose(0, 1)
             return k, v
-        batch, length, idx = self._decode
-        kc, vc = self.k[layer][:batch, :, :length], self.v[layer][:batch, :, :length]
+        batch, _, idx = self._decode
+        kc, vc = self.attended(layer)
         idx = idx.expand(batch, k.shape[1], 1, k.shape[3])
         kc.scatter_(2, idx, k)
         vc.scatter_(2, idx, v)

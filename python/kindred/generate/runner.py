@@ -36,7 +36,9 @@ class Engine:
     ``Engine.for_model(model)`` returns the model's engine. ``padded`` (default: on CUDA) runs each step
     over the batch and length buckets of the graphs (else over the live rows and filled slots exactly);
     ``use_graphs`` (default: on CUDA) replays the captured steps, off for the eager step over the same
-    shapes; ``captures`` counts graph captures; ``release()`` frees the cache and graphs.
+    shapes; ``fused`` (default: on CUDA, where the model allows) runs decode steps through the fused ops
+    (``DecoderLayer.forward_decode``); ``captures`` counts graph captures; ``release()`` frees the cache
+    and graphs.
     """
 
     def __init__(self, model: DecoderLM):
@@ -45,6 +47,8 @@ class Engine:
         self.device, self.dtype = weight.device, weight.dtype
         self.padded = self.device.type == "cuda"
         self.use_graphs = self.padded
+        # decode steps through the fused ops (CUDA by default; the CPU runs the core's references of them)
+        self.fused = self.padded and model.model.can_fuse_decode
         self.captures = 0
         self.cache: StaticCache | None = None
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -153,13 +157,14 @@ class Runner:
         e = self.engine
         tokens, lengths = e._tokens[:batch], e._lengths[:batch]
         self.cache.decode(batch, length, lengths)
-        ctx = AttentionContext(1, length - 1, e.device, None, "sdpa", lengths=lengths)
+        fused = e.fused and self.model.model.can_fuse_decode
+        ctx = AttentionContext(1, length - 1, e.device, None, "sdpa", lengths=lengths, fused=fused)
         hidden = self.model.model(tokens[:, None], lengths[:, None], ctx, self.cache)
         return self.model.logits(hidden[:, 0]).float()
 
     def _graph(self, batch: int, length: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         e = self.engine
-        key = (self.signature, batch, length)
+        key = (self.signature, e.fused, batch, length)
         if key not in e.graphs:
             # Warm-up on a side stream (builds the decode weights, cuBLAS handles); it computes this very
             # step (same tokens, same slots), so the capture below only has to record it.

@@ -76,6 +76,7 @@ class AttentionContext:
     backend: str = "sdpa"
     lengths: torch.Tensor | None = None
     cu_seqlens: torch.Tensor | None = None  # the packed documents' offsets (linear attention restarts there)
+    fused: bool = False  # a decode step through the fused ops (DecoderModel.can_fuse_decode)
     _masks: dict = dataclasses.field(default_factory=dict)
 
     @property

@@ -18,7 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .._ops.fused import add_rms_norm, rope_qk_cache, silu_mul
 from ..errors import KindredValueError
+from ..nn.stacked import stacked_decode
 from .attention import AttentionContext, attend, document_ids, pick_backend
 from .attention import positions_from_cu_seqlens as _positions
 from .config import LINEAR, SLIDING, DecoderConfig
@@ -110,6 +112,23 @@ class Attention(nn.Module):
             out = out * torch.sigmoid(gate)
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
 
+    def forward_decode(self, x, rope, ctx: AttentionContext, cache) -> torch.Tensor:
+        """forward for one token per row against a static cache in decode mode (``cache.decode_buffers``):
+        q, k and v from one stacked 4-bit GEMV where the layers allow, then q/k norm, rotary and the cache
+        write in one kernel (``rope_qk_cache``)."""
+        b = x.shape[0]
+        x2 = x.reshape(b, -1)
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        q, k, v = stacked_decode(projs, x2) or [p(x2) for p in projs]
+        norms = (self.q_norm.weight, self.k_norm.weight) if hasattr(self, "q_norm") else (None, None)
+        eps = self.q_norm.eps if hasattr(self, "q_norm") else 1e-6
+        cache_k, cache_v, slots = cache.decode_buffers(self.layer_idx)
+        cos, sin = rope
+        q = rope_qk_cache(q, k, v, *norms, eps, cos[:, 0], sin[:, 0], cache_k, cache_v, slots)
+        k, v = cache.attended(self.layer_idx)
+        out = attend(q[:, :, None], k, v, ctx, self.window, self.scale, self.sinks)  # [B, H, 1, D]
+        return self.o_proj(out.reshape(b, 1, self.num_heads * self.head_dim))
+
 
 class MLP(nn.Module):
     def __init__(self, config: DecoderConfig):
@@ -127,6 +146,15 @@ class MLP(nn.Module):
         else:
             g = F.gelu(g, approximate="tanh" if self.act == "gelu_pytorch_tanh" else "none")
         return self.down_proj(g * self.up_proj(x))
+
+    def forward_decode(self, x: torch.Tensor) -> torch.Tensor:
+        """forward for a few rows: gate and up from one stacked 4-bit GEMV where the layers allow, SiLU and
+        the product in one kernel (``silu_mul``); other activations as forward."""
+        if self.act != "silu":
+            return self.forward(x)
+        g, u = stacked_decode((self.gate_proj, self.up_proj), x) or (self.gate_proj(x), self.up_proj(x))
+        shape = g.shape
+        return self.down_proj(silu_mul(g.reshape(-1, shape[-1]), u.reshape(-1, shape[-1])).view(shape))
 
 
 class DecoderLayer(nn.Module):
@@ -163,6 +191,17 @@ class DecoderLayer(nn.Module):
         h = h + attn
         return h + self.mlp(self.post_attention_layernorm(h))
 
+    def forward_decode(self, h, delta, rope, ctx: AttentionContext, cache):
+        """forward of a decode step through the fused ops (``DecoderModel.can_fuse_decode``): the residual
+        add of the block before (``delta``, None for the first layer) joins this block's first norm.
+        Returns (h, delta): the residual stream and what is still to be added to it."""
+        norm = self.input_layernorm
+        x, h = (norm(h), h) if delta is None else add_rms_norm(delta, h, norm.weight, norm.eps)
+        attn = self.self_attn.forward_decode(x, rope, ctx, cache)
+        norm = self.post_attention_layernorm
+        x, h = add_rms_norm(attn, h, norm.weight, norm.eps)
+        return h, self.mlp.forward_decode(x) if isinstance(self.mlp, MLP) else self.mlp(x)
+
 
 class DecoderModel(nn.Module):
     """Embeddings, layers and the final norm (transformers' ``model`` submodule)."""
@@ -184,12 +223,25 @@ class DecoderModel(nn.Module):
             RotaryEmbedding(c.rope_local, c.head_dim, device) if c.rope_local != c.rope else None
         )
 
+    @property
+    def can_fuse_decode(self) -> bool:
+        """Whether decode steps may run through the fused ops (``AttentionContext.fused``): every layer
+        softmax attention with plain pre-norms (not Gemma's (1 + w) sandwich norms, Qwen3.5's linear or gated
+        attention)."""
+        c = self.config
+        return not (c.gemma_norm or c.sandwich_norms or c.attn_output_gate or LINEAR in c.layer_types)
+
     def forward(self, input_ids, position_ids, ctx: AttentionContext, cache: KVCache | None = None):
         h = self.embed_tokens(input_ids)
         if self.config.embed_scale is not None:  # Gemma: the scale is rounded to the activations' dtype first
             h = h * torch.tensor(self.config.embed_scale, dtype=torch.float32).to(h.dtype)
         rope = self.rotary(position_ids, h.dtype)
         rope_local = self.rotary_local(position_ids, h.dtype) if self.rotary_local is not None else rope
+        if ctx.fused:
+            delta = None
+            for layer in self.layers:
+                h, delta = layer.forward_decode(h, delta, rope_local if layer.sliding else rope, ctx, cache)
+            return add_rms_norm(delta, h, self.norm.weight, self.norm.eps)[0]
         ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
         for layer in self.layers:
             r = rope_local if layer.sliding else rope

@@ -1,0 +1,47 @@
+// The fused op family: the small per-layer steps of a decode forward, one launch each instead of several
+// (python/kindred/models/decoder.py, DecoderLayer.forward_decode). Each rounds to the activations' dtype T at
+// exactly the points where the unfused torch ops round, so only reductions may differ (in their order):
+// - add_rms_norm: s = T(x + residual); out = T(s · rsqrt(mean(s²) + eps) · w), residual_out = s.
+// - silu_mul: out = T(T(silu(gate)) · up).
+// - rope_qk_cache: per row b of one decode step, q/k RMSNorm per head (optional, as add_rms_norm without the
+//   add), then rotary on the first `rot` features in the rotate-half layout:
+//   y_i = T(T(x_i · cos_i) + T(r_i · sin_i)), r = (−x[rot/2:rot], x[0:rot/2]); the rest passes through.
+//   q goes to q_out [B, H, D]; k and v go into the cache [rows, Hkv, capacity, D] at row b, slot slots[b].
+// CPU: the reference of each (csrc/cpu/fused_cpu.cpp, f32 / f16 / bf16 / f64); CUDA: one kernel each
+// (kernels/fused/fused_cuda.cu, f32 / f16 / bf16). All buffers are allocated by the caller.
+#pragma once
+
+#include <optional>
+
+#include "kindred/common.h"
+
+namespace kindred {
+
+// x, residual [M, D] with unit column stride (rows may be strided), w [D]; out, residual_out [M, D]
+// contiguous (residual_out may be residual itself).
+void add_rms_norm(const TensorView& x, const TensorView& residual, const TensorView& w, double eps,
+                  const TensorView& out, const TensorView& residual_out, int64_t stream);
+void add_rms_norm_cpu(const TensorView& x, const TensorView& residual, const TensorView& w, double eps,
+                      const TensorView& out, const TensorView& residual_out);
+void add_rms_norm_cuda(const TensorView& x, const TensorView& residual, const TensorView& w, double eps,
+                       const TensorView& out, const TensorView& residual_out, int64_t stream);
+
+// gate, up [M, I] with unit column stride (e.g. two column ranges of one fused GEMV output); out [M, I].
+void silu_mul(const TensorView& gate, const TensorView& up, const TensorView& out, int64_t stream);
+void silu_mul_cpu(const TensorView& gate, const TensorView& up, const TensorView& out);
+void silu_mul_cuda(const TensorView& gate, const TensorView& up, const TensorView& out, int64_t stream);
+
+// q [B, H·D], k and v [B, Hkv·D] with unit column stride; q_norm, k_norm [D] or absent (both or neither);
+// cos, sin [B, rot] (rot even, <= D); cache_k, cache_v contiguous [rows >= B, Hkv, capacity, D]; slots i64 [B]
+// in [0, capacity); q_out contiguous [B, H, D].
+struct RopeQkCache {
+  TensorView q, k, v;
+  std::optional<TensorView> q_norm, k_norm;
+  double eps = 1e-6;
+  TensorView cos, sin, cache_k, cache_v, slots, q_out;
+};
+void rope_qk_cache(const RopeQkCache& a, int64_t stream);
+void rope_qk_cache_cpu(const RopeQkCache& a);
+void rope_qk_cache_cuda(const RopeQkCache& a, int64_t stream);
+
+}  // namespace kindred
