@@ -19,6 +19,10 @@ the notes).
   and the time per token is the median of the steps after the first; kindred's ratio to each is per token
   (goal ≥ 2).
 
+With ``KINDRED_PROFILE_DIR`` set, each batch-1 configuration also runs one generate call of PROFILE_STEPS
+decode steps under torch.profiler: ``$KINDRED_PROFILE_DIR/generate_profile.txt`` gets the device time per
+kernel.
+
 Run: python -m pytest benchmarks/bench_generate.py -m benchmark -s     (KINDRED_GEN_ANCHOR=0: kindred only)
 The CPU check of the same code path on a tiny model: python -m pytest benchmarks/bench_generate.py -q
 """
@@ -30,6 +34,7 @@ import os
 import statistics
 import time
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -40,12 +45,13 @@ from kindred.models import from_config
 from kindred.nn import Linear4bit
 
 from . import harness
-from .bench_e2e import _to_bnb_nf4, have_bnb
+from .bench_e2e import _to_bnb_nf4, have_bnb, profile_step
 from .harness import fmt
 from .shapes import HF_CONFIGS
 
 RUNS_ON_CPU = True  # the tiny-model check below; the benchmark itself is marked gpu
 PROMPT, NEW, BIG_BATCH, ANCHOR_STEPS = 32, 512, 64, 48
+PROFILE_STEPS = 32  # decode steps in the profiled call (KINDRED_PROFILE_DIR)
 
 
 def copy_rate(device: torch.device) -> float:
@@ -58,6 +64,18 @@ def copy_rate(device: torch.device) -> float:
     else:
         seconds = min(_timed(lambda: dst.copy_(src)) for _ in range(5))
     return 2 * src.numel() * src.element_size() / seconds
+
+
+def _write_profile(title: str, model, ps, cfg, device) -> None:
+    """Append the per-kernel device time of one short generate call to
+    $KINDRED_PROFILE_DIR/generate_profile.txt (profiler notices must not fail the benchmark)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        text = profile_step(lambda: generate(model, ps, cfg), device, title)
+    path = Path(os.environ["KINDRED_PROFILE_DIR"]) / "generate_profile.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(text)
 
 
 def _timed(fn) -> float:
@@ -133,6 +151,10 @@ def kindred_rows(hf: dict, quant: str, device, prompt: int, new: int, big: int, 
             )
         row["notes"] = notes
         rows.append(row)
+        if batch == 1 and os.environ.get("KINDRED_PROFILE_DIR"):
+            short = SamplingConfig(max_new_tokens=PROFILE_STEPS + 1)
+            title = f"{impl} {shape}: prefill + {PROFILE_STEPS} decode steps"
+            _write_profile(title, model, ps, short, device)
     del model, engine
     gc.collect()
     if torch.cuda.is_available():
