@@ -57,6 +57,8 @@ void add_rms_norm(const TensorView& x, const TensorView& residual, const TensorV
   check_eps(eps);
   if (m == 0) return;
   if (x.device == Device::cpu) return add_rms_norm_cpu(x, residual, w, eps, out, residual_out);
+  KINDRED_CHECK(d <= kAddRmsNormMaxCudaFeatures, "x's features must be <= ", kAddRmsNormMaxCudaFeatures,
+                " for the CUDA kernel (one block holds a row in registers), got ", x.describe());
   KINDRED_CALL_CUDA(add_rms_norm, x, residual, w, eps, out, residual_out, stream);
 }
 

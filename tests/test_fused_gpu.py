@@ -12,6 +12,7 @@ import torch
 from kindred import _core, models
 from kindred._ops.adapter import view
 from kindred._ops.fused import add_rms_norm, rope_qk_cache, silu_mul
+from kindred.errors import KindredValueError
 from kindred.generate import SamplingConfig, generate
 from kindred.generate.runner import Engine, Runner
 from kindred.nn import Linear4bit, apply_lora
@@ -25,7 +26,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m,d", [(1, 4096), (3, 1000), (117, 576), (16, 5120)])
+@pytest.mark.parametrize("m,d", [(1, 4096), (3, 1000), (117, 576), (16, 5120), (2, 16384)])
 def test_add_rms_norm_cuda_equals_the_reference(dtype, m, d):
     wide = rand(m, d + 8, dtype=dtype, seed=1)
     x, r, w = wide[:, :d], rand(m, d, dtype=dtype, seed=2), rand(d, dtype=dtype, seed=3)
@@ -38,6 +39,12 @@ def test_add_rms_norm_cuda_equals_the_reference(dtype, m, d):
     torch.cuda.synchronize()
     assert torch.equal(s.cpu(), want_s)
     ulp_close(out.cpu(), want)
+
+
+def test_add_rms_norm_cuda_refuses_a_row_past_its_registers():
+    x = torch.ones(1, 16385, dtype=torch.bfloat16, device="cuda")
+    with pytest.raises(KindredValueError, match="x's features must be <= 16384 for the CUDA kernel"):
+        add_rms_norm(x, x, x[0], 1e-6)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -11,7 +11,9 @@ namespace {
 using cuda::from_f32;
 using cuda::to_f32;
 
-constexpr int kNormThreads = 256;
+constexpr int kNormThreads = 1024;
+constexpr int kNormPer = 16;  // values per thread
+static_assert(kNormThreads * kNormPer == kAddRmsNormMaxCudaFeatures, "the row limit csrc/fused.cpp checks");
 constexpr int kRopeWarps = 4;
 constexpr int kMaxHeadDim = 512;  // csrc/fused.cpp refuses more
 
@@ -20,34 +22,46 @@ __device__ __forceinline__ float rounded(float v) {
   return to_f32(from_f32<T>(v));
 }
 
-// One block per row: s = T(x + residual) to residual_out, then out = T(s · rsqrt(mean(s²) + eps) · w).
+// One block per row: s = T(x + residual) to residual_out, then out = T(s · rsqrt(mean(s²) + eps) · w). Each
+// thread holds its kNormPer values in registers: every load is issued before any store (residual may be
+// residual_out, so a load after a store would wait for it: a global round trip per element).
 template <typename T>
-__global__ void add_rms_norm_kernel(const T* __restrict__ x, int64_t ldx, const T* residual, int64_t ldr,
-                                    const T* __restrict__ w, int64_t d, float eps, T* __restrict__ out,
-                                    T* residual_out) {
+__global__ void __launch_bounds__(kNormThreads)
+    add_rms_norm_kernel(const T* __restrict__ x, int64_t ldx, const T* residual, int64_t ldr, const T* __restrict__ w,
+                        int d, float eps, T* __restrict__ out, T* residual_out) {
   const int64_t row = blockIdx.x;
   const T* xr = x + row * ldx;
   const T* rr = residual + row * ldr;
   T* so = residual_out + row * d;
+  float s[kNormPer];
   float sum = 0.0f;
-  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
-    const float s = rounded<T>(to_f32(xr[i]) + to_f32(rr[i]));  // residual may be residual_out: read first
-    so[i] = from_f32<T>(s);
-    sum += s * s;
+#pragma unroll
+  for (int j = 0; j < kNormPer; ++j) {
+    const int i = threadIdx.x + j * kNormThreads;
+    s[j] = i < d ? rounded<T>(to_f32(xr[i]) + to_f32(rr[i])) : 0.0f;
+    sum += s[j] * s[j];
+  }
+#pragma unroll
+  for (int j = 0; j < kNormPer; ++j) {
+    const int i = threadIdx.x + j * kNormThreads;
+    if (i < d) so[i] = from_f32<T>(s[j]);
   }
   __shared__ float partial[kNormThreads / 32];
   sum = cuda::warp_sum(sum);
   if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = sum;
   __syncthreads();
   if (threadIdx.x < 32) {
-    float v = threadIdx.x < blockDim.x / 32 ? partial[threadIdx.x] : 0.0f;
+    float v = threadIdx.x < kNormThreads / 32 ? partial[threadIdx.x] : 0.0f;
     v = cuda::warp_sum(v);
     if (threadIdx.x == 0) partial[0] = v;
   }
   __syncthreads();
   const float inv = rsqrtf(partial[0] / static_cast<float>(d) + eps);
-  for (int64_t i = threadIdx.x; i < d; i += blockDim.x)  // each thread reads back only what it wrote
-    out[row * d + i] = from_f32<T>(to_f32(so[i]) * inv * to_f32(w[i]));
+#pragma unroll
+  for (int j = 0; j < kNormPer; ++j) {
+    const int i = threadIdx.x + j * kNormThreads;
+    if (i < d) out[row * d + i] = from_f32<T>(s[j] * inv * to_f32(w[i]));
+  }
 }
 
 template <typename T>
@@ -138,8 +152,8 @@ void add_rms_norm_cuda(const TensorView& x, const TensorView& residual, const Te
   cuda::with_float_type(x.dtype, [&](auto tag) {
     using T = decltype(tag);
     add_rms_norm_kernel<T><<<static_cast<unsigned>(x.shape[0]), kNormThreads, 0, cuda::as_stream(stream)>>>(
-        x.ptr<const T>(), x.strides[0], residual.ptr<const T>(), residual.strides[0], w.ptr<const T>(), x.shape[1],
-        static_cast<float>(eps), out.ptr<T>(), residual_out.ptr<T>());
+        x.ptr<const T>(), x.strides[0], residual.ptr<const T>(), residual.strides[0], w.ptr<const T>(),
+        static_cast<int>(x.shape[1]), static_cast<float>(eps), out.ptr<T>(), residual_out.ptr<T>());
   });
   cuda::check_launch("add_rms_norm_kernel");
 }

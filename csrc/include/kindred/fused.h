@@ -17,6 +17,8 @@
 
 namespace kindred {
 
+inline constexpr int64_t kAddRmsNormMaxCudaFeatures = 16384;  // D the CUDA kernel takes (1024 threads x 16)
+
 // x, residual [M, D] with unit column stride (rows may be strided), w [D]; out, residual_out [M, D]
 // contiguous (residual_out may be residual itself).
 void add_rms_norm(const TensorView& x, const TensorView& residual, const TensorView& w, double eps,
