@@ -1,4 +1,5 @@
-"""End-to-end QLoRA training step (issue 7): kindred's Trainer against transformers + PEFT (+ bitsandbytes).
+"""End-to-end QLoRA training step (issues 7, 19, 20): kindred's Trainer against transformers + PEFT
+(+ bitsandbytes) and, with KINDRED_E2E_UNSLOTH=1, Unsloth, in the same run on the same shapes.
 
 Random weights of the real shapes (values do not change the work): Qwen3-8B at sequence 2048 × micro-batch 4
 with full recomputation (goal ≥ 10,000 tokens/s at ≤ 10 GiB) and without (≥ 13,000 at ≤ 40 GiB), Gemma 3 12B
@@ -11,6 +12,19 @@ sequence per packed row; ``trainer._train_step()`` is timed. Anchor, same run an
 model built in bf16 on the device, its seven projections swapped for bitsandbytes NF4 ``Linear4bit`` (double
 quantization, bf16 compute) when bitsandbytes imports, PEFT LoRA, gradient checkpointing, SDPA (gpt-oss:
 FlexAttention), AdamW. transformers' MoE experts are 3-D parameters: they stay bf16 in the anchor.
+Unsloth (``test_e2e_unsloth``, after kindred's rows are appended): it patches transformers on import, so it
+runs in a subprocess per case (benchmarks/unsloth_step.py), with ``.carry/unsloth.tar.xz`` (make_carry.sh)
+unpacked once and put on its PYTHONPATH after ``.carry/site``. This process writes the case's checkpoint
+(transformers' model, random bf16 weights, ``save_pretrained``, a minimal WordLevel tokenizer of the config's
+vocabulary) to the temp folder, or /dev/shm when the disk has no room ($KINDRED_E2E_UNSLOTH_DIR overrides),
+deleted after; the subprocess loads it with ``FastLanguageModel.from_pretrained(load_in_4bit=True,
+dtype=bf16)``, ``get_peft_model(r=16, lora_alpha=16, lora_dropout=0, the case's targets,
+use_gradient_checkpointing="unsloth")``, AdamW(fused) at kindred's lr, the anchor's token rows, and prints one
+JSON line: tokens/s, peak, the first step's seconds (compilation), load time, host RSS and pinned host bytes
+(its checkpointing offloads to host memory). It is killed after $KINDRED_E2E_UNSLOTH_TIMEOUT seconds (420); a
+failure is a row whose notes give the last error line (the output's tail is printed, the whole log goes to
+$OUT/unsloth_<case>.log). Its row ("unsloth", the ckpt=1 shape) has the transformers anchor as baseline like
+kindred's rows, and its notes give kindred's ckpt=1 tokens/s and peak as multiples of Unsloth's.
 Timing: 2 warm-up steps, then ``KINDRED_E2E_STEPS`` (default 5) steps between ``torch.cuda.synchronize()``
 calls; tokens/s = tokens / time. Memory: ``max_memory_allocated`` over the timed steps, i.e. the whole peak
 (weights, optimizer state and the step), written to
@@ -18,16 +32,30 @@ calls; tokens/s = tokens / time. Memory: ``max_memory_allocated`` over the timed
 With ``KINDRED_PROFILE_DIR`` set, one more kindred step per configuration runs under torch.profiler and
 ``$KINDRED_PROFILE_DIR/e2e_profile.txt`` gets the device time per kernel name and per op.
 
-Run: python -m pytest benchmarks/bench_e2e.py -m benchmark -s     (KINDRED_E2E_ANCHOR=0: kindred only)
+Run: python -m pytest benchmarks/bench_e2e.py -m benchmark -s   (KINDRED_E2E_ANCHOR=0: no transformers anchor)
+pytest -k picks cases and checkpointing modes: test_e2e_train_step[qwen3-8b-full], [qwen3-8b-none], ...,
+test_e2e_unsloth[qwen3-8b] (skipped unless KINDRED_E2E_UNSLOTH=1), e.g. -k "qwen3-8b-full or unsloth and
+qwen3-8b". A case's transformers anchor runs with its first selected policy; the others reuse its row.
 The CPU check of the same code path on tiny models: python -m pytest benchmarks/bench_e2e.py -q
+(it covers the Unsloth anchor's parts that need no Unsloth: rows, the model folder, the subprocess plumbing).
 """
 
 from __future__ import annotations
 
+import atexit
 import collections
+import contextlib
+import csv
 import gc
+import json
 import math
 import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
 import tempfile
 import time
 import warnings
@@ -42,13 +70,14 @@ from kindred.data.packing import PackedData
 from kindred.models import from_config
 from kindred.train import Trainer
 
-from . import harness
+from . import harness, unsloth_step
 from .harness import fmt
 from .shapes import HF_CONFIGS
 
 RUNS_ON_CPU = True  # the tiny-model check below; the benchmark itself is marked gpu
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 RANK = 16
+LR = 1e-4  # AdamW's learning rate, kindred's and the anchors'
 IGNORED = 0.25  # share of labels set to -100
 
 QWEN3_8B, GEMMA3_12B = HF_CONFIGS["qwen3-8b"], HF_CONFIGS["gemma3-12b"]
@@ -141,7 +170,7 @@ def kindred_trainer(
             "max_steps": 1000,
             "micro_batch_tokens": seq * batch,
             "grad_accum": 1,
-            "lr": 1e-4,
+            "lr": LR,
             "schedule": "constant",
             "gradient_checkpointing": ckpt,
         },
@@ -229,12 +258,17 @@ def _to_bnb_nf4(model: nn.Module) -> None:
     return count
 
 
+def anchor_rows(seq: int, batch: int, vocab: int) -> PackedData:
+    """The anchors' token rows (transformers + PEFT and Unsloth alike): ``packed_rows``'s rule, seed 1."""
+    return packed_rows(batch, seq, vocab, seed=1)
+
+
 def anchor_step(model, seq: int, batch: int, vocab: int, device: torch.device):
-    data = packed_rows(batch, seq, vocab, seed=1)
+    data = anchor_rows(seq, batch, vocab)
     ids = torch.from_numpy(data.input_ids).long().to(device)
     labels = torch.from_numpy(data.labels).long().to(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
+    opt = torch.optim.AdamW(params, lr=LR, fused=device.type == "cuda")
 
     def step():
         loss = model(input_ids=ids, labels=labels).loss
@@ -336,7 +370,7 @@ def run_case(name: str, hf: dict, seq: int, batch: int, ckpts, device, warmup: i
     targets = CASE_TARGETS.get(name, TARGETS)
 
     def shape(impl_method: str, ckpt: int) -> str:
-        return f"model={name},method={impl_method},seq={seq},batch={batch},r={RANK},ckpt={ckpt}"
+        return case_shape(name, seq, batch, impl_method, ckpt)
 
     for ckpt, goal_tps, goal_gib in ckpts:
         row = {"op": "train_step", "impl": "kindred", "shape": shape("qlora", int(ckpt == "full"))}
@@ -392,12 +426,23 @@ def run_case(name: str, hf: dict, seq: int, batch: int, ckpts, device, warmup: i
         _free(device)
         rows.append(row)
         print(_line(row), flush=True)
-        if row.get("ms"):
-            for r in rows[:-1]:
-                if r.get("ms"):
-                    r.update(baseline_impl=impl, baseline_ms=row["ms"])
-                    r["ratio_to_baseline"] = fmt(float(r["ms"]) / float(row["ms"]))
+        set_baseline(rows[:-1], row)
     return rows, errors
+
+
+def case_shape(name: str, seq: int, batch: int, method: str, ckpt: int) -> str:
+    return f"model={name},method={method},seq={seq},batch={batch},r={RANK},ckpt={ckpt}"
+
+
+def set_baseline(rows: list[dict], anchor: dict | None) -> None:
+    """Point each measured row at the transformers anchor: baseline_impl, baseline_ms and ratio_to_baseline =
+    the row's ms / the anchor's ms (below 1: faster than the anchor)."""
+    if not anchor or not anchor.get("ms"):
+        return
+    for r in rows:
+        if r.get("ms"):
+            r.update(baseline_impl=anchor["impl"], baseline_ms=anchor["ms"])
+            r["ratio_to_baseline"] = fmt(float(r["ms"]) / float(anchor["ms"]))
 
 
 def _numbers(m: dict) -> dict:
@@ -415,21 +460,246 @@ def _line(row: dict) -> str:
     )
 
 
+# ---- Unsloth: the third anchor, one subprocess per case ---------------------------------------------------
+ROOT = Path(__file__).resolve().parent.parent
+UNSLOTH_SCRIPT = Path(__file__).with_name("unsloth_step.py")
+_unsloth_site: Path | None = None
+
+
+def unsloth_carry() -> Path:
+    """The packed Unsloth site (benchmarks/make_carry.sh): $KINDRED_UNSLOTH_CARRY or .carry/unsloth.tar.xz."""
+    return Path(os.environ.get("KINDRED_UNSLOTH_CARRY") or ROOT / ".carry" / "unsloth.tar.xz")
+
+
+def unsloth_site() -> Path:
+    """``unsloth_carry()`` unpacked once per process into a temporary folder, removed at exit."""
+    global _unsloth_site
+    if _unsloth_site is None:
+        tar = unsloth_carry()
+        if not tar.is_file():
+            raise FileNotFoundError(f"{tar} is missing: benchmarks/make_carry.sh builds it; carry it")
+        folder = Path(tempfile.mkdtemp(prefix="kindred-unsloth-site-"))
+        atexit.register(shutil.rmtree, folder, True)
+        with tarfile.open(tar) as t:
+            t.extractall(folder, filter="data")
+        _unsloth_site = folder
+    return _unsloth_site
+
+
+def unsloth_env(site: Path) -> dict:
+    """The subprocess's environment: PYTHONPATH = ours (.carry/site first) + the Unsloth site; offline."""
+    env = dict(os.environ)
+    path = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    carried = ROOT / ".carry" / "site"
+    if carried.is_dir() and not any(Path(p).resolve() == carried.resolve() for p in path):
+        path.insert(0, str(carried))
+    env["PYTHONPATH"] = os.pathsep.join([*path, str(site)])
+    env.update(
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        UNSLOTH_DISABLE_STATISTICS="1",  # its usage ping downloads from the hub
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def unsloth_model_dirs() -> list[str]:
+    """Where the random checkpoint may go (the first with room): $KINDRED_E2E_UNSLOTH_DIR (a list split on
+    os.pathsep) or the temp folder, then /dev/shm (host memory) for MoE checkpoints the disk cannot hold."""
+    given = os.environ.get("KINDRED_E2E_UNSLOTH_DIR")
+    return given.split(os.pathsep) if given else [tempfile.gettempdir(), "/dev/shm"]
+
+
+def run_logged(cmd: list[str], env: dict, cwd: Path, timeout: float, log: Path) -> tuple[int | None, str]:
+    """Run ``cmd`` in its own process group, output to ``log``; killed (the whole group) after ``timeout``
+    seconds. Returns (exit status or None when killed, the output)."""
+    with log.open("w") as f:
+        proc = subprocess.Popen(
+            cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+        def kill():
+            with contextlib.suppress(ProcessLookupError, PermissionError):  # its compile workers too
+                os.killpg(proc.pid, signal.SIGKILL)
+
+        def on_term(signum, frame):  # run_gpu.sh's step limit stops pytest: the group must not outlive it
+            kill()
+            raise KeyboardInterrupt(f"signal {signum} while {cmd[-2]} ran")
+
+        previous = None
+        with contextlib.suppress(ValueError):  # only the main thread may set handlers
+            previous = signal.signal(signal.SIGTERM, on_term)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            rc = None
+        finally:
+            kill()
+            proc.wait()
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+    return rc, log.read_text(errors="replace")
+
+
+def _error_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b", line):
+            return line
+    return lines[-1] if lines else "no output"
+
+
+def _unsloth_notes(r: dict, wrote: str, kindred: dict | None) -> str:
+    before, after = r.get("host_before", {}), r.get("host_after", {})
+    host = ""
+    if "rss_mib" in after:
+        grew = after["rss_mib"] - before.get("rss_mib", 0)
+        host = f"host RSS {after['rss_mib']:.0f} MiB ({grew:+.0f} over the timed steps"
+        host += f", peak {r['max_rss_mib']:.0f})" if "max_rss_mib" in r else ")"
+    if "pinned_mib" in after:
+        host += f", pinned host {after['pinned_mib']:.0f} MiB (peak {after.get('pinned_peak_mib', 0):.0f})"
+    notes = (
+        f"Unsloth {r.get('unsloth')}: {r.get('n_4bit')} bitsandbytes NF4 linears, {r.get('attn')}, "
+        f'use_gradient_checkpointing="unsloth", AdamW(fused); first step {r["first_step_s"]:.1f} s, '
+        f"load {r['load_s']:.1f} s (import {r.get('import_s', 0):.1f} s); {r.get('live_mib', 0):.0f} MiB "
+        f"live before the step, {r.get('peak_reserved_mib', 0):.0f} MiB reserved at peak; {host}; {wrote}; "
+        f"loss {r['loss']:.4f}"
+    )
+    if kindred and kindred.get("tokens_per_s") and r.get("tokens_per_s"):
+        speed = float(kindred["tokens_per_s"]) / float(r["tokens_per_s"])
+        notes += f"; kindred ckpt=1: {speed:.3f}x Unsloth's tokens/s"
+        if kindred.get("peak_extra_mib") and r.get("peak_mib"):
+            notes += f" at {float(kindred['peak_extra_mib']) / float(r['peak_mib']):.3f}x its peak"
+    return notes
+
+
+def run_unsloth(
+    name: str,
+    hf: dict,
+    seq: int,
+    batch: int,
+    device: torch.device,
+    warmup: int,
+    steps: int,
+    earlier: list[dict] | tuple = (),
+    timeout: float | None = None,
+    script: Path = UNSLOTH_SCRIPT,
+) -> tuple[dict, str, list[str]]:
+    """The CSV row of Unsloth's step on ``name``'s shape (unsloth_step.py in a subprocess, killed after
+    ``timeout`` s, default $KINDRED_E2E_UNSLOTH_TIMEOUT or 420), the tail of its output and the errors.
+    ``earlier``: this run's rows of the case; its transformers anchor becomes the baseline (ratio = Unsloth's
+    ms / the anchor's, as for kindred's rows) and its kindred ckpt=1 row is compared in the notes. The random
+    checkpoint is written here (transformers, this process), deleted after."""
+    if timeout is None:
+        timeout = float(os.environ.get("KINDRED_E2E_UNSLOTH_TIMEOUT", "420"))
+    row = {"op": "train_step", "impl": "unsloth", "dtype": "bf16"}
+    row["shape"] = case_shape(name, seq, batch, "qlora", 1)
+    errors, out, folder = [], "", None
+    work = Path(tempfile.mkdtemp(prefix="kindred-unsloth-run-"))  # spec, rows, log, unsloth_compiled_cache/
+    try:
+        site = unsloth_site()
+        t0 = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            folder, nbytes = unsloth_step.write_model_folder(hf, device, unsloth_model_dirs())
+        wrote = f"checkpoint {nbytes / 2**30:.1f} GiB written to {folder.parent}"
+        wrote += f" in {time.perf_counter() - t0:.0f} s"
+        _free(device)
+        data = anchor_rows(seq, batch, hf["vocab_size"])
+        unsloth_step.write_rows(work / "rows.npz", data.input_ids, data.labels)
+        spec = {
+            "model": str(folder),
+            "rows": str(work / "rows.npz"),
+            "seq": seq,
+            "targets": list(CASE_TARGETS.get(name, TARGETS)),
+            "rank": RANK,
+            "lr": LR,
+            "warmup": warmup,
+            "steps": steps,
+        }
+        (work / "spec.json").write_text(json.dumps(spec))
+        logs = Path(os.environ["OUT"]) if os.environ.get("OUT") else work
+        log = logs / f"unsloth_{re.sub(r'[^A-Za-z0-9._-]', '_', name)}.log"
+        cmd = [sys.executable, "-X", "faulthandler", str(script), str(work / "spec.json")]
+        rc, out = run_logged(cmd, unsloth_env(site), work, timeout, log)
+        result = unsloth_step.parse_result(out)
+        if result is None:
+            why = f"killed after {timeout:.0f} s" if rc is None else f"exit status {rc}"
+            row["notes"] = f"failed ({why}): {_error_line(out)[:300]}"
+            errors.append(f"{row['shape']}: unsloth {row['notes']}")
+        else:
+            row.update(_numbers(result))
+            same = [r for r in earlier if r["impl"] == "kindred" and r["shape"] == row["shape"]]
+            kindred = same[-1] if same else None
+            row["notes"] = _unsloth_notes(result, wrote, kindred)
+            if not math.isfinite(result["loss"]):
+                errors.append(f"{row['shape']}: unsloth loss {result['loss']}")
+    except torch.OutOfMemoryError as e:
+        row["notes"] = f"out of memory writing the checkpoint: {str(e)[:150]}"
+        errors.append(f"{row['shape']}: unsloth {row['notes']}")
+    except Exception as e:  # no carry, no room for the checkpoint, transformers refusing the config: say so
+        row["notes"] = f"unavailable: {type(e).__name__}: {str(e)[:250]}"
+        errors.append(f"{row['shape']}: unsloth {row['notes']}")
+    finally:
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+        _free(device)
+    set_baseline([row], next((r for r in earlier if r["impl"].startswith("transformers")), None))
+    return row, unsloth_step.tail(out), errors
+
+
+# ---- the benchmark: pytest -k picks cases and checkpointing modes (test_e2e_train_step[qwen3-8b-full]) ----
+WARMUP = 2
+_PARAMS = [pytest.param(n, c[0], id=f"{n}-{c[0]}") for n, case in CASES.items() for c in case[4]]
+_appended: dict[str, list[dict]] = {}  # case -> the rows this process appended (anchors compare with them)
+
+
+def _steps() -> int:
+    return int(os.environ.get("KINDRED_E2E_STEPS", "5"))
+
+
 @pytest.mark.benchmark
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", list(CASES))
-def test_e2e_train_step(name):
+@pytest.mark.parametrize(("name", "ckpt"), _PARAMS)
+def test_e2e_train_step(name, ckpt):
+    """kindred with one checkpointing policy; the transformers anchor with the case's first selected policy
+    (the others reuse its row as their baseline)."""
     hf, _, seq, batch, ckpts = CASES[name]
-    steps = int(os.environ.get("KINDRED_E2E_STEPS", "5"))
-    anchor = os.environ.get("KINDRED_E2E_ANCHOR", "1") != "0"
+    earlier = _appended.setdefault(name, [])
+    anchor_row = next((r for r in earlier if r["impl"].startswith("transformers")), None)
+    anchor = os.environ.get("KINDRED_E2E_ANCHOR", "1") != "0" and anchor_row is None
     torch.manual_seed(0)
-    rows, errors = run_case(name, hf, seq, batch, ckpts, torch.device("cuda"), 2, steps, anchor)
+    chosen = [c for c in ckpts if c[0] == ckpt]
+    rows, errors = run_case(name, hf, seq, batch, chosen, torch.device("cuda"), WARMUP, _steps(), anchor)
+    set_baseline(rows, anchor_row)
     path = harness.append("e2e", rows)
+    earlier.extend(rows)
     print(f"\n{name}: {len(rows)} rows appended to {path}")
     for row in rows:
         print("  " + _line(row))
     assert not errors, errors
     assert any(r.get("tokens_per_s") for r in rows if r["impl"] == "kindred")
+
+
+@pytest.mark.benchmark
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(CASES))
+def test_e2e_unsloth(name):
+    """Unsloth on the case's shape, after kindred's rows (KINDRED_E2E_UNSLOTH=1, .carry/unsloth.tar.xz)."""
+    if os.environ.get("KINDRED_E2E_UNSLOTH", "0") != "1":
+        pytest.skip("the Unsloth anchor runs with KINDRED_E2E_UNSLOTH=1")
+    hf, _, seq, batch, _ = CASES[name]
+    earlier = _appended.setdefault(name, [])
+    row, out, errors = run_unsloth(name, hf, seq, batch, torch.device("cuda"), WARMUP, _steps(), earlier)
+    path = harness.append("e2e", [row])
+    earlier.append(row)
+    print(f"\n{name}: Unsloth row appended to {path}\n  {_line(row)}")
+    if errors:
+        print(f"-- the last lines of Unsloth's output --\n{out}")
+    assert not errors, errors
 
 
 # ---- the same code path on the CPU, tiny models ----------------------------------------------------------
@@ -523,3 +793,175 @@ def test_e2e_code_path_on_cpu(tmp_path, monkeypatch):
     profile = (tmp_path / "profile" / "e2e_profile.txt").read_text()
     runs = sum(len(c[4]) for c in CASES.values())
     assert profile.count("== model=") == runs and "top kernels" in profile and "by op:" in profile
+
+
+# ---- the Unsloth anchor's parts that run without Unsloth (or a GPU) ----------------------------------------
+def test_unsloth_rows_and_result_line(tmp_path):
+    """The rows file holds the anchors' rows (packed_rows's rule, seed 1); the result line is the last tagged
+    JSON object of the output."""
+    data = anchor_rows(24, 3, 100)
+    ref = packed_rows(3, 24, 100, seed=1)
+    assert (data.input_ids == ref.input_ids).all() and (data.labels == ref.labels).all()
+    unsloth_step.write_rows(tmp_path / "rows.npz", data.input_ids, data.labels)
+    back = np.load(tmp_path / "rows.npz")
+    assert back["input_ids"].dtype == np.int64 and back["input_ids"].shape == (3, 24)
+    assert (back["input_ids"] == ref.input_ids).all() and (back["labels"] == ref.labels).all()
+    ignored = (back["labels"] == -100).sum(axis=1)
+    assert (back["labels"][:, 0] == -100).all() and ((ignored >= 6) & (ignored <= 7)).all()
+
+    tag = unsloth_step.RESULT_TAG
+    text = f'==((====))==  Unsloth\n{tag}{{"ms": 1}}\nnoise\n{tag}{{"ms": 2.5, "loss": 3}}\nwarning: x\n'
+    assert unsloth_step.parse_result(text) == {"ms": 2.5, "loss": 3}
+    assert unsloth_step.parse_result("Traceback ...\nValueError: x\n") is None
+    assert unsloth_step.parse_result(f"{tag}{{bad json\n") is None
+    assert unsloth_step.parse_result(f"{tag}[1, 2]\n") is None
+    assert unsloth_step.tail("a\nb\nc\n", 2) == "b\nc"
+
+
+def test_unsloth_model_folder(tmp_path):
+    """Every case's tiny config: the random bf16 checkpoint and the minimal tokenizer load back with
+    transformers' Auto classes (what Unsloth's loader calls), special ids agreeing with the config."""
+    pytest.importorskip("transformers")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cpu = torch.device("cpu")
+    for name, (hf, *_) in CASES.items():
+        tiny = _tiny(hf)
+        dirs = [str(tmp_path / "missing"), str(tmp_path)]
+        folder, nbytes = unsloth_step.write_model_folder(tiny, cpu, dirs)
+        assert folder.parent == tmp_path and (folder / "config.json").is_file(), name
+        assert (folder / "tokenizer.json").is_file() and list(folder.glob("*.safetensors")), name
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+        assert model.config.model_type == tiny["model_type"] and model.config.vocab_size == 512, name
+        assert unsloth_step.state_bytes(model) == nbytes, name
+        assert {p.dtype for p in model.parameters()} == {torch.bfloat16}, name
+        tok = AutoTokenizer.from_pretrained(folder)
+        assert len(tok) == 512, name
+        specials = [tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, tok.unk_token_id]
+        assert len(set(specials)) == 4 and max(specials) < 8, (name, specials)
+        config = model.config
+        assert specials[:3] == [config.pad_token_id, config.bos_token_id, config.eos_token_id], name
+        assert tok("t7 t9 t511", add_special_tokens=False)["input_ids"] == [7, 9, 511], name
+        logits = model(input_ids=torch.tensor([[7, 9, 11, 13]])).logits
+        assert logits.shape == (1, 4, 512) and torch.isfinite(logits).all(), name
+        del model
+        shutil.rmtree(folder)
+    with pytest.raises(RuntimeError, match="fits in none of"):
+        unsloth_step.pick_folder(2**62, [str(tmp_path)])
+
+
+_FAKE_STEP = """
+import json, os, sys, time
+import numpy as np
+import kindred_fake_unsloth  # from the unpacked carry: PYTHONPATH reaches it
+spec = json.load(open(sys.argv[1]))
+rows = np.load(spec["rows"])
+assert rows["input_ids"].shape == rows["labels"].shape == (2, spec["seq"]), rows["input_ids"].shape
+assert os.path.isfile(os.path.join(spec["model"], "config.json")), spec["model"]
+assert os.path.isfile(os.path.join(spec["model"], "tokenizer.json")), spec["model"]
+assert os.environ["HF_HUB_OFFLINE"] == "1" and os.getcwd() == os.path.dirname(spec["rows"])
+print("==((====))==  Unsloth (a stand-in)", flush=True)
+mode = os.environ["KINDRED_FAKE_UNSLOTH"]
+if mode == "fail":
+    raise ValueError("no kernel image is available for execution on the device")
+if mode == "hang":
+    time.sleep(60)
+result = dict(ms=50.0, tokens_per_s=640.0, peak_mib=25.0, peak_reserved_mib=30.0, live_mib=10.0, loss=6.25,
+              first_step_s=1.5, load_s=2.5, import_s=0.5, unsloth="fake", n_4bit=14, attn="sdpa",
+              targets=spec["targets"], host_before={"rss_mib": 100.0},
+              host_after={"rss_mib": 110.0, "pinned_mib": 4.0, "pinned_peak_mib": 5.0}, max_rss_mib=120.0)
+print("KINDRED_UNSLOTH_RESULT " + json.dumps(result))
+"""
+
+
+def test_unsloth_anchor_plumbing(tmp_path, monkeypatch):
+    """run_unsloth with a stand-in for unsloth_step.py: the carry unpacked onto PYTHONPATH, the checkpoint
+    and rows written and then deleted, the result parsed into a row whose ratio columns point at the
+    transformers anchor; a failing and a hanging step each give a row saying why (and the hang is killed)."""
+    pytest.importorskip("transformers")
+    module = tmp_path / "kindred_fake_unsloth.py"
+    module.write_text("MARK = 1\n")
+    with tarfile.open(tmp_path / "unsloth.tar.xz", "w:xz") as t:
+        t.add(module, arcname=module.name)
+    models = tmp_path / "models"
+    models.mkdir()
+    monkeypatch.setenv("KINDRED_UNSLOTH_CARRY", str(tmp_path / "unsloth.tar.xz"))
+    monkeypatch.setenv("KINDRED_E2E_UNSLOTH_DIR", str(models))
+    monkeypatch.delenv("OUT", raising=False)
+    monkeypatch.setattr(harness, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(sys.modules[__name__], "_unsloth_site", None)
+    script = tmp_path / "fake_step.py"
+    script.write_text(_FAKE_STEP)
+    shape = case_shape("qwen3-8b", 16, 2, "qlora", 1)
+    earlier = [
+        {"impl": "kindred", "shape": shape, "ms": "40", "tokens_per_s": "800", "peak_extra_mib": "50"},
+        {"impl": "kindred", "shape": case_shape("qwen3-8b", 16, 2, "qlora", 0), "ms": "30"},
+        {"impl": "transformers+peft", "shape": shape, "ms": "100", "tokens_per_s": "320"},
+    ]
+    cpu, tiny = torch.device("cpu"), _tiny(QWEN3_8B)
+
+    monkeypatch.setenv("KINDRED_FAKE_UNSLOTH", "ok")
+    row, out, errors = run_unsloth("qwen3-8b", tiny, 16, 2, cpu, 1, 2, earlier, timeout=120, script=script)
+    assert not errors, (errors, out)
+    assert row["impl"] == "unsloth" and row["shape"] == shape and row["ms"] == "50", row
+    assert row["tokens_per_s"] == "640" and row["peak_extra_mib"] == "25", row
+    assert row["baseline_impl"] == "transformers+peft" and row["baseline_ms"] == "100", row
+    assert row["ratio_to_baseline"] == "0.5", row
+    assert "kindred ckpt=1: 1.250x Unsloth's tokens/s at 2.000x its peak" in row["notes"], row["notes"]
+    assert "first step 1.5 s" in row["notes"] and "pinned host 4 MiB (peak 5)" in row["notes"], row["notes"]
+    assert "(+10 over the timed steps, peak 120)" in row["notes"] and "loss 6.2500" in row["notes"]
+    assert list(models.iterdir()) == [], "the checkpoint folder must be deleted"
+    site = _unsloth_site
+    assert (site / module.name).is_file()
+    harness.append("e2e", [row])
+    with (tmp_path / "results" / "e2e.csv").open() as f:
+        csv_rows = list(csv.DictReader(f))
+    assert [r["impl"] for r in csv_rows] == ["unsloth"] and csv_rows[0]["ratio_to_baseline"] == "0.5"
+
+    monkeypatch.setenv("KINDRED_FAKE_UNSLOTH", "fail")
+    row, out, errors = run_unsloth("qwen3-8b", tiny, 16, 2, cpu, 1, 2, earlier, timeout=120, script=script)
+    assert errors and row["notes"].startswith("failed (exit status 1): ValueError: no kernel image"), row
+    assert "Unsloth (a stand-in)" in out and "Traceback" in out and not row.get("ms")
+    assert "ratio_to_baseline" not in row and list(models.iterdir()) == []
+    assert _unsloth_site == site  # unpacked once
+
+    monkeypatch.setenv("KINDRED_FAKE_UNSLOTH", "hang")
+    t0 = time.perf_counter()
+    row, out, errors = run_unsloth("qwen3-8b", tiny, 16, 2, cpu, 1, 2, earlier, timeout=3, script=script)
+    assert time.perf_counter() - t0 < 30 and errors, row
+    assert row["notes"].startswith("failed (killed after 3 s): ==((====))==  Unsloth"), row
+    assert list(models.iterdir()) == []
+
+    monkeypatch.setenv("KINDRED_UNSLOTH_CARRY", str(tmp_path / "absent.tar.xz"))
+    monkeypatch.setattr(sys.modules[__name__], "_unsloth_site", None)
+    row, out, errors = run_unsloth("qwen3-8b", tiny, 16, 2, cpu, 1, 2, earlier, timeout=3, script=script)
+    assert errors and row["notes"].startswith("unavailable: FileNotFoundError"), row
+
+
+def test_benchmark_selection():
+    """pytest -k picks a case and a checkpointing mode: one parameter per (case, policy)."""
+    ids = [p.id for p in _PARAMS]
+    assert ids[:3] == ["qwen3-8b-full", "qwen3-8b-none", "gemma3-12b-full"]
+    assert len(ids) == sum(len(c[4]) for c in CASES.values()) == len(set(ids))
+
+
+def test_run_logged_dies_with_its_parent(tmp_path):
+    """A SIGTERM to this process (run_gpu.sh's step limit) while a subprocess runs kills the subprocess's
+    whole group first; the previous handler is restored."""
+    import threading
+
+    script = tmp_path / "sleeper.py"
+    script.write_text("import os, time\nopen('pid', 'w').write(str(os.getpid()))\ntime.sleep(60)\n")
+    before = signal.getsignal(signal.SIGTERM)
+    timer = threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    t0 = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt, match="signal 15"):
+        run_logged([sys.executable, str(script), "-"], dict(os.environ), tmp_path, 30, tmp_path / "log")
+    timer.join()
+    assert time.perf_counter() - t0 < 20 and signal.getsignal(signal.SIGTERM) is before
+    with pytest.raises(ProcessLookupError):
+        os.kill(int((tmp_path / "pid").read_text()), 0)
+    hello = [sys.executable, "-c", "print('hi')", "-"]
+    rc, out = run_logged(hello, dict(os.environ), tmp_path, 30, tmp_path / "l")
+    assert rc == 0 and out == "hi\n"
