@@ -81,17 +81,22 @@ def _llm_compressor_row(config: dict, calibration: torch.Tensor) -> dict | None:
     processor = transformers.PreTrainedTokenizerFast(
         tokenizer_object=stand_in, unk_token="<unk>", pad_token="<unk>"
     )
-    torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    oneshot(
-        model=model,
-        dataset=data,
-        processor=processor,
-        recipe=recipe,
-        num_calibration_samples=SAMPLES,
-        max_seq_length=SEQ_LEN,
-    )
-    seconds = time.perf_counter() - t0
+    # oneshot also re-reads the model's config.json from config.name_or_path ("" for a model built from a
+    # config: a Hub lookup that fails offline), so the config is written to a folder it can name.
+    with tempfile.TemporaryDirectory() as cfg_dir:
+        model.config.save_pretrained(cfg_dir)
+        model.config.name_or_path = cfg_dir
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        oneshot(
+            model=model,
+            dataset=data,
+            processor=processor,
+            recipe=recipe,
+            num_calibration_samples=SAMPLES,
+            max_seq_length=SEQ_LEN,
+        )
+        seconds = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated()
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp, save_compressed=True)
