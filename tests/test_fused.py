@@ -234,6 +234,17 @@ def test_fused_decode_equals_the_unfused_path(family, name, dtype):
     assert rel_err(seen[True, "logits"], seen[False, "logits"]) < tol
 
 
+def test_switching_fused_drops_the_captured_graphs(family):
+    """A graph of one mode must not outlive a switch (the fused mode restacks the decode buffers)."""
+    engine = Engine.for_model(family("qwen3", torch.float32))
+    engine.graphs, engine._pool = {("key", 1, 128): "graph"}, "pool"
+    engine.fused = engine.fused  # no switch: kept
+    assert engine.graphs and engine._pool == "pool"
+    engine.fused = not engine.fused
+    assert engine.graphs == {} and engine._pool is None
+    engine.fused = not engine.fused
+
+
 @pytest.mark.parametrize("name", ["gemma3", "qwen3_5"])
 def test_families_outside_the_fused_ops_say_so(family, name):
     model = family(name, torch.float32)

@@ -47,13 +47,25 @@ class Engine:
         self.device, self.dtype = weight.device, weight.dtype
         self.padded = self.device.type == "cuda"
         self.use_graphs = self.padded
-        # decode steps through the fused ops (CUDA by default; the CPU runs the core's references of them)
-        self.fused = self.padded and model.model.can_fuse_decode
         self.captures = 0
         self.cache: StaticCache | None = None
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = None
+        # decode steps through the fused ops (CUDA by default; the CPU runs the core's references of them)
+        self._fused = self.padded and model.model.can_fuse_decode
         self._tokens = self._lengths = None
+
+    @property
+    def fused(self) -> bool:
+        return self._fused
+
+    @fused.setter
+    def fused(self, on: bool) -> None:
+        # A switch drops the graphs: the first fused step stacks the layers' decode buffers into one
+        # (nn.stacked), freeing the ones an unfused graph captured before it would still read.
+        if on != self._fused:
+            self.graphs, self._pool = {}, None
+        self._fused = on
 
     @classmethod
     def for_model(cls, model: DecoderLM) -> Engine:
@@ -164,7 +176,7 @@ class Runner:
 
     def _graph(self, batch: int, length: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         e = self.engine
-        key = (self.signature, e.fused, batch, length)
+        key = (self.signature, batch, length)
         if key not in e.graphs:
             # Warm-up on a side stream (builds the decode weights, cuBLAS handles); it computes this very
             # step (same tokens, same slots), so the capture below only has to record it.
