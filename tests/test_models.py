@@ -120,6 +120,24 @@ def test_packed_sequences_equal_separate_runs(family, name, backend):
         model.attn_backend = "auto"
 
 
+@pytest.mark.parametrize("window", [None, 4])
+def test_cpu_packed_attention_runs_per_document_as_the_document_mask(window):
+    """The CPU splits packed documents (Σ len² work); the same as one [T, T] product under the mask."""
+    from kindred.models.attention import AttentionContext, attend, document_ids
+
+    g = torch.Generator().manual_seed(3)
+    cu = torch.tensor([0, 9, 10, 24, 29])
+    q = torch.randn(1, 4, 29, 8, generator=g, requires_grad=True)
+    k, v = (torch.randn(1, 2, 29, 8, generator=g, requires_grad=True) for _ in range(2))
+    doc = document_ids(cu, 29)
+    split = attend(q, k, v, AttentionContext(29, 0, q.device, doc, cu_seqlens=cu), window, 0.3)
+    dense = attend(q, k, v, AttentionContext(29, 0, q.device, doc), window, 0.3)
+    assert rel_err(split, dense) < REL_ERR[torch.float32]
+    grads = [torch.autograd.grad(out.square().sum(), (q, k, v)) for out in (split, dense)]
+    for a, b in zip(*grads, strict=True):
+        assert rel_err(a, b) < REL_ERR[torch.float32]
+
+
 def test_explicit_position_ids_with_cu_seqlens(family):
     _, model = family("llama3")
     docs, packed, cu = _packed([6, 10], seed=2)

@@ -151,7 +151,8 @@ class Runner:
         self.cache.prefill(row_of, slots)
         if self.flags is not None:
             self._mask([self.flags[r] for r, s in zip(rows, seqs, strict=True) for _ in s], total)
-        hidden = model.model(ids, pos, AttentionContext(total, 0, device, doc, backend), self.cache)
+        ctx = AttentionContext(total, 0, device, doc, backend, cu_seqlens=cu)
+        hidden = model.model(ids, pos, ctx, self.cache)
         last = torch.tensor(bounds[1 : len(seqs) + 1], device=device) - 1
         for r, s in zip(rows, seqs, strict=True):
             self.lens[r] = len(s)

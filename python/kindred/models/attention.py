@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import warnings
 
 import torch
@@ -151,6 +152,9 @@ def attend(
     by Z / (Z + e^sink), Z the softmax's normalizer, i.e. by σ(logsumexp − sink).
     """
     gqa = q.shape[1] != k.shape[1]
+    packed_cpu = ctx.cu_seqlens is not None and not q.is_cuda and ctx.backend != "flex"
+    if packed_cpu and ctx.past == 0 and sinks is None:
+        return _attend_per_document(q, k, v, ctx.cu_seqlens.tolist(), window, scale, gqa)
     mask = ctx.mask(window)
     if sinks is not None:
         return _attend_with_sinks(q, k, v, ctx, mask, scale, sinks)
@@ -172,6 +176,27 @@ def attend(
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa
     )
+
+
+def _attend_per_document(q, k, v, bounds: list[int], window: int | None, scale: float, gqa: bool):
+    """Packed documents (one row, offsets ``bounds``) on the CPU: causal attention within each document's
+    slice, Σ len² work where one masked [T, T] product would cost T² (a batch of prompts prefilled)."""
+    outs = []
+    for start, end in itertools.pairwise(bounds):
+        n = end - start
+        if n == 0:
+            continue
+        mask = None
+        if window is not None and window < n:
+            i = torch.arange(n)
+            mask = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window)
+        part = (x[:, :, start:end] for x in (q, k, v))
+        outs.append(
+            F.scaled_dot_product_attention(
+                *part, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=gqa
+            )
+        )
+    return torch.cat(outs, dim=2)
 
 
 def _attend_with_sinks(
