@@ -59,7 +59,7 @@ class _HostCopy:
     __slots__ = ("__weakref__", "counter", "device", "earlier", "host", "nbytes", "ready")
 
     def __init__(self, x: torch.Tensor, counter: HostBytes, earlier: _HostCopy | None):
-        self.device, self.counter = x.device, counter
+        self.device, self.counter, self.nbytes = x.device, counter, 0
         self.earlier = weakref.ref(earlier) if earlier is not None else None  # the layer before's input
         self.ready: tuple[torch.Tensor, torch.cuda.Event] | None = None
         if x.is_cuda:
@@ -67,7 +67,7 @@ class _HostCopy:
             self.host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
             stream.wait_stream(torch.cuda.current_stream(x.device))  # x is produced on the compute stream
             with torch.cuda.stream(stream):
-                self.host.copy_(x, non_blocking=True)
+                self.host.copy_(x.detach(), non_blocking=True)
             x.record_stream(stream)  # x's memory is not reused before the copy ends
         else:
             self.host = x.detach().clone()
@@ -89,6 +89,7 @@ class _HostCopy:
             out.copy_(self.host, non_blocking=True)
             done = torch.cuda.Event()
             done.record(stream)
+        out.record_stream(stream)  # freed unread (a backward that failed), it is still not reused too early
         self.ready = (out, done)
 
     def restore(self) -> torch.Tensor:
