@@ -2,8 +2,10 @@
 (+ bitsandbytes) and, with KINDRED_E2E_UNSLOTH=1, Unsloth, in the same run on the same shapes.
 
 Random weights of the real shapes (values do not change the work): Qwen3-8B at sequence 2048 × micro-batch 4
-with full recomputation (goal ≥ 10,000 tokens/s at ≤ 10 GiB) and without (≥ 13,000 at ≤ 40 GiB), Gemma 3 12B
-at 4096 × 1 with full recomputation (≥ 2 × 2,432 tokens/s at ≤ 11 GiB); issue 20's Qwen3-30B-A3B (≤ 22 GiB,
+with full recomputation (goal ≥ 10,000 tokens/s at ≤ 10 GiB), without (≥ 13,000 at ≤ 40 GiB) and offloaded
+(``gradient_checkpointing: offload``, the layer inputs in host memory: ≥ 12,500 at ≤ 8.3 GiB, Unsloth's
+peak), Gemma 3 12B at 4096 × 1 with full recomputation (≥ 2 × 2,432 tokens/s at ≤ 11 GiB) and offloaded
+(≥ 7,000 at ≤ 9.2 GiB); issue 20's Qwen3-30B-A3B (≤ 22 GiB,
 ≥ 2× the anchor) and gpt-oss-20b (≤ 16 GiB) with LoRA on attention only, and Qwen3.5-4B, at 2048 × 4. LoRA
 r = 16, α = 16 on q, k, v, o, gate, up, down; 25 % of the labels −100; one step = forward + backward + AdamW.
 
@@ -28,12 +30,15 @@ kindred's rows, and its notes give kindred's ckpt=1 tokens/s and peak as multipl
 Timing: 2 warm-up steps, then ``KINDRED_E2E_STEPS`` (default 5) steps between ``torch.cuda.synchronize()``
 calls; tokens/s = tokens / time. Memory: ``max_memory_allocated`` over the timed steps, i.e. the whole peak
 (weights, optimizer state and the step), written to
-``peak_extra_mib`` (in this file the whole peak, not the extra).
+``peak_extra_mib`` (in this file the whole peak, not the extra). Shapes say ckpt=1 (full), ckpt=0 (none) or
+ckpt=offload; an offload row's notes give the host memory its offloaded layer inputs took (the model's
+``offloaded.peak``: pinned bytes held at once).
 With ``KINDRED_PROFILE_DIR`` set, one more kindred step per configuration runs under torch.profiler and
 ``$KINDRED_PROFILE_DIR/e2e_profile.txt`` gets the device time per kernel name and per op.
 
 Run: python -m pytest benchmarks/bench_e2e.py -m benchmark -s   (KINDRED_E2E_ANCHOR=0: no transformers anchor)
-pytest -k picks cases and checkpointing modes: test_e2e_train_step[qwen3-8b-full], [qwen3-8b-none], ...,
+pytest -k picks cases and checkpointing modes: test_e2e_train_step[qwen3-8b-full], [qwen3-8b-none],
+[qwen3-8b-offload], ...,
 test_e2e_unsloth[qwen3-8b] (skipped unless KINDRED_E2E_UNSLOTH=1), e.g. -k "qwen3-8b-full or unsloth and
 qwen3-8b". A case's transformers anchor runs with its first selected policy; the others reuse its row.
 The CPU check of the same code path on tiny models: python -m pytest benchmarks/bench_e2e.py -q
@@ -74,14 +79,22 @@ IGNORED = 0.25  # share of labels set to -100
 QWEN3_8B, GEMMA3_12B = HF_CONFIGS["qwen3-8b"], HF_CONFIGS["gemma3-12b"]
 # name -> (HF config, catalogue id, seq, micro-batch rows, [(checkpointing, goal tokens/s, goal GiB)])
 CASES = {
-    "qwen3-8b": (QWEN3_8B, "qwen3-8b", 2048, 4, [("full", 10_000, 10), ("none", 13_000, 40)]),
-    "gemma3-12b": (GEMMA3_12B, "gemma-3-12b", 4096, 1, [("full", 2 * 2432, 11)]),
+    "qwen3-8b": (
+        QWEN3_8B,
+        "qwen3-8b",
+        2048,
+        4,
+        [("full", 10_000, 10), ("none", 13_000, 40), ("offload", 12_500, 8.3)],
+    ),
+    "gemma3-12b": (GEMMA3_12B, "gemma-3-12b", 4096, 1, [("full", 2 * 2432, 11), ("offload", 7_000, 9.2)]),
     # issue 20: the MoE and hybrid families at 4 × 2048. Their speed goals are relative (≥ 2× the anchor for
     # Qwen3-30B-A3B: ratio_to_baseline ≤ 0.5; ≥ 1.2× Unsloth, not run here), so only memory is a goal here.
     "qwen3-30b-a3b": (HF_CONFIGS["qwen3-30b-a3b"], "qwen3-30b-a3b", 2048, 4, [("full", 0, 22)]),
     "gpt-oss-20b": (HF_CONFIGS["gpt-oss-20b"], "gpt-oss-20b", 2048, 4, [("full", 0, 16)]),
     "qwen3.5-4b": (HF_CONFIGS["qwen3.5-4b"], "qwen3.5-4b", 2048, 4, [("full", 0, 80)]),
 }
+# the shape's ckpt= of each checkpointing policy (1 and 0 as the earlier rows and the anchors say)
+CKPT_LABELS = {"full": "1", "none": "0", "offload": "offload"}
 # MoE: LoRA r = 16 on the attention projections only (the issue's goal shape; the experts stay frozen)
 CASE_TARGETS = {"qwen3-30b-a3b": TARGETS[:4], "gpt-oss-20b": TARGETS[:4]}
 
@@ -360,11 +373,11 @@ def run_case(name: str, hf: dict, seq: int, batch: int, ckpts, device, warmup: i
     rows, errors = [], []
     targets = CASE_TARGETS.get(name, TARGETS)
 
-    def shape(impl_method: str, ckpt: int) -> str:
+    def shape(impl_method: str, ckpt: int | str) -> str:
         return case_shape(name, seq, batch, impl_method, ckpt)
 
     for ckpt, goal_tps, goal_gib in ckpts:
-        row = {"op": "train_step", "impl": "kindred", "shape": shape("qlora", int(ckpt == "full"))}
+        row = {"op": "train_step", "impl": "kindred", "shape": shape("qlora", CKPT_LABELS[ckpt])}
         row["dtype"] = "bf16" if device.type == "cuda" else "fp32"
         with tempfile.TemporaryDirectory() as out:
             trainer = None
@@ -372,6 +385,7 @@ def run_case(name: str, hf: dict, seq: int, batch: int, ckpts, device, warmup: i
                 trainer = kindred_trainer(hf, seq, batch, ckpt, device, out, targets)
                 live = torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else None
                 m = measure(kindred_step(trainer), device, warmup, steps)
+                host = trainer.model.model.offloaded.peak
                 if os.environ.get("KINDRED_PROFILE_DIR"):
                     write_profile(_profile_or_error(trainer, device, row["shape"]))
             except torch.OutOfMemoryError as e:
@@ -386,6 +400,8 @@ def run_case(name: str, hf: dict, seq: int, batch: int, ckpts, device, warmup: i
             note = f"goal >= {goal_tps} tok/s at <= {goal_gib} GiB: {'met' if met else 'missed'}; "
             if live is not None:
                 note += f"{live:.0f} MiB live before the step (weights, LoRA, fp32 masters); "
+            if ckpt == "offload":
+                note += f"host memory for offloaded activations {fmt(host / 2**20)} MiB at peak (pinned); "
             note += f"loss {m['loss']:.4f}"
             if not math.isfinite(m["loss"]):
                 errors.append(f"{row['shape']}: loss {m['loss']}")
@@ -421,7 +437,7 @@ def run_case(name: str, hf: dict, seq: int, batch: int, ckpts, device, warmup: i
     return rows, errors
 
 
-def case_shape(name: str, seq: int, batch: int, method: str, ckpt: int) -> str:
+def case_shape(name: str, seq: int, batch: int, method: str, ckpt: int | str) -> str:
     return f"model={name},method={method},seq={seq},batch={batch},r={RANK},ckpt={ckpt}"
 
 
@@ -584,9 +600,12 @@ def test_e2e_code_path_on_cpu(tmp_path, monkeypatch):
         layers = _tiny(hf)["num_hidden_layers"]
         if anchor["impl"].endswith("bitsandbytes") and hf["model_type"] in ("qwen3", "gemma3_text"):
             assert anchor["notes"].startswith(f"{7 * layers} bitsandbytes NF4 linears")
-        for r in rows[:-1]:
+        for r, (ckpt, *_) in zip(rows[:-1], ckpts, strict=True):
             assert float(r["tokens_per_s"]) > 0 and "loss" in r["notes"]
             assert r["baseline_impl"] == anchor["impl"] and float(r["ratio_to_baseline"]) > 0
+            assert r["shape"].endswith(f",ckpt={CKPT_LABELS[ckpt]}")
+            offloaded = "host memory for offloaded activations" in r["notes"]
+            assert offloaded == (ckpt == "offload") and " 0 MiB" not in r["notes"], r["notes"]
         harness.append("e2e", rows)
     csv = (tmp_path / "results" / "e2e.csv").read_text().splitlines()
     assert csv[0] == ",".join(harness.HEADER) and len(csv) == 1 + sum(len(c[4]) + 1 for c in CASES.values())
@@ -599,5 +618,6 @@ def test_e2e_code_path_on_cpu(tmp_path, monkeypatch):
 def test_benchmark_selection():
     """pytest -k picks a case and a checkpointing mode: one parameter per (case, policy)."""
     ids = [p.id for p in _PARAMS]
-    assert ids[:3] == ["qwen3-8b-full", "qwen3-8b-none", "gemma3-12b-full"]
+    want = ["qwen3-8b-full", "qwen3-8b-none", "qwen3-8b-offload", "gemma3-12b-full", "gemma3-12b-offload"]
+    assert ids[:5] == want
     assert len(ids) == sum(len(c[4]) for c in CASES.values()) == len(set(ids))

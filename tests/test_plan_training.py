@@ -13,8 +13,8 @@ import torch
 
 from kindred.errors import KindredValueError
 from kindred.ops import quantize_int4g, quantize_nf4
+from kindred.plan import calibrate, training
 from kindred.plan import catalogue as cat
-from kindred.plan import training
 
 GIB, MIB = 2**30, 2**20
 get = cat.get_model
@@ -146,7 +146,8 @@ def test_policies_and_registration(tiny):
     assert keep_mlp.kept(acts) == 512 + 2 * 1024 and keep_mlp.host(acts) == 0
     offload = training.Policy("offload-test", "test", frozenset(), 1.0, offload_input=True)
     assert (offload.kept(acts), offload.host(acts)) == (0, 512)
-    assert offload.live_in_backward(acts) == full.live_in_backward(acts)
+    # the layer in its backward has its input back, and the layer before's prefetched
+    assert offload.live_in_backward(acts) == full.live_in_backward(acts) + 512
     training.register_policy(offload)
     try:
         got = training.trainer_memory(tiny, "qlora", 128, 2, 8, "offload-test")
@@ -157,6 +158,24 @@ def test_policies_and_registration(tiny):
         del training.POLICIES["offload-test"]
     with pytest.raises(KindredValueError, match=r"keeps \['nope'\], which this layer does not save"):
         training.Policy("bad", "test", frozenset({"nope"}), 1.0).kept(acts)
+
+
+def test_offload_policy_moves_the_layer_inputs_to_the_host():
+    spec = get("qwen3-8b")
+    full, offload = (training.trainer_memory(spec, "qlora", 2048, 4, 16, p) for p in ("full", "offload"))
+    # 8,192 tokens × 36 layers × a bf16 input of 4,096 = 8,192 B per token: 2,304 MiB in host memory
+    assert offload.info["host_offload_bytes"] == 8192 * 36 * 8192 == 2304 * MIB
+    assert full.info["host_offload_bytes"] == 0
+    # at the first layer's backward full holds 35 other inputs, offload one (the next layer's, prefetched)
+    assert full.info["peak_phase"] == offload.info["peak_phase"] == "backward"
+    assert full.total - offload.total == 34 * 8192 * 8192
+    assert offload.parts["layer_backward"] - full.parts["layer_backward"] == 8192 * 8192
+    assert "policy offload" in offload.notes["checkpoints"]
+    host = training.training_host_memory(spec, "qlora", 2048, 4, 16, "offload")
+    assert host.parts["offloaded_checkpoints"] == 2304 * MIB
+    assert training.get_policy("offload").recompute_share == 1.0
+    # bench_e2e's rows name it ckpt=offload (ckpt=1 is full): calibration reads them as this policy
+    assert [calibrate._policy({"ckpt": c}) for c in ("offload", "1", "0")] == ["offload", "full", "none"]
 
 
 def test_moe_takes_experts_from_the_catalogue():

@@ -222,6 +222,17 @@ def test_fsdp_curve_equals_ddp(tiny_model, reference, tmp_path, quant):
     assert_same_adapter(adapter(tmp_path / "run"), want_adapter)
 
 
+@pytest.mark.parametrize("engine, quant", [("ddp", "nf4"), ("fsdp", "none")])
+def test_offloaded_checkpoints_under_ddp_and_fsdp(tiny_model, reference, tmp_path, engine, quant):
+    # the layer inputs in host memory change nothing the engines see: the one-process curve of full
+    over = {"train.gradient_checkpointing": "offload", "train.distributed": engine}
+    cfg = config(tiny_model, tmp_path / "run", 2, quant=quant, **over)
+    assert run_worker(tmp_path, cfg, 2)["steps"] == list(range(1, STEPS + 1))
+    want_curve, want_adapter = reference[quant]
+    assert_same_curve(logged(tmp_path / "run"), want_curve)
+    assert_same_adapter(adapter(tmp_path / "run"), want_adapter)
+
+
 def test_killed_run_resumes_on_other_rank_counts(tiny_model, reference, tmp_path):
     out = tmp_path / "killed"
     cmd = torchrun(2, "-m", "kindred", "train", write_config(config(tiny_model, out, 2), tmp_path / "c.yaml"))

@@ -26,6 +26,7 @@ from .attention import positions_from_cu_seqlens as _positions
 from .config import LINEAR, SLIDING, DecoderConfig
 from .linear_attention import GatedDeltaNet
 from .moe import MoeBlock, router_aux_loss
+from .offload import HostBytes, Offloader
 from .rope import RotaryEmbedding, apply_rotary
 
 
@@ -203,6 +204,9 @@ class DecoderLayer(nn.Module):
         return h, self.mlp.forward_decode(x) if isinstance(self.mlp, MLP) else self.mlp(x)
 
 
+CHECKPOINT_POLICIES = ("full", "offload")
+
+
 class DecoderModel(nn.Module):
     """Embeddings, layers and the final norm (transformers' ``model`` submodule)."""
 
@@ -213,6 +217,8 @@ class DecoderModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.gemma_norm)
         self.gradient_checkpointing = False
+        self.checkpoint_policy = "full"
+        self.offloaded = HostBytes()  # host memory of the "offload" policy's layer inputs
         self.init_rotary(None if self.embed_tokens.weight.is_meta else self.embed_tokens.weight.device)
 
     def init_rotary(self, device) -> None:
@@ -222,6 +228,20 @@ class DecoderModel(nn.Module):
         self.rotary_local = (
             RotaryEmbedding(c.rope_local, c.head_dim, device) if c.rope_local != c.rope else None
         )
+
+    @property
+    def checkpoint_policy(self) -> str:
+        """What ``gradient_checkpointing`` keeps of each layer for its recompute: "full" (its input, on the
+        device) or "offload" (its input, in host memory: ``offload.py``)."""
+        return self._checkpoint_policy
+
+    @checkpoint_policy.setter
+    def checkpoint_policy(self, value: str) -> None:
+        if value not in CHECKPOINT_POLICIES:
+            raise KindredValueError(
+                f"checkpoint_policy must be one of {', '.join(CHECKPOINT_POLICIES)}, got {value!r}"
+            )
+        self._checkpoint_policy = value
 
     @property
     def can_fuse_decode(self) -> bool:
@@ -243,9 +263,15 @@ class DecoderModel(nn.Module):
                 h, delta = layer.forward_decode(h, delta, rope_local if layer.sliding else rope, ctx, cache)
             return add_rms_norm(delta, h, self.norm.weight, self.norm.eps)[0]
         ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
+        offload = Offloader(self.offloaded) if ckpt and self.checkpoint_policy == "offload" else None
         for layer in self.layers:
             r = rope_local if layer.sliding else rope
-            h = checkpoint(layer, h, r, ctx, use_reentrant=False) if ckpt else layer(h, r, ctx, cache)
+            if offload is not None:
+                h = offload.checkpoint(layer, h, r, ctx)
+            elif ckpt:
+                h = checkpoint(layer, h, r, ctx, use_reentrant=False)
+            else:
+                h = layer(h, r, ctx, cache)
         return self.norm(h)
 
 
@@ -254,7 +280,10 @@ class DecoderLM(nn.Module):
 
     Build it with ``kindred.models.from_pretrained``, ``from_config`` or ``from_gguf``. ``attn_backend``
     ("auto", "sdpa", "flex") picks the attention path; ``model.model.gradient_checkpointing = True``
-    recomputes each layer in the backward pass.
+    recomputes each layer in the backward pass from its saved input, kept on the device
+    (``model.model.checkpoint_policy = "full"``, the default) or in host memory (``"offload"``: the input
+    is copied out on a side stream and prefetched back one layer ahead; ``model.model.offloaded`` counts
+    its host bytes, now and at peak).
     """
 
     def __init__(self, config: DecoderConfig, attn_backend: str = "auto"):

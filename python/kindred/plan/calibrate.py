@@ -14,8 +14,8 @@ decode rows, and returns what ``calibration.json`` holds:
   (generate.csv) when it has rows, else one bf16 and one 4-bit GEMV of the 4-bit decode benchmark
   (quant.csv, M=1, 4096 → 14336, CUDA-graph replay).
 
-Shape cells: ``model=<catalogue id>,method=qlora|lora,seq=N,batch=B|micro=B,r=R`` plus ``policy=full|none``
-or ``ckpt=1|0|full|none``; ``quant=none`` means LoRA over a 16-bit base.
+Shape cells: ``model=<catalogue id>,method=qlora|lora,seq=N,batch=B|micro=B,r=R`` plus
+``policy=full|offload|none`` or ``ckpt=1|0|full|offload|none``; ``quant=none`` means LoRA over a 16-bit base.
 """
 
 from __future__ import annotations

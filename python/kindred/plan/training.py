@@ -150,9 +150,11 @@ class Policy:
         return acts.input_bytes if self.keep is not None and self.offload_input else 0
 
     def live_in_backward(self, acts: LayerActivations) -> int:
-        """Bytes per token of the layer whose backward runs: its input (when present) + working set."""
+        """Bytes per token of the layer whose backward runs: its input (when present) + working set, and
+        with ``offload_input`` the layer before's input, brought back meanwhile (kindred prefetches one)."""
         present = self.keep is not None or acts.input_saved
-        return (acts.input_bytes if present else 0) + acts.working
+        prefetched = acts.input_bytes if self.keep is not None and self.offload_input else 0
+        return (acts.input_bytes if present else 0) + prefetched + acts.working
 
 
 POLICIES: dict[str, Policy] = {}
@@ -166,6 +168,15 @@ def register_policy(policy: Policy) -> Policy:
 
 register_policy(
     Policy("full", "each layer's input is kept; the layer is recomputed in the backward", frozenset(), 1.0)
+)
+register_policy(
+    Policy(
+        "offload",
+        "each layer's input is kept in host memory; the layer is recomputed in the backward",
+        frozenset(),
+        1.0,
+        offload_input=True,
+    )
 )
 register_policy(Policy("none", "every saved tensor is kept from the forward to the backward", None, 0.0))
 

@@ -172,7 +172,9 @@ class Trainer:
         self.total_steps = tr.max_steps or max(1, math.ceil(tr.epochs * n_rows / self.rows_per_step))
         lo = cfg.lora
         self.adapted = apply_lora(self.model, lo.targets, lo.r, lo.alpha, lo.dropout, lo.rslora)
-        self.model.model.gradient_checkpointing = tr.gradient_checkpointing == "full"
+        self.model.model.gradient_checkpointing = tr.gradient_checkpointing != "none"
+        if tr.gradient_checkpointing != "none":
+            self.model.model.checkpoint_policy = tr.gradient_checkpointing
         # What the loss calls: the model itself, its DDP wrapper, or the model sharded in place by FSDP.
         self.net = parallelize(self.model, self.engine, self.device) if self.engine else self.model
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -591,8 +593,10 @@ def _oom(cfg: TrainConfig, step: int) -> KindredError:
         f"train.micro_batch_tokens (now {tr.micro_batch_tokens or 'one row'}; "
         "raise grad_accum to keep the batch)"
     ]
-    if tr.gradient_checkpointing != "full":
-        hints.append("train.gradient_checkpointing: full (recompute activations)")
+    if tr.gradient_checkpointing == "none":
+        hints.append("train.gradient_checkpointing: full (recompute activations) or offload")
+    if tr.gradient_checkpointing == "full":
+        hints.append("train.gradient_checkpointing: offload (layer inputs in host memory)")
     if cfg.quant == "none":
         hints.append("quant: nf4 (4-bit base weights)")
     hints.append(f"data.pack / data.budget (now {cfg.data.pack or cfg.data.budget} tokens per row)")
