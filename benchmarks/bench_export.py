@@ -84,7 +84,8 @@ def _llm_compressor_row(config: dict, calibration: torch.Tensor) -> dict | None:
     )
     # oneshot also re-reads the model's config.json from config.name_or_path ("" for a model built from a
     # config: a Hub lookup that fails offline), so the config is written to a folder it can name.
-    with tempfile.TemporaryDirectory() as cfg_dir:
+    # (save_pretrained reads that folder again, so it lives until the model is saved.)
+    with tempfile.TemporaryDirectory() as cfg_dir, tempfile.TemporaryDirectory() as tmp:
         model.config.save_pretrained(cfg_dir)
         model.config.name_or_path = cfg_dir
         torch.cuda.reset_peak_memory_stats()
@@ -98,13 +99,13 @@ def _llm_compressor_row(config: dict, calibration: torch.Tensor) -> dict | None:
             max_seq_length=SEQ_LEN,
         )
         seconds = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated()
-    # its sequential pipeline leaves the blocks offloaded to the host, which save_pretrained warns about
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Attempting to save a model with offloaded modules")
-        model.save_pretrained(tmp, save_compressed=True)
+        peak = torch.cuda.max_memory_allocated()
+        print(f"llm-compressor AWQ: {seconds:.1f} s, GPU peak {peak / 2**30:.2f} GiB")
+        # its sequential pipeline leaves the blocks offloaded to the host, which save_pretrained warns about
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Attempting to save a model with offloaded modules")
+            model.save_pretrained(tmp, save_compressed=True)
         size = _folder_bytes(Path(tmp))
-    print(f"llm-compressor AWQ: {seconds:.1f} s, GPU peak {peak / 2**30:.2f} GiB")
     return {
         "model": MODEL,
         "format": "llm-compressor-awq-w4a16",
