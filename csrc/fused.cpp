@@ -125,4 +125,46 @@ void rope_qk_cache(const RopeQkCache& a, int64_t stream) {
   KINDRED_CALL_CUDA(rope_qk_cache, a, stream);
 }
 
+void rope_rotate(const TensorView& x, const TensorView& cos, const TensorView& sin, bool inverse, const TensorView& out,
+                 int64_t stream) {
+  check_float(x, "x");
+  KINDRED_CHECK(x.dim() == 3 && x.shape[2] > 0 && (x.shape[2] == 1 || x.strides[2] == 1),
+                "x must be 3-D [rows, heads, head_dim] with unit stride on head_dim, got ", x.describe());
+  const int64_t rows = x.shape[0], heads = x.shape[1], d = x.shape[2];
+  check_like(cos, "cos", x, "x");
+  KINDRED_CHECK(
+      cos.dim() == 2 && cos.shape[0] == rows && cos.shape[1] > 0 && cos.shape[1] % 2 == 0 && cos.shape[1] <= d,
+      "cos must be [", rows, ", rot] with rot even, > 0 and <= head_dim ", d, ", got ", cos.describe());
+  const int64_t rot = cos.shape[1];
+  check_rows(cos, "cos", rows, rot);
+  check_like(sin, "sin", x, "x");
+  check_rows(sin, "sin", rows, rot);
+  check_like(out, "out", x, "x");
+  check_exact(out, "out", {rows, heads, d});
+  if (rows == 0 || heads == 0) return;
+  if (x.device == Device::cpu) return rope_rotate_cpu(x, cos, sin, inverse, out);
+  KINDRED_CHECK(d <= kRopeMaxCudaHeadDim, "x's head_dim must be <= ", kRopeMaxCudaHeadDim, " for the CUDA kernel, got ",
+                x.describe());
+  KINDRED_CALL_CUDA(rope_rotate, x, cos, sin, inverse, out, stream);
+}
+
+void silu_mul_backward(const TensorView& dout, const TensorView& gate, const TensorView& up, const TensorView& dgate,
+                       const TensorView& dup, int64_t stream) {
+  check_float(gate, "gate");
+  KINDRED_CHECK(gate.dim() == 2, "gate must be 2-D [rows, features], got ", gate.describe());
+  const int64_t m = gate.shape[0], n = gate.shape[1];
+  check_rows(gate, "gate", m, n);
+  check_like(up, "up", gate, "gate");
+  check_rows(up, "up", m, n);
+  check_like(dout, "dout", gate, "gate");
+  check_rows(dout, "dout", m, n);
+  check_like(dgate, "dgate", gate, "gate");
+  check_exact(dgate, "dgate", {m, n});
+  check_like(dup, "dup", gate, "gate");
+  check_exact(dup, "dup", {m, n});
+  if (m == 0 || n == 0) return;
+  if (gate.device == Device::cpu) return silu_mul_backward_cpu(dout, gate, up, dgate, dup);
+  KINDRED_CALL_CUDA(silu_mul_backward, dout, gate, up, dgate, dup, stream);
+}
+
 }  // namespace kindred

@@ -1,6 +1,7 @@
 """The fused family on CUDA: each kernel against the CPU reference on the same inputs (poisoned outputs,
-awkward shapes), stacked_decode against the layers one by one, and generation through the fused decode
-step against the unfused one: same tokens, fewer kernels, no re-capture."""
+awkward shapes), the training ops rope and swiglu against eager autograd, stacked_decode against the layers
+one by one, and generation through the fused decode step against the unfused one: same tokens, fewer
+kernels, no re-capture."""
 
 from __future__ import annotations
 
@@ -8,17 +9,37 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from kindred import _core, models
 from kindred._ops.adapter import view
-from kindred._ops.fused import add_rms_norm, rope_qk_cache, silu_mul
+from kindred._ops.fused import (
+    add_rms_norm,
+    rope,
+    rope_qk_cache,
+    rope_rotate,
+    silu_mul,
+    silu_mul_backward,
+    swiglu,
+)
 from kindred.errors import KindredValueError
 from kindred.generate import SamplingConfig, generate
 from kindred.generate.runner import Engine, Runner
+from kindred.models.rope import apply_rotary
 from kindred.nn import Linear4bit, apply_lora
 from kindred.nn.stacked import stacked_decode
 
-from .test_fused import rand, rope_case, ulp_close
+from .test_fused import (
+    assert_silu_grads_close,
+    call_rope_rotate,
+    eager_silu_grads,
+    head_input,
+    rand,
+    rope_case,
+    rope_inputs,
+    rotary_tables,
+    ulp_close,
+)
 from .test_generate_gpu import DECODE_CONFIG, prompts_of
 
 pytestmark = pytest.mark.gpu
@@ -88,6 +109,119 @@ def test_rope_qk_cache_cuda_skips_a_slot_outside_the_cache():
     assert not torch.isnan(kc[0, :, 3]).any() and torch.isnan(kc[1]).all()
 
 
+def cuda_copy(t: torch.Tensor) -> torch.Tensor:
+    """t on CUDA with its strides and storage offset (so its alignment) kept."""
+    flat = torch.empty(t.untyped_storage().nbytes() // t.element_size(), dtype=t.dtype, device="cuda")
+    return flat.as_strided(t.shape, t.stride(), t.storage_offset()).copy_(t)
+
+
+def cuda_rope_rotate(x, cos, sin, inverse):
+    """_core.rope_rotate on CUDA copies of the inputs into a NaN-poisoned output."""
+    xc, cc, sc = cuda_copy(x), cuda_copy(cos), cuda_copy(sin)  # held: a view does not keep its tensor alive
+    out = torch.full(x.shape, float("nan"), dtype=x.dtype, device="cuda")
+    stream = torch.cuda.current_stream().cuda_stream
+    _core.rope_rotate(view(xc), view(cc), view(sc), inverse, view(out), stream)
+    return out.cpu()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "rows,heads,d,rot",
+    [
+        (117, 3, 80, 80),
+        (117, 3, 80, 64),
+        (5, 8, 128, 96),
+        (2, 3, 10, 6),
+        (33, 4, 64, 2),
+        (3, 40, 512, 512),  # more heads than a thread's batch of them
+        (2, 5, 512, 2),  # scalar, more chunks than a block has threads
+    ],
+)
+@pytest.mark.parametrize("layout", ["contiguous", "chunk", "padded_heads"])
+@pytest.mark.parametrize("inverse", [False, True])
+def test_rope_rotate_cuda_equals_the_reference(dtype, rows, heads, d, rot, layout, inverse):
+    x = head_input(rows, heads, d, dtype, layout)
+    cos, sin = rotary_tables(rows, rot, dtype, rotation=False)
+    # the same roundings, no fma: bit for bit (vector path where aligned, the scalar one else)
+    assert torch.equal(cuda_rope_rotate(x, cos, sin, inverse), call_rope_rotate(x, cos, sin, inverse))
+
+
+def test_rope_rotate_cuda_takes_unaligned_views():
+    """x, cos and sin one element past a 16-byte boundary: the scalar path."""
+    x = rand(7, 2 * 4 * 64 + 1, dtype=torch.bfloat16, seed=1)[:, 1 : 1 + 4 * 64].unflatten(1, (4, 64))
+    wide = rand(7, 2 * 64 + 2, dtype=torch.bfloat16, seed=2)
+    cos, sin = wide[:, 1:65], wide[:, 66:130]
+    for inverse in (False, True):
+        assert torch.equal(cuda_rope_rotate(x, cos, sin, inverse), call_rope_rotate(x, cos, sin, inverse))
+
+
+@pytest.mark.parametrize("rows,heads,kv_heads,d", [(8192, 32, 8, 128), (4096, 16, 8, 256)])
+def test_rope_rotate_cuda_on_the_training_shapes(rows, heads, kv_heads, d):
+    """q and k as column ranges of one [rows, (H + 2·Hkv)·D] projection output, bf16."""
+    qkv = rand(rows, (heads + 2 * kv_heads) * d, dtype=torch.bfloat16, seed=3)
+    cos, sin = rotary_tables(rows, d, torch.bfloat16)
+    qc, cc, sc = qkv.cuda(), cos.cuda(), sin.cuda()
+    for lo, h in ((0, heads), (heads * d, kv_heads)):
+        x, xc = (t[:, lo : lo + h * d].unflatten(1, (h, d)) for t in (qkv, qc))
+        for inverse in (False, True):
+            assert torch.equal(rope_rotate(xc, cc, sc, inverse).cpu(), rope_rotate(x, cos, sin, inverse))
+
+
+def test_rope_rotate_cuda_refuses_a_head_past_512():
+    x = torch.ones(2, 1, 514, device="cuda")
+    with pytest.raises(KindredValueError, match="x's head_dim must be <= 512 for the CUDA kernel"):
+        rope_rotate(x, x[:, 0, :8], x[:, 0, :8])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,offset", [(1, 1, 0), (3, 130, 0), (117, 384, 1), (64, 14336, 0)])
+def test_silu_mul_backward_cuda_equals_eager_and_the_reference(dtype, m, n, offset):
+    """CUDA's expf and torch's CUDA silu_backward expression: eager autograd on CUDA bit for bit; the CPU
+    reference (libm's exp) but for exp's last bit. ``offset`` shifts the views off 16 bytes (scalar path)."""
+    buf = rand(m, 2 * n + 16 + offset, dtype=dtype, seed=7)
+    gate, up = buf[:, offset : offset + n], buf[:, n + 16 + offset :]
+    dout = rand(m, n + 8, dtype=dtype, seed=8)[:, offset : offset + n]
+    g, u, d = (cuda_copy(t) for t in (gate, up, dout))
+    dgate, dup = (torch.full((m, n), float("nan"), dtype=dtype, device="cuda") for _ in range(2))
+    _core.silu_mul_backward(
+        view(d), view(g), view(u), view(dgate), view(dup), torch.cuda.current_stream().cuda_stream
+    )
+    eager = eager_silu_grads(d, g, u)
+    assert torch.equal(dgate, eager[0]) and torch.equal(dup, eager[1])
+    assert_silu_grads_close((dgate.cpu(), dup.cpu()), silu_mul_backward(dout, gate, up), dout, gate, up)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "b,t,h,d,rot,table_batch", [(2, 9, 3, 80, 64, 1), (1, 8192, 32, 128, 128, 1), (2, 33, 4, 256, 256, 2)]
+)
+def test_rope_on_cuda_equals_eager_autograd(dtype, b, t, h, d, rot, table_batch):
+    x, cos, sin = (v.cuda() for v in rope_inputs(b, t, h, d, rot, dtype, table_batch))
+    dy = rand(b, t, h, d, dtype=dtype, seed=5, device="cuda")
+    outs = []
+    for fn in (rope, apply_rotary):
+        leaf = x.clone().requires_grad_()
+        y = fn(leaf, cos, sin)
+        outs.append((y, *torch.autograd.grad(y, leaf, dy)))
+    for got, want in zip(*outs, strict=True):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 5, 96), (1, 4096, 14336), (3, 7, 130)])
+def test_swiglu_on_cuda_equals_eager_autograd(dtype, shape):
+    *lead, n = shape
+    buf = rand(*lead, 2 * n, dtype=dtype, seed=9, device="cuda")  # gate and up: halves of one projection
+    dout = rand(*shape, dtype=dtype, seed=10, device="cuda")
+    outs = []
+    for fn in (swiglu, lambda g, u: F.silu(g) * u):
+        leaf = buf.clone().requires_grad_()
+        y = fn(leaf[..., :n], leaf[..., n:])
+        outs.append((y, *torch.autograd.grad(y, leaf, dout)))
+    for got, want in zip(*outs, strict=True):
+        assert torch.equal(got, want)
+
+
 def stacked_model(quant):
     return models.from_config(DECODE_CONFIG, quant=quant, device="cuda", seed=1).eval()
 
@@ -134,6 +268,7 @@ def test_stacked_decode_with_lora_and_where_it_declines():
         assert stacked_decode((mlp.gate_proj.base_layer, dense), x) is None  # a dense layer among them
 
 
+@torch.no_grad()  # as generate() steps
 def kernels_in_one_step(model, engine, prompts) -> int:
     runner = Runner(engine, prompts, 4)
     runner.prefill()

@@ -11,4 +11,5 @@ void bind_gguf(pybind11::module_& m);
 void bind_loss(pybind11::module_& m);
 void bind_tokens(pybind11::module_& m);
 void bind_fused(pybind11::module_& m);
+void bind_norm(pybind11::module_& m);
 }  // namespace kindred

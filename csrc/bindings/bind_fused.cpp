@@ -1,4 +1,5 @@
-// Bindings of the fused family (kindred/fused.h): add_rms_norm, silu_mul and rope_qk_cache, CPU and CUDA.
+// Bindings of the fused family (kindred/fused.h): add_rms_norm, silu_mul, rope_qk_cache, rope_rotate and
+// silu_mul_backward, CPU and CUDA.
 #include <pybind11/stl.h>
 
 #include "bind.h"
@@ -24,6 +25,10 @@ void bind_fused(py::module_& m) {
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("q_norm"), py::arg("k_norm"), py::arg("eps"), py::arg("cos"),
       py::arg("sin"), py::arg("cache_k"), py::arg("cache_v"), py::arg("slots"), py::arg("q_out"), py::arg("stream"),
       release);
+  m.def("rope_rotate", &rope_rotate, py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("inverse"), py::arg("out"),
+        py::arg("stream"), release);
+  m.def("silu_mul_backward", &silu_mul_backward, py::arg("dout"), py::arg("gate"), py::arg("up"), py::arg("dgate"),
+        py::arg("dup"), py::arg("stream"), release);
 }
 
 }  // namespace kindred

@@ -95,4 +95,5 @@ PYBIND11_MODULE(_core, m) {
   kindred::bind_loss(m);
   kindred::bind_tokens(m);
   kindred::bind_fused(m);
+  kindred::bind_norm(m);
 }

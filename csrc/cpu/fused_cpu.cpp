@@ -27,19 +27,24 @@ void rms_norm_row(const T* v, const T* w, int64_t n, double eps, T* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = round_to<T>(static_cast<A>(v[i]) * inv * static_cast<A>(w[i]));
 }
 
-// Rotate-half rotary of the first `rot` of n values in place (the rest pass through).
+// T(T(a · b) + T(c · d)): a product and a sum of two products as torch's mul and add round them.
 template <typename T>
-void rotary_row(T* x, const T* cos, const T* sin, int64_t rot) {
+T mul_add(Acc<T> a, Acc<T> b, Acc<T> c, Acc<T> d) {
+  using A = Acc<T>;
+  return round_to<T>(static_cast<A>(round_to<T>(a * b)) + static_cast<A>(round_to<T>(c * d)));
+}
+
+// Rotate-half rotary of the first `rot` values in place (the rest pass through), or its transpose.
+template <typename T>
+void rotary_row(T* x, const T* cos, const T* sin, int64_t rot, bool inverse) {
   using A = Acc<T>;
   const int64_t half = rot / 2;
   for (int64_t i = 0; i < half; ++i) {
     const A x1 = static_cast<A>(x[i]), x2 = static_cast<A>(x[i + half]);
     const A c1 = static_cast<A>(cos[i]), s1 = static_cast<A>(sin[i]);
     const A c2 = static_cast<A>(cos[i + half]), s2 = static_cast<A>(sin[i + half]);
-    const T lo = round_to<T>(static_cast<A>(round_to<T>(x1 * c1)) + static_cast<A>(round_to<T>(-x2 * s1)));
-    const T hi = round_to<T>(static_cast<A>(round_to<T>(x2 * c2)) + static_cast<A>(round_to<T>(x1 * s2)));
-    x[i] = lo;
-    x[i + half] = hi;
+    x[i] = inverse ? mul_add<T>(x1, c1, x2, s2) : mul_add<T>(x1, c1, -x2, s1);
+    x[i + half] = inverse ? mul_add<T>(x2, c2, -x1, s1) : mul_add<T>(x2, c2, x1, s2);
   }
 }
 
@@ -100,7 +105,7 @@ void rope_qk_cache_cpu(const RopeQkCache& a) {
       else
         std::copy(src, src + d, head.data());
       rotary_row(head.data(), a.cos.ptr<const T>() + r * a.cos.strides[0], a.sin.ptr<const T>() + r * a.sin.strides[0],
-                 rot);
+                 rot, false);
       std::copy(head.begin(), head.end(), dst);
     };
     for (int64_t r = 0; r < b; ++r) {
@@ -112,6 +117,51 @@ void rope_qk_cache_cpu(const RopeQkCache& a) {
         one(a.k.ptr<const T>() + r * a.k.strides[0] + i * d, a.k_norm, r, a.cache_k.ptr<T>() + at);
         const T* v = a.v.ptr<const T>() + r * a.v.strides[0] + i * d;
         std::copy(v, v + d, a.cache_v.ptr<T>() + at);
+      }
+    }
+  });
+}
+
+void rope_rotate_cpu(const TensorView& x, const TensorView& cos, const TensorView& sin, bool inverse,
+                     const TensorView& out) {
+  with_cpu_float<true>(x.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const int64_t rows = x.shape[0], heads = x.shape[1], d = x.shape[2], rot = cos.shape[1];
+#pragma omp parallel for
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* c = cos.ptr<const T>() + r * cos.strides[0];
+      const T* s = sin.ptr<const T>() + r * sin.strides[0];
+      for (int64_t h = 0; h < heads; ++h) {
+        const T* src = x.ptr<const T>() + r * x.strides[0] + h * x.strides[1];
+        T* dst = out.ptr<T>() + (r * heads + h) * d;
+        std::copy(src, src + d, dst);
+        rotary_row(dst, c, s, rot, inverse);
+      }
+    }
+  });
+}
+
+void silu_mul_backward_cpu(const TensorView& dout, const TensorView& gate, const TensorView& up,
+                           const TensorView& dgate, const TensorView& dup) {
+  with_cpu_float<true>(gate.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using A = Acc<T>;
+    const int64_t m = gate.shape[0], n = gate.shape[1];
+#pragma omp parallel for
+    for (int64_t r = 0; r < m; ++r) {
+      const T* dy = dout.ptr<const T>() + r * dout.strides[0];
+      const T* g = gate.ptr<const T>() + r * gate.strides[0];
+      const T* u = up.ptr<const T>() + r * up.strides[0];
+      T* dg = dgate.ptr<T>() + r * n;
+      T* du = dup.ptr<T>() + r * n;
+      for (int64_t i = 0; i < n; ++i) {
+        const A gv = static_cast<A>(g[i]), dyv = static_cast<A>(dy[i]);
+        const A e = std::exp(-gv);
+        const T act = round_to<T>(gv / (A(1) + e));
+        const A sig = A(1) / (A(1) + e);
+        const A ds = static_cast<A>(round_to<T>(dyv * static_cast<A>(u[i])));
+        du[i] = round_to<T>(dyv * static_cast<A>(act));
+        dg[i] = round_to<T>(ds * sig * std::fma(gv, A(1) - sig, A(1)));  // torch's kernels contract it too
       }
     }
   });

@@ -74,9 +74,13 @@ __all__: list[str] = [
     "quantize_int4g",
     "quantize_nf4",
     "repack_decode",
+    "rms_norm",
+    "rms_norm_backward",
     "rope_qk_cache",
+    "rope_rotate",
     "sentencepiece_compiled",
     "silu_mul",
+    "silu_mul_backward",
     "unpack_decode",
 ]
 
@@ -390,6 +394,24 @@ def quantize_nf4(
 def repack_decode(w: Nf4Tensors, n: typing.SupportsInt | typing.SupportsIndex, out: DecodeWeight) -> None: ...
 @typing.overload
 def repack_decode(w: Int4gTensors, out: DecodeWeight) -> None: ...
+def rms_norm(
+    x: TensorView,
+    w: TensorView,
+    eps: typing.SupportsFloat | typing.SupportsIndex,
+    offset: typing.SupportsFloat | typing.SupportsIndex,
+    out: TensorView,
+    rstd: TensorView,
+    stream: typing.SupportsInt | typing.SupportsIndex,
+) -> None: ...
+def rms_norm_backward(
+    dout: TensorView,
+    x: TensorView,
+    w: TensorView,
+    rstd: TensorView,
+    offset: typing.SupportsFloat | typing.SupportsIndex,
+    dx: TensorView,
+    stream: typing.SupportsInt | typing.SupportsIndex,
+) -> None: ...
 def sentencepiece_compiled() -> bool:
     """
     whether the sentencepiece C++ library was found at build time (SentencePieceTokenizer available)
@@ -423,8 +445,24 @@ def rope_qk_cache(
     q_out: TensorView,
     stream: typing.SupportsInt | typing.SupportsIndex,
 ) -> None: ...
+def rope_rotate(
+    x: TensorView,
+    cos: TensorView,
+    sin: TensorView,
+    inverse: bool,
+    out: TensorView,
+    stream: typing.SupportsInt | typing.SupportsIndex,
+) -> None: ...
 def silu_mul(
     gate: TensorView, up: TensorView, out: TensorView, stream: typing.SupportsInt | typing.SupportsIndex
+) -> None: ...
+def silu_mul_backward(
+    dout: TensorView,
+    gate: TensorView,
+    up: TensorView,
+    dgate: TensorView,
+    dup: TensorView,
+    stream: typing.SupportsInt | typing.SupportsIndex,
 ) -> None: ...
 
 AWQ_ORDER: list = [0, 2, 4, 6, 1, 3, 5, 7]

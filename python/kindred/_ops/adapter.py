@@ -45,6 +45,14 @@ def stream(t: torch.Tensor) -> int:
     return torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0
 
 
+def rows(t: torch.Tensor) -> torch.Tensor:
+    """t [..., D] as rows [M, D] with unit column stride: a view where t's strides allow it, else a copy."""
+    r = t.reshape(-1, t.shape[-1])
+    if (r.shape[1] > 1 and r.stride(1) != 1) or (r.shape[0] > 1 and r.stride(0) < r.shape[1]):
+        r = r.contiguous()
+    return r
+
+
 def np_view(a: np.ndarray, name: str = "array") -> _core.TensorView:
     """A TensorView of a numpy array (no copy); the array must outlive the call."""
     if not isinstance(a, np.ndarray):
