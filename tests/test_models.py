@@ -355,3 +355,78 @@ def test_qwen3_vl_text_decoder_equals_transformers_and_keeps_the_vision_tower_as
     assert set(model.kept_aside) == visual and all(
         f.endswith(".safetensors") for f in model.kept_aside.values()
     )
+
+
+def test_backend_choice():
+    """auto: varlen on CUDA where a mask is needed and the layers allow it, else flex; sdpa on the CPU, with
+    no mask, and for cached decoding; an explicit varlen the caller cannot take falls back as auto does."""
+    from kindred.models.attention import HAVE_FLEX, pick_backend
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    flex = "flex" if HAVE_FLEX else "sdpa"
+    assert pick_backend("auto", cuda, True, False, varlen=None) == "varlen"
+    assert pick_backend("auto", cuda, True, False, varlen="sinks") == flex
+    assert pick_backend("auto", cuda, True, False) == flex  # a caller that does not pass varlen
+    assert pick_backend("auto", cuda, False, False, varlen=None) == "sdpa"
+    assert pick_backend("auto", cpu, True, False, varlen=None) == "sdpa"
+    assert pick_backend("auto", cuda, True, True, varlen=None) == "sdpa"
+    assert pick_backend("varlen", cuda, False, False, varlen=None) == "varlen"
+    assert pick_backend("varlen", cuda, True, False, varlen="a cache") == flex
+    assert pick_backend("varlen", cuda, True, True, varlen=None) == "sdpa"
+    assert pick_backend("flex", cuda, True, False, varlen=None) == "flex"
+
+
+def test_varlen_is_refused_with_the_reason(family):
+    from kindred.models.attention import HAVE_VARLEN, varlen_supported
+
+    if not HAVE_VARLEN:
+        pytest.skip("this torch has no torch.nn.attention.varlen")
+    cuda = torch.device("cuda")
+    assert varlen_supported(cuda, torch.bfloat16, 256, False) is None
+    assert "float16 or bfloat16" in varlen_supported(cuda, torch.float32, 128, False)
+    assert "multiple of 8 up to 256" in varlen_supported(cuda, torch.bfloat16, 512, False)
+    assert "sinks" in varlen_supported(cuda, torch.float16, 64, True)
+    _, model = family("llama3")
+    model.attn_backend = "varlen"
+    try:
+        with pytest.raises(
+            KindredValueError, match="attn_backend='varlen' cannot run this model: it runs on CUDA"
+        ):
+            model(random_ids((1, 8)))
+    finally:
+        model.attn_backend = "auto"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["llama3", "qwen3", "gemma3", "mistral_window", "qwen3_5"])
+def test_cuda_varlen_equals_flex_in_bf16(tmp_path, name):
+    """Packed documents and sliding windows through varlen flash attention: logits and LoRA-free input
+    gradients (through the embeddings' output) as FlexAttention's within bf16 noise; rows without cu_seqlens
+    as separate documents; max_seqlen only sizes the grid."""
+    saved_hf_model(name, tmp_path)
+    model = models.from_pretrained(tmp_path, dtype=torch.bfloat16, device="cuda").requires_grad_(True)
+    _, packed, cu = _packed([70, 1, 130, 55], seed=1)
+    packed, cu = packed.cuda(), cu.cuda()
+    outs = {}
+    for backend in ("flex", "varlen"):
+        model.attn_backend = backend
+        model.zero_grad()
+        logits = model(packed, cu_seqlens=cu)
+        weight = torch.randn(logits.shape, generator=torch.Generator().manual_seed(0)).to(logits)
+        (logits.float() * weight).sum().backward()
+        grad = model.model.embed_tokens.weight.grad.clone()
+        outs[backend] = (logits.detach(), grad)
+    assert rel_err(outs["varlen"][0], outs["flex"][0]) < MODEL_BF16_REL_ERR
+    assert rel_err(outs["varlen"][1], outs["flex"][1]) < MODEL_BF16_REL_ERR
+    model.attn_backend = "varlen"
+    with torch.no_grad():
+        assert torch.equal(model(packed, cu_seqlens=cu, max_seqlen=130), outs["varlen"][0])
+        rows = random_ids((2, 96), seed=5).cuda()
+        got = model(rows)
+        model.attn_backend = "sdpa"
+        assert rel_err(got, model(rows)) < MODEL_BF16_REL_ERR
+        model.attn_backend = "varlen"
+        with pytest.raises(KindredValueError, match="max_seqlen must be in"):
+            model(packed, cu_seqlens=cu, max_seqlen=0)
+    model.attn_backend = "auto"
+    assert model(packed, cu_seqlens=cu).shape == outs["varlen"][0].shape

@@ -5,15 +5,19 @@ earlier tokens of its own document only, and in a sliding-window layer only to t
 (key index > query index − window, as transformers' ``sliding_window_overlay``). Masks are built once per
 forward and shared by all layers of a kind, from device tensors, without host syncs.
 
-Backends: "flex" (FlexAttention with a block-sparse mask, compiled; the default on CUDA when a mask is
-needed), "sdpa" (``scaled_dot_product_attention`` with a boolean [T, T] mask, or its causal kernel when no
-mask is needed; the default on the CPU and for decoding with a KV cache).
+Backends: "varlen" (torch's varlen flash attention over the documents' offsets: no mask and no transposes;
+the default on CUDA when a mask is needed, the layers allow it (``varlen_supported``) and heads are wider
+than FLEX_MAX_HEAD_DIM), "flex" (FlexAttention with a block-sparse mask, compiled; the CUDA default
+otherwise, e.g. for gpt-oss's sinks),
+"sdpa" (``scaled_dot_product_attention`` with a boolean [T, T] mask, or its causal kernel when no mask is
+needed; the default on the CPU and for decoding with a KV cache).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import itertools
 import warnings
 
@@ -22,7 +26,7 @@ import torch.nn.functional as F
 
 from ..errors import KindredValueError
 
-BACKENDS = ("auto", "sdpa", "flex")
+BACKENDS = ("auto", "sdpa", "flex", "varlen")
 
 try:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -36,6 +40,22 @@ try:  # torch >= 2.9 asks for the logsumexp this way (return_lse before)
     _LSE = {"return_aux": AuxRequest(lse=True)}
 except ImportError:
     _LSE = {"return_lse": True}
+try:  # torch >= 2.10: flash attention over packed documents (cu_seqlens), forward and backward
+    from torch.nn.attention.varlen import varlen_attn
+
+    HAVE_VARLEN = True
+    # 2.10 says causal with is_causal and has no windows; 2.11 takes window_size; 2.13 asks enable_gqa for
+    # grouped-query heads (flash attention itself takes them in every version)
+    _VARLEN_ARGS = frozenset(inspect.signature(varlen_attn).parameters)
+except ImportError:
+    HAVE_VARLEN = False
+    _VARLEN_ARGS = frozenset()
+VARLEN_DTYPES = (torch.float16, torch.bfloat16)
+VARLEN_MAX_HEAD_DIM = 256  # flash attention's largest head size
+# "auto" keeps FlexAttention up to this head size and takes varlen above it: on an H200, forward + backward
+# of Qwen3-8B's 4 × 2048 rows (D = 128) took flex 1.88 ms and varlen 2.24; Gemma 3's D = 256 took flex 3.83
+# and varlen 2.34 (benchmarks/results/attention.csv)
+FLEX_MAX_HEAD_DIM = 128
 
 
 # Each packed length and prefill bucket is one static-shape compile; past dynamo's default of 8 per function
@@ -78,6 +98,9 @@ class AttentionContext:
     lengths: torch.Tensor | None = None
     cu_seqlens: torch.Tensor | None = None  # the packed documents' offsets (linear attention restarts there)
     fused: bool = False  # a decode step through the fused ops (DecoderModel.can_fuse_decode)
+    # the "varlen" backend: int32 document offsets over the flattened rows and the longest document (or a
+    # bound on it: the kernel's grid is sized by it, blocks past a document's end exit at once)
+    varlen: tuple[torch.Tensor, int] | None = None
     _masks: dict = dataclasses.field(default_factory=dict)
 
     @property
@@ -125,16 +148,69 @@ class AttentionContext:
         return create_block_mask(mask_mod, None, None, self.q_len, self.kv_len, device=self.device)
 
 
-def pick_backend(requested: str, device: torch.device, needs_mask: bool, cached: bool) -> str:
+def check_backend(requested: str) -> None:
     if requested not in BACKENDS:
         raise KindredValueError(f"attn_backend must be one of {BACKENDS}, got {requested!r}")
     if requested == "flex" and not HAVE_FLEX:
         raise KindredValueError("attn_backend='flex' needs torch.nn.attention.flex_attention (torch >= 2.5)")
+    if requested == "varlen" and not HAVE_VARLEN:
+        raise KindredValueError("attn_backend='varlen' needs torch.nn.attention.varlen (torch >= 2.10)")
+
+
+def varlen_supported(
+    device: torch.device, dtype: torch.dtype, head_dim: int, sinks: bool, window: bool = False
+) -> str | None:
+    """Why layers of this kind (``window``: some have a sliding window) cannot attend through varlen flash
+    attention, or None when they can."""
+    if not HAVE_VARLEN:
+        return "this torch has no torch.nn.attention.varlen"
+    if window and "window_size" not in _VARLEN_ARGS:
+        return "this torch's varlen attention has no sliding windows (torch >= 2.11 has)"
+    if device.type != "cuda":
+        return f"it runs on CUDA only, the model is on {device}"
+    if dtype not in VARLEN_DTYPES:
+        return f"it takes float16 or bfloat16 activations, the model computes in {dtype}"
+    if head_dim > VARLEN_MAX_HEAD_DIM or head_dim % 8:
+        return f"its head size must be a multiple of 8 up to {VARLEN_MAX_HEAD_DIM}, got {head_dim}"
+    if sinks:
+        return "attention sinks (gpt-oss) need the softmax's normalizer in the backward"
+    return None
+
+
+def pick_backend(
+    requested: str, device: torch.device, needs_mask: bool, cached: bool, varlen: str | None = "unsupported"
+) -> str:
+    """The backend of one forward. ``varlen``: ``varlen_supported``'s answer for the caller's layers (None:
+    they can take it); where they cannot, "varlen" is chosen as "auto" would choose without it."""
+    check_backend(requested)
     if cached:
         return "sdpa"  # decoding: short queries against a growing cache
-    if requested == "auto":
-        return "flex" if HAVE_FLEX and device.type == "cuda" and needs_mask else "sdpa"
+    if requested in ("auto", "varlen"):
+        if device.type != "cuda" or not needs_mask:
+            return "varlen" if requested == "varlen" and varlen is None else "sdpa"
+        return "varlen" if varlen is None else "flex" if HAVE_FLEX else "sdpa"
     return requested
+
+
+def varlen_attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    window: int | None,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention within each document for q [T, H, D], k and v [T, Hkv, D] of packed documents
+    (int32 offsets ``cu_seqlens``); a sliding window keeps key index > query index − window."""
+    args: dict = {"scale": scale}
+    if "window_size" in _VARLEN_ARGS:
+        args["window_size"] = (-1 if window is None else window - 1, 0)
+    else:  # varlen_supported refused windows
+        args["is_causal"] = True
+    if "enable_gqa" in _VARLEN_ARGS:
+        args["enable_gqa"] = q.shape[1] != k.shape[1]
+    return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **args)
 
 
 def attend(

@@ -18,10 +18,21 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .._ops.fused import add_rms_norm, rope_qk_cache, silu_mul
+from .._ops.fused import add_rms_norm, rope_qk_cache, silu_mul, swiglu
+from .._ops.fused import rope as _rope  # the autograd op; `rope` names the (cos, sin) tables here
+from .._ops.norm import rms_norm
 from ..errors import KindredValueError
 from ..nn.stacked import stacked_decode
-from .attention import AttentionContext, attend, document_ids, pick_backend
+from .attention import (
+    FLEX_MAX_HEAD_DIM,
+    AttentionContext,
+    attend,
+    check_backend,
+    document_ids,
+    pick_backend,
+    varlen_attend,
+    varlen_supported,
+)
 from .attention import positions_from_cu_seqlens as _positions
 from .config import LINEAR, SLIDING, DecoderConfig
 from .linear_attention import GatedDeltaNet
@@ -30,9 +41,18 @@ from .offload import HostBytes, Offloader
 from .rope import RotaryEmbedding, apply_rotary
 
 
+def on_kernels(x: torch.Tensor) -> bool:
+    """Whether a training forward's elementwise steps run through kindred's kernels (RMSNorm, rotary,
+    SwiGLU: one launch each, forward and backward) rather than torch's ops: on CUDA, for the dtypes the
+    kernels take, with autograd on. The CPU and inference (prefill, the unfused decode step that the fused
+    one is held to) keep torch's ops, so their results stay bitwise what they were."""
+    return x.is_cuda and x.dtype != torch.float64 and torch.is_grad_enabled()
+
+
 class RMSNorm(nn.Module):
     """x / rms(x) · w, or · (1 + w) for Gemma, normalized in float32 as transformers does (Gemma exactly;
-    the Llama-style scale is applied before the one rounding, transformers' after: last-bit differences)."""
+    the Llama-style scale is applied before the one rounding, transformers' after: last-bit differences).
+    On CUDA one kernel reads and writes the activations' dtype (``_ops.norm.rms_norm``)."""
 
     def __init__(self, dim: int, eps: float, gemma: bool = False):
         super().__init__()
@@ -43,6 +63,8 @@ class RMSNorm(nn.Module):
         # F.rms_norm normalizes and scales in float32 and rounds once to x's dtype: one fused kernel on CUDA
         # instead of seven passes (transformers rounds before its Llama-style scale: a last-bit difference).
         shape = (x.shape[-1],)
+        if on_kernels(x):
+            return rms_norm(x, self.weight, self.eps, 1.0 if self.gemma else 0.0)
         if self.gemma:
             return F.rms_norm(x.float(), shape, 1.0 + self.weight.float(), self.eps).type_as(x)
         return F.rms_norm(x, shape, self.weight, self.eps)
@@ -104,11 +126,18 @@ class Attention(nn.Module):
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope
-        q, k = apply_rotary(q, cos, sin).transpose(1, 2), apply_rotary(k, cos, sin).transpose(1, 2)
-        v = v.transpose(1, 2)
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)
-        out = attend(q, k, v, ctx, self.window, self.scale, self.sinks).transpose(1, 2)
+        rotate = _rope if on_kernels(q) else apply_rotary
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        if ctx.varlen is not None and cache is None:  # the rows as one packed row: [B·T, H, D], no transposes
+            cu, longest = ctx.varlen
+            q, k, v = (y.reshape(b * t, y.shape[2], self.head_dim) for y in (q, k, v))
+            out = varlen_attend(q, k, v, cu, longest, self.window, self.scale)
+            out = out.view(b, t, self.num_heads, self.head_dim)
+        else:
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            if cache is not None:
+                k, v = cache.update(self.layer_idx, k, v)
+            out = attend(q, k, v, ctx, self.window, self.scale, self.sinks).transpose(1, 2)
         if self.gated:
             out = out * torch.sigmoid(gate)
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
@@ -142,6 +171,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = self.gate_proj(x)
+        if self.act == "silu" and on_kernels(g):
+            return self.down_proj(swiglu(g, self.up_proj(x)))
         if self.act == "silu":
             g = F.silu(g)
         else:
@@ -279,7 +310,7 @@ class DecoderLM(nn.Module):
     """A causal LM: ``forward(input_ids, position_ids=None, cu_seqlens=None, return_hidden=False)``.
 
     Build it with ``kindred.models.from_pretrained``, ``from_config`` or ``from_gguf``. ``attn_backend``
-    ("auto", "sdpa", "flex") picks the attention path; ``model.model.gradient_checkpointing = True``
+    ("auto", "sdpa", "flex", "varlen") picks the attention path; ``model.model.gradient_checkpointing = True``
     recomputes each layer in the backward pass from its saved input, kept on the device
     (``model.model.checkpoint_policy = "full"``, the default) or in host memory (``"offload"``: the input
     is copied out on a side stream and prefetched back one layer ahead; ``model.model.offloaded`` counts
@@ -288,7 +319,7 @@ class DecoderLM(nn.Module):
 
     def __init__(self, config: DecoderConfig, attn_backend: str = "auto"):
         super().__init__()
-        pick_backend(attn_backend, torch.device("cpu"), False, False)  # validates the name
+        check_backend(attn_backend)
         self.config = config
         self.attn_backend = attn_backend
         # checkpoint tensors the decoder does not use (a vision tower): name -> file, for export to copy back
@@ -304,12 +335,15 @@ class DecoderLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
         return_hidden: bool = False,
+        max_seqlen: int | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, vocab] (softcapped if configured), or the final hidden states [B, T, hidden].
 
         input_ids: integer [B, T]. position_ids: [B, T]; default 0.. per row, or per document when
         cu_seqlens is given. cu_seqlens: int32/int64 [n_docs + 1] offsets of the documents packed in a
         single row (B = 1), starting at 0 and ending at T; a token attends only within its document.
+        max_seqlen: the longest document when the caller knows it on the host (the "varlen" backend sizes
+        its grid by it; default T, never read from the device).
         """
         ids = self._check_ids(input_ids)
         b, t = ids.shape
@@ -321,8 +355,21 @@ class DecoderLM(nn.Module):
                 position_ids = _positions(cu_seqlens, t)[None]
         position_ids = self._check_positions(position_ids, b, t, ids.device, past=0)
         needs_mask = doc_ids is not None or self.config.sliding_window is not None
-        backend = pick_backend(self.attn_backend, ids.device, needs_mask, cached=False)
+        c = self.config
+        dtype = self.model.embed_tokens.weight.dtype
+        why = varlen_supported(ids.device, dtype, c.head_dim, c.attention_sinks, c.sliding_window is not None)
+        if self.attn_backend == "varlen" and why is not None:
+            raise KindredValueError(f"attn_backend='varlen' cannot run this model: {why}")
+        if why is None and self.attn_backend == "auto" and c.head_dim <= FLEX_MAX_HEAD_DIM:
+            why = f"FlexAttention is the faster at head size {c.head_dim}"
+        backend = pick_backend(self.attn_backend, ids.device, needs_mask, cached=False, varlen=why)
         ctx = AttentionContext(t, 0, ids.device, doc_ids, backend, cu_seqlens=cu_seqlens)
+        if backend == "varlen":
+            if max_seqlen is not None and not 0 < max_seqlen <= t:
+                raise KindredValueError(f"max_seqlen must be in [1, {t}], got {max_seqlen}")
+            rows = torch.arange(0, (b + 1) * t, t, dtype=torch.int32, device=ids.device)
+            cu = rows if cu_seqlens is None else cu_seqlens.to(torch.int32)
+            ctx.varlen = (cu, t if max_seqlen is None else max_seqlen)
         hidden = self.model(ids, position_ids, ctx)
         return hidden if return_hidden else self.logits(hidden)
 

@@ -115,7 +115,7 @@ _CHOICES = {
     "data.policy": POLICIES,
     "train.gradient_checkpointing": CHECKPOINTING,
     "train.distributed": DISTRIBUTED,
-    "attn_backend": ("auto", "sdpa", "flex"),
+    "attn_backend": ("auto", "sdpa", "flex", "varlen"),
 }
 
 

@@ -221,6 +221,7 @@ class Trainer:
             "input_ids": dev(b["input_ids"].reshape(1, -1)),
             "position_ids": dev(b["position_ids"].reshape(1, -1)),
             "cu_seqlens": dev(b["cu_seqlens"]),
+            "max_seqlen": int(b["cu_seqlens"].diff().max()),  # on the host: sizes varlen attention's grid
             "labels": dev(b["labels"]),
             "keep": keep,  # host indices: the loss drops the other rows before any FLOP, without a sync
             "targets": dev(labels[1:]),
@@ -231,7 +232,8 @@ class Trainer:
     # ---- loss --------------------------------------------------------------------------------------------
     def _loss_sum(self, batch: dict) -> torch.Tensor:
         ids, positions, cu_seqlens = batch["input_ids"], batch["position_ids"], batch["cu_seqlens"]
-        hidden = self.net(ids, positions, cu_seqlens, return_hidden=True)[0, :-1]  # t predicts token t + 1
+        hidden = self.net(ids, positions, cu_seqlens, return_hidden=True, max_seqlen=batch["max_seqlen"])
+        hidden = hidden[0, :-1]  # t predicts token t + 1
         cap = self.model.config.final_logit_softcapping
         weight = self.model.lm_head.weight
         return linear_cross_entropy(
