@@ -4,10 +4,11 @@
 Random weights of the real shapes (values do not change the work): Qwen3-8B at sequence 2048 × micro-batch 4
 with full recomputation (goal ≥ 10,000 tokens/s at ≤ 10 GiB), without (≥ 13,000 at ≤ 40 GiB) and offloaded
 (``gradient_checkpointing: offload``, the layer inputs in host memory: ≥ 12,500 at ≤ 8.3 GiB, Unsloth's
-peak), Gemma 3 12B at 4096 × 1 with full recomputation (≥ 2 × 2,432 tokens/s at ≤ 11 GiB) and offloaded
-(≥ 7,000 at ≤ 9.2 GiB); issue 20's Qwen3-30B-A3B (≤ 22 GiB,
-≥ 2× the anchor) and gpt-oss-20b (≤ 16 GiB) with LoRA on attention only, and Qwen3.5-4B, at 2048 × 4. LoRA
-r = 16, α = 16 on q, k, v, o, gate, up, down; 25 % of the labels −100; one step = forward + backward + AdamW.
+peak) and at 16384 × 1 (the 16K rule's ceiling: ≥ 1.15× Unsloth at ≤ its peak), Gemma 3 12B at 4096 × 1
+with full recomputation (≥ 2 × 2,432 tokens/s at ≤ 11 GiB) and offloaded (≥ 7,000 at ≤ 9.2 GiB); issue
+20's Qwen3-30B-A3B (≤ 22 GiB, ≥ 2× the anchor) and gpt-oss-20b (≤ 16 GiB) with LoRA on attention only, and
+Qwen3.5-4B, at 2048 × 4. LoRA r = 16, α = 16 on q, k, v, o, gate, up, down; 25 % of the labels −100; one step
+= forward + backward + AdamW.
 
 kindred: ``kindred.models.from_config(..., quant="nf4")`` and ``Trainer(cfg, model=..., rows=...)`` with one
 sequence per packed row; ``trainer._train_step()`` is timed. Anchor, same run and shapes: transformers'
@@ -87,6 +88,9 @@ CASES = {
         [("full", 10_000, 10), ("none", 13_000, 40), ("offload", 12_500, 8.3)],
     ),
     "gemma3-12b": (GEMMA3_12B, "gemma-3-12b", 4096, 1, [("full", 2 * 2432, 11), ("offload", 7_000, 9.2)]),
+    # issue 19: the 16K rule's ceiling; its goal is relative (>= 1.15x Unsloth's tokens/s at <= its peak), so
+    # only the memory a 24 GB card leaves is a goal here
+    "qwen3-8b-16k": (QWEN3_8B, "qwen3-8b", 16384, 1, [("full", 0, 22), ("offload", 0, 22)]),
     # issue 20: the MoE and hybrid families at 4 × 2048. Their speed goals are relative (≥ 2× the anchor for
     # Qwen3-30B-A3B: ratio_to_baseline ≤ 0.5; ≥ 1.2× Unsloth, not run here), so only memory is a goal here.
     "qwen3-30b-a3b": (HF_CONFIGS["qwen3-30b-a3b"], "qwen3-30b-a3b", 2048, 4, [("full", 0, 22)]),
