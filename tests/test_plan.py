@@ -363,6 +363,19 @@ def test_cli_prices_and_cost(capsys, tmp_path):
         assert row["train_hours"] == pytest.approx(3_000_000 / row["train_tok_s"] / 3600)
 
 
+def test_cli_optimizer(capsys):
+    base = ("--gpu", "rtx-4090", "--model", "qwen3-8b", "--seq", "2048", "--batch", "4", "--json")
+    gib = {}
+    for optimizer in ("adamw", "adamw8bit"):
+        assert cli.run(_parse(*base, "--optimizer", optimizer)) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["settings"]["optimizer"] == optimizer
+        gib[optimizer] = out["models"][0]["train_gib"]
+    assert 0.2 < gib["adamw"] - gib["adamw8bit"] < 0.3  # 43.6 M LoRA parameters: 6 bytes each fewer
+    with pytest.raises(SystemExit):
+        _parse(*base, "--optimizer", "sgd")
+
+
 def test_cli_config_model(capsys, tmp_path):
     path = _write_config(tmp_path, **TINY)
     assert cli.run(_parse("--gpu", "l40s", "--model", str(path), "--seq", "512", "--json")) == 0

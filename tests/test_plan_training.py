@@ -178,6 +178,23 @@ def test_offload_policy_moves_the_layer_inputs_to_the_host():
     assert [calibrate._policy({"ckpt": c}) for c in ("offload", "1", "0")] == ["offload", "full", "none"]
 
 
+def test_adamw8bit_holds_its_moments_in_about_a_quarter():
+    spec = get("qwen3-8b")
+    adamw, eight = (
+        training.trainer_memory(spec, "qlora", 2048, 4, 16, "offload", optimizer=o)
+        for o in ("adamw", "adamw8bit")
+    )
+    shapes = training.lora_shapes(spec, 16)
+    n = sum(a + b for a, b in shapes)  # 43.6 M LoRA parameters
+    assert 8 * n <= adamw.parts["optimizer"] < 8 * n + 5 * MIB
+    # a byte a value per moment and a float32 scale per 256, each tensor rounded to 512 B by the allocator
+    assert 2 * n * (1 + 4 / 256) <= eight.parts["optimizer"] < 2 * n * (1 + 4 / 256) + 5 * MIB
+    assert adamw.total - eight.total > 5.9 * n - 8 * MIB  # the peak phase keeps the moments
+    assert "AdamW8bit" in eight.notes["optimizer"]
+    with pytest.raises(KindredValueError, match="unknown optimizer 'sgd'; known: adamw, adamw8bit"):
+        training.trainer_memory(spec, "qlora", 2048, 4, 16, optimizer="sgd")
+
+
 def test_moe_takes_experts_from_the_catalogue():
     moe = get("qwen3-30b-a3b")
     acts = training.layer_activations(moe)

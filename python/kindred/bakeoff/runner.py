@@ -163,6 +163,8 @@ class Bakeoff:
             seq=row,
             batch=max(1, micro // row),
             rank=int(cfg.lora.get("r", 16)),
+            policy=tc["train"].get("gradient_checkpointing", "full"),
+            optimizer=tc["train"].get("optimizer", "adamw"),
             epochs=float(tc["train"].get("epochs", 1.0)),
             tokens_p95=r.tokens["p95_tokens"] or None,
             dataset_tokens=r.tokens["total_tokens"] or None,

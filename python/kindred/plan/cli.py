@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from ..errors import KindredValueError
+from ..train.config import OPTIMIZERS
 from .catalogue import default_catalogue
 from .gpus import custom_gpu, get_gpu
 from .memory import FORMATS, METHODS, inference_memory
@@ -42,6 +43,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
     p.add_argument("--policy", choices=list(POLICIES), default="full", help="recomputation (default full)")
+    p.add_argument(
+        "--optimizer", choices=OPTIMIZERS, default="adamw", help="the trainer's optimizer (default adamw)"
+    )
     p.add_argument(
         "--unfused-loss", action="store_true", help="add an unfused loss's logits (not kindred's trainer)"
     )
@@ -207,6 +211,7 @@ def run(args: argparse.Namespace) -> int:
         rank=args.rank,
         policy=args.policy,
         fused_loss=not args.unfused_loss,
+        optimizer=args.optimizer,
         infer_format=args.format,
         infer_context=args.context,
         epochs=args.epochs,
@@ -222,7 +227,13 @@ def run(args: argparse.Namespace) -> int:
     if explicit:  # a model asked for by name: impossible settings are errors, not table notes
         for spec in specs:
             trainer_memory(
-                spec, settings.method, settings.seq, settings.batch, settings.rank, settings.policy
+                spec,
+                settings.method,
+                settings.seq,
+                settings.batch,
+                settings.rank,
+                settings.policy,
+                optimizer=settings.optimizer,
             )
             inference_memory(spec, settings.infer_format, settings.infer_context or settings.seq)
     records = plan(specs, gpu, settings, catalogue.get)

@@ -34,6 +34,7 @@ class PlanSettings:
     rank: int = 16
     policy: str = "full"
     fused_loss: bool = True
+    optimizer: str = "adamw"  # the trainer's train.optimizer
     infer_format: str = "Q4_K_M"
     infer_context: int | None = None  # defaults to seq
     epochs: float = 1.0
@@ -208,7 +209,15 @@ def plan(specs: list[ModelSpec], gpu: GPU, settings: PlanSettings, spec_lookup=N
         train = infer = None
         try:
             train = trainer_memory(
-                spec, s.method, s.seq, s.batch, s.rank, s.policy, fused_loss=s.fused_loss, measured=measured
+                spec,
+                s.method,
+                s.seq,
+                s.batch,
+                s.rank,
+                s.policy,
+                fused_loss=s.fused_loss,
+                measured=measured,
+                optimizer=s.optimizer,
             )
         except KindredValueError as e:
             row["error"] = str(e)

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 from ..errors import KindredValueError
 from ..models.config import FAMILIES, LINEAR_NAMES
+from ..train.config import OPTIMIZERS
 from .catalogue import ModelSpec
 from .memory import GIB, METHODS, Breakdown, check_sequence, logits_bytes
 
@@ -387,6 +388,7 @@ def trainer_memory(
     grad_accum: int = 1,
     fused_loss: bool = True,
     measured: dict | None = None,
+    optimizer: str = "adamw",
 ) -> Breakdown:
     """Peak memory of one optimizer step of kindred's trainer, by part (bytes); see the module docstring.
 
@@ -395,8 +397,11 @@ def trainer_memory(
     "reserved_over_allocated" (the caching allocator's slack) and "context_bytes" (device memory outside
     torch's reserve: CUDA context, kernels). Without it those parts are absent and ``info`` says so.
     ``fused_loss=False`` adds an unfused loss's logits (not kindred's trainer,
-    whose loss is always fused: for comparing with trainers that materialize them).
+    whose loss is always fused: for comparing with trainers that materialize them). ``optimizer``: the
+    trainer's ``train.optimizer`` ("adamw8bit": the moments' codes and block scales, train/adamw8bit.py).
     """
+    if optimizer not in OPTIMIZERS:
+        raise KindredValueError(f"unknown optimizer {optimizer!r}; known: {', '.join(OPTIMIZERS)}")
     if method not in METHODS:
         raise KindredValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
     check_sequence(spec, seq)
@@ -442,11 +447,18 @@ def trainer_memory(
         per_tensor = [n for pair in shapes for n in pair]
         parts["lora"] = sum(_rounded(2 * n) for n in per_tensor)
         parts["lora_masters"] = sum(_rounded(4 * n) for n in per_tensor)
-        parts["optimizer"] = sum(2 * _rounded(4 * n) + _BLOCK for n in per_tensor)
         notes["lora"] = f"{trainable / 1e6:.1f} M LoRA parameters r={rank} in bf16"
         notes["lora_masters"] = "fp32 master copies AdamW updates"
-        notes["optimizer"] = "AdamW: two fp32 moments (+ a step tensor) per LoRA tensor"
         step_grads = sum(_rounded(4 * n) for n in per_tensor)  # fp32 master gradients
+        if optimizer == "adamw8bit":
+            from ..train.adamw8bit import state_nbytes
+
+            parts["optimizer"] = sum(_rounded(b) for n in per_tensor for b in state_nbytes(n))
+            notes["optimizer"] = "AdamW8bit: two moments' 8-bit codes and block scales per LoRA tensor"
+            step_grads += 2 * _rounded(4 * max(per_tensor))  # one tensor's moments in fp32 while it steps
+        else:
+            parts["optimizer"] = sum(2 * _rounded(4 * n) + _BLOCK for n in per_tensor)
+            notes["optimizer"] = "AdamW: two fp32 moments (+ a step tensor) per LoRA tensor"
     if scratch:
         parts["dequant_scratch"] = scratch
         notes["dequant_scratch"] = "the largest adapted linear dequantized, [N, K + r] bf16, shared"

@@ -30,6 +30,7 @@ DTYPES = ("bf16", "fp16", "fp32")
 SCHEDULES = ("cosine", "linear", "constant")
 POLICIES = ("error", "drop", "truncate")
 CHECKPOINTING = ("full", "offload", "none")  # offload: full, the layer inputs kept in host memory
+OPTIMIZERS = ("adamw", "adamw8bit")  # adamw8bit: the moments in 8 bits a value (train/adamw8bit.py)
 DISTRIBUTED = ("ddp", "fsdp")
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _MAX_INT = 1 << 63
@@ -71,6 +72,7 @@ class TrainSection:
     max_grad_norm: float | None = 1.0
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     adam_eps: float = 1e-8
+    optimizer: str = "adamw"
     gradient_checkpointing: str = "full"
     seed: int = 0
     distributed: str = "ddp"  # several ranks: ddp (replicated base) | fsdp (base sharded); see parallel.py
@@ -114,6 +116,7 @@ _CHOICES = {
     "train.schedule": SCHEDULES,
     "data.policy": POLICIES,
     "train.gradient_checkpointing": CHECKPOINTING,
+    "train.optimizer": OPTIMIZERS,
     "train.distributed": DISTRIBUTED,
     "attn_backend": ("auto", "sdpa", "flex", "varlen"),
 }

@@ -39,6 +39,7 @@ from ..nn.lora import apply_lora
 from ..nn.peft import save_adapter
 from ..ops.loss import linear_cross_entropy
 from ..ops.tokens import IGNORE_INDEX, count_trainable
+from .adamw8bit import AdamW8bit, state_shapes
 from .checkpoint import ADAPTER, latest_checkpoint, load_state, save_checkpoint, write_state
 from .config import TrainConfig, load_config
 from .heldout import sample_prompt, sample_reply
@@ -179,15 +180,12 @@ class Trainer:
         self.net = parallelize(self.model, self.engine, self.device) if self.engine else self.model
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.master = [p.detach().float().clone().requires_grad_(True) for p in self.params]
-        fused = self.device.type == "cuda"
-        self.optimizer = torch.optim.AdamW(
-            self.master,
-            lr=tr.lr,
-            betas=tuple(tr.adam_betas),
-            eps=tr.adam_eps,
-            weight_decay=tr.weight_decay,
-            fused=fused,
-        )
+        adam = {"lr": tr.lr, "betas": tuple(tr.adam_betas), "eps": tr.adam_eps}
+        adam["weight_decay"] = tr.weight_decay
+        if tr.optimizer == "adamw8bit":
+            self.optimizer = AdamW8bit(self.master, **adam)
+        else:
+            self.optimizer = torch.optim.AdamW(self.master, **adam, fused=self.device.type == "cuda")
         sched = (self.total_steps, tr.warmup_steps, tr.schedule, tr.min_lr_ratio)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, *sched))
         self.step = 0
@@ -357,6 +355,12 @@ class Trainer:
         }
         write_state(folder, state)
 
+    def _state_shapes(self, master: torch.Tensor) -> dict[str, tuple[int, ...]]:
+        """The optimizer's state tensors for one master, by key: a checkpoint's must match before loading."""
+        if isinstance(self.optimizer, AdamW8bit):
+            return state_shapes(master.numel())
+        return {"step": (), "exp_avg": tuple(master.shape), "exp_avg_sq": tuple(master.shape)}
+
     def _data_fingerprint(self) -> dict:
         if getattr(self, "_fingerprint", None) is None:
             examples = len(self.prepared.chat) if self.prepared is not None else None
@@ -406,10 +410,11 @@ class Trainer:
                 f"{len(self.master)} (fp32, shapes {shapes[:2]}...)"
             )
         try:
-            for index, values in state["optimizer"]["state"].items():  # AdamW's moments: the weight's shape
+            for index, values in state["optimizer"]["state"].items():
+                want = self._state_shapes(masters[index])
                 for key, value in values.items():
                     shape = tuple(value.shape) if isinstance(value, torch.Tensor) else ()
-                    if shape and shape != tuple(masters[index].shape):
+                    if key not in want or (shape and shape != want[key]):
                         raise ValueError(f"optimizer state {index}.{key} has shape {shape}")
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
