@@ -1,4 +1,4 @@
-"""AdamW with 8-bit moments (train/adamw8bit.py): the dynamic maps, block quantization on awkward sizes,
+"""AdamW with 8-bit moments (nn/adamw8bit.py): the dynamic maps, block quantization on awkward sizes,
 the update against torch's AdamW, its state through a state_dict, and a fine-tune that learns and resumes
 bitwise through the trainer's checkpoints."""
 
@@ -14,7 +14,7 @@ import kindred
 from kindred import _core
 from kindred.demo import build_tiny_model
 from kindred.errors import KindredValueError
-from kindred.train.adamw8bit import BLOCK, AdamW8bit, dequantize_blocks, dynamic_map, quantize_blocks
+from kindred.nn.adamw8bit import BLOCK, AdamW8bit, dequantize_blocks, dynamic_map, quantize_blocks
 
 from .helpers import tiny_run_config
 
@@ -120,7 +120,13 @@ def _config(model, out, **over):
         {"train.optimizer": "adamw8bit", **over},
         lora={"r": 8, "alpha": 16, "dropout": 0.1},
         # a constant lr: the run cut at step 4 and resumed to 8 follows the 8-step run's schedule
-        train={"max_steps": 8, "micro_batch_tokens": 512, "grad_accum": 2, "lr": 2e-2, "schedule": "constant"},
+        train={
+            "max_steps": 8,
+            "micro_batch_tokens": 512,
+            "grad_accum": 2,
+            "lr": 2e-2,
+            "schedule": "constant",
+        },
         output={"save_every": 2, "progress": False, "plot": False},
     )
 

@@ -15,6 +15,7 @@ from kindred.errors import KindredValueError
 from kindred.ops import quantize_int4g, quantize_nf4
 from kindred.plan import calibrate, training
 from kindred.plan import catalogue as cat
+from kindred.train.config import OPTIMIZERS
 
 GIB, MIB = 2**30, 2**20
 get = cat.get_model
@@ -191,6 +192,7 @@ def test_adamw8bit_holds_its_moments_in_about_a_quarter():
     assert 2 * n * (1 + 4 / 256) <= eight.parts["optimizer"] < 2 * n * (1 + 4 / 256) + 5 * MIB
     assert adamw.total - eight.total > 5.9 * n - 8 * MIB  # the peak phase keeps the moments
     assert "AdamW8bit" in eight.notes["optimizer"]
+    assert training.OPTIMIZERS == OPTIMIZERS  # the planner knows every train.optimizer
     with pytest.raises(KindredValueError, match="unknown optimizer 'sgd'; known: adamw, adamw8bit"):
         training.trainer_memory(spec, "qlora", 2048, 4, 16, optimizer="sgd")
 

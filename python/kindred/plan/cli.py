@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 from ..errors import KindredValueError
-from ..train.config import OPTIMIZERS
 from .catalogue import default_catalogue
 from .gpus import custom_gpu, get_gpu
 from .memory import FORMATS, METHODS, inference_memory
@@ -23,7 +22,7 @@ from .report import (
 from .score import CRITERIA, PlanSettings, plan, rubric_check
 from .support import LICENSES, license_ok
 from .timing import load_calibration, train_tokens_per_s
-from .training import POLICIES, trainer_memory
+from .training import OPTIMIZERS, POLICIES, trainer_memory
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

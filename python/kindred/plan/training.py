@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 
 from ..errors import KindredValueError
 from ..models.config import FAMILIES, LINEAR_NAMES
-from ..train.config import OPTIMIZERS
 from .catalogue import ModelSpec
 from .memory import GIB, METHODS, Breakdown, check_sequence, logits_bytes
 
@@ -64,6 +63,10 @@ LOGITS_BYTES_UNFUSED = 2 + 4 + 4
 # 10 bytes per pair, with and without a sliding window).
 MASK_BYTES_PER_PAIR = 10
 _BLOCK = 512  # the caching allocator rounds every allocation up to 512 bytes
+
+
+# train.optimizer's choices (train/config.py stays free of torch and of this module; a test keeps them equal)
+OPTIMIZERS = ("adamw", "adamw8bit")
 
 
 def _rounded(nbytes: int) -> int:
@@ -398,7 +401,7 @@ def trainer_memory(
     torch's reserve: CUDA context, kernels). Without it those parts are absent and ``info`` says so.
     ``fused_loss=False`` adds an unfused loss's logits (not kindred's trainer,
     whose loss is always fused: for comparing with trainers that materialize them). ``optimizer``: the
-    trainer's ``train.optimizer`` ("adamw8bit": the moments' codes and block scales, train/adamw8bit.py).
+    trainer's ``train.optimizer`` ("adamw8bit": the moments' codes and block scales, nn/adamw8bit.py).
     """
     if optimizer not in OPTIMIZERS:
         raise KindredValueError(f"unknown optimizer {optimizer!r}; known: {', '.join(OPTIMIZERS)}")
@@ -451,7 +454,7 @@ def trainer_memory(
         notes["lora_masters"] = "fp32 master copies AdamW updates"
         step_grads = sum(_rounded(4 * n) for n in per_tensor)  # fp32 master gradients
         if optimizer == "adamw8bit":
-            from ..train.adamw8bit import state_nbytes
+            from ..nn.adamw8bit import state_nbytes
 
             parts["optimizer"] = sum(_rounded(b) for n in per_tensor for b in state_nbytes(n))
             notes["optimizer"] = "AdamW8bit: two moments' 8-bit codes and block scales per LoRA tensor"

@@ -35,11 +35,11 @@ import torch
 from ..atomic import clean_temp, fault_point, write_folder, write_text
 from ..data import get_template
 from ..errors import KindredError, KindredFormatError, KindredValueError
+from ..nn.adamw8bit import AdamW8bit, state_shapes
 from ..nn.lora import apply_lora
 from ..nn.peft import save_adapter
 from ..ops.loss import linear_cross_entropy
 from ..ops.tokens import IGNORE_INDEX, count_trainable
-from .adamw8bit import AdamW8bit, state_shapes
 from .checkpoint import ADAPTER, latest_checkpoint, load_state, save_checkpoint, write_state
 from .config import TrainConfig, load_config
 from .heldout import sample_prompt, sample_reply
