@@ -376,6 +376,28 @@ def test_backend_choice():
     assert pick_backend("flex", cuda, True, False, varlen=None) == "flex"
 
 
+def test_models_take_varlen_for_wide_heads_and_keep_flex_for_narrow_ones():
+    """The forward's choice on CUDA (decided without a device): varlen for heads wider than
+    FLEX_MAX_HEAD_DIM (Gemma 3's 256), FlexAttention for Qwen3's 128 under "auto"; asked for, varlen runs
+    at any head size it takes, and a model it cannot take is refused."""
+    from kindred.models.attention import FLEX_MAX_HEAD_DIM, HAVE_VARLEN, pick_backend, varlen_reason
+
+    if not HAVE_VARLEN:
+        pytest.skip("this torch has no torch.nn.attention.varlen")
+    cuda, bf16 = torch.device("cuda"), torch.bfloat16
+
+    def chosen(requested, head_dim, dtype=bf16, sinks=False):
+        why = varlen_reason(requested, cuda, dtype, head_dim, sinks, False)
+        return pick_backend(requested, cuda, True, False, varlen=why)
+
+    assert FLEX_MAX_HEAD_DIM == 128
+    assert chosen("auto", 256) == "varlen" and chosen("auto", 128) == "flex"
+    assert chosen("varlen", 128) == "varlen" and chosen("varlen", 64) == "varlen"
+    assert chosen("auto", 256, sinks=True) == "flex" and chosen("auto", 256, torch.float32) == "flex"
+    with pytest.raises(KindredValueError, match="cannot run this model: attention sinks"):
+        chosen("varlen", 64, sinks=True)
+
+
 def test_varlen_is_refused_with_the_reason(family):
     from kindred.models.attention import HAVE_VARLEN, varlen_supported
 

@@ -177,6 +177,19 @@ def varlen_supported(
     return None
 
 
+def varlen_reason(
+    requested: str, device: torch.device, dtype: torch.dtype, head_dim: int, sinks: bool, window: bool
+) -> str | None:
+    """``pick_backend``'s ``varlen`` for a model's forward: ``varlen_supported``'s reason, raised for an
+    explicit attn_backend="varlen"; under "auto" heads of at most FLEX_MAX_HEAD_DIM keep FlexAttention."""
+    why = varlen_supported(device, dtype, head_dim, sinks, window)
+    if requested == "varlen" and why is not None:
+        raise KindredValueError(f"attn_backend='varlen' cannot run this model: {why}")
+    if why is None and requested == "auto" and head_dim <= FLEX_MAX_HEAD_DIM:
+        return f"FlexAttention is the faster at head size {head_dim}"
+    return why
+
+
 def pick_backend(
     requested: str, device: torch.device, needs_mask: bool, cached: bool, varlen: str | None = "unsupported"
 ) -> str:

@@ -24,14 +24,13 @@ from .._ops.norm import rms_norm
 from ..errors import KindredValueError
 from ..nn.stacked import stacked_decode
 from .attention import (
-    FLEX_MAX_HEAD_DIM,
     AttentionContext,
     attend,
     check_backend,
     document_ids,
     pick_backend,
     varlen_attend,
-    varlen_supported,
+    varlen_reason,
 )
 from .attention import positions_from_cu_seqlens as _positions
 from .config import LINEAR, SLIDING, DecoderConfig
@@ -355,13 +354,9 @@ class DecoderLM(nn.Module):
                 position_ids = _positions(cu_seqlens, t)[None]
         position_ids = self._check_positions(position_ids, b, t, ids.device, past=0)
         needs_mask = doc_ids is not None or self.config.sliding_window is not None
-        c = self.config
-        dtype = self.model.embed_tokens.weight.dtype
-        why = varlen_supported(ids.device, dtype, c.head_dim, c.attention_sinks, c.sliding_window is not None)
-        if self.attn_backend == "varlen" and why is not None:
-            raise KindredValueError(f"attn_backend='varlen' cannot run this model: {why}")
-        if why is None and self.attn_backend == "auto" and c.head_dim <= FLEX_MAX_HEAD_DIM:
-            why = f"FlexAttention is the faster at head size {c.head_dim}"
+        c, dtype = self.config, self.model.embed_tokens.weight.dtype
+        window = c.sliding_window is not None
+        why = varlen_reason(self.attn_backend, ids.device, dtype, c.head_dim, c.attention_sinks, window)
         backend = pick_backend(self.attn_backend, ids.device, needs_mask, cached=False, varlen=why)
         ctx = AttentionContext(t, 0, ids.device, doc_ids, backend, cu_seqlens=cu_seqlens)
         if backend == "varlen":
