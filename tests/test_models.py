@@ -269,6 +269,8 @@ def test_bad_forward_arguments_are_named(family):
         model(ids, cu_seqlens=torch.tensor([0, 5, 7]))
     with pytest.raises(KindredValueError, match="input_ids must be \\[1, T\\]"):
         model(random_ids((2, 8)), cu_seqlens=torch.tensor([0, 8]))
+    with pytest.raises(KindredValueError, match=r"max_seqlen must be an integer in \[1, 8\], got 9"):
+        model(ids, cu_seqlens=torch.tensor([0, 8]), max_seqlen=9)
     with pytest.raises(KindredValueError, match="cu_seqlens must be int32 or int64"):
         model(ids, cu_seqlens=torch.tensor([0.0, 8.0]))
     with pytest.raises(KindredValueError, match="attn_backend must be one of"):
@@ -448,7 +450,7 @@ def test_cuda_varlen_equals_flex_in_bf16(tmp_path, name):
         model.attn_backend = "sdpa"
         assert rel_err(got, model(rows)) < MODEL_BF16_REL_ERR
         model.attn_backend = "varlen"
-        with pytest.raises(KindredValueError, match="max_seqlen must be in"):
+        with pytest.raises(KindredValueError, match="max_seqlen must be an integer in"):
             model(packed, cu_seqlens=cu, max_seqlen=0)
     model.attn_backend = "auto"
     assert model(packed, cu_seqlens=cu).shape == outs["varlen"][0].shape

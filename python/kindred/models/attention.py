@@ -193,8 +193,8 @@ def varlen_reason(
 def pick_backend(
     requested: str, device: torch.device, needs_mask: bool, cached: bool, varlen: str | None = "unsupported"
 ) -> str:
-    """The backend of one forward. ``varlen``: ``varlen_supported``'s answer for the caller's layers (None:
-    they can take it); where they cannot, "varlen" is chosen as "auto" would choose without it."""
+    """The backend of one forward. ``varlen``: why the caller's layers do not take varlen (``varlen_reason``;
+    None: they do); where they do not, "varlen" is chosen as "auto" would choose without it."""
     check_backend(requested)
     if cached:
         return "sdpa"  # decoding: short queries against a growing cache

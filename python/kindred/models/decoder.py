@@ -346,6 +346,8 @@ class DecoderLM(nn.Module):
         """
         ids = self._check_ids(input_ids)
         b, t = ids.shape
+        if max_seqlen is not None and not (isinstance(max_seqlen, int) and 0 < max_seqlen <= t):
+            raise KindredValueError(f"max_seqlen must be an integer in [1, {t}], got {max_seqlen!r}")
         doc_ids = None
         if cu_seqlens is not None:
             self._check_cu_seqlens(cu_seqlens, b, t, ids.device)
@@ -360,8 +362,6 @@ class DecoderLM(nn.Module):
         backend = pick_backend(self.attn_backend, ids.device, needs_mask, cached=False, varlen=why)
         ctx = AttentionContext(t, 0, ids.device, doc_ids, backend, cu_seqlens=cu_seqlens)
         if backend == "varlen":
-            if max_seqlen is not None and not 0 < max_seqlen <= t:
-                raise KindredValueError(f"max_seqlen must be in [1, {t}], got {max_seqlen}")
             rows = torch.arange(0, (b + 1) * t, t, dtype=torch.int32, device=ids.device)
             cu = rows if cu_seqlens is None else cu_seqlens.to(torch.int32)
             ctx.varlen = (cu, t if max_seqlen is None else max_seqlen)
